@@ -1,0 +1,151 @@
+//! Builds a whole sidecar from a validated config: loads the identity, binds the listeners
+//! (returning their real addresses, so tests can use port 0), starts the tasks, and stops them
+//! in order: stop accepting, drain in-flight requests (bounded), close QUIC with a code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::identity::{self, IdentityError, IdentityRx, Material};
+use crate::inbound::{self, Inbound};
+use crate::outbound::{self, Outbound};
+use crate::transport::quic::{self, QuicPool};
+
+/// Why a sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running sidecar.
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub identity: IdentityRx,
+    pool: Arc<QuicPool>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    endpoint: quinn::Endpoint,
+    drain_timeout: Duration,
+}
+
+/// Binds everything and starts serving. Nothing is bound when this returns an error.
+pub async fn build(config: Config) -> Result<Bound, BuildError> {
+    let material = Arc::new(Material::load(&config.identity)?);
+    tracing::info!(identity = %material.id, node = %config.node.name, "identity loaded");
+    let outbound_listener = tokio::net::TcpListener::bind(config.outbound.listen)
+        .await
+        .map_err(|source| BuildError::Bind {
+            what: "outbound listener (TCP)",
+            addr: config.outbound.listen,
+            source,
+        })?;
+    let endpoint = quic::server_endpoint(config.inbound.listen, &material, &config.quic)
+        .map_err(|source| BuildError::Bind {
+            what: "inbound listener (UDP)",
+            addr: config.inbound.listen,
+            source,
+        })?;
+    let outbound_addr = outbound_listener.local_addr().expect("bound");
+    let inbound_addr = endpoint.local_addr().expect("bound");
+
+    let (id_tx, id_rx) = watch::channel(material);
+    let pool = QuicPool::new(id_rx.clone(), &config.quic).map_err(|source| BuildError::Bind {
+        what: "QUIC client socket (UDP)",
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    identity::watch_files(config.identity.clone(), id_tx, shutdown.clone());
+    // New handshakes on the inbound side pick up rotated certificates too.
+    {
+        let mut rx = id_rx.clone();
+        let endpoint = endpoint.clone();
+        let quic_cfg = config.quic.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+                let material = rx.borrow_and_update().clone();
+                match quic::server_config(&material, &quic_cfg) {
+                    Ok(server) => endpoint.set_server_config(Some(server)),
+                    Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound"),
+                }
+            }
+        });
+    }
+    tokio::spawn(pool.clone().reap_idle(shutdown.clone()));
+    tracker.spawn(outbound::serve(
+        outbound_listener,
+        Arc::new(Outbound::new(&config, pool.clone())),
+        config.outbound.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(inbound::serve(
+        endpoint.clone(),
+        Arc::new(Inbound::new(&config)),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tracing::info!(outbound = %outbound_addr, inbound = %inbound_addr, "sidecar listening");
+    Ok(Bound {
+        outbound: outbound_addr,
+        inbound: inbound_addr,
+        identity: id_rx,
+        pool,
+        shutdown,
+        tracker,
+        endpoint,
+        drain_timeout: config.node.drain_timeout,
+    })
+}
+
+impl Bound {
+    /// QUIC connections this sidecar has opened to peers since it started.
+    pub fn quic_connections_opened(&self) -> u64 {
+        self.pool.connections_opened()
+    }
+
+    /// QUIC connections to peers open now.
+    pub fn quic_connections_active(&self) -> usize {
+        self.pool.connections_active()
+    }
+
+    /// Graceful stop: no new connections, in-flight requests get `drain_timeout` to finish,
+    /// then every QUIC connection is closed with the shutdown code.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timed out; closing remaining requests");
+        }
+        self.endpoint.close(
+            quinn::VarInt::from_u32(quic::CLOSE_SHUTDOWN),
+            b"sidecar stopping",
+        );
+        self.pool.close(Duration::from_millis(500)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+        tracing::info!("sidecar stopped");
+    }
+}

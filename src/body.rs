@@ -1,0 +1,177 @@
+//! Bodies: the boxed body type both listeners speak, and an adapter that exposes the receive
+//! half of an HTTP/3 request stream as an `http_body::Body`, read only as fast as the consumer
+//! writes (so QUIC flow control carries backpressure end to end).
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full};
+
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The receive side of an HTTP/3 request stream, client or server.
+pub trait RecvHalf: Send + Unpin + 'static {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BodyError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BodyError>>;
+}
+
+impl RecvHalf for h3::client::RequestStream<h3_quinn::RecvStream, Bytes> {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BodyError>> {
+        let r = ready!(self.poll_recv_data(cx));
+        Poll::Ready(
+            r.map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining())))
+                .map_err(Into::into),
+        )
+    }
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BodyError>> {
+        self.poll_recv_trailers(cx).map_err(Into::into)
+    }
+}
+
+impl RecvHalf for h3::server::RequestStream<h3_quinn::RecvStream, Bytes> {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BodyError>> {
+        let r = ready!(self.poll_recv_data(cx));
+        Poll::Ready(
+            r.map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining())))
+                .map_err(Into::into),
+        )
+    }
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BodyError>> {
+        self.poll_recv_trailers(cx).map_err(Into::into)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// An HTTP/3 message body as an `http_body::Body`. With a `content-length` it reports an exact
+/// size (so HTTP/1.1 sends it sized) and refuses a body that is longer or shorter.
+pub struct H3Body<R> {
+    recv: R,
+    state: State,
+    remaining: Option<u64>,
+    pending: Option<Frame<Bytes>>,
+    /// Kept alive as long as the body is (e.g. the count of requests in flight on a connection).
+    _hold: Option<Box<dyn Send>>,
+}
+
+impl<R: RecvHalf> H3Body<R> {
+    pub fn new(recv: R, content_length: Option<u64>) -> Self {
+        Self {
+            recv,
+            state: State::Data,
+            remaining: content_length,
+            pending: None,
+            _hold: None,
+        }
+    }
+
+    pub fn hold(mut self, guard: impl Send + 'static) -> Self {
+        self._hold = Some(Box::new(guard));
+        self
+    }
+
+    /// For a body of unknown length, reads its first frame now, so that an empty body is known
+    /// to be empty (HTTP/1.1 then sends no body instead of an empty chunked one).
+    pub async fn settle(&mut self) -> Result<(), BodyError> {
+        if self.remaining.is_none() && self.pending.is_none() {
+            if let Some(frame) = self.frame().await {
+                self.pending = Some(frame?);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: RecvHalf> Body for H3Body<R> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        loop {
+            match this.state {
+                State::Data => match ready!(this.recv.poll_data(cx)) {
+                    Ok(Some(data)) => {
+                        if let Some(left) = this.remaining.as_mut() {
+                            let n = data.len() as u64;
+                            if n > *left {
+                                this.state = State::Done;
+                                return Poll::Ready(Some(Err("body longer than its content-length".into())));
+                            }
+                            *left -= n;
+                        }
+                        if data.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(None) => {
+                        if this.remaining.is_some_and(|left| left > 0) {
+                            this.state = State::Done;
+                            return Poll::Ready(Some(Err("body shorter than its content-length".into())));
+                        }
+                        this.state = State::Trailers;
+                    }
+                    Err(e) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                State::Trailers => {
+                    let r = ready!(this.recv.poll_trailers(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(match r {
+                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(e)),
+                    });
+                }
+                State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n + self.pending.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64)),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// The `content-length` of a header map, when there is exactly one valid value.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()?.trim().parse().ok()
+}

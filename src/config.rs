@@ -1,0 +1,408 @@
+//! The sidecar's configuration: TOML parsed with unknown keys refused, then validated so that
+//! every error names the file, the key and what is wrong, before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::PeerId;
+
+/// A configuration problem, always naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration of one sidecar, as in effect (paths resolved, defaults filled).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: Node,
+    pub identity: IdentityFiles,
+    #[serde(default)]
+    pub outbound: Outbound,
+    #[serde(default)]
+    pub inbound: Inbound,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub quic: Quic,
+    #[serde(default)]
+    pub local: Vec<Local>,
+    #[serde(default)]
+    pub service: Vec<Service>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// A name for logs; defaults to the host name-free "quicar".
+    #[serde(default = "default_node_name")]
+    pub name: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// How long a stopping sidecar lets in-flight requests finish.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Self {
+            name: default_node_name(),
+            trust_domain: default_trust_domain(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// PEM files of this sidecar's identity; relative paths are relative to the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// How often the files are checked for changes (rotation without restart).
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    #[serde(default = "default_outbound_listen")]
+    pub listen: SocketAddr,
+    /// Largest request header section accepted from the app, in bytes.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Time the app has to send a complete header section on a connection.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self {
+            listen: default_outbound_listen(),
+            max_header_bytes: default_max_header_bytes(),
+            header_read_timeout: default_header_read_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    #[serde(default = "default_inbound_listen")]
+    pub listen: SocketAddr,
+    /// Time allowed to connect to a local app.
+    #[serde(default = "default_local_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Self {
+            listen: default_inbound_listen(),
+            connect_timeout: default_local_connect_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// QUIC transport tuning shared by the client and server side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quic {
+    /// A connection with no request for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Concurrent request streams a peer may open on one connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// Keep-alive pings on open connections, so a dead peer is noticed between requests.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// A peer silent for this long is considered gone and its connection dropped.
+    #[serde(default = "default_dead_peer", with = "humantime_serde")]
+    pub dead_peer_timeout: Duration,
+}
+
+impl Default for Quic {
+    fn default() -> Self {
+        Self {
+            idle_timeout: default_idle_timeout(),
+            max_concurrent_streams: default_max_streams(),
+            keep_alive_interval: default_keep_alive(),
+            dead_peer_timeout: default_dead_peer(),
+        }
+    }
+}
+
+/// A service this sidecar fronts: requests for `name` arriving from peers go to `address`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Local {
+    pub name: String,
+    pub address: SocketAddr,
+    /// SPIFFE IDs allowed to call; absent means any identity of the trust domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+}
+
+/// A remote service the local app calls through this sidecar.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// Budget for the whole request until the response headers arrive.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Budget for reaching and handshaking with a peer sidecar.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One peer sidecar serving a service, and the identity it must prove.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// Defaults to `spiffe://<trust_domain>/<service>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    #[default]
+    Quic,
+}
+
+fn default_node_name() -> String {
+    "quicar".into()
+}
+fn default_trust_domain() -> String {
+    "quicar.local".into()
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_outbound_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 4140).into()
+}
+fn default_inbound_listen() -> SocketAddr {
+    ([0, 0, 0, 0], 4143).into()
+}
+fn default_admin_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 9901).into()
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_local_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_streams() -> u32 {
+    1024
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_dead_peer() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Config {
+    /// Reads, parses and validates a config file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &file, base)
+    }
+
+    /// Parses config text; `file` names it in errors, `base` anchors relative paths.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: describe_toml_error(&e),
+        })?;
+        for p in [
+            &mut config.identity.cert,
+            &mut config.identity.key,
+            &mut config.identity.ca,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.validate().map_err(|(key, message)| ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names, identities, duplicates. Returns the key and the problem.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let td = &self.node.trust_domain;
+        if td.is_empty() || td.contains('/') || td.contains(':') {
+            return Err((
+                "node.trust_domain".into(),
+                format!("`{td}` is not a trust domain name"),
+            ));
+        }
+        if self.quic.max_concurrent_streams == 0 {
+            return Err((
+                "quic.max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.quic.keep_alive_interval >= self.quic.dead_peer_timeout {
+            return Err((
+                "quic.keep_alive_interval".into(),
+                "must be shorter than quic.dead_peer_timeout".into(),
+            ));
+        }
+        if self.outbound.max_header_bytes < 8192 {
+            return Err((
+                "outbound.max_header_bytes".into(),
+                "must be at least 8192".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, local) in self.local.iter().enumerate() {
+            let key = format!("local[{i}]");
+            check_name(&local.name).map_err(|m| (format!("{key}.name"), m))?;
+            if !seen.insert(local.name.to_ascii_lowercase()) {
+                return Err((
+                    format!("{key}.name"),
+                    format!("`{}` is defined twice", local.name),
+                ));
+            }
+            for (j, id) in local.allow.iter().flatten().enumerate() {
+                PeerId::parse(id).map_err(|e| (format!("{key}.allow[{j}]"), e.to_string()))?;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, svc) in self.service.iter().enumerate() {
+            let key = format!("service[{i}]");
+            check_name(&svc.name).map_err(|m| (format!("{key}.name"), m))?;
+            if !seen.insert(svc.name.to_ascii_lowercase()) {
+                return Err((
+                    format!("{key}.name"),
+                    format!("`{}` is defined twice", svc.name),
+                ));
+            }
+            if svc.endpoints.is_empty() {
+                return Err((
+                    format!("{key}.endpoints"),
+                    "a service needs at least one endpoint".into(),
+                ));
+            }
+            for (j, ep) in svc.endpoints.iter().enumerate() {
+                if let Some(id) = &ep.identity {
+                    PeerId::parse(id)
+                        .map_err(|e| (format!("{key}.endpoints[{j}].identity"), e.to_string()))?;
+                }
+            }
+            if svc.timeout.is_zero() {
+                return Err((format!("{key}.timeout"), "must be more than 0".into()));
+            }
+            if svc.connect_timeout.is_zero() {
+                return Err((format!("{key}.connect_timeout"), "must be more than 0".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The identity an endpoint of `service` must present.
+    pub fn expected_identity(&self, service: &Service, endpoint: &Endpoint) -> PeerId {
+        match &endpoint.identity {
+            Some(id) => PeerId::parse(id).expect("validated"),
+            None => PeerId::for_service(&self.node.trust_domain, &service.name),
+        }
+    }
+
+    /// The effective configuration as TOML, for `quicar check` and `/config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Service names are DNS labels (possibly dotted): they travel as `:authority`.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid service name (letters, digits, '-', '_', '.')"
+        ))
+    }
+}
+
+/// toml's own message names the line, column and key and quotes the offending line.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    e.to_string().trim_end().replace("TOML parse error at ", "")
+}

@@ -1,0 +1,117 @@
+//! The errors a proxied request can end in, each with its status, its `quicar-error` kind and
+//! whether the request may be retried, and the one-line response the sidecar sends for it.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{full, ProxyBody};
+
+/// The closed set of `quicar-error` kinds (the contract in DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    HeadersTooLarge,
+    BodyTooLarge,
+    UnknownService,
+    Denied,
+    NoEndpoints,
+    CircuitOpen,
+    Overloaded,
+    ConnectFailed,
+    PeerReset,
+    IdentityMismatch,
+    Timeout,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad-request",
+            Self::HeadersTooLarge => "headers-too-large",
+            Self::BodyTooLarge => "body-too-large",
+            Self::UnknownService => "unknown-service",
+            Self::Denied => "denied",
+            Self::NoEndpoints => "no-endpoints",
+            Self::CircuitOpen => "circuit-open",
+            Self::Overloaded => "overloaded",
+            Self::ConnectFailed => "connect-failed",
+            Self::PeerReset => "peer-reset",
+            Self::IdentityMismatch => "identity-mismatch",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownService => StatusCode::NOT_FOUND,
+            Self::Denied => StatusCode::FORBIDDEN,
+            Self::NoEndpoints | Self::CircuitOpen | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::ConnectFailed | Self::PeerReset | Self::IdentityMismatch => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// Which hop failed: the part of the path the message points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The app talking to its own sidecar.
+    Downstream,
+    /// The peer sidecar (or the network to it).
+    Peer,
+    /// The local app behind the inbound listener.
+    LocalApp,
+}
+
+/// A request that ended in the sidecar rather than with an upstream response.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub side: Side,
+    /// True when the request certainly never reached the far app, so sending it again is safe.
+    pub never_sent: bool,
+    pub message: String,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind, side: Side, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            side,
+            never_sent: false,
+            message: message.into(),
+        }
+    }
+
+    pub fn never_sent(mut self) -> Self {
+        self.never_sent = true;
+        self
+    }
+
+    /// The response the sidecar itself sends: status, `quicar-error`, a one-line body.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        error_response(self.kind, &self.message)
+    }
+}
+
+/// A sidecar-made response for `kind` with a one-line text body.
+pub fn error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
+    let line = format!("quicar: {}: {}\n", kind.as_str(), message.replace(['\r', '\n'], " "));
+    let mut resp = Response::new(full(Bytes::from(line)));
+    *resp.status_mut() = kind.status();
+    let h = resp.headers_mut();
+    h.insert(crate::headers::QUICAR_ERROR, HeaderValue::from_static(kind.as_str()));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

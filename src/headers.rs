@@ -1,0 +1,116 @@
+//! Header rules shared by both hops: hop-by-hop removal, `quicar-*` control headers, and how a
+//! Host or `:authority` names a service.
+
+use http::header::{HeaderMap, HeaderName};
+
+/// On every response the sidecar generates itself.
+pub const QUICAR_ERROR: &str = "quicar-error";
+/// Set by the inbound sidecar for its app: the caller's SPIFFE ID, from its certificate.
+pub const PEER_IDENTITY: &str = "quicar-peer-identity";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones proxies also drop.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Drops hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+}
+
+/// Drops every `quicar-*` header, so that no app can forge identity or control headers.
+pub fn strip_quicar(headers: &mut HeaderMap) {
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("quicar-"))
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
+}
+
+/// The service an authority names: the host without port, lower-cased. `None` when it is not a
+/// plausible host name (the caller answers 400).
+pub fn service_of_authority(authority: &str) -> Option<String> {
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if !h.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_end_matches('.');
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    ok.then(|| host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("proxy-foo", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.append("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h.get_all("x-kept").iter().count(), 2);
+    }
+
+    #[test]
+    fn quicar_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("quicar-peer-identity", HeaderValue::from_static("spiffe://x/y"));
+        h.insert("Quicar-Error", HeaderValue::from_static("denied"));
+        h.insert("quicarx", HeaderValue::from_static("kept"));
+        strip_quicar(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn authority_to_service() {
+        assert_eq!(service_of_authority("Orders:8080").as_deref(), Some("orders"));
+        assert_eq!(service_of_authority("orders").as_deref(), Some("orders"));
+        assert_eq!(service_of_authority("orders.ns.svc.").as_deref(), Some("orders.ns.svc"));
+        assert_eq!(service_of_authority("[::1]:80"), None);
+        assert_eq!(service_of_authority("bad host"), None);
+        assert_eq!(service_of_authority(""), None);
+    }
+}

@@ -1,0 +1,309 @@
+//! The peer-facing listener: accepts mutual-TLS QUIC connections from other sidecars, checks
+//! each caller's identity against the local service's policy, and hands the request to the
+//! local app over pooled HTTP/1.1 keep-alive connections.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::{content_length, BodyError, H3Body, ProxyBody};
+use crate::config::Config;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, PEER_IDENTITY};
+use crate::identity::{peer_of, PeerId};
+use crate::policy::authorize;
+use crate::transport::quic::{CLOSE_IDENTITY, MAX_FIELD_SECTION};
+
+type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
+
+struct LocalRoute {
+    name: String,
+    address: SocketAddr,
+    allow: Option<Vec<String>>,
+}
+
+/// Everything the inbound path needs, shared by all peer connections.
+pub struct Inbound {
+    locals: HashMap<String, LocalRoute>,
+    trust_domain: String,
+    app: Client<HttpConnector, ProxyBody>,
+}
+
+impl Inbound {
+    pub fn new(config: &Config) -> Self {
+        let locals = config
+            .local
+            .iter()
+            .map(|l| {
+                let route = LocalRoute {
+                    name: l.name.clone(),
+                    address: l.address,
+                    allow: l.allow.clone(),
+                };
+                (l.name.to_ascii_lowercase(), route)
+            })
+            .collect();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.inbound.connect_timeout));
+        connector.set_nodelay(true);
+        let app = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Self {
+            locals,
+            trust_domain: config.node.trust_domain.clone(),
+            app,
+        }
+    }
+}
+
+/// Accepts QUIC connections until `shutdown`; then each connection sends GOAWAY and lets its
+/// in-flight requests finish (the caller bounds how long).
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    state: Arc<Inbound>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(connection(incoming, state, shutdown));
+    }
+    // Refuse new handshakes while the accepted connections drain.
+    endpoint.set_server_config(None);
+}
+
+async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // No certificate, another CA, an expired one: rustls says which in the reason.
+            tracing::warn!(%remote, reason = %e, "inbound handshake refused");
+            return;
+        }
+    };
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let peer = match peer_of(certs.as_deref().map(Vec::as_slice)) {
+        Ok(p) if p.trust_domain() == state.trust_domain => p,
+        Ok(p) => {
+            tracing::warn!(%remote, identity = %p, "inbound peer refused: foreign trust domain");
+            conn.close(quinn::VarInt::from_u32(CLOSE_IDENTITY), b"foreign trust domain");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%remote, reason = %e, "inbound peer refused: no usable identity");
+            conn.close(quinn::VarInt::from_u32(CLOSE_IDENTITY), b"no SPIFFE identity");
+            return;
+        }
+    };
+    tracing::debug!(%remote, identity = %peer, "inbound QUIC connection");
+    let mut h3 = match h3::server::builder()
+        .max_field_section_size(MAX_FIELD_SECTION)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    let requests = TaskTracker::new();
+    let peer = Arc::new(peer);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                requests.close();
+                // GOAWAY: requests already accepted finish; later ones are refused as never
+                // processed, so the caller may safely send them elsewhere.
+                if let Err(e) = h3.shutdown(0).await {
+                    tracing::debug!(%remote, error = %e, "GOAWAY failed");
+                    break;
+                }
+            }
+            _ = requests.wait(), if draining => break,
+            r = h3.accept() => match r {
+                Ok(Some(resolver)) => {
+                    let state = state.clone();
+                    let peer = peer.clone();
+                    requests.spawn(async move {
+                        match resolver.resolve_request().await {
+                            Ok((req, stream)) => request(req, stream, &state, &peer).await,
+                            Err(e) => tracing::debug!(%remote, error = %e, "bad request stream"),
+                        }
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "peer connection ended");
+                    break;
+                }
+            },
+        }
+    }
+    requests.close();
+    requests.wait().await;
+}
+
+async fn request(
+    req: Request<()>,
+    stream: ServerStream<h3_quinn::BidiStream<Bytes>>,
+    state: &Inbound,
+    peer: &PeerId,
+) {
+    let (mut send, recv) = stream.split();
+    let resp = match to_app(req, recv, state, peer).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(kind = e.kind.as_str(), error = %e.message, "inbound request failed");
+            e.into_response()
+        }
+    };
+    respond(&mut send, resp).await;
+}
+
+/// route → authorize → app. Errors become sidecar responses with their kind.
+async fn to_app(
+    req: Request<()>,
+    recv: ServerStream<h3_quinn::RecvStream>,
+    state: &Inbound,
+    peer: &PeerId,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, ()) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or_else(|| ProxyError::new(ErrorKind::BadRequest, Side::Peer, "request without :authority"))?;
+    let name = service_of_authority(&authority).ok_or_else(|| {
+        ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("`{authority}` is not a service name"))
+    })?;
+    let local = state.locals.get(&name).ok_or_else(|| {
+        ProxyError::new(
+            ErrorKind::UnknownService,
+            Side::Peer,
+            format!("no local service `{name}` behind this sidecar"),
+        )
+    })?;
+    if !authorize(local.allow.as_deref(), &state.trust_domain, peer) {
+        tracing::info!(service = %local.name, caller = %peer, "request denied by policy");
+        return Err(ProxyError::new(
+            ErrorKind::Denied,
+            Side::Peer,
+            format!("{peer} may not call `{}`", local.name),
+        ));
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    // Only this sidecar speaks for the caller: drop anything that claims to.
+    strip_quicar(&mut parts.headers);
+    parts.headers.insert(
+        PEER_IDENTITY,
+        HeaderValue::from_str(peer.as_str()).expect("SPIFFE IDs are visible ASCII"),
+    );
+    parts.headers.insert(
+        http::header::HOST,
+        HeaderValue::from_str(&authority).expect("authority is a valid header value"),
+    );
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(local.address.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}")))?;
+    parts.version = http::Version::HTTP_11;
+    let mut body = H3Body::new(recv, content_length(&parts.headers));
+    body.settle().await.map_err(|e| {
+        ProxyError::new(ErrorKind::PeerReset, Side::Peer, format!("request body failed: {e}"))
+    })?;
+    let req = Request::from_parts(parts, body.boxed_unsync());
+    let mut resp = state.app.request(req).await.map_err(|e| {
+        if e.is_connect() {
+            ProxyError::new(
+                ErrorKind::ConnectFailed,
+                Side::LocalApp,
+                format!("cannot connect to local service `{}` at {}", local.name, local.address),
+            )
+        } else {
+            ProxyError::new(
+                ErrorKind::PeerReset,
+                Side::LocalApp,
+                format!("local service `{}` at {} failed: {}", local.name, local.address, source_chain(&e)),
+            )
+        }
+    })?;
+    strip_hop_by_hop(resp.headers_mut());
+    Ok(resp.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync()))
+}
+
+/// Sends a response on the HTTP/3 stream: headers, then data as the app produces it (each
+/// `send_data` waits for flow control), then trailers. An app body that breaks off resets the
+/// stream so the caller sees an error, not a short body.
+async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Response<ProxyBody>) {
+    let (parts, mut body) = resp.into_parts();
+    if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
+        tracing::debug!(error = %e, "could not send response headers");
+        return;
+    }
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "local app response body failed; resetting stream");
+                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => {
+                let r = match frame.into_data() {
+                    Ok(data) if data.is_empty() => Ok(()),
+                    Ok(data) => send.send_data(data).await,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => send.send_trailers(trailers).await,
+                        Err(_) => Ok(()),
+                    },
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "caller stopped reading the response");
+                    return;
+                }
+            }
+        }
+    }
+    let _ = send.finish().await;
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,26 @@
+//! quicar: a sidecar proxy. Apps speak HTTP/1.1 to their sidecar on loopback; sidecars carry
+//! requests between nodes as HTTP/3 over mutual-TLS QUIC.
+//!
+//! - [`config`]: the TOML config, parsed and validated.
+//! - [`identity`]: SPIFFE IDs, mutual-TLS configs, certificate rotation.
+//! - [`pki`]: a dev CA (`quicar certs`).
+//! - [`outbound`]: the app-facing HTTP/1.1 listener and the forwarding path.
+//! - [`transport`]: connections to peer sidecars (QUIC).
+//! - [`inbound`]: the peer-facing listener that hands requests to local apps.
+//! - [`policy`]: which identities may call which local service.
+//! - [`headers`], [`body`], [`error`]: the message rules both hops share.
+//! - [`app`]: binds everything from a config and runs it until shutdown.
+//! - [`demo`]: two sidecars and a demo service on loopback.
+
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod pki;
+pub mod policy;
+pub mod transport;

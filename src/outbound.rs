@@ -1,0 +1,310 @@
+//! The app-facing listener: HTTP/1.1 from the local app, routed by Host or absolute URI to a
+//! remote service, and forwarded as one HTTP/3 request stream on the pooled connection to a
+//! peer sidecar. `forward` is the whole request path, in order.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{content_length, empty, BodyError, H3Body, ProxyBody};
+use crate::config::{Config, Outbound as OutboundConfig};
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar};
+use crate::identity::PeerId;
+use crate::transport::quic::QuicPool;
+
+/// A remote service as the data path sees it.
+struct Route {
+    name: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    endpoints: Vec<(SocketAddr, PeerId)>,
+    next: AtomicUsize,
+}
+
+/// Everything the outbound request path needs, shared by all connections.
+pub struct Outbound {
+    routes: HashMap<String, Route>,
+    pool: Arc<QuicPool>,
+}
+
+impl Outbound {
+    pub fn new(config: &Config, pool: Arc<QuicPool>) -> Self {
+        let routes = config
+            .service
+            .iter()
+            .map(|svc| {
+                let endpoints = svc
+                    .endpoints
+                    .iter()
+                    .map(|ep| (ep.address, config.expected_identity(svc, ep)))
+                    .collect();
+                let route = Route {
+                    name: svc.name.clone(),
+                    timeout: svc.timeout,
+                    connect_timeout: svc.connect_timeout,
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                };
+                (svc.name.to_ascii_lowercase(), route)
+            })
+            .collect();
+        Self { routes, pool }
+    }
+}
+
+/// Accepts app connections until `shutdown`, then lets in-flight exchanges finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<Outbound>,
+    cfg: OutboundConfig,
+    shutdown: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(cfg.max_header_bytes)
+        .header_read_timeout(cfg.header_read_timeout);
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(req, &state).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%remote, error = %e, "app connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+async fn handle(req: Request<Incoming>, state: &Outbound) -> Response<ProxyBody> {
+    match forward(req, state).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(kind = e.kind.as_str(), side = ?e.side, error = %e.message, "request failed in the sidecar");
+            e.into_response()
+        }
+    }
+}
+
+/// Where the app wants to go: the absolute URI's authority (forward-proxy form) or Host.
+fn target(req: &Request<Incoming>) -> Result<String, ProxyError> {
+    let bad = |m: &str| ProxyError::new(ErrorKind::BadRequest, Side::Downstream, m);
+    if req.method() == Method::CONNECT {
+        return Err(bad("CONNECT tunnels are not supported; send plain HTTP requests"));
+    }
+    if let Some(authority) = req.uri().authority() {
+        if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
+            return Err(bad("absolute-form targets must be http:// (TLS is the sidecar's job)"));
+        }
+        return Ok(authority.as_str().to_string());
+    }
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next().ok_or_else(|| bad("missing Host header"))?;
+    if hosts.next().is_some() {
+        return Err(bad("more than one Host header"));
+    }
+    host.to_str()
+        .map(str::to_string)
+        .map_err(|_| bad("Host header is not visible ASCII"))
+}
+
+/// route → endpoint → connection → stream; the response streams back as it arrives.
+async fn forward(req: Request<Incoming>, state: &Outbound) -> Result<Response<ProxyBody>, ProxyError> {
+    let authority = target(&req)?;
+    let name = service_of_authority(&authority).ok_or_else(|| {
+        ProxyError::new(
+            ErrorKind::BadRequest,
+            Side::Downstream,
+            format!("`{authority}` is not a service name"),
+        )
+    })?;
+    let route = state.routes.get(&name).ok_or_else(|| {
+        ProxyError::new(
+            ErrorKind::UnknownService,
+            Side::Downstream,
+            format!("no service `{name}` is configured on this sidecar"),
+        )
+    })?;
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_quicar(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
+    // 100-continue was answered on this hop (hyper sends it when the body is first read).
+    parts.headers.remove(http::header::EXPECT);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let uri = Uri::builder()
+        .scheme("https")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| ProxyError::new(ErrorKind::BadRequest, Side::Downstream, format!("bad target: {e}")))?;
+    let method = parts.method.clone();
+    let mut head = Request::builder().method(parts.method).uri(uri).body(()).expect("valid parts");
+    *head.headers_mut() = parts.headers;
+
+    let work = exchange(route, state, head, body, &method);
+    match tokio::time::timeout(route.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::new(
+            ErrorKind::Timeout,
+            Side::Peer,
+            format!(
+                "no response from service `{}` within {}",
+                route.name,
+                humantime::format_duration(route.timeout)
+            ),
+        )),
+    }
+}
+
+async fn exchange(
+    route: &Route,
+    state: &Outbound,
+    head: Request<()>,
+    body: Incoming,
+    method: &Method,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
+    let (addr, identity) = &route.endpoints[i];
+    // A stream refused because the connection was going away never reached the peer's app:
+    // reconnect once and send it again.
+    let mut attempt = 0;
+    let (conn, stream) = loop {
+        attempt += 1;
+        let conn = state.pool.get(*addr, identity, route.connect_timeout).await?;
+        match conn.send.clone().send_request(head.clone()).await {
+            Ok(stream) => break (conn, stream),
+            Err(e) => {
+                state.pool.evict(*addr, identity, &conn).await;
+                if attempt >= 2 {
+                    return Err(ProxyError::new(
+                        ErrorKind::PeerReset,
+                        Side::Peer,
+                        format!("peer {addr} refused the request stream: {e}"),
+                    )
+                    .never_sent());
+                }
+                tracing::debug!(peer = %addr, error = %e, "connection unusable; reconnecting");
+            }
+        }
+    };
+    let in_flight = conn.in_flight();
+    let (send, mut recv) = stream.split();
+    let cancel_upload = CancellationToken::new();
+    tokio::spawn(upload(send, body, cancel_upload.clone()));
+    // Cancels the upload if we give up on this exchange (timeout, reset) before the response.
+    let upload_guard = cancel_upload.drop_guard();
+
+    let mut resp = loop {
+        let resp = recv.recv_response().await.map_err(|e| {
+            ProxyError::new(
+                ErrorKind::PeerReset,
+                Side::Peer,
+                format!("peer {addr} reset the request before responding: {e}"),
+            )
+        })?;
+        // Interim responses (103 Early Hints…) are not forwarded: HTTP/1.1 apps rarely want them.
+        if resp.status().is_informational() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        break resp;
+    };
+    upload_guard.disarm();
+    strip_hop_by_hop(resp.headers_mut());
+    let status = resp.status();
+    let bodyless = *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let (mut parts, ()) = resp.into_parts();
+    parts.version = http::Version::HTTP_11;
+    let body = if bodyless {
+        drop(in_flight);
+        empty()
+    } else {
+        let len = content_length(&parts.headers);
+        H3Body::new(recv, len).hold(in_flight).boxed_unsync()
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Streams the app's request body onto the HTTP/3 stream; stops when the peer's flow control
+/// says so (send_data waits). A body that fails, or a cancelled exchange, resets the stream
+/// rather than finishing it, so the far app never mistakes a truncated body for a whole one.
+async fn upload(
+    mut send: h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
+    mut body: Incoming,
+    cancel: CancellationToken,
+) {
+    let reset = |send: &mut h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>| {
+        send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    };
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => return reset(&mut send),
+            f = body.frame() => f,
+        };
+        let result: Result<(), BodyError> = match frame {
+            None => {
+                let _ = send.finish().await;
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "app request body failed; resetting stream");
+                return reset(&mut send);
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) => tokio::select! {
+                    _ = cancel.cancelled() => return reset(&mut send),
+                    r = send.send_data(data) => r.map_err(Into::into),
+                },
+                Err(frame) => match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        strip_hop_by_hop(&mut trailers);
+                        send.send_trailers(trailers).await.map_err(Into::into)
+                    }
+                    Err(_) => Ok(()),
+                },
+            },
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "peer stopped reading the request body");
+            return;
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! QUIC between sidecars: the server endpoint the inbound listener accepts on, and the client
+//! pool that keeps one HTTP/3 connection per peer endpoint, shared by all requests to it,
+//! re-established when it drops and closed when no request has used it for the idle timeout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use crate::config::Quic as QuicConfig;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::identity::{IdentityError, IdentityRx, Material, PeerId};
+
+pub const ALPN_H3: &[u8] = b"h3";
+/// Application close code sent when a sidecar stops (H3_NO_ERROR).
+pub const CLOSE_SHUTDOWN: u32 = 0x100;
+/// Closes a pooled connection nobody used for the idle timeout (H3_NO_ERROR as well).
+const CLOSE_IDLE: u32 = 0x100;
+/// A peer whose identity we refuse (H3_GENERAL_PROTOCOL_ERROR is wrong here; use a private
+/// code from the reserved range so logs on the far side can tell why).
+pub const CLOSE_IDENTITY: u32 = 0x51c0;
+
+/// Largest header section we accept or send on HTTP/3.
+pub const MAX_FIELD_SECTION: u64 = 64 * 1024;
+
+fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // Liveness: keep-alives while a connection is pooled, and a peer silent for this long
+    // is dead (so a vanished peer is noticed within seconds, not at the next request).
+    t.keep_alive_interval(Some(cfg.keep_alive_interval));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(cfg.dead_peer_timeout).unwrap_or(quinn::VarInt::from_u32(30_000).into()),
+    ));
+    // Bounded buffering: a slow reader can hold at most this much per stream and connection.
+    t.stream_receive_window(quinn::VarInt::from_u32(1024 * 1024));
+    t.receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
+    t.send_window(16 * 1024 * 1024);
+    if server {
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_concurrent_streams));
+    } else {
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    }
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
+    t
+}
+
+/// Binds the inbound UDP socket and starts a QUIC server with our identity.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    material: &Material,
+    cfg: &QuicConfig,
+) -> Result<quinn::Endpoint, std::io::Error> {
+    let server = server_config(material, cfg)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
+    quinn::Endpoint::new(
+        endpoint_cfg,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+pub fn server_config(
+    material: &Material,
+    cfg: &QuicConfig,
+) -> Result<quinn::ServerConfig, IdentityError> {
+    let tls = material.server_config(vec![ALPN_H3.to_vec()])?;
+    let quic = QuicServerConfig::try_from(tls)
+        .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(transport_config(cfg, true)));
+    Ok(server)
+}
+
+/// A pooled HTTP/3 connection: the sender requests are opened on, and the QUIC connection.
+#[derive(Clone)]
+pub struct PeerConn {
+    pub send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    pub conn: quinn::Connection,
+    use_count: Arc<Usage>,
+}
+
+struct Usage {
+    in_flight: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+/// Counts a request in flight on a connection until dropped (keeps idle reaping away).
+pub struct InFlight(Arc<Usage>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().expect("not poisoned") = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl PeerConn {
+    pub fn is_alive(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    pub fn in_flight(&self) -> InFlight {
+        self.use_count.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.use_count.clone())
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<PeerConn>>>;
+
+/// One QUIC client endpoint and the connections it holds, one per (address, identity).
+pub struct QuicPool {
+    endpoint: quinn::Endpoint,
+    identity: IdentityRx,
+    transport: Arc<quinn::TransportConfig>,
+    idle_timeout: Duration,
+    slots: Mutex<HashMap<(SocketAddr, PeerId), Slot>>,
+    opened: AtomicU64,
+}
+
+impl QuicPool {
+    pub fn new(identity: IdentityRx, cfg: &QuicConfig) -> Result<Arc<Self>, std::io::Error> {
+        // Dual-stack where the host has IPv6, IPv4 only where it does not.
+        let socket = std::net::UdpSocket::bind(SocketAddr::from(([0u16; 8], 0)))
+            .or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        Ok(Arc::new(Self {
+            endpoint,
+            identity,
+            transport: Arc::new(transport_config(cfg, false)),
+            idle_timeout: cfg.idle_timeout,
+            slots: Mutex::new(HashMap::new()),
+            opened: AtomicU64::new(0),
+        }))
+    }
+
+    /// How many QUIC connections this pool has opened since it started.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Connections currently open.
+    pub fn connections_active(&self) -> usize {
+        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+        slots
+            .iter()
+            .filter(|s| s.try_lock().map(|g| g.as_ref().is_some_and(PeerConn::is_alive)).unwrap_or(true))
+            .count()
+    }
+
+    /// The live connection to `addr` proving `expected`, or a new one. Concurrent callers for
+    /// the same peer wait for one handshake instead of racing several.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        expected: &PeerId,
+        connect_timeout: Duration,
+    ) -> Result<PeerConn, ProxyError> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .entry((addr, expected.clone()))
+            .or_default()
+            .clone();
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.is_alive() {
+                return Ok(conn.clone());
+            }
+        }
+        *guard = None;
+        let conn = self.connect(addr, expected, connect_timeout).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a connection that failed under a request, so the next request reconnects.
+    pub async fn evict(&self, addr: SocketAddr, expected: &PeerId, conn: &PeerConn) {
+        let slot = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .get(&(addr, expected.clone()))
+            .cloned();
+        if let Some(slot) = slot {
+            let mut guard = slot.lock().await;
+            if guard.as_ref().is_some_and(|c| c.conn.stable_id() == conn.conn.stable_id()) {
+                *guard = None;
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: &PeerId,
+        connect_timeout: Duration,
+    ) -> Result<PeerConn, ProxyError> {
+        let mismatch = Arc::new(Mutex::new(None));
+        let material = self.identity.borrow().clone();
+        let failed = |msg: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, msg).never_sent();
+        let tls = material
+            .client_config(expected.clone(), mismatch.clone(), vec![ALPN_H3.to_vec()])
+            .map_err(|e| failed(format!("cannot build TLS config: {e}")))?;
+        let quic = QuicClientConfig::try_from(tls)
+            .map_err(|e| failed(format!("cannot build QUIC config: {e}")))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        client.transport_config(self.transport.clone());
+        // SNI carries the trust domain only: names are checked by SPIFFE ID, not DNS.
+        let connecting = self
+            .endpoint
+            .connect_with(client, addr, expected.trust_domain())
+            .map_err(|e| failed(format!("cannot connect to peer {addr}: {e}")))?;
+        let conn = match tokio::time::timeout(connect_timeout, connecting).await {
+            Err(_) => {
+                return Err(failed(format!(
+                    "no QUIC handshake with peer {addr} within {}",
+                    humantime::format_duration(connect_timeout)
+                )))
+            }
+            Ok(Err(e)) => {
+                if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
+                    tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
+                    return Err(ProxyError::new(
+                        ErrorKind::IdentityMismatch,
+                        Side::Peer,
+                        format!("peer {addr} presented {presented}, expected {expected}"),
+                    )
+                    .never_sent());
+                }
+                tracing::warn!(peer = %addr, error = %e, "QUIC handshake failed");
+                return Err(failed(format!("QUIC handshake with peer {addr} failed: {e}")));
+            }
+            Ok(Ok(conn)) => conn,
+        };
+        let (mut driver, send) = h3::client::builder()
+            .max_field_section_size(MAX_FIELD_SECTION)
+            .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+            .await
+            .map_err(|e| failed(format!("HTTP/3 setup with peer {addr} failed: {e}")))?;
+        let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(peer = %addr, identity = %expected, opened = n, "QUIC connection established");
+        tokio::spawn(async move {
+            let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            tracing::debug!(peer = %addr, reason = %err, "QUIC connection closed");
+        });
+        let use_count = Arc::new(Usage {
+            in_flight: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+        });
+        Ok(PeerConn {
+            send,
+            conn,
+            use_count,
+        })
+    }
+
+    /// Closes connections that carried no request for the idle timeout; runs until cancelled.
+    pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+            for slot in slots {
+                let Ok(mut guard) = slot.try_lock() else { continue };
+                let idle = guard.as_ref().is_some_and(|c| {
+                    c.use_count.in_flight.load(Ordering::Acquire) == 0
+                        && c.use_count.last_used.lock().expect("not poisoned").elapsed() >= self.idle_timeout
+                });
+                let dead = guard.as_ref().is_some_and(|c| !c.is_alive());
+                if idle {
+                    if let Some(c) = guard.take() {
+                        tracing::debug!(peer = %c.conn.remote_address(), "closing idle QUIC connection");
+                        c.conn.close(quinn::VarInt::from_u32(CLOSE_IDLE), b"idle");
+                    }
+                } else if dead {
+                    *guard = None;
+                }
+            }
+        }
+    }
+
+    /// Closes every connection with the shutdown code and waits (bounded) for the peers to know.
+    pub async fn close(&self, wait: Duration) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"sidecar stopping");
+        let _ = tokio::time::timeout(wait, self.endpoint.wait_idle()).await;
+    }
+}
