@@ -53,12 +53,13 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             addr: config.outbound.listen,
             source,
         })?;
-    let endpoint = quic::server_endpoint(config.inbound.listen, &material, &config.quic)
-        .map_err(|source| BuildError::Bind {
+    let endpoint = quic::server_endpoint(config.inbound.listen, &material, &config.quic).map_err(
+        |source| BuildError::Bind {
             what: "inbound listener (UDP)",
             addr: config.inbound.listen,
             source,
-        })?;
+        },
+    )?;
     let outbound_addr = outbound_listener.local_addr().expect("bound");
     let inbound_addr = endpoint.local_addr().expect("bound");
 
@@ -71,14 +72,18 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    identity::watch_files(config.identity.clone(), id_tx, shutdown.clone());
+    tracker.spawn(identity::watch_files(
+        config.identity.clone(),
+        id_tx,
+        shutdown.clone(),
+    ));
     // New handshakes on the inbound side pick up rotated certificates too.
     {
         let mut rx = id_rx.clone();
         let endpoint = endpoint.clone();
         let quic_cfg = config.quic.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -87,12 +92,14 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                 let material = rx.borrow_and_update().clone();
                 match quic::server_config(&material, &quic_cfg) {
                     Ok(server) => endpoint.set_server_config(Some(server)),
-                    Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot use reloaded identity for inbound")
+                    }
                 }
             }
         });
     }
-    tokio::spawn(pool.clone().reap_idle(shutdown.clone()));
+    tracker.spawn(pool.clone().reap_idle(shutdown.clone()));
     tracker.spawn(outbound::serve(
         outbound_listener,
         Arc::new(Outbound::new(&config, pool.clone())),

@@ -14,7 +14,9 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 
 pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> ProxyBody {
@@ -24,7 +26,8 @@ pub fn empty() -> ProxyBody {
 /// The receive side of an HTTP/3 request stream, client or server.
 pub trait RecvHalf: Send + Unpin + 'static {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BodyError>>;
-    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BodyError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>)
+        -> Poll<Result<Option<HeaderMap>, BodyError>>;
 }
 
 impl RecvHalf for h3::client::RequestStream<h3_quinn::RecvStream, Bytes> {
@@ -35,7 +38,10 @@ impl RecvHalf for h3::client::RequestStream<h3_quinn::RecvStream, Bytes> {
                 .map_err(Into::into),
         )
     }
-    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BodyError>> {
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, BodyError>> {
         self.poll_recv_trailers(cx).map_err(Into::into)
     }
 }
@@ -48,7 +54,10 @@ impl RecvHalf for h3::server::RequestStream<h3_quinn::RecvStream, Bytes> {
                 .map_err(Into::into),
         )
     }
-    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BodyError>> {
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, BodyError>> {
         self.poll_recv_trailers(cx).map_err(Into::into)
     }
 }
@@ -119,7 +128,9 @@ impl<R: RecvHalf> Body for H3Body<R> {
                             let n = data.len() as u64;
                             if n > *left {
                                 this.state = State::Done;
-                                return Poll::Ready(Some(Err("body longer than its content-length".into())));
+                                return Poll::Ready(Some(Err(
+                                    "body longer than its content-length".into(),
+                                )));
                             }
                             *left -= n;
                         }
@@ -131,7 +142,9 @@ impl<R: RecvHalf> Body for H3Body<R> {
                     Ok(None) => {
                         if this.remaining.is_some_and(|left| left > 0) {
                             this.state = State::Done;
-                            return Poll::Ready(Some(Err("body shorter than its content-length".into())));
+                            return Poll::Ready(Some(Err(
+                                "body shorter than its content-length".into()
+                            )));
                         }
                         this.state = State::Trailers;
                     }
@@ -160,7 +173,13 @@ impl<R: RecvHalf> Body for H3Body<R> {
 
     fn size_hint(&self) -> SizeHint {
         match self.remaining {
-            Some(n) => SizeHint::with_exact(n + self.pending.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64)),
+            Some(n) => SizeHint::with_exact(
+                n + self
+                    .pending
+                    .as_ref()
+                    .and_then(|f| f.data_ref())
+                    .map_or(0, |d| d.len() as u64),
+            ),
             None => SizeHint::default(),
         }
     }

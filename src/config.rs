@@ -291,11 +291,13 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        config.validate().map_err(|(key, message)| ConfigError::Invalid {
-            file: file.to_string(),
-            key,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                file: file.to_string(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -366,7 +368,10 @@ impl Config {
                 return Err((format!("{key}.timeout"), "must be more than 0".into()));
             }
             if svc.connect_timeout.is_zero() {
-                return Err((format!("{key}.connect_timeout"), "must be more than 0".into()));
+                return Err((
+                    format!("{key}.connect_timeout"),
+                    "must be more than 0".into(),
+                ));
             }
         }
         Ok(())

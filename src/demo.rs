@@ -103,7 +103,12 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
     })
 }
 
-fn sidecar_config(dir: &Path, name: &str, outbound: SocketAddr, rest: &str) -> Result<Config, DemoError> {
+fn sidecar_config(
+    dir: &Path,
+    name: &str,
+    outbound: SocketAddr,
+    rest: &str,
+) -> Result<Config, DemoError> {
     let text = format!(
         "[node]\nname = \"{name}\"\n\n\
          [identity]\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\nca = \"ca.crt\"\n\n\
@@ -125,7 +130,9 @@ async fn serve_demo_service(stop: CancellationToken) -> std::io::Result<SocketAd
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req| async { Ok::<_, Infallible>(demo_response(req).await) });
+                let svc = hyper::service::service_fn(|req| async {
+                    Ok::<_, Infallible>(demo_response(req).await)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;

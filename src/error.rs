@@ -104,14 +104,23 @@ impl ProxyError {
 
 /// A sidecar-made response for `kind` with a one-line text body.
 pub fn error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
-    let line = format!("quicar: {}: {}\n", kind.as_str(), message.replace(['\r', '\n'], " "));
+    let line = format!(
+        "quicar: {}: {}\n",
+        kind.as_str(),
+        message.replace(['\r', '\n'], " ")
+    );
+    let len = line.len();
     let mut resp = Response::new(full(Bytes::from(line)));
     *resp.status_mut() = kind.status();
     let h = resp.headers_mut();
-    h.insert(crate::headers::QUICAR_ERROR, HeaderValue::from_static(kind.as_str()));
+    h.insert(
+        crate::headers::QUICAR_ERROR,
+        HeaderValue::from_static(kind.as_str()),
+    );
     h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }

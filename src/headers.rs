@@ -82,7 +82,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
@@ -97,7 +100,10 @@ mod tests {
     #[test]
     fn quicar_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("quicar-peer-identity", HeaderValue::from_static("spiffe://x/y"));
+        h.insert(
+            "quicar-peer-identity",
+            HeaderValue::from_static("spiffe://x/y"),
+        );
         h.insert("Quicar-Error", HeaderValue::from_static("denied"));
         h.insert("quicarx", HeaderValue::from_static("kept"));
         strip_quicar(&mut h);
@@ -106,9 +112,15 @@ mod tests {
 
     #[test]
     fn authority_to_service() {
-        assert_eq!(service_of_authority("Orders:8080").as_deref(), Some("orders"));
+        assert_eq!(
+            service_of_authority("Orders:8080").as_deref(),
+            Some("orders")
+        );
         assert_eq!(service_of_authority("orders").as_deref(), Some("orders"));
-        assert_eq!(service_of_authority("orders.ns.svc.").as_deref(), Some("orders.ns.svc"));
+        assert_eq!(
+            service_of_authority("orders.ns.svc.").as_deref(),
+            Some("orders.ns.svc")
+        );
         assert_eq!(service_of_authority("[::1]:80"), None);
         assert_eq!(service_of_authority("bad host"), None);
         assert_eq!(service_of_authority(""), None);

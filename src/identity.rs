@@ -148,10 +148,9 @@ impl Material {
 
     /// TLS 1.3 only, client certificate from our CA required.
     pub fn server_config(&self, alpn: Vec<Vec<u8>>) -> Result<rustls::ServerConfig, IdentityError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-                .build()
-                .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -190,7 +189,11 @@ impl Material {
     pub fn reset_key(&self) -> ring::hmac::Key {
         let digest = ring::digest::digest(
             &ring::digest::SHA256,
-            &[b"quicar stateless reset v1".as_slice(), self.key.secret_der()].concat(),
+            &[
+                b"quicar stateless reset v1".as_slice(),
+                self.key.secret_der(),
+            ]
+            .concat(),
         );
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref())
     }
@@ -252,7 +255,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let presented = PeerId::from_cert(end_entity).map_err(|e| {
             *self.mismatch.lock().expect("not poisoned") = Some(e.to_string());
-            rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )
         })?;
         if presented != self.expected {
             *self.mismatch.lock().expect("not poisoned") = Some(presented.to_string());
@@ -326,7 +331,9 @@ pub fn watch_files(
                     tracing::info!(identity = %m.id, "identity files changed; new handshakes use the reloaded certificate");
                     tx.send_replace(Arc::new(m));
                 }
-                Err(e) => tracing::warn!(error = %e, "identity files changed but cannot be loaded; keeping the previous identity"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "identity files changed but cannot be loaded; keeping the previous identity")
+                }
             }
         }
     })

@@ -110,12 +110,18 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
         Ok(p) if p.trust_domain() == state.trust_domain => p,
         Ok(p) => {
             tracing::warn!(%remote, identity = %p, "inbound peer refused: foreign trust domain");
-            conn.close(quinn::VarInt::from_u32(CLOSE_IDENTITY), b"foreign trust domain");
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_IDENTITY),
+                b"foreign trust domain",
+            );
             return;
         }
         Err(e) => {
             tracing::warn!(%remote, reason = %e, "inbound peer refused: no usable identity");
-            conn.close(quinn::VarInt::from_u32(CLOSE_IDENTITY), b"no SPIFFE identity");
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_IDENTITY),
+                b"no SPIFFE identity",
+            );
             return;
         }
     };
@@ -199,9 +205,19 @@ async fn to_app(
         .uri
         .authority()
         .map(|a| a.as_str().to_string())
-        .ok_or_else(|| ProxyError::new(ErrorKind::BadRequest, Side::Peer, "request without :authority"))?;
+        .ok_or_else(|| {
+            ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Peer,
+                "request without :authority",
+            )
+        })?;
     let name = service_of_authority(&authority).ok_or_else(|| {
-        ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("`{authority}` is not a service name"))
+        ProxyError::new(
+            ErrorKind::BadRequest,
+            Side::Peer,
+            format!("`{authority}` is not a service name"),
+        )
     })?;
     let local = state.locals.get(&name).ok_or_else(|| {
         ProxyError::new(
@@ -235,11 +251,17 @@ async fn to_app(
         .authority(local.address.to_string())
         .path_and_query(path)
         .build()
-        .map_err(|e| ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}")))?;
+        .map_err(|e| {
+            ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}"))
+        })?;
     parts.version = http::Version::HTTP_11;
     let mut body = H3Body::new(recv, content_length(&parts.headers));
     body.settle().await.map_err(|e| {
-        ProxyError::new(ErrorKind::PeerReset, Side::Peer, format!("request body failed: {e}"))
+        ProxyError::new(
+            ErrorKind::PeerReset,
+            Side::Peer,
+            format!("request body failed: {e}"),
+        )
     })?;
     let req = Request::from_parts(parts, body.boxed_unsync());
     let mut resp = state.app.request(req).await.map_err(|e| {
@@ -247,13 +269,21 @@ async fn to_app(
             ProxyError::new(
                 ErrorKind::ConnectFailed,
                 Side::LocalApp,
-                format!("cannot connect to local service `{}` at {}", local.name, local.address),
+                format!(
+                    "cannot connect to local service `{}` at {}",
+                    local.name, local.address
+                ),
             )
         } else {
             ProxyError::new(
                 ErrorKind::PeerReset,
                 Side::LocalApp,
-                format!("local service `{}` at {} failed: {}", local.name, local.address, source_chain(&e)),
+                format!(
+                    "local service `{}` at {} failed: {}",
+                    local.name,
+                    local.address,
+                    source_chain(&e)
+                ),
             )
         }
     })?;

@@ -10,7 +10,11 @@ use quicar::config::Config;
 use quicar::pki::Ca;
 
 #[derive(Parser)]
-#[command(name = "quicar", version, about = "A sidecar proxy: HTTP/1.1 from the app, HTTP/3 over mutual-TLS QUIC between sidecars.")]
+#[command(
+    name = "quicar",
+    version,
+    about = "A sidecar proxy: HTTP/1.1 from the app, HTTP/3 over mutual-TLS QUIC between sidecars."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("QUICAR_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -103,7 +108,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 async fn stop_signal() -> anyhow::Result<()> {
@@ -117,7 +124,11 @@ async fn stop_signal() -> anyhow::Result<()> {
 
 fn certs(command: CertsCommand) -> anyhow::Result<()> {
     match command {
-        CertsCommand::Init { dir, trust_domain, force } => {
+        CertsCommand::Init {
+            dir,
+            trust_domain,
+            force,
+        } => {
             if dir.join("ca.key").exists() && !force {
                 anyhow::bail!(
                     "{}: a CA already exists; pass --force to replace it (every issued certificate then needs reissuing)",
@@ -125,9 +136,16 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
                 );
             }
             Ca::generate(&trust_domain)?.write(&dir)?;
-            println!("wrote {0}/ca.crt and {0}/ca.key (trust domain {trust_domain})", dir.display());
+            println!(
+                "wrote {0}/ca.crt and {0}/ca.key (trust domain {trust_domain})",
+                dir.display()
+            );
         }
-        CertsCommand::Issue { service, dir, trust_domain } => {
+        CertsCommand::Issue {
+            service,
+            dir,
+            trust_domain,
+        } => {
             let ca = Ca::read(&dir, &trust_domain)?;
             let (crt, key) = ca.issue(&service)?.write(&dir, &service)?;
             println!(

@@ -22,7 +22,7 @@ use crate::config::{Config, Outbound as OutboundConfig};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar};
 use crate::identity::PeerId;
-use crate::transport::quic::QuicPool;
+use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 
 /// A remote service as the data path sees it.
 struct Route {
@@ -121,11 +121,15 @@ async fn handle(req: Request<Incoming>, state: &Outbound) -> Response<ProxyBody>
 fn target(req: &Request<Incoming>) -> Result<String, ProxyError> {
     let bad = |m: &str| ProxyError::new(ErrorKind::BadRequest, Side::Downstream, m);
     if req.method() == Method::CONNECT {
-        return Err(bad("CONNECT tunnels are not supported; send plain HTTP requests"));
+        return Err(bad(
+            "CONNECT tunnels are not supported; send plain HTTP requests",
+        ));
     }
     if let Some(authority) = req.uri().authority() {
         if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
-            return Err(bad("absolute-form targets must be http:// (TLS is the sidecar's job)"));
+            return Err(bad(
+                "absolute-form targets must be http:// (TLS is the sidecar's job)",
+            ));
         }
         return Ok(authority.as_str().to_string());
     }
@@ -140,7 +144,10 @@ fn target(req: &Request<Incoming>) -> Result<String, ProxyError> {
 }
 
 /// route → endpoint → connection → stream; the response streams back as it arrives.
-async fn forward(req: Request<Incoming>, state: &Outbound) -> Result<Response<ProxyBody>, ProxyError> {
+async fn forward(
+    req: Request<Incoming>,
+    state: &Outbound,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = target(&req)?;
     let name = service_of_authority(&authority).ok_or_else(|| {
         ProxyError::new(
@@ -172,9 +179,19 @@ async fn forward(req: Request<Incoming>, state: &Outbound) -> Result<Response<Pr
         .authority(authority.as_str())
         .path_and_query(path)
         .build()
-        .map_err(|e| ProxyError::new(ErrorKind::BadRequest, Side::Downstream, format!("bad target: {e}")))?;
+        .map_err(|e| {
+            ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Downstream,
+                format!("bad target: {e}"),
+            )
+        })?;
     let method = parts.method.clone();
-    let mut head = Request::builder().method(parts.method).uri(uri).body(()).expect("valid parts");
+    let mut head = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(())
+        .expect("valid parts");
     *head.headers_mut() = parts.headers;
 
     let work = exchange(route, state, head, body, &method);
@@ -206,11 +223,17 @@ async fn exchange(
     let mut attempt = 0;
     let (conn, stream) = loop {
         attempt += 1;
-        let conn = state.pool.get(*addr, identity, route.connect_timeout).await?;
+        let conn = state
+            .pool
+            .get(*addr, identity, route.connect_timeout)
+            .await?;
         match conn.send.clone().send_request(head.clone()).await {
             Ok(stream) => break (conn, stream),
             Err(e) => {
                 state.pool.evict(*addr, identity, &conn).await;
+                if let Some(refused) = handshake_refusal(&conn, *addr).await {
+                    return Err(refused);
+                }
                 if attempt >= 2 {
                     return Err(ProxyError::new(
                         ErrorKind::PeerReset,
@@ -231,13 +254,19 @@ async fn exchange(
     let upload_guard = cancel_upload.drop_guard();
 
     let mut resp = loop {
-        let resp = recv.recv_response().await.map_err(|e| {
-            ProxyError::new(
-                ErrorKind::PeerReset,
-                Side::Peer,
-                format!("peer {addr} reset the request before responding: {e}"),
-            )
-        })?;
+        let resp = match recv.recv_response().await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(refused) = handshake_refusal(&conn, *addr).await {
+                    return Err(refused);
+                }
+                return Err(ProxyError::new(
+                    ErrorKind::PeerReset,
+                    Side::Peer,
+                    format!("peer {addr} reset the request before responding: {e}"),
+                ));
+            }
+        };
         // Interim responses (103 Early Hints…) are not forwarded: HTTP/1.1 apps rarely want them.
         if resp.status().is_informational() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             continue;
@@ -260,6 +289,35 @@ async fn exchange(
         H3Body::new(recv, len).hold(in_flight).boxed_unsync()
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// Whether a connection that just failed under a request was in fact refused by the peer at
+/// the handshake. TLS 1.3 lets the client finish before the server has judged the client's
+/// certificate, so a refused client briefly looks connected; that is `connect-failed`, and the
+/// request never reached the peer's app.
+async fn handshake_refusal(conn: &PeerConn, addr: SocketAddr) -> Option<ProxyError> {
+    let reason = tokio::time::timeout(Duration::from_millis(200), conn.conn.closed())
+        .await
+        .ok()?;
+    let refused = match &reason {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            // CRYPTO_ERROR codes carry the TLS alert: 0x100 + alert.
+            (0x100..0x200).contains(&u64::from(close.error_code))
+        }
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            close.error_code == quinn::VarInt::from_u32(CLOSE_IDENTITY)
+        }
+        _ => false,
+    };
+    refused.then(|| {
+        tracing::warn!(peer = %addr, reason = %reason, "peer refused our handshake");
+        ProxyError::new(
+            ErrorKind::ConnectFailed,
+            Side::Peer,
+            format!("peer {addr} refused the handshake: {reason}"),
+        )
+        .never_sent()
+    })
 }
 
 /// Streams the app's request body onto the HTTP/3 stream; stops when the peer's flow control

@@ -42,9 +42,10 @@ impl Ca {
     pub fn generate(trust_domain: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("quicar dev CA ({trust_domain})"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("quicar dev CA ({trust_domain})"),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -75,9 +76,12 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, service);
         let uri = format!("spiffe://{}/{service}", self.trust_domain);
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(
-            |e: rcgen::Error| PkiError::Invalid(format!("`{service}`: {e}")),
-        )?)];
+        let invalid = |e: rcgen::Error| PkiError::Invalid(format!("`{service}`: {e}"));
+        // The SPIFFE ID is the identity; the DNS name only helps stock TLS tools (curl, openssl).
+        params.subject_alt_names = vec![
+            SanType::URI(uri.try_into().map_err(invalid)?),
+            SanType::DnsName(service.to_string().try_into().map_err(invalid)?),
+        ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

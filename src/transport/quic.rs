@@ -33,7 +33,8 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     // is dead (so a vanished peer is noticed within seconds, not at the next request).
     t.keep_alive_interval(Some(cfg.keep_alive_interval));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(cfg.dead_peer_timeout).unwrap_or(quinn::VarInt::from_u32(30_000).into()),
+        quinn::IdleTimeout::try_from(cfg.dead_peer_timeout)
+            .unwrap_or(quinn::VarInt::from_u32(30_000).into()),
     ));
     // Bounded buffering: a slow reader can hold at most this much per stream and connection.
     t.stream_receive_window(quinn::VarInt::from_u32(1024 * 1024));
@@ -152,10 +153,20 @@ impl QuicPool {
 
     /// Connections currently open.
     pub fn connections_active(&self) -> usize {
-        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
         slots
             .iter()
-            .filter(|s| s.try_lock().map(|g| g.as_ref().is_some_and(PeerConn::is_alive)).unwrap_or(true))
+            .filter(|s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_some_and(PeerConn::is_alive))
+                    .unwrap_or(true)
+            })
             .count()
     }
 
@@ -196,7 +207,10 @@ impl QuicPool {
             .cloned();
         if let Some(slot) = slot {
             let mut guard = slot.lock().await;
-            if guard.as_ref().is_some_and(|c| c.conn.stable_id() == conn.conn.stable_id()) {
+            if guard
+                .as_ref()
+                .is_some_and(|c| c.conn.stable_id() == conn.conn.stable_id())
+            {
                 *guard = None;
             }
         }
@@ -210,7 +224,8 @@ impl QuicPool {
     ) -> Result<PeerConn, ProxyError> {
         let mismatch = Arc::new(Mutex::new(None));
         let material = self.identity.borrow().clone();
-        let failed = |msg: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, msg).never_sent();
+        let failed =
+            |msg: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, msg).never_sent();
         let tls = material
             .client_config(expected.clone(), mismatch.clone(), vec![ALPN_H3.to_vec()])
             .map_err(|e| failed(format!("cannot build TLS config: {e}")))?;
@@ -241,7 +256,9 @@ impl QuicPool {
                     .never_sent());
                 }
                 tracing::warn!(peer = %addr, error = %e, "QUIC handshake failed");
-                return Err(failed(format!("QUIC handshake with peer {addr} failed: {e}")));
+                return Err(failed(format!(
+                    "QUIC handshake with peer {addr} failed: {e}"
+                )));
             }
             Ok(Ok(conn)) => conn,
         };
@@ -269,19 +286,33 @@ impl QuicPool {
 
     /// Closes connections that carried no request for the idle timeout; runs until cancelled.
     pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        let period =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
         let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+            let slots: Vec<Slot> = self
+                .slots
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .cloned()
+                .collect();
             for slot in slots {
-                let Ok(mut guard) = slot.try_lock() else { continue };
+                let Ok(mut guard) = slot.try_lock() else {
+                    continue;
+                };
                 let idle = guard.as_ref().is_some_and(|c| {
                     c.use_count.in_flight.load(Ordering::Acquire) == 0
-                        && c.use_count.last_used.lock().expect("not poisoned").elapsed() >= self.idle_timeout
+                        && c.use_count
+                            .last_used
+                            .lock()
+                            .expect("not poisoned")
+                            .elapsed()
+                            >= self.idle_timeout
                 });
                 let dead = guard.as_ref().is_some_and(|c| !c.is_alive());
                 if idle {

@@ -1,1 +1,11 @@
+//! The integration suite: whole sidecars in-process on real loopback sockets, PKI made at test
+//! time, plus the built binary driven as a user would.
 
+#![allow(unreachable_pub)] // test modules share items through `pub`, as tests do.
+
+mod cli;
+mod config;
+mod errors;
+mod mtls;
+mod support;
+mod tunnel;

@@ -1,0 +1,127 @@
+//! The built binary, driven as a user would: `quicar demo` answered with curl, `quicar check`,
+//! `quicar certs`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quicar");
+
+/// Kills the child by PID when the test ends, whatever happened.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn demo_answers_curl_with_the_callers_identity() {
+    let child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let curl_line = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("demo printed its curl lines");
+        if line
+            .trim_start()
+            .starts_with("curl -s -H 'Host: hello' http://")
+        {
+            break line;
+        }
+    };
+    // The first curl line exactly as printed, minus the comment.
+    let url = curl_line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20", "-H", "Host: hello", url])
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl failed: {out:?}");
+    assert!(text.contains("caller: spiffe://quicar.local/web"), "{text}");
+
+    // SIGTERM: the demo drains and exits on its own.
+    let pid = child.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "demo exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn check_prints_the_effective_config_and_refuses_bad_ones() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(BIN)
+        .args(["check", "--config", &format!("{root}/config/node-a.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[[service]]") && text.contains("trust_domain"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[identity]\ncert = \"a\"\nkey = \"b\"\nca = \"c\"\n[inbound]\nlisten = \"0.0.0.0:4143\"\nport = 1\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("port"), "{err}");
+}
+
+#[test]
+fn certs_init_and_issue_make_a_usable_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    ok(&["certs", "init", "--dir", d]);
+    ok(&["certs", "issue", "orders", "--dir", d]);
+    // A second init would orphan every issued certificate: refused without --force.
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--dir", d])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let m = quicar::identity::Material::load(&quicar::config::IdentityFiles {
+        cert: dir.path().join("orders.crt"),
+        key: dir.path().join("orders.key"),
+        ca: dir.path().join("ca.crt"),
+        reload_interval: Duration::from_secs(1),
+    })
+    .unwrap();
+    assert_eq!(m.id.as_str(), "spiffe://quicar.local/orders");
+}

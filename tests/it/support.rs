@@ -1,0 +1,347 @@
+//! Test fixtures: a PKI made at test time, an upstream app that records what it receives,
+//! sidecars built from TOML on port 0, and a plain HTTP/1.1 client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use quicar::app::Bound;
+use quicar::config::Config;
+use quicar::pki::Ca;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUICAR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A CA and certificates written to a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("quicar.local").unwrap();
+        ca.write(dir.path()).unwrap();
+        Self { dir, ca }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Issues `name` (file stem and SPIFFE path) and returns the TOML `[identity]` table.
+    pub fn identity(&self, name: &str) -> String {
+        self.ca
+            .issue(name)
+            .unwrap()
+            .write(self.path(), name)
+            .unwrap();
+        format!(
+            "[identity]\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\nca = \"ca.crt\"\nreload_interval = \"100ms\"\n"
+        )
+    }
+}
+
+/// Builds a sidecar from TOML text (paths relative to the PKI dir).
+pub async fn sidecar(pki: &Pki, toml: &str) -> Bound {
+    let config =
+        Config::parse(toml, "<test>", pki.path()).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    quicar::app::build(config).await.unwrap()
+}
+
+/// What the upstream app saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+/// An HTTP/1.1 app on loopback. Paths:
+/// `/echo` streams the body back (sized if the request was sized, else chunked);
+/// `/bytes/N` answers N pattern bytes sized, `/chunked/N` the same chunked;
+/// `/status/N` answers status N with no body; `/headers` answers with hop-by-hop and repeated
+/// headers; anything else answers "ok".
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    stop: CancellationToken,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (s2, stop2) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    r = listener.accept() => r.unwrap().0,
+                };
+                let seen = s2.clone();
+                let stop3 = stop2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let seen = seen.clone();
+                        async move { Ok::<_, Infallible>(upstream(req, seen).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop3.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, seen, stop }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw a request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Deterministic, position-dependent bytes, so a reordered or shifted body is caught.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 7 + i / 251) % 256) as u8).collect()
+}
+
+fn chunked_body(data: Vec<u8>) -> Body {
+    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+        Bytes::from(data)
+            .chunks(16 * 1024)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+    StreamBody::new(futures_util::stream::iter(chunks)).boxed_unsync()
+}
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+/// A request body of `data`, sent with content-length (`sized`) or chunked.
+pub fn body(data: Vec<u8>, sized: bool) -> Body {
+    if sized {
+        full(data)
+    } else {
+        chunked_body(data)
+    }
+}
+
+async fn upstream(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let sized = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+    let record = |len| {
+        seen.lock().unwrap().push(Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.to_string(),
+            headers: parts.headers.clone(),
+            body_len: len,
+        })
+    };
+    if path == "/echo" {
+        let data = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        record(data.len());
+        return Response::new(if sized {
+            full(data)
+        } else {
+            chunked_body(data.to_vec())
+        });
+    }
+    let data = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    record(data.len());
+    let mut parts_iter = path.trim_start_matches('/').splitn(2, '/');
+    let (head, arg) = (
+        parts_iter.next().unwrap_or(""),
+        parts_iter.next().unwrap_or(""),
+    );
+    match head {
+        "bytes" => Response::new(full(pattern(arg.parse().unwrap()))),
+        "chunked" => Response::new(chunked_body(pattern(arg.parse().unwrap()))),
+        "status" => {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::from_u16(arg.parse().unwrap()).unwrap();
+            r
+        }
+        "headers" => Response::builder()
+            .header("x-multi", "one")
+            .header("x-multi", "two")
+            .header("connection", "x-hop-resp")
+            .header("x-hop-resp", "must not pass")
+            .header("Mixed-Case-Header", "kept")
+            .body(full("headers"))
+            .unwrap(),
+        "slow" => {
+            tokio::time::sleep(Duration::from_millis(arg.parse().unwrap())).await;
+            Response::new(full("slow"))
+        }
+        _ => Response::new(full("ok")),
+    }
+}
+
+/// A response as the app would read it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn error_kind(&self) -> Option<&str> {
+        self.headers
+            .get("quicar-error")
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection (the URI may be absolute: proxy form).
+pub async fn send(addr: SocketAddr, req: Request<Body>) -> Got {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `GET path` with `Host: host`.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
+    send(
+        addr,
+        Request::get(path)
+            .header("host", host)
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Two sidecars: `client` calls service `hello` served by `server` in front of `upstream`.
+pub struct Pair {
+    pub pki: Pki,
+    pub client: Bound,
+    pub server: Bound,
+    pub upstream: Upstream,
+}
+
+impl Pair {
+    pub async fn start() -> Self {
+        Self::start_with("", "").await
+    }
+
+    /// `client_extra` is appended to the `[[service]] hello` table; `server_extra` to
+    /// `[[local]] hello`.
+    pub async fn start_with(client_extra: &str, server_extra: &str) -> Self {
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let server = sidecar(
+            &pki,
+            &server_toml(&pki, upstream.addr, "127.0.0.1:0", server_extra),
+        )
+        .await;
+        let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], client_extra)).await;
+        Self {
+            pki,
+            client,
+            server,
+            upstream,
+        }
+    }
+
+    pub fn out(&self) -> SocketAddr {
+        self.client.outbound
+    }
+}
+
+pub fn server_toml(pki: &Pki, app: SocketAddr, inbound: &str, local_extra: &str) -> String {
+    format!(
+        "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"{inbound}\"\n[node]\ndrain_timeout = \"2s\"\n\
+         [[local]]\nname = \"hello\"\naddress = \"{app}\"\n{local_extra}\n",
+        pki.identity("hello")
+    )
+}
+
+pub fn client_toml(pki: &Pki, peers: &[SocketAddr], service_extra: &str) -> String {
+    let eps: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{{ address = \"{p}\" }}"))
+        .collect();
+    format!(
+        "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n[node]\ndrain_timeout = \"2s\"\n\
+         [[service]]\nname = \"hello\"\nconnect_timeout = \"500ms\"\nendpoints = [{}]\n{service_extra}\n",
+        pki.identity("web"),
+        eps.join(", ")
+    )
+}
+
+/// Counts header values by name, for repeated-header checks.
+pub fn values(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
