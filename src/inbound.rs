@@ -126,6 +126,7 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
         }
     };
     tracing::debug!(%remote, identity = %peer, "inbound QUIC connection");
+    let quic = conn.clone();
     let mut h3 = match h3::server::builder()
         .max_field_section_size(MAX_FIELD_SECTION)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -174,6 +175,13 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
     }
     requests.close();
     requests.wait().await;
+    if draining {
+        // Dropping `h3` closes the connection at once, and a close discards stream data the
+        // peer has not acknowledged yet: the last responses would be lost. Give the peer a few
+        // round trips to take them (or to close first itself).
+        let grace = (quic.rtt() * 4 + Duration::from_millis(50)).min(Duration::from_secs(1));
+        let _ = tokio::time::timeout(grace, quic.closed()).await;
+    }
 }
 
 async fn request(

@@ -81,7 +81,8 @@ pub struct Seen {
 /// `/echo` streams the body back (sized if the request was sized, else chunked);
 /// `/bytes/N` answers N pattern bytes sized, `/chunked/N` the same chunked;
 /// `/status/N` answers status N with no body; `/headers` answers with hop-by-hop and repeated
-/// headers; anything else answers "ok".
+/// headers; `/slow/MS` answers after MS milliseconds; `/sink` counts the body without keeping
+/// it; `/stream/N` generates N bytes as it sends them; anything else answers "ok".
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -185,6 +186,35 @@ async fn upstream(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Respon
             body_len: len,
         })
     };
+    if path == "/sink" {
+        // Counts the body without keeping it.
+        let mut body = body;
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len()),
+                Err(_) => break,
+            }
+        }
+        record(n);
+        return Response::new(full(n.to_string()));
+    }
+    if let Some(n) = path.strip_prefix("/stream/") {
+        // N bytes generated as they are sent, in 64 KiB chunks, never held whole.
+        let total: usize = n.parse().unwrap();
+        record(0);
+        let chunk = Bytes::from(vec![0x5a; 64 * 1024]);
+        let stream = futures_util::stream::unfold(0usize, move |sent| {
+            let chunk = chunk.clone();
+            async move {
+                (sent < total).then(|| {
+                    let n = chunk.len().min(total - sent);
+                    (Ok(Frame::data(chunk.slice(..n))), sent + n)
+                })
+            }
+        });
+        return Response::new(StreamBody::new(stream).boxed_unsync());
+    }
     if path == "/echo" {
         let data = body
             .collect()

@@ -300,3 +300,45 @@ async fn a_restarted_peer_sidecar_is_reconnected_to() {
     server.shutdown().await;
     client.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_reopened_on_demand() {
+    let pair = Pair::start_with("[quic]\nidle_timeout = \"200ms\"", "").await;
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    assert_eq!(pair.client.quic_connections_active(), 1);
+    let mut closed = false;
+    for _ in 0..200 {
+        if pair.client.quic_connections_active() == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the idle connection was never closed");
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    assert_eq!(pair.client.quic_connections_opened(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_peer_finishes_in_flight_requests_and_refuses_new_ones() {
+    let pair = Pair::start().await;
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    let out = pair.out();
+    let slow = tokio::spawn(async move { get(out, "hello", "/slow/1000").await });
+    // Let the slow request reach the app before the stop begins.
+    for _ in 0..200 {
+        if pair.upstream.seen.lock().unwrap().iter().any(|s| s.path == "/slow/1000") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let Pair { client, server, upstream, .. } = pair;
+    server.shutdown().await;
+    let got = slow.await.unwrap();
+    assert_eq!(got.status, StatusCode::OK, "in-flight request cut by shutdown: {got:?}");
+    assert_eq!(&got.body[..], b"slow");
+    let got = get(client.outbound, "hello", "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.error_kind(), Some("connect-failed"));
+    drop(upstream);
+}
