@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod errors;
+mod large;
 mod mtls;
 mod support;
 mod tunnel;
