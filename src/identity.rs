@@ -187,15 +187,25 @@ impl Material {
     /// restart this sidecar can still reset the connections its previous run had: peers learn at
     /// once that the connection is gone instead of waiting for the idle timeout.
     pub fn reset_key(&self) -> ring::hmac::Key {
-        let digest = ring::digest::digest(
+        ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            self.derive(b"quicar stateless reset v1").as_ref(),
+        )
+    }
+
+    /// The key quinn signs its connection IDs with, derived like `reset_key`: a restarted
+    /// sidecar must recognise its predecessor's connection IDs as its own, or it drops their
+    /// packets silently instead of answering with a stateless reset.
+    pub fn cid_key(&self) -> u64 {
+        let d = self.derive(b"quicar connection id v1");
+        u64::from_le_bytes(d.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"))
+    }
+
+    fn derive(&self, label: &[u8]) -> ring::digest::Digest {
+        ring::digest::digest(
             &ring::digest::SHA256,
-            &[
-                b"quicar stateless reset v1".as_slice(),
-                self.key.secret_der(),
-            ]
-            .concat(),
-        );
-        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref())
+            &[label, self.key.secret_der()].concat(),
+        )
     }
 }
 

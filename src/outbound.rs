@@ -218,23 +218,27 @@ async fn exchange(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
     let (addr, identity) = &route.endpoints[i];
-    // A stream refused because the connection was going away never reached the peer's app:
-    // reconnect once and send it again.
+    // Bodies stream and are not kept, so only a request without one can be sent twice.
+    let replayable = http_body::Body::is_end_stream(&body);
+    let mut body = Some(body);
     let mut attempt = 0;
-    let (conn, stream) = loop {
+    let (recv, in_flight, upload_guard, mut resp) = loop {
         attempt += 1;
+        let last = attempt >= 2;
         let conn = state
             .pool
             .get(*addr, identity, route.connect_timeout)
             .await?;
-        match conn.send.clone().send_request(head.clone()).await {
-            Ok(stream) => break (conn, stream),
+        let stream = match conn.send.clone().send_request(head.clone()).await {
+            Ok(stream) => stream,
             Err(e) => {
+                // The connection was going away (GOAWAY, closed): the stream was never opened,
+                // so the request never reached the peer's app. Reconnect once and resend.
                 state.pool.evict(*addr, identity, &conn).await;
-                if let Some(refused) = handshake_refusal(&conn, *addr).await {
+                if let Verdict::Refused(refused) = verdict(&conn, *addr).await {
                     return Err(refused);
                 }
-                if attempt >= 2 {
+                if last {
                     return Err(ProxyError::new(
                         ErrorKind::PeerReset,
                         Side::Peer,
@@ -243,35 +247,35 @@ async fn exchange(
                     .never_sent());
                 }
                 tracing::debug!(peer = %addr, error = %e, "connection unusable; reconnecting");
-            }
-        }
-    };
-    let in_flight = conn.in_flight();
-    let (send, mut recv) = stream.split();
-    let cancel_upload = CancellationToken::new();
-    tokio::spawn(upload(send, body, cancel_upload.clone()));
-    // Cancels the upload if we give up on this exchange (timeout, reset) before the response.
-    let upload_guard = cancel_upload.drop_guard();
-
-    let mut resp = loop {
-        let resp = match recv.recv_response().await {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(refused) = handshake_refusal(&conn, *addr).await {
-                    return Err(refused);
-                }
-                return Err(ProxyError::new(
-                    ErrorKind::PeerReset,
-                    Side::Peer,
-                    format!("peer {addr} reset the request before responding: {e}"),
-                ));
+                continue;
             }
         };
-        // Interim responses (103 Early Hints…) are not forwarded: HTTP/1.1 apps rarely want them.
-        if resp.status().is_informational() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            continue;
+        let in_flight = conn.in_flight();
+        let (send, mut recv) = stream.split();
+        let cancel_upload = CancellationToken::new();
+        tokio::spawn(upload(send, body.take(), cancel_upload.clone()));
+        // Cancels the upload if we give up on this exchange (timeout, reset) before the response.
+        let upload_guard = cancel_upload.drop_guard();
+        match final_response(&mut recv).await {
+            Ok(resp) => break (recv, in_flight, upload_guard, resp),
+            Err(e) => match verdict(&conn, *addr).await {
+                Verdict::Refused(refused) => return Err(refused),
+                Verdict::Forgotten if replayable && !last => {
+                    // A stateless reset: the peer restarted and has no memory of this
+                    // connection, so the request never reached its app.
+                    state.pool.evict(*addr, identity, &conn).await;
+                    tracing::debug!(peer = %addr, "peer restarted; resending on a new connection");
+                    continue;
+                }
+                _ => {
+                    return Err(ProxyError::new(
+                        ErrorKind::PeerReset,
+                        Side::Peer,
+                        format!("peer {addr} reset the request before responding: {e}"),
+                    ))
+                }
+            },
         }
-        break resp;
     };
     upload_guard.disarm();
     strip_hop_by_hop(resp.headers_mut());
@@ -291,17 +295,40 @@ async fn exchange(
     Ok(Response::from_parts(parts, body))
 }
 
-/// Whether a connection that just failed under a request was in fact refused by the peer at
-/// the handshake. TLS 1.3 lets the client finish before the server has judged the client's
-/// certificate, so a refused client briefly looks connected; that is `connect-failed`, and the
-/// request never reached the peer's app.
-async fn handshake_refusal(conn: &PeerConn, addr: SocketAddr) -> Option<ProxyError> {
-    let reason = tokio::time::timeout(Duration::from_millis(200), conn.conn.closed())
-        .await
-        .ok()?;
+/// The final response head, skipping interim ones (103 Early Hints…): HTTP/1.1 apps rarely
+/// want them and hyper cannot send them.
+async fn final_response(
+    recv: &mut h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+) -> Result<http::Response<()>, h3::error::StreamError> {
+    loop {
+        let resp = recv.recv_response().await?;
+        if !resp.status().is_informational() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp);
+        }
+    }
+}
+
+/// What a connection that just failed under a request tells about the request.
+enum Verdict {
+    /// The peer refused our handshake: `connect-failed`, the request never reached it.
+    Refused(ProxyError),
+    /// The peer answered with a stateless reset: it restarted and never saw the request.
+    Forgotten,
+    /// Anything else: the request may have reached the peer's app.
+    Unknown,
+}
+
+/// TLS 1.3 lets the client finish its handshake before the server has judged the client's
+/// certificate, so a refused client briefly looks connected and then sees a CRYPTO_ERROR close.
+async fn verdict(conn: &PeerConn, addr: SocketAddr) -> Verdict {
+    let Ok(reason) = tokio::time::timeout(Duration::from_millis(200), conn.conn.closed()).await
+    else {
+        return Verdict::Unknown;
+    };
     let refused = match &reason {
+        quinn::ConnectionError::Reset => return Verdict::Forgotten,
+        // CRYPTO_ERROR codes carry the TLS alert: 0x100 + alert.
         quinn::ConnectionError::ConnectionClosed(close) => {
-            // CRYPTO_ERROR codes carry the TLS alert: 0x100 + alert.
             (0x100..0x200).contains(&u64::from(close.error_code))
         }
         quinn::ConnectionError::ApplicationClosed(close) => {
@@ -309,15 +336,18 @@ async fn handshake_refusal(conn: &PeerConn, addr: SocketAddr) -> Option<ProxyErr
         }
         _ => false,
     };
-    refused.then(|| {
-        tracing::warn!(peer = %addr, reason = %reason, "peer refused our handshake");
+    if !refused {
+        return Verdict::Unknown;
+    }
+    tracing::warn!(peer = %addr, reason = %reason, "peer refused our handshake");
+    Verdict::Refused(
         ProxyError::new(
             ErrorKind::ConnectFailed,
             Side::Peer,
             format!("peer {addr} refused the handshake: {reason}"),
         )
-        .never_sent()
-    })
+        .never_sent(),
+    )
 }
 
 /// Streams the app's request body onto the HTTP/3 stream; stops when the peer's flow control
@@ -325,9 +355,13 @@ async fn handshake_refusal(conn: &PeerConn, addr: SocketAddr) -> Option<ProxyErr
 /// rather than finishing it, so the far app never mistakes a truncated body for a whole one.
 async fn upload(
     mut send: h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
-    mut body: Incoming,
+    body: Option<Incoming>,
     cancel: CancellationToken,
 ) {
+    let Some(mut body) = body else {
+        let _ = send.finish().await;
+        return;
+    };
     let reset = |send: &mut h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>| {
         send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
     };

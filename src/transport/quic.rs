@@ -58,7 +58,11 @@ pub fn server_endpoint(
     let server = server_config(material, cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let socket = std::net::UdpSocket::bind(addr)?;
-    let endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
+    let cid_key = material.cid_key();
+    endpoint_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     quinn::Endpoint::new(
         endpoint_cfg,
         Some(server),

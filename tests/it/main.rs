@@ -6,7 +6,7 @@
 mod cli;
 mod config;
 mod errors;
-mod large;
 mod mtls;
+mod process;
 mod support;
 mod tunnel;

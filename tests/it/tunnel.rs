@@ -327,15 +327,31 @@ async fn a_stopping_peer_finishes_in_flight_requests_and_refuses_new_ones() {
     let slow = tokio::spawn(async move { get(out, "hello", "/slow/1000").await });
     // Let the slow request reach the app before the stop begins.
     for _ in 0..200 {
-        if pair.upstream.seen.lock().unwrap().iter().any(|s| s.path == "/slow/1000") {
+        if pair
+            .upstream
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.path == "/slow/1000")
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let Pair { client, server, upstream, .. } = pair;
+    let Pair {
+        client,
+        server,
+        upstream,
+        ..
+    } = pair;
     server.shutdown().await;
     let got = slow.await.unwrap();
-    assert_eq!(got.status, StatusCode::OK, "in-flight request cut by shutdown: {got:?}");
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "in-flight request cut by shutdown: {got:?}"
+    );
     assert_eq!(&got.body[..], b"slow");
     let got = get(client.outbound, "hello", "/").await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
