@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::{Cache, Clock};
 use crate::config::Config;
 use crate::identity::{self, IdentityError, IdentityRx, Material};
 use crate::inbound::{self, Inbound};
@@ -36,6 +37,8 @@ pub struct Bound {
     pub inbound: SocketAddr,
     pub identity: IdentityRx,
     pool: Arc<QuicPool>,
+    path: Arc<Outbound>,
+    clock: Arc<Clock>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     endpoint: quinn::Endpoint,
@@ -100,9 +103,11 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         });
     }
     tracker.spawn(pool.clone().reap_idle(shutdown.clone()));
+    let clock = Arc::new(Clock::default());
+    let outbound = Arc::new(Outbound::new(&config, pool.clone(), clock.clone()));
     tracker.spawn(outbound::serve(
         outbound_listener,
-        Arc::new(Outbound::new(&config, pool.clone())),
+        outbound.clone(),
         config.outbound.clone(),
         shutdown.clone(),
     ));
@@ -118,6 +123,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         inbound: inbound_addr,
         identity: id_rx,
         pool,
+        path: outbound,
+        clock,
         shutdown,
         tracker,
         endpoint,
@@ -129,6 +136,16 @@ impl Bound {
     /// QUIC connections this sidecar has opened to peers since it started.
     pub fn quic_connections_opened(&self) -> u64 {
         self.pool.connections_opened()
+    }
+
+    /// The response cache of a service, if configured.
+    pub fn cache(&self, service: &str) -> Option<Arc<Cache>> {
+        self.path.cache(service)
+    }
+
+    /// The clock cache freshness is judged by (tests advance it instead of sleeping).
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
     }
 
     /// QUIC connections to peers open now.

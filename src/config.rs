@@ -196,6 +196,80 @@ pub struct Service {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// A response cache for this service in this (calling) sidecar; absent = no caching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Total bytes of stored bodies (and a small per-entry overhead) for this service.
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: ByteSize,
+    /// Responses with larger bodies pass through and are not stored.
+    #[serde(default = "default_cache_entry_bytes")]
+    pub max_entry_bytes: ByteSize,
+}
+
+/// A size in bytes: an integer, or a string with a unit (`"64MiB"`, `"512KiB"`, `"1GB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Self(n)),
+            Raw::S(s) => Self::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (e.g. 1048576, \"512KiB\", \"64MiB\")"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(Self)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+fn default_cache_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_cache_entry_bytes() -> ByteSize {
+    ByteSize(1 << 20)
 }
 
 /// One peer sidecar serving a service, and the identity it must prove.
@@ -366,6 +440,14 @@ impl Config {
             }
             if svc.timeout.is_zero() {
                 return Err((format!("{key}.timeout"), "must be more than 0".into()));
+            }
+            if let Some(cache) = &svc.cache {
+                if cache.max_entry_bytes.0 > cache.max_bytes.0 {
+                    return Err((
+                        format!("{key}.cache.max_entry_bytes"),
+                        "must not exceed cache.max_bytes".into(),
+                    ));
+                }
             }
             if svc.connect_timeout.is_zero() {
                 return Err((

@@ -6,6 +6,7 @@
 //! - [`pki`]: a dev CA (`quicar certs`).
 //! - [`outbound`]: the app-facing HTTP/1.1 listener and the forwarding path.
 //! - [`transport`]: connections to peer sidecars (QUIC).
+//! - [`cache`]: the outbound HTTP response cache.
 //! - [`inbound`]: the peer-facing listener that hands requests to local apps.
 //! - [`policy`]: which identities may call which local service.
 //! - [`headers`], [`body`], [`error`]: the message rules both hops share.
@@ -14,6 +15,7 @@
 
 pub mod app;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -1,6 +1,8 @@
 //! The app-facing listener: HTTP/1.1 from the local app, routed by Host or absolute URI to a
 //! remote service, and forwarded as one HTTP/3 request stream on the pooled connection to a
-//! peer sidecar. `forward` is the whole request path, in order.
+//! peer sidecar. `forward` is the whole request path, in order; `caching` is the cache step.
+
+mod caching;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -18,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{content_length, empty, BodyError, H3Body, ProxyBody};
+use crate::cache::{Cache, Clock};
 use crate::config::{Config, Outbound as OutboundConfig};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar};
@@ -27,6 +30,7 @@ use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 /// A remote service as the data path sees it.
 struct Route {
     name: String,
+    cache: Option<Arc<Cache>>,
     timeout: Duration,
     connect_timeout: Duration,
     endpoints: Vec<(SocketAddr, PeerId)>,
@@ -40,7 +44,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(config: &Config, pool: Arc<QuicPool>) -> Self {
+    pub fn new(config: &Config, pool: Arc<QuicPool>, clock: Arc<Clock>) -> Self {
         let routes = config
             .service
             .iter()
@@ -50,8 +54,16 @@ impl Outbound {
                     .iter()
                     .map(|ep| (ep.address, config.expected_identity(svc, ep)))
                     .collect();
+                let cache = svc.cache.as_ref().map(|c| {
+                    Arc::new(Cache::new(
+                        c.max_bytes.0,
+                        usize::try_from(c.max_entry_bytes.0).unwrap_or(usize::MAX),
+                        clock.clone(),
+                    ))
+                });
                 let route = Route {
                     name: svc.name.clone(),
+                    cache,
                     timeout: svc.timeout,
                     connect_timeout: svc.connect_timeout,
                     endpoints,
@@ -61,6 +73,13 @@ impl Outbound {
             })
             .collect();
         Self { routes, pool }
+    }
+
+    /// The response cache of a service, if it has one.
+    pub fn cache(&self, service: &str) -> Option<Arc<Cache>> {
+        self.routes
+            .get(&service.to_ascii_lowercase())
+            .and_then(|r| r.cache.clone())
     }
 }
 
@@ -94,7 +113,7 @@ pub async fn serve(
         let state = state.clone();
         let svc = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(req, &state).await) }
+            async move { Ok::<_, Infallible>(handle(req, state).await) }
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
@@ -107,8 +126,8 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-async fn handle(req: Request<Incoming>, state: &Outbound) -> Response<ProxyBody> {
-    match forward(req, state).await {
+async fn handle(req: Request<Incoming>, state: Arc<Outbound>) -> Response<ProxyBody> {
+    match forward(req, &state).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(kind = e.kind.as_str(), side = ?e.side, error = %e.message, "request failed in the sidecar");
@@ -146,7 +165,7 @@ fn target(req: &Request<Incoming>) -> Result<String, ProxyError> {
 /// route → endpoint → connection → stream; the response streams back as it arrives.
 async fn forward(
     req: Request<Incoming>,
-    state: &Outbound,
+    state: &Arc<Outbound>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = target(&req)?;
     let name = service_of_authority(&authority).ok_or_else(|| {
@@ -186,15 +205,42 @@ async fn forward(
                 format!("bad target: {e}"),
             )
         })?;
-    let method = parts.method.clone();
-    let mut head = Request::builder()
-        .method(parts.method)
-        .uri(uri)
-        .body(())
-        .expect("valid parts");
-    *head.headers_mut() = parts.headers;
+    parts.uri = uri;
+    let (head, ()) = Request::from_parts(parts, ()).into_parts();
 
-    let work = exchange(route, state, head, body, &method);
+    if let Some(cache) = &route.cache {
+        let has_body = !http_body::Body::is_end_stream(&body);
+        if Cache::applies(&head, has_body) {
+            return caching::serve(state, route, cache, head).await;
+        }
+        if !head.method.is_safe() {
+            // RFC 9111 §4.4: a successful unsafe request invalidates what we hold for the URI.
+            let key = Cache::key(&route.name, path_of(&head.uri));
+            let resp = fetch(route, state, Request::from_parts(head, ()), Some(body)).await;
+            if resp
+                .as_ref()
+                .is_ok_and(|r| r.status().is_success() || r.status().is_redirection())
+            {
+                cache.invalidate(&key);
+            }
+            return resp;
+        }
+    }
+    fetch(route, state, Request::from_parts(head, ()), Some(body)).await
+}
+
+fn path_of(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// One request to the service, bounded by its timeout.
+async fn fetch(
+    route: &Route,
+    state: &Outbound,
+    head: Request<()>,
+    body: Option<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let work = exchange(route, state, head, body);
     match tokio::time::timeout(route.timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(ProxyError::new(
@@ -213,14 +259,14 @@ async fn exchange(
     route: &Route,
     state: &Outbound,
     head: Request<()>,
-    body: Incoming,
-    method: &Method,
+    body: Option<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let method = head.method().clone();
     let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
     let (addr, identity) = &route.endpoints[i];
     // Bodies stream and are not kept, so only a request without one can be sent twice.
-    let replayable = http_body::Body::is_end_stream(&body);
-    let mut body = Some(body);
+    let replayable = body.as_ref().is_none_or(http_body::Body::is_end_stream);
+    let mut body = body;
     let mut attempt = 0;
     let (recv, in_flight, upload_guard, mut resp) = loop {
         attempt += 1;
@@ -280,7 +326,7 @@ async fn exchange(
     upload_guard.disarm();
     strip_hop_by_hop(resp.headers_mut());
     let status = resp.status();
-    let bodyless = *method == Method::HEAD
+    let bodyless = method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let (mut parts, ()) = resp.into_parts();

@@ -86,6 +86,8 @@ pub struct Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// While set, `/c/...` answers 503 (an origin in trouble).
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -98,8 +100,9 @@ impl Upstream {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = CancellationToken::new();
-        let (s2, stop2) = (seen.clone(), stop.clone());
+        let (s2, stop2, f2) = (seen.clone(), stop.clone(), failing.clone());
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
@@ -107,11 +110,13 @@ impl Upstream {
                     r = listener.accept() => r.unwrap().0,
                 };
                 let seen = s2.clone();
+                let failing = f2.clone();
                 let stop3 = stop2.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let seen = seen.clone();
-                        async move { Ok::<_, Infallible>(upstream(req, seen).await) }
+                        let failing = failing.load(std::sync::atomic::Ordering::Relaxed);
+                        async move { Ok::<_, Infallible>(upstream(req, seen, failing).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc);
@@ -122,11 +127,26 @@ impl Upstream {
                 });
             }
         });
-        Self { addr, seen, stop }
+        Self {
+            addr,
+            seen,
+            failing,
+            stop,
+        }
     }
 
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// Requests whose path starts with `prefix`.
+    pub fn count_of(&self, prefix: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.starts_with(prefix))
+            .count()
     }
 
     pub fn last(&self) -> Seen {
@@ -174,9 +194,82 @@ pub fn body(data: Vec<u8>, sized: bool) -> Body {
     }
 }
 
-async fn upstream(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<Body> {
+/// `/c/<name>?cc=<cache-control>&etag=<etag>&vary=<header>&delay=<ms>&size=<n>`: a cacheable
+/// resource. Answers 304 when `If-None-Match` matches the etag; otherwise a body naming the
+/// resource and how many requests it has had (so a cached copy is recognisable).
+async fn cacheable(parts: &http::request::Parts, n: usize, failing: bool) -> Response<Body> {
+    let q: std::collections::HashMap<String, String> = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%20", " ").replace("%22", "\"")))
+        .collect();
+    if let Some(ms) = q.get("delay") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
+    if failing {
+        let mut r = Response::new(full("origin down"));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    }
+    let mut b = Response::builder();
+    if let Some(cc) = q.get("cc") {
+        b = b.header("cache-control", cc.as_str());
+    }
+    if let Some(v) = q.get("vary") {
+        b = b.header("vary", v.as_str());
+    }
+    if let Some(etag) = q.get("etag") {
+        b = b.header("etag", etag.as_str());
+        let inm = parts
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok());
+        if inm.is_some_and(|v| v.split(',').any(|t| t.trim() == etag)) {
+            return b.status(304).body(full(Bytes::new())).unwrap();
+        }
+    }
+    let body = match q.get("size") {
+        Some(size) => pattern(size.parse().unwrap()),
+        None => {
+            let lang = parts
+                .headers
+                .get("accept-language")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            format!("{} #{n} {lang}", parts.uri.path()).into_bytes()
+        }
+    };
+    b.body(full(body)).unwrap()
+}
+
+async fn upstream(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    failing: bool,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
+    if path.starts_with("/c/") {
+        let data = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let n = {
+            let mut seen = seen.lock().unwrap();
+            seen.push(Seen {
+                method: parts.method.to_string(),
+                path: parts.uri.to_string(),
+                headers: parts.headers.clone(),
+                body_len: data.len(),
+            });
+            seen.iter().filter(|s| s.path.starts_with(&path)).count()
+        };
+        return cacheable(&parts, n, failing).await;
+    }
     let sized = parts.headers.contains_key(http::header::CONTENT_LENGTH);
     let record = |len| {
         seen.lock().unwrap().push(Seen {

@@ -1,0 +1,262 @@
+//! The response cache through a real sidecar pair, against an upstream that counts requests.
+//! Time is the sidecar's cache clock, advanced by the test instead of slept.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+
+use crate::support::*;
+
+const CACHE: &str = "cache = { max_bytes = \"1MiB\", max_entry_bytes = \"256KiB\" }";
+
+fn how(got: &Got) -> &str {
+    got.headers
+        .get("quicar-cache")
+        .map_or("", |v| v.to_str().unwrap())
+}
+
+async fn cached_pair() -> Pair {
+    Pair::start_with(CACHE, "").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_miss_and_expiry() {
+    let pair = cached_pair().await;
+    let url = "/c/a?cc=max-age=60";
+    let first = get(pair.out(), "hello", url).await;
+    assert_eq!((first.status, how(&first)), (StatusCode::OK, "miss"));
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.body, first.body);
+    assert_eq!(pair.upstream.count_of("/c/a"), 1);
+    assert_eq!(values(&hit.headers, "cache-control"), vec!["max-age=60"]);
+
+    pair.client.clock().advance(Duration::from_secs(10));
+    let aged = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&aged), "hit");
+    assert_eq!(values(&aged.headers, "age"), vec!["10"]);
+
+    pair.client.clock().advance(Duration::from_secs(51));
+    let expired = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&expired), "miss");
+    assert_eq!(pair.upstream.count_of("/c/a"), 2);
+    assert_ne!(expired.body, first.body, "an expired copy was served");
+    // HEAD is answered by the origin and does not disturb the entry.
+    let head = send(
+        pair.out(),
+        Request::head(url)
+            .header("host", "hello")
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((head.status, how(&head)), (StatusCode::OK, "miss"));
+    assert_eq!(pair.upstream.last().method, "HEAD");
+    let again = get(pair.out(), "hello", url).await;
+    assert_eq!((how(&again), &again.body), ("hit", &expired.body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_private_and_authorized_responses_are_not_stored() {
+    let pair = cached_pair().await;
+    for url in [
+        "/c/ns?cc=no-store",
+        "/c/pv?cc=private,%20max-age=60",
+        "/c/none",
+    ] {
+        for _ in 0..2 {
+            assert_eq!(how(&get(pair.out(), "hello", url).await), "miss", "{url}");
+        }
+    }
+    assert_eq!(pair.upstream.count_of("/c/ns"), 2);
+    assert_eq!(pair.upstream.count_of("/c/pv"), 2);
+    // With Authorization, only a response that says it may be shared is stored.
+    let authed = |url: &'static str| {
+        Request::get(url)
+            .header("host", "hello")
+            .header("authorization", "Bearer t")
+            .body(full(Bytes::new()))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        send(pair.out(), authed("/c/auth?cc=max-age=60")).await;
+        send(pair.out(), authed("/c/pub?cc=public,%20max-age=60")).await;
+    }
+    assert_eq!(pair.upstream.count_of("/c/auth"), 2);
+    assert_eq!(pair.upstream.count_of("/c/pub"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_separates_entries() {
+    let pair = cached_pair().await;
+    let lang = |l: &'static str| {
+        Request::get("/c/v?cc=max-age=60&vary=accept-language")
+            .header("host", "hello")
+            .header("accept-language", l)
+            .body(full(Bytes::new()))
+            .unwrap()
+    };
+    let en = send(pair.out(), lang("en")).await;
+    let fr = send(pair.out(), lang("fr")).await;
+    assert_eq!((how(&en), how(&fr)), ("miss", "miss"));
+    assert!(String::from_utf8_lossy(&en.body).ends_with(" en"));
+    assert!(String::from_utf8_lossy(&fr.body).ends_with(" fr"));
+    let en2 = send(pair.out(), lang("en")).await;
+    let fr2 = send(pair.out(), lang("fr")).await;
+    assert_eq!((how(&en2), &en2.body), ("hit", &en.body));
+    assert_eq!((how(&fr2), &fr2.body), ("hit", &fr.body));
+    assert_eq!(pair.upstream.count_of("/c/v"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_revalidation_refreshes_without_a_body() {
+    let pair = cached_pair().await;
+    let url = "/c/e?cc=max-age=5&etag=%22v1%22";
+    let first = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&first), "miss");
+    pair.client.clock().advance(Duration::from_secs(6));
+    let reval = get(pair.out(), "hello", url).await;
+    assert_eq!((reval.status, how(&reval)), (StatusCode::OK, "revalidated"));
+    assert_eq!(
+        reval.body, first.body,
+        "the stored body is served after a 304"
+    );
+    let conditional = pair.upstream.last();
+    assert_eq!(
+        values(&conditional.headers, "if-none-match"),
+        vec!["\"v1\""]
+    );
+    assert_eq!(pair.upstream.count_of("/c/e"), 2);
+    // The 304 refreshed freshness: the next request is a plain hit.
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&hit), "hit");
+    assert_eq!(pair.upstream.count_of("/c/e"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
+    let pair = cached_pair().await;
+    let out = pair.out();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn(async move { get(out, "hello", "/c/hot?cc=max-age=60&delay=300").await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        bodies.push(got.body);
+    }
+    assert_eq!(pair.upstream.count_of("/c/hot"), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let pair = cached_pair().await;
+    let url = "/c/swr?cc=max-age=1,%20stale-while-revalidate=60&delay=200";
+    let first = get(pair.out(), "hello", url).await;
+    pair.client.clock().advance(Duration::from_secs(5));
+    let out = pair.out();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!((how(&got), &got.body), ("stale", &first.body));
+    }
+    // Exactly one background refresh, which then serves as the new entry.
+    let mut refreshed = None;
+    for _ in 0..100 {
+        let got = get(pair.out(), "hello", url).await;
+        if how(&got) == "hit" {
+            refreshed = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refreshed = refreshed.expect("the background refresh completed");
+    assert_ne!(refreshed.body, first.body);
+    assert_eq!(pair.upstream.count_of("/c/swr"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_the_stored_copy_when_the_origin_fails() {
+    let pair = cached_pair().await;
+    let sie = "/c/sie?cc=max-age=1,%20stale-if-error=60";
+    let plain = "/c/plain?cc=max-age=1";
+    let first = get(pair.out(), "hello", sie).await;
+    get(pair.out(), "hello", plain).await;
+    pair.upstream
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    pair.client.clock().advance(Duration::from_secs(5));
+    let got = get(pair.out(), "hello", sie).await;
+    assert_eq!((got.status, how(&got)), (StatusCode::OK, "stale"));
+    assert_eq!(got.body, first.body);
+    // Without stale-if-error the failure reaches the app.
+    let got = get(pair.out(), "hello", plain).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    // Past the window, the failure is passed on too.
+    pair.client.clock().advance(Duration::from_secs(120));
+    assert_eq!(
+        get(pair.out(), "hello", sie).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_methods_invalidate_the_uri() {
+    let pair = cached_pair().await;
+    let url = "/c/inv?cc=max-age=60";
+    get(pair.out(), "hello", url).await;
+    assert_eq!(how(&get(pair.out(), "hello", url).await), "hit");
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header("host", "hello")
+            .body(full("change"))
+            .unwrap();
+        assert_eq!(send(pair.out(), req).await.status, StatusCode::OK);
+        let after = get(pair.out(), "hello", url).await;
+        assert_eq!(how(&after), "miss", "after {method}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_bound_holds_and_large_bodies_pass_through() {
+    let pair = Pair::start_with(
+        "cache = { max_bytes = \"64KiB\", max_entry_bytes = \"16KiB\" }",
+        "",
+    )
+    .await;
+    for i in 0..40 {
+        let got = get(
+            pair.out(),
+            "hello",
+            &format!("/c/b{i}?cc=max-age=60&size=10000"),
+        )
+        .await;
+        assert!(got.body == pattern(10_000));
+    }
+    let cache = pair.client.cache("hello").unwrap();
+    let held = cache.weighted_size();
+    assert!(held <= 64 * 1024, "cache holds {held} bytes");
+    assert!(held >= 10_000, "cache holds nothing ({held} bytes)");
+    // Over the per-entry limit: streamed through intact, never stored.
+    for _ in 0..2 {
+        let got = get(pair.out(), "hello", "/c/big?cc=max-age=60&size=100000").await;
+        assert_eq!(how(&got), "miss");
+        assert!(got.body == pattern(100_000));
+    }
+    assert_eq!(pair.upstream.count_of("/c/big"), 2);
+    // A body under the limit streams to the first caller while it is stored.
+    let url = "/c/mid?cc=max-age=60&size=12000";
+    let first = get(pair.out(), "hello", url).await;
+    let second = get(pair.out(), "hello", url).await;
+    assert_eq!((how(&first), how(&second)), ("miss", "hit"));
+    assert!(second.body == pattern(12_000));
+}
