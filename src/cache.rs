@@ -257,8 +257,8 @@ impl Cache {
         self.store.insert(key.to_string(), entry);
     }
 
-    /// A 304 (or a new 200) for a stale variant: updates the entry. Returns the headers to
-    /// serve and the body, or `None` when the origin sent a new body (the caller stores it).
+    /// A 304 for a stale variant: updates the entry and returns the headers to serve and the
+    /// stored body; `None` when the 304 cannot be matched to what we hold.
     pub fn revalidated(
         &self,
         key: &str,
@@ -266,7 +266,21 @@ impl Cache {
         req: &http::request::Parts,
         resp: &http::response::Parts,
     ) -> Option<(http::response::Parts, Bytes)> {
-        match variant.policy.after_response(req, resp, self.clock.now()) {
+        let mut resp = resp.clone();
+        if !is_conditional(req) {
+            // The conditional request carried only our stored validators, so the 304 speaks of
+            // our stored response. RFC 9110 does not oblige a 304 to repeat Last-Modified
+            // (Python's http.server omits it), and the freshness crate then refuses to select
+            // the stored response; give it back the validators it asked with.
+            for name in [http::header::ETAG, http::header::LAST_MODIFIED] {
+                if !resp.headers.contains_key(&name) {
+                    if let Some(v) = variant.headers.get(&name) {
+                        resp.headers.insert(name, v.clone());
+                    }
+                }
+            }
+        }
+        match variant.policy.after_response(req, &resp, self.clock.now()) {
             AfterResponse::NotModified(policy, parts) => {
                 self.insert(key, req, &parts, policy, variant.body.clone());
                 Some((parts, variant.body.clone()))
@@ -463,6 +477,12 @@ impl Body for TeeBody {
     }
 }
 
+/// Whether the client's own request is conditional (then a 304 is an answer it can use).
+pub fn is_conditional(req: &http::request::Parts) -> bool {
+    req.headers.contains_key(http::header::IF_NONE_MATCH)
+        || req.headers.contains_key(http::header::IF_MODIFIED_SINCE)
+}
+
 /// Adds `quicar-cache: <how>` to a response head.
 pub fn mark(headers: &mut HeaderMap, how: &'static str) {
     headers.insert(CACHE_HEADER, HeaderValue::from_static(how));
@@ -586,6 +606,36 @@ mod tests {
             !c.usable_on_error(&variant),
             "must-revalidate forbids serving stale"
         );
+    }
+
+    #[test]
+    fn a_304_without_validators_refreshes_an_entry_we_revalidated() {
+        let c = cache();
+        let r = req("/a", &[]);
+        let lm = "Sat, 21 Nov 2026 10:00:00 GMT";
+        let rs = resp(&[("last-modified", lm), ("cache-control", "max-age=1")]);
+        c.insert(
+            "k",
+            &r,
+            &rs,
+            c.storable(&r, &rs).unwrap(),
+            Bytes::from_static(b"body"),
+        );
+        c.clock().advance(Duration::from_secs(5));
+        let Lookup::Stale {
+            variant,
+            revalidate,
+            ..
+        } = c.lookup("k", &r)
+        else {
+            panic!()
+        };
+        assert_eq!(revalidate.headers.get("if-modified-since").unwrap(), lm);
+        let mut not_modified = resp(&[("cache-control", "max-age=60")]);
+        not_modified.status = StatusCode::NOT_MODIFIED;
+        let (parts, body) = c.revalidated("k", &variant, &r, &not_modified).unwrap();
+        assert_eq!((parts.status, &body[..]), (StatusCode::OK, &b"body"[..]));
+        assert!(matches!(c.lookup("k", &r), Lookup::Fresh(..)));
     }
 
     #[test]

@@ -11,7 +11,9 @@ use http_body_util::BodyExt;
 
 use super::{fetch, path_of, Outbound, Route};
 use crate::body::{content_length, full, ProxyBody};
-use crate::cache::{is_error_status, mark, Cache, Flight, FlightGuard, Lookup, TeeBody, Variant};
+use crate::cache::{
+    is_conditional, is_error_status, mark, Cache, Flight, FlightGuard, Lookup, TeeBody, Variant,
+};
 use crate::error::ProxyError;
 
 /// A GET (or HEAD) without a body, for a service with a cache.
@@ -106,8 +108,12 @@ async fn revalidate_now(
                     cache.stats.revalidated.fetch_add(1, Ordering::Relaxed);
                     Ok(cached(parts, body, "revalidated"))
                 }
-                // A 304 that does not fit what we hold: pass it on as the origin sent it.
-                None => Ok(Response::from_parts(parts, crate::body::empty())),
+                // A 304 for the client's own validators: it can use it.
+                None if is_conditional(&req) => {
+                    Ok(Response::from_parts(parts, crate::body::empty()))
+                }
+                // A 304 we cannot match to what we hold: ask again without conditions.
+                None => miss(state, route, cache, key, req, None).await,
             }
         }
         Ok(resp) if is_error_status(resp.status()) && cache.usable_on_error(variant) => {

@@ -135,6 +135,21 @@ async fn a_304_revalidation_refreshes_without_a_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_get_never_sees_a_304_meant_for_the_cache() {
+    let pair = cached_pair().await;
+    let url = "/c/lm?cc=max-age=5&lm=Sat,%2021%20Nov%202026%2010:00:00%20GMT";
+    let first = get(pair.out(), "hello", url).await;
+    pair.client.clock().advance(Duration::from_secs(6));
+    let reval = get(pair.out(), "hello", url).await;
+    assert_eq!((reval.status, how(&reval)), (StatusCode::OK, "revalidated"));
+    assert_eq!(reval.body, first.body);
+    assert_eq!(
+        values(&pair.upstream.last().headers, "if-modified-since"),
+        vec!["Sat, 21 Nov 2026 10:00:00 GMT"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
     let pair = cached_pair().await;
     let out = pair.out();

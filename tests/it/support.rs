@@ -221,6 +221,13 @@ async fn cacheable(parts: &http::request::Parts, n: usize, failing: bool) -> Res
     if let Some(v) = q.get("vary") {
         b = b.header("vary", v.as_str());
     }
+    if let Some(lm) = q.get("lm") {
+        // Like Python's http.server: the 304 does not repeat Last-Modified.
+        if parts.headers.contains_key("if-modified-since") {
+            return b.status(304).body(full(Bytes::new())).unwrap();
+        }
+        b = b.header("last-modified", lm.as_str());
+    }
     if let Some(etag) = q.get("etag") {
         b = b.header("etag", etag.as_str());
         let inm = parts
