@@ -43,6 +43,7 @@ impl Demo {
              \x20 curl -s -x http://{out} http://hello/whoami       # the same, with the sidecar as an HTTP proxy\n\
              \x20 curl -s -H 'Host: hello' --data-binary 'ping' http://{out}/echo   # body streamed there and back\n\
              \x20 curl -s -H 'Host: hello' -H 'quicar-peer-identity: spiffe://evil/forged' http://{out}/   # forged header is dropped\n\
+             \x20 curl -si -H 'Host: hello' http://{out}/cached      # twice: `quicar-cache: miss`, then `hit` with an Age\n\
              \x20 curl -si -H 'Host: vault' http://{out}/         # 403 denied: only spiffe://quicar.local/ops may call vault\n\
              \x20 curl -si -H 'Host: nowhere' http://{out}/       # 404 unknown-service\n\
              \n\
@@ -88,7 +89,8 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
         "web",
         listen,
         &format!(
-            "[[service]]\nname = \"hello\"\nendpoints = [{{ address = \"{peer}\" }}]\n\n\
+            "[[service]]\nname = \"hello\"\nendpoints = [{{ address = \"{peer}\" }}]\n\
+             cache = {{ max_bytes = \"16MiB\" }}\n\n\
              [[service]]\nname = \"vault\"\n\
              endpoints = [{{ address = \"{peer}\", identity = \"spiffe://quicar.local/hello\" }}]\n"
         ),
@@ -143,6 +145,21 @@ async fn serve_demo_service(stop: CancellationToken) -> std::io::Result<SocketAd
 }
 
 async fn demo_response(req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() == "/cached" {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut resp = Response::new(full(Bytes::from(format!(
+            "generated at unix time {}.{:03}; cacheable for 30 s\n",
+            now.as_secs(),
+            now.subsec_millis()
+        ))));
+        resp.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("max-age=30"),
+        );
+        return resp;
+    }
     if req.uri().path() == "/echo" {
         let body = req.into_body().map_err(Into::into).boxed_unsync();
         return Response::new(body);
