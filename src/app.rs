@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, Admin};
 use crate::cache::{Cache, Clock};
+use crate::telemetry::Telemetry;
 use crate::config::Config;
 use crate::identity::{self, IdentityError, IdentityRx, Material};
 use crate::inbound::{self, Inbound};
@@ -22,6 +24,12 @@ use crate::transport::quic::{self, QuicPool};
 pub enum BuildError {
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
+    #[error("access log {path}: {source}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -35,6 +43,8 @@ pub enum BuildError {
 pub struct Bound {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub telemetry: Arc<Telemetry>,
     pub identity: IdentityRx,
     pool: Arc<QuicPool>,
     path: Arc<Outbound>,
@@ -66,8 +76,25 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let outbound_addr = outbound_listener.local_addr().expect("bound");
     let inbound_addr = endpoint.local_addr().expect("bound");
 
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| BuildError::Bind {
+            what: "admin listener (TCP)",
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener.local_addr().expect("bound");
+    let tel = Telemetry::new(&config.access_log).map_err(|source| BuildError::AccessLog {
+        path: config
+            .access_log
+            .path
+            .as_ref()
+            .map_or("<stdout>".into(), |p| p.display().to_string()),
+        source,
+    })?;
+
     let (id_tx, id_rx) = watch::channel(material);
-    let pool = QuicPool::new(id_rx.clone(), &config.quic).map_err(|source| BuildError::Bind {
+    let pool = QuicPool::new(id_rx.clone(), &config.quic, tel.clone()).map_err(|source| BuildError::Bind {
         what: "QUIC client socket (UDP)",
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -104,7 +131,12 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     }
     tracker.spawn(pool.clone().reap_idle(shutdown.clone()));
     let clock = Arc::new(Clock::default());
-    let outbound = Arc::new(Outbound::new(&config, pool.clone(), clock.clone()));
+    let outbound = Arc::new(Outbound::new(
+        &config,
+        pool.clone(),
+        clock.clone(),
+        tel.clone(),
+    ));
     tracker.spawn(outbound::serve(
         outbound_listener,
         outbound.clone(),
@@ -113,14 +145,46 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     ));
     tracker.spawn(inbound::serve(
         endpoint.clone(),
-        Arc::new(Inbound::new(&config)),
+        Arc::new(Inbound::new(&config, tel.clone())),
         shutdown.clone(),
         tracker.clone(),
     ));
-    tracing::info!(outbound = %outbound_addr, inbound = %inbound_addr, "sidecar listening");
+    // Once a second: QUIC path stats and cache sizes into metrics, and the dashboard's series.
+    {
+        let (tel, pool, outbound, shutdown) = (tel.clone(), pool.clone(), outbound.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                pool.sample();
+                for (service, bytes) in outbound.cache_sizes() {
+                    tel.cache_bytes(&service, bytes);
+                }
+                tel.tick();
+            }
+        });
+    }
+    tracker.spawn(admin::serve(
+        admin_listener,
+        Arc::new(Admin {
+            telemetry: tel.clone(),
+            config: config.clone(),
+            outbound: outbound.clone(),
+            pool: pool.clone(),
+        }),
+        shutdown.clone(),
+    ));
+    tel.set_ready();
+    tracing::info!(outbound = %outbound_addr, inbound = %inbound_addr, admin = %admin_addr, "sidecar listening");
     Ok(Bound {
         outbound: outbound_addr,
         inbound: inbound_addr,
+        admin: admin_addr,
+        telemetry: tel,
         identity: id_rx,
         pool,
         path: outbound,

@@ -194,3 +194,56 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     }
     first.to_str().ok()?.trim().parse().ok()
 }
+
+/// A body that counts the data bytes passing through it, and can keep a guard alive until it
+/// is dropped (the request's telemetry record is written then).
+pub struct Counted<B> {
+    inner: B,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    _hold: Option<Box<dyn Send>>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self {
+            inner,
+            count,
+            _hold: None,
+        }
+    }
+
+    pub fn hold(mut self, guard: impl Send + 'static) -> Self {
+        self._hold = Some(Box::new(guard));
+        self
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(d) = frame.data_ref() {
+                self.count
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

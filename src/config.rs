@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub quic: Quic,
     #[serde(default)]
+    pub access_log: AccessLogConfig,
+    #[serde(default)]
     pub local: Vec<Local>,
     #[serde(default)]
     pub service: Vec<Service>,
@@ -139,6 +141,27 @@ impl Default for Admin {
             listen: default_admin_listen(),
         }
     }
+}
+
+/// One structured line per request, written off the request path.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A file to append to; absent = standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Logfmt,
 }
 
 /// QUIC transport tuning shared by the client and server side.
@@ -360,7 +383,10 @@ impl Config {
             &mut config.identity.cert,
             &mut config.identity.key,
             &mut config.identity.ca,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.access_log.path.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

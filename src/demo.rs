@@ -47,7 +47,10 @@ impl Demo {
              \x20 curl -si -H 'Host: vault' http://{out}/         # 403 denied: only spiffe://quicar.local/ops may call vault\n\
              \x20 curl -si -H 'Host: nowhere' http://{out}/       # 404 unknown-service\n\
              \n\
+             Dashboard: http://{admin}/dashboard   Metrics: http://{admin}/metrics   (sidecar `web`)\n\
+             \n\
              Ctrl-C stops it.\n",
+            admin = self.client_side.admin,
             inb = self.server_side.inbound,
             svc = self.service,
         )
@@ -61,7 +64,7 @@ impl Demo {
 }
 
 /// Starts the demo; the client-side sidecar's outbound listener binds `listen`.
-pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
+pub async fn start(listen: SocketAddr, admin: SocketAddr) -> Result<Demo, DemoError> {
     let dir = tempfile::tempdir()?;
     let ca = Ca::generate("quicar.local")?;
     ca.write(dir.path())?;
@@ -74,6 +77,7 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
     let server_side = app::build(sidecar_config(
         dir.path(),
         "hello",
+        "127.0.0.1:0".parse()?,
         "127.0.0.1:0".parse()?,
         &format!(
             "[[local]]\nname = \"hello\"\naddress = \"{service}\"\n\
@@ -88,6 +92,7 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
         dir.path(),
         "web",
         listen,
+        admin,
         &format!(
             "[[service]]\nname = \"hello\"\nendpoints = [{{ address = \"{peer}\" }}]\n\
              cache = {{ max_bytes = \"16MiB\" }}\n\n\
@@ -109,13 +114,15 @@ fn sidecar_config(
     dir: &Path,
     name: &str,
     outbound: SocketAddr,
+    admin: SocketAddr,
     rest: &str,
 ) -> Result<Config, DemoError> {
     let text = format!(
         "[node]\nname = \"{name}\"\n\n\
          [identity]\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\nca = \"ca.crt\"\n\n\
          [outbound]\nlisten = \"{outbound}\"\n\n\
-         [inbound]\nlisten = \"127.0.0.1:0\"\n\n{rest}"
+         [inbound]\nlisten = \"127.0.0.1:0\"\n\n\
+         [admin]\nlisten = \"{admin}\"\n\n{rest}"
     );
     Ok(Config::parse(&text, &format!("<demo {name}>"), dir)?)
 }

@@ -17,13 +17,14 @@ use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{content_length, BodyError, H3Body, ProxyBody};
+use crate::body::{content_length, BodyError, Counted, H3Body, ProxyBody};
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, PEER_IDENTITY};
 use crate::identity::{peer_of, PeerId};
 use crate::policy::authorize;
-use crate::transport::quic::{CLOSE_IDENTITY, MAX_FIELD_SECTION};
+use crate::telemetry::{Direction, Telemetry};
+use crate::transport::quic::{failure_reason, CLOSE_IDENTITY, MAX_FIELD_SECTION};
 
 type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
 
@@ -35,13 +36,14 @@ struct LocalRoute {
 
 /// Everything the inbound path needs, shared by all peer connections.
 pub struct Inbound {
+    tel: Arc<Telemetry>,
     locals: HashMap<String, LocalRoute>,
     trust_domain: String,
     app: Client<HttpConnector, ProxyBody>,
 }
 
 impl Inbound {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, tel: Arc<Telemetry>) -> Self {
         let locals = config
             .local
             .iter()
@@ -62,6 +64,7 @@ impl Inbound {
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Self {
+            tel,
             locals,
             trust_domain: config.node.trust_domain.clone(),
             app,
@@ -99,6 +102,7 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
         Ok(c) => c,
         Err(e) => {
             // No certificate, another CA, an expired one: rustls says which in the reason.
+            state.tel.handshake_failed(Direction::Inbound, failure_reason(&e.to_string()));
             tracing::warn!(%remote, reason = %e, "inbound handshake refused");
             return;
         }
@@ -109,6 +113,7 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
     let peer = match peer_of(certs.as_deref().map(Vec::as_slice)) {
         Ok(p) if p.trust_domain() == state.trust_domain => p,
         Ok(p) => {
+            state.tel.handshake_failed(Direction::Inbound, "foreign-trust-domain");
             tracing::warn!(%remote, identity = %p, "inbound peer refused: foreign trust domain");
             conn.close(
                 quinn::VarInt::from_u32(CLOSE_IDENTITY),
@@ -117,6 +122,7 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
             return;
         }
         Err(e) => {
+            state.tel.handshake_failed(Direction::Inbound, "no-identity");
             tracing::warn!(%remote, reason = %e, "inbound peer refused: no usable identity");
             conn.close(
                 quinn::VarInt::from_u32(CLOSE_IDENTITY),
@@ -126,6 +132,7 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
         }
     };
     tracing::debug!(%remote, identity = %peer, "inbound QUIC connection");
+    let _open = state.tel.connection_opened(Direction::Inbound, "quic");
     let quic = conn.clone();
     let mut h3 = match h3::server::builder()
         .max_field_section_size(MAX_FIELD_SECTION)
@@ -190,15 +197,39 @@ async fn request(
     state: &Inbound,
     peer: &PeerId,
 ) {
+    let mut guard = state.tel.request(Direction::Inbound);
+    {
+        let f = &mut guard.facts;
+        f.transport = "quic";
+        f.method = req.method().to_string();
+        f.path = req.uri().path().to_string();
+        f.authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+        f.peer_identity = Some(peer.to_string());
+        f.trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::telemetry::trace_id)
+            .map(str::to_string);
+    }
+    if let Some(local) = service_of_authority(&guard.facts.authority).and_then(|n| state.locals.get(&n)) {
+        guard.service(&local.name);
+    }
     let (mut send, recv) = stream.split();
-    let resp = match to_app(req, recv, state, peer).await {
+    let resp = match to_app(req, recv, state, peer, guard.bytes_in()).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(kind = e.kind.as_str(), error = %e.message, "inbound request failed");
             e.into_response()
         }
     };
-    respond(&mut send, resp).await;
+    guard.facts.status = resp.status().as_u16();
+    guard.facts.error_kind = resp
+        .headers()
+        .get(crate::headers::QUICAR_ERROR)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    respond(&mut send, resp, &guard.bytes_out()).await;
 }
 
 /// route → authorize → app. Errors become sidecar responses with their kind.
@@ -207,6 +238,7 @@ async fn to_app(
     recv: ServerStream<h3_quinn::RecvStream>,
     state: &Inbound,
     peer: &PeerId,
+    bytes_in: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, ()) = req.into_parts();
     let authority = parts
@@ -271,7 +303,7 @@ async fn to_app(
             format!("request body failed: {e}"),
         )
     })?;
-    let req = Request::from_parts(parts, body.boxed_unsync());
+    let req = Request::from_parts(parts, Counted::new(body, bytes_in).boxed_unsync());
     let mut resp = state.app.request(req).await.map_err(|e| {
         if e.is_connect() {
             ProxyError::new(
@@ -302,7 +334,11 @@ async fn to_app(
 /// Sends a response on the HTTP/3 stream: headers, then data as the app produces it (each
 /// `send_data` waits for flow control), then trailers. An app body that breaks off resets the
 /// stream so the caller sees an error, not a short body.
-async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Response<ProxyBody>) {
+async fn respond(
+    send: &mut ServerStream<h3_quinn::SendStream<Bytes>>,
+    resp: Response<ProxyBody>,
+    bytes_out: &std::sync::atomic::AtomicU64,
+) {
     let (parts, mut body) = resp.into_parts();
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
         tracing::debug!(error = %e, "could not send response headers");
@@ -319,7 +355,10 @@ async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Res
             Some(Ok(frame)) => {
                 let r = match frame.into_data() {
                     Ok(data) if data.is_empty() => Ok(()),
-                    Ok(data) => send.send_data(data).await,
+                    Ok(data) => {
+                        bytes_out.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        send.send_data(data).await
+                    }
                     Err(frame) => match frame.into_trailers() {
                         Ok(trailers) => send.send_trailers(trailers).await,
                         Err(_) => Ok(()),

@@ -10,9 +10,12 @@
 //! - [`inbound`]: the peer-facing listener that hands requests to local apps.
 //! - [`policy`]: which identities may call which local service.
 //! - [`headers`], [`body`], [`error`]: the message rules both hops share.
+//! - [`telemetry`]: metrics, access log, dashboard series, trace context.
+//! - [`admin`]: the admin listener (`/metrics`, `/ready`, `/dashboard`…).
 //! - [`app`]: binds everything from a config and runs it until shutdown.
 //! - [`demo`]: two sidecars and a demo service on loopback.
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cache;
@@ -25,4 +28,5 @@ pub mod inbound;
 pub mod outbound;
 pub mod pki;
 pub mod policy;
+pub mod telemetry;
 pub mod transport;

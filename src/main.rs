@@ -32,6 +32,9 @@ enum Command {
         /// Where the calling side's outbound listener binds (what the curl lines use).
         #[arg(long, default_value = "127.0.0.1:4140")]
         listen: SocketAddr,
+        /// Where the calling side's admin listener (dashboard, metrics) binds.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
     },
     /// Validate a config file and print the effective config.
     Check {
@@ -94,8 +97,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Demo { listen } => runtime()?.block_on(async move {
-            let demo = quicar::demo::start(listen)
+        Command::Demo { listen, admin } => runtime()?.block_on(async move {
+            let demo = quicar::demo::start(listen, admin)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .context("demo could not start")?;

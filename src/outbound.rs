@@ -15,15 +15,19 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+
+/// The app's request body, with its bytes counted for telemetry.
+type AppBody = Counted<Incoming>;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{content_length, empty, BodyError, H3Body, ProxyBody};
+use crate::body::{content_length, empty, BodyError, Counted, H3Body, ProxyBody};
 use crate::cache::{Cache, Clock};
 use crate::config::{Config, Outbound as OutboundConfig};
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar};
+use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
+use crate::telemetry::{self, Direction, Telemetry, Upstream};
 use crate::identity::PeerId;
 use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 
@@ -41,10 +45,16 @@ struct Route {
 pub struct Outbound {
     routes: HashMap<String, Route>,
     pool: Arc<QuicPool>,
+    tel: Arc<Telemetry>,
 }
 
 impl Outbound {
-    pub fn new(config: &Config, pool: Arc<QuicPool>, clock: Arc<Clock>) -> Self {
+    pub fn new(
+        config: &Config,
+        pool: Arc<QuicPool>,
+        clock: Arc<Clock>,
+        tel: Arc<Telemetry>,
+    ) -> Self {
         let routes = config
             .service
             .iter()
@@ -72,7 +82,38 @@ impl Outbound {
                 (svc.name.to_ascii_lowercase(), route)
             })
             .collect();
-        Self { routes, pool }
+        Self { routes, pool, tel }
+    }
+
+    /// Services, their endpoints and each endpoint's connection state, for `/endpoints`.
+    pub fn endpoints(&self, pool: &QuicPool) -> Vec<ServiceView> {
+        let mut out: Vec<ServiceView> = self
+            .routes
+            .values()
+            .map(|r| ServiceView {
+                name: r.name.clone(),
+                transport: "quic",
+                cache: r.cache.is_some(),
+                endpoints: r
+                    .endpoints
+                    .iter()
+                    .map(|(addr, id)| {
+                        let state = pool.peek(*addr, id);
+                        EndpointView {
+                            address: *addr,
+                            identity: id.to_string(),
+                            transport: "quic",
+                            connected: state.as_ref().is_some_and(|s| s.alive),
+                            rtt_ms: state.as_ref().filter(|s| s.alive).map(|s| s.rtt.as_secs_f64() * 1000.0),
+                            in_flight: state.as_ref().map_or(0, |s| s.in_flight),
+                            last_error: state.and_then(|s| s.close_reason),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The response cache of a service, if it has one.
@@ -81,7 +122,37 @@ impl Outbound {
             .get(&service.to_ascii_lowercase())
             .and_then(|r| r.cache.clone())
     }
+
+    /// Cache sizes per service, for the gauges.
+    pub fn cache_sizes(&self) -> Vec<(String, u64)> {
+        self.routes
+            .values()
+            .filter_map(|r| r.cache.as_ref().map(|c| (r.name.clone(), c.weighted_size())))
+            .collect()
+    }
 }
+
+/// A service as `/endpoints` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub transport: &'static str,
+    pub cache: bool,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// An endpoint as `/endpoints` shows it: health is the state of our connection to it.
+#[derive(Debug, serde::Serialize)]
+pub struct EndpointView {
+    pub address: SocketAddr,
+    pub identity: String,
+    pub transport: &'static str,
+    pub connected: bool,
+    pub rtt_ms: Option<f64>,
+    pub in_flight: usize,
+    pub last_error: Option<String>,
+}
+
 
 /// Accepts app connections until `shutdown`, then lets in-flight exchanges finish.
 pub async fn serve(
@@ -126,18 +197,65 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<Outbound>) -> Response<ProxyBody> {
-    match forward(req, &state).await {
+/// Telemetry around `forward`: trace context in, one record out when the response ends.
+async fn handle(mut req: Request<Incoming>, state: Arc<Outbound>) -> Response<ProxyBody> {
+    let mut guard = state.tel.request(Direction::Outbound);
+    let trace = ensure_traceparent(req.headers_mut());
+    guard.facts.trace_id = Some(trace);
+    guard.facts.method = req.method().to_string();
+    guard.facts.path = req.uri().path().to_string();
+    if let Ok(authority) = target(&req) {
+        if let Some(route) = service_of_authority(&authority).and_then(|n| state.routes.get(&n)) {
+            guard.service(&route.name);
+        }
+        guard.facts.authority = authority;
+    }
+    let req = req.map(|b| Counted::new(b, guard.bytes_in()));
+    let resp = match forward(req, &state).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(kind = e.kind.as_str(), side = ?e.side, error = %e.message, "request failed in the sidecar");
             e.into_response()
         }
+    };
+    let f = &mut guard.facts;
+    f.status = resp.status().as_u16();
+    f.error_kind = header_text(resp.headers(), QUICAR_ERROR);
+    f.cache = header_text(resp.headers(), crate::cache::CACHE_HEADER);
+    if let Some(up) = resp.extensions().get::<Upstream>() {
+        f.endpoint = Some(up.endpoint);
+        f.attempts = up.attempts;
+        f.transport = "quic";
     }
+    let bytes_out = guard.bytes_out();
+    resp.map(|b| Counted::new(b, bytes_out).hold(guard).boxed_unsync())
+}
+
+fn header_text(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Keeps a valid W3C `traceparent` (and its `tracestate`) or starts a trace, so the logs of
+/// both sidecars join on the trace id. Returns the trace id.
+fn ensure_traceparent(headers: &mut http::HeaderMap) -> String {
+    let valid = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(telemetry::trace_id)
+        .map(str::to_string);
+    if let Some(id) = valid {
+        return id;
+    }
+    // An invalid traceparent restarts the trace; tracestate without it means nothing.
+    headers.remove("tracestate");
+    let tp = telemetry::new_traceparent();
+    let id = telemetry::trace_id(&tp).expect("we made it valid").to_string();
+    headers.insert("traceparent", http::HeaderValue::from_str(&tp).expect("hex"));
+    id
 }
 
 /// Where the app wants to go: the absolute URI's authority (forward-proxy form) or Host.
-fn target(req: &Request<Incoming>) -> Result<String, ProxyError> {
+fn target<B>(req: &Request<B>) -> Result<String, ProxyError> {
     let bad = |m: &str| ProxyError::new(ErrorKind::BadRequest, Side::Downstream, m);
     if req.method() == Method::CONNECT {
         return Err(bad(
@@ -164,7 +282,7 @@ fn target(req: &Request<Incoming>) -> Result<String, ProxyError> {
 
 /// route → endpoint → connection → stream; the response streams back as it arrives.
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<AppBody>,
     state: &Arc<Outbound>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = target(&req)?;
@@ -238,7 +356,7 @@ async fn fetch(
     route: &Route,
     state: &Outbound,
     head: Request<()>,
-    body: Option<Incoming>,
+    body: Option<AppBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let work = exchange(route, state, head, body);
     match tokio::time::timeout(route.timeout, work).await {
@@ -259,7 +377,7 @@ async fn exchange(
     route: &Route,
     state: &Outbound,
     head: Request<()>,
-    body: Option<Incoming>,
+    body: Option<AppBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let method = head.method().clone();
     let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
@@ -338,6 +456,10 @@ async fn exchange(
         let len = content_length(&parts.headers);
         H3Body::new(recv, len).hold(in_flight).boxed_unsync()
     };
+    parts.extensions.insert(Upstream {
+        endpoint: *addr,
+        attempts: attempt,
+    });
     Ok(Response::from_parts(parts, body))
 }
 
@@ -401,7 +523,7 @@ async fn verdict(conn: &PeerConn, addr: SocketAddr) -> Verdict {
 /// rather than finishing it, so the far app never mistakes a truncated body for a whole one.
 async fn upload(
     mut send: h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
-    body: Option<Incoming>,
+    body: Option<AppBody>,
     cancel: CancellationToken,
 ) {
     let Some(mut body) = body else {

@@ -14,6 +14,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use crate::config::Quic as QuicConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::identity::{IdentityError, IdentityRx, Material, PeerId};
+use crate::telemetry::{Direction, Telemetry};
 
 pub const ALPN_H3: &[u8] = b"h3";
 /// Application close code sent when a sidecar stops (H3_NO_ERROR).
@@ -94,6 +95,8 @@ pub struct PeerConn {
 struct Usage {
     in_flight: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// Lost packets, datagrams sent and received at the last telemetry sample.
+    sampled: Mutex<(u64, u64, u64)>,
 }
 
 /// Counts a request in flight on a connection until dropped (keeps idle reaping away).
@@ -127,10 +130,23 @@ pub struct QuicPool {
     idle_timeout: Duration,
     slots: Mutex<HashMap<(SocketAddr, PeerId), Slot>>,
     opened: AtomicU64,
+    tel: Arc<Telemetry>,
+}
+
+/// A pooled connection's state, for `/endpoints`.
+pub struct PeerState {
+    pub alive: bool,
+    pub rtt: Duration,
+    pub in_flight: usize,
+    pub close_reason: Option<String>,
 }
 
 impl QuicPool {
-    pub fn new(identity: IdentityRx, cfg: &QuicConfig) -> Result<Arc<Self>, std::io::Error> {
+    pub fn new(
+        identity: IdentityRx,
+        cfg: &QuicConfig,
+        tel: Arc<Telemetry>,
+    ) -> Result<Arc<Self>, std::io::Error> {
         // Dual-stack where the host has IPv6, IPv4 only where it does not.
         let socket = std::net::UdpSocket::bind(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))))?;
@@ -147,6 +163,7 @@ impl QuicPool {
             idle_timeout: cfg.idle_timeout,
             slots: Mutex::new(HashMap::new()),
             opened: AtomicU64::new(0),
+            tel,
         }))
     }
 
@@ -172,6 +189,46 @@ impl QuicPool {
                     .unwrap_or(true)
             })
             .count()
+    }
+
+    /// The state of the connection to an endpoint, if one was made.
+    pub fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<PeerState> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .get(&(addr, expected.clone()))
+            .cloned()?;
+        let guard = slot.try_lock().ok()?;
+        let c = guard.as_ref()?;
+        Some(PeerState {
+            alive: c.is_alive(),
+            rtt: c.conn.rtt(),
+            in_flight: c.use_count.in_flight.load(Ordering::Relaxed),
+            close_reason: c.conn.close_reason().map(|r| r.to_string()),
+        })
+    }
+
+    /// Feeds each live connection's path statistics to telemetry (as deltas since last time).
+    pub fn sample(&self) {
+        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+        for slot in slots {
+            let Ok(guard) = slot.try_lock() else { continue };
+            let Some(c) = guard.as_ref() else { continue };
+            let stats = c.conn.stats();
+            let now = (stats.path.lost_packets, stats.udp_tx.datagrams, stats.udp_rx.datagrams);
+            let mut last = c.use_count.sampled.lock().expect("not poisoned");
+            let delta = |a: u64, b: u64| a.saturating_sub(b);
+            self.tel.quic_sample(
+                &c.conn.remote_address().to_string(),
+                stats.path.rtt,
+                stats.path.cwnd,
+                delta(now.0, last.0),
+                delta(now.1, last.1),
+                delta(now.2, last.2),
+            );
+            *last = now;
+        }
     }
 
     /// The live connection to `addr` proving `expected`, or a new one. Concurrent callers for
@@ -244,6 +301,7 @@ impl QuicPool {
             .map_err(|e| failed(format!("cannot connect to peer {addr}: {e}")))?;
         let conn = match tokio::time::timeout(connect_timeout, connecting).await {
             Err(_) => {
+                self.tel.handshake_failed(Direction::Outbound, "timeout");
                 return Err(failed(format!(
                     "no QUIC handshake with peer {addr} within {}",
                     humantime::format_duration(connect_timeout)
@@ -251,6 +309,7 @@ impl QuicPool {
             }
             Ok(Err(e)) => {
                 if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
+                    self.tel.handshake_failed(Direction::Outbound, "identity-mismatch");
                     tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
                     return Err(ProxyError::new(
                         ErrorKind::IdentityMismatch,
@@ -259,6 +318,7 @@ impl QuicPool {
                     )
                     .never_sent());
                 }
+                self.tel.handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
                 tracing::warn!(peer = %addr, error = %e, "QUIC handshake failed");
                 return Err(failed(format!(
                     "QUIC handshake with peer {addr} failed: {e}"
@@ -273,13 +333,16 @@ impl QuicPool {
             .map_err(|e| failed(format!("HTTP/3 setup with peer {addr} failed: {e}")))?;
         let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(peer = %addr, identity = %expected, opened = n, "QUIC connection established");
+        let open = self.tel.connection_opened(Direction::Outbound, "quic");
         tokio::spawn(async move {
             let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            drop(open);
             tracing::debug!(peer = %addr, reason = %err, "QUIC connection closed");
         });
         let use_count = Arc::new(Usage {
             in_flight: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
+            sampled: Mutex::new((0, 0, 0)),
         });
         Ok(PeerConn {
             send,
@@ -336,5 +399,23 @@ impl QuicPool {
         self.endpoint
             .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"sidecar stopping");
         let _ = tokio::time::timeout(wait, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// A bounded reason label for a failed handshake, from the TLS or QUIC error text.
+pub fn failure_reason(error: &str) -> &'static str {
+    let e = error.to_ascii_lowercase();
+    if e.contains("no certificates") || e.contains("error 116") {
+        "no-certificate"
+    } else if e.contains("expired") || e.contains("notvalidyet") || e.contains("not valid yet") {
+        "expired"
+    } else if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("error 48") {
+        "unknown-ca"
+    } else if e.contains("certificate") || e.contains("error 42") || e.contains("error 45") {
+        "bad-certificate"
+    } else if e.contains("timed out") {
+        "timeout"
+    } else {
+        "other"
     }
 }

@@ -20,7 +20,7 @@ impl Drop for Reaper {
 #[test]
 fn demo_answers_curl_with_the_callers_identity() {
     let child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -16,7 +16,7 @@ async fn client_with_identity(
     extra: &str,
 ) -> quicar::app::Bound {
     let toml = format!(
-        "{identity_toml}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+        "{identity_toml}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [[service]]\nname = \"hello\"\nconnect_timeout = \"1s\"\nendpoints = [{{ address = \"{peer}\" }}]\n{extra}\n"
     );
     sidecar(pki, &toml).await

@@ -448,7 +448,7 @@ impl Pair {
 
 pub fn server_toml(pki: &Pki, app: SocketAddr, inbound: &str, local_extra: &str) -> String {
     format!(
-        "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"{inbound}\"\n[node]\ndrain_timeout = \"2s\"\n\
+        "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"{inbound}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[node]\ndrain_timeout = \"2s\"\n\
          [[local]]\nname = \"hello\"\naddress = \"{app}\"\n{local_extra}\n",
         pki.identity("hello")
     )
@@ -460,7 +460,7 @@ pub fn client_toml(pki: &Pki, peers: &[SocketAddr], service_extra: &str) -> Stri
         .map(|p| format!("{{ address = \"{p}\" }}"))
         .collect();
     format!(
-        "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n[node]\ndrain_timeout = \"2s\"\n\
+        "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[node]\ndrain_timeout = \"2s\"\n\
          [[service]]\nname = \"hello\"\nconnect_timeout = \"500ms\"\nendpoints = [{}]\n{service_extra}\n",
         pki.identity("web"),
         eps.join(", ")
