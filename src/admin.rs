@@ -59,7 +59,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 
 fn route(req: Request<Incoming>, admin: &Admin) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "admin endpoints are read-only (GET)\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "admin endpoints are read-only (GET)\n",
+        );
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
@@ -72,13 +75,20 @@ fn route(req: Request<Incoming>, admin: &Admin) -> Response<ProxyBody> {
         ),
         "/config" => json(&redacted(&admin.config)),
         "/endpoints" => json(&admin.outbound.endpoints(&admin.pool)),
-        "/dashboard" | "/dashboard/" => with_type(StatusCode::OK, DASHBOARD.to_string(), "text/html; charset=utf-8"),
+        "/dashboard" | "/dashboard/" => with_type(
+            StatusCode::OK,
+            DASHBOARD.to_string(),
+            "text/html; charset=utf-8",
+        ),
         "/dashboard/data" => json(&admin.telemetry.dashboard_data()),
         "/" => text(
             StatusCode::OK,
             "quicar admin: /live /ready /metrics /config /endpoints /dashboard\n",
         ),
-        other => text(StatusCode::NOT_FOUND, &format!("no admin endpoint {other}\n")),
+        other => text(
+            StatusCode::NOT_FOUND,
+            &format!("no admin endpoint {other}\n"),
+        ),
     }
 }
 
@@ -98,7 +108,10 @@ fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
 fn json<T: serde::Serialize>(value: &T) -> Response<ProxyBody> {
     match serde_json::to_string_pretty(value) {
         Ok(s) => with_type(StatusCode::OK, s, "application/json"),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot render: {e}\n"),
+        ),
     }
 }
 

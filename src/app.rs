@@ -12,11 +12,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
 use crate::cache::{Cache, Clock};
-use crate::telemetry::Telemetry;
 use crate::config::Config;
 use crate::identity::{self, IdentityError, IdentityRx, Material};
 use crate::inbound::{self, Inbound};
 use crate::outbound::{self, Outbound};
+use crate::telemetry::Telemetry;
 use crate::transport::quic::{self, QuicPool};
 
 /// Why a sidecar could not start.
@@ -94,10 +94,12 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     })?;
 
     let (id_tx, id_rx) = watch::channel(material);
-    let pool = QuicPool::new(id_rx.clone(), &config.quic, tel.clone()).map_err(|source| BuildError::Bind {
-        what: "QUIC client socket (UDP)",
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
+    let pool = QuicPool::new(id_rx.clone(), &config.quic, tel.clone()).map_err(|source| {
+        BuildError::Bind {
+            what: "QUIC client socket (UDP)",
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        }
     })?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -151,7 +153,12 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     ));
     // Once a second: QUIC path stats and cache sizes into metrics, and the dashboard's series.
     {
-        let (tel, pool, outbound, shutdown) = (tel.clone(), pool.clone(), outbound.clone(), shutdown.clone());
+        let (tel, pool, outbound, shutdown) = (
+            tel.clone(),
+            pool.clone(),
+            outbound.clone(),
+            shutdown.clone(),
+        );
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -102,7 +102,9 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
         Ok(c) => c,
         Err(e) => {
             // No certificate, another CA, an expired one: rustls says which in the reason.
-            state.tel.handshake_failed(Direction::Inbound, failure_reason(&e.to_string()));
+            state
+                .tel
+                .handshake_failed(Direction::Inbound, failure_reason(&e.to_string()));
             tracing::warn!(%remote, reason = %e, "inbound handshake refused");
             return;
         }
@@ -113,7 +115,9 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
     let peer = match peer_of(certs.as_deref().map(Vec::as_slice)) {
         Ok(p) if p.trust_domain() == state.trust_domain => p,
         Ok(p) => {
-            state.tel.handshake_failed(Direction::Inbound, "foreign-trust-domain");
+            state
+                .tel
+                .handshake_failed(Direction::Inbound, "foreign-trust-domain");
             tracing::warn!(%remote, identity = %p, "inbound peer refused: foreign trust domain");
             conn.close(
                 quinn::VarInt::from_u32(CLOSE_IDENTITY),
@@ -122,7 +126,9 @@ async fn connection(incoming: quinn::Incoming, state: Arc<Inbound>, shutdown: Ca
             return;
         }
         Err(e) => {
-            state.tel.handshake_failed(Direction::Inbound, "no-identity");
+            state
+                .tel
+                .handshake_failed(Direction::Inbound, "no-identity");
             tracing::warn!(%remote, reason = %e, "inbound peer refused: no usable identity");
             conn.close(
                 quinn::VarInt::from_u32(CLOSE_IDENTITY),
@@ -203,7 +209,11 @@ async fn request(
         f.transport = "quic";
         f.method = req.method().to_string();
         f.path = req.uri().path().to_string();
-        f.authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+        f.authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         f.peer_identity = Some(peer.to_string());
         f.trace_id = req
             .headers()
@@ -212,7 +222,9 @@ async fn request(
             .and_then(crate::telemetry::trace_id)
             .map(str::to_string);
     }
-    if let Some(local) = service_of_authority(&guard.facts.authority).and_then(|n| state.locals.get(&n)) {
+    if let Some(local) =
+        service_of_authority(&guard.facts.authority).and_then(|n| state.locals.get(&n))
+    {
         guard.service(&local.name);
     }
     let (mut send, recv) = stream.split();
@@ -356,7 +368,8 @@ async fn respond(
                 let r = match frame.into_data() {
                     Ok(data) if data.is_empty() => Ok(()),
                     Ok(data) => {
-                        bytes_out.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        bytes_out
+                            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                         send.send_data(data).await
                     }
                     Err(frame) => match frame.into_trailers() {

@@ -27,8 +27,8 @@ use crate::cache::{Cache, Clock};
 use crate::config::{Config, Outbound as OutboundConfig};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
-use crate::telemetry::{self, Direction, Telemetry, Upstream};
 use crate::identity::PeerId;
+use crate::telemetry::{self, Direction, Telemetry, Upstream};
 use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 
 /// A remote service as the data path sees it.
@@ -104,7 +104,10 @@ impl Outbound {
                             identity: id.to_string(),
                             transport: "quic",
                             connected: state.as_ref().is_some_and(|s| s.alive),
-                            rtt_ms: state.as_ref().filter(|s| s.alive).map(|s| s.rtt.as_secs_f64() * 1000.0),
+                            rtt_ms: state
+                                .as_ref()
+                                .filter(|s| s.alive)
+                                .map(|s| s.rtt.as_secs_f64() * 1000.0),
                             in_flight: state.as_ref().map_or(0, |s| s.in_flight),
                             last_error: state.and_then(|s| s.close_reason),
                         }
@@ -127,7 +130,11 @@ impl Outbound {
     pub fn cache_sizes(&self) -> Vec<(String, u64)> {
         self.routes
             .values()
-            .filter_map(|r| r.cache.as_ref().map(|c| (r.name.clone(), c.weighted_size())))
+            .filter_map(|r| {
+                r.cache
+                    .as_ref()
+                    .map(|c| (r.name.clone(), c.weighted_size()))
+            })
             .collect()
     }
 }
@@ -152,7 +159,6 @@ pub struct EndpointView {
     pub in_flight: usize,
     pub last_error: Option<String>,
 }
-
 
 /// Accepts app connections until `shutdown`, then lets in-flight exchanges finish.
 pub async fn serve(
@@ -232,7 +238,10 @@ async fn handle(mut req: Request<Incoming>, state: Arc<Outbound>) -> Response<Pr
 }
 
 fn header_text(headers: &http::HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Keeps a valid W3C `traceparent` (and its `tracestate`) or starts a trace, so the logs of
@@ -249,8 +258,13 @@ fn ensure_traceparent(headers: &mut http::HeaderMap) -> String {
     // An invalid traceparent restarts the trace; tracestate without it means nothing.
     headers.remove("tracestate");
     let tp = telemetry::new_traceparent();
-    let id = telemetry::trace_id(&tp).expect("we made it valid").to_string();
-    headers.insert("traceparent", http::HeaderValue::from_str(&tp).expect("hex"));
+    let id = telemetry::trace_id(&tp)
+        .expect("we made it valid")
+        .to_string();
+    headers.insert(
+        "traceparent",
+        http::HeaderValue::from_str(&tp).expect("hex"),
+    );
     id
 }
 

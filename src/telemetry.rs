@@ -34,22 +34,74 @@ pub const ACCESS_LOG_DROPPED: &str = "quicar_access_log_dropped_lines_total";
 
 /// Every metric with its kind, unit and help, for `describe` and for the docs.
 pub const METRICS: &[(&str, &str, &str)] = &[
-    (REQUESTS, "counter", "Requests finished, by direction, service, transport, status class and error kind."),
-    (REQUEST_DURATION, "histogram", "Time from request head to the end of the response body, in seconds."),
+    (
+        REQUESTS,
+        "counter",
+        "Requests finished, by direction, service, transport, status class and error kind.",
+    ),
+    (
+        REQUEST_DURATION,
+        "histogram",
+        "Time from request head to the end of the response body, in seconds.",
+    ),
     (REQUEST_BYTES, "counter", "Request body bytes carried."),
     (RESPONSE_BYTES, "counter", "Response body bytes carried."),
     (IN_FLIGHT, "gauge", "Requests in flight."),
-    (CONNECTIONS_OPENED, "counter", "Connections between sidecars opened, by direction and transport."),
-    (CONNECTIONS_ACTIVE, "gauge", "Connections between sidecars open now."),
-    (HANDSHAKE_FAILURES, "counter", "Handshakes refused or failed, by direction and reason."),
-    (QUIC_RTT, "gauge", "Smoothed round-trip time of the QUIC connection to a peer endpoint."),
-    (QUIC_CWND, "gauge", "Congestion window of the QUIC connection to a peer endpoint."),
-    (QUIC_LOST, "counter", "Packets the QUIC connections to a peer endpoint declared lost."),
-    (QUIC_SENT, "counter", "UDP datagrams sent on QUIC connections to a peer endpoint."),
-    (QUIC_RECEIVED, "counter", "UDP datagrams received on QUIC connections to a peer endpoint."),
-    (CACHE_REQUESTS, "counter", "Cacheable requests by result (hit, miss, revalidated, stale)."),
-    (CACHE_BYTES, "gauge", "Bytes held by a service's response cache."),
-    (ACCESS_LOG_DROPPED, "counter", "Access log lines dropped because the writer fell behind."),
+    (
+        CONNECTIONS_OPENED,
+        "counter",
+        "Connections between sidecars opened, by direction and transport.",
+    ),
+    (
+        CONNECTIONS_ACTIVE,
+        "gauge",
+        "Connections between sidecars open now.",
+    ),
+    (
+        HANDSHAKE_FAILURES,
+        "counter",
+        "Handshakes refused or failed, by direction and reason.",
+    ),
+    (
+        QUIC_RTT,
+        "gauge",
+        "Smoothed round-trip time of the QUIC connection to a peer endpoint.",
+    ),
+    (
+        QUIC_CWND,
+        "gauge",
+        "Congestion window of the QUIC connection to a peer endpoint.",
+    ),
+    (
+        QUIC_LOST,
+        "counter",
+        "Packets the QUIC connections to a peer endpoint declared lost.",
+    ),
+    (
+        QUIC_SENT,
+        "counter",
+        "UDP datagrams sent on QUIC connections to a peer endpoint.",
+    ),
+    (
+        QUIC_RECEIVED,
+        "counter",
+        "UDP datagrams received on QUIC connections to a peer endpoint.",
+    ),
+    (
+        CACHE_REQUESTS,
+        "counter",
+        "Cacheable requests by result (hit, miss, revalidated, stale).",
+    ),
+    (
+        CACHE_BYTES,
+        "gauge",
+        "Bytes held by a service's response cache.",
+    ),
+    (
+        ACCESS_LOG_DROPPED,
+        "counter",
+        "Access log lines dropped because the writer fell behind.",
+    ),
 ];
 
 /// Latency buckets from 100 µs to 10 s: loopback hops are sub-millisecond, WAN ones are not.
@@ -61,10 +113,11 @@ const DURATION_BUCKETS: &[f64] = &[
 static METADATA: metrics::Metadata<'static> =
     metrics::Metadata::new("quicar", metrics::Level::INFO, Some(module_path!()));
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Inbound,
+    #[default]
     Outbound,
 }
 
@@ -129,7 +182,8 @@ impl Telemetry {
     }
 
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
-        self.recorder.register_counter(&key(name, labels), &METADATA)
+        self.recorder
+            .register_counter(&key(name, labels), &METADATA)
     }
 
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
@@ -137,7 +191,8 @@ impl Telemetry {
     }
 
     fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
-        self.recorder.register_histogram(&key(name, labels), &METADATA)
+        self.recorder
+            .register_histogram(&key(name, labels), &METADATA)
     }
 
     /// The Prometheus text exposition.
@@ -174,14 +229,24 @@ impl Telemetry {
     pub fn handshake_failed(&self, direction: Direction, reason: &'static str) {
         self.counter(
             HANDSHAKE_FAILURES,
-            &[("direction", direction.as_str().into()), ("reason", reason.into())],
+            &[
+                ("direction", direction.as_str().into()),
+                ("reason", reason.into()),
+            ],
         )
         .increment(1);
     }
 
     /// A connection between sidecars opened; the returned guard marks it closed when dropped.
-    pub fn connection_opened(self: &Arc<Self>, direction: Direction, transport: &'static str) -> ConnectionGuard {
-        let labels = [("direction", direction.as_str().to_string()), ("transport", transport.to_string())];
+    pub fn connection_opened(
+        self: &Arc<Self>,
+        direction: Direction,
+        transport: &'static str,
+    ) -> ConnectionGuard {
+        let labels = [
+            ("direction", direction.as_str().to_string()),
+            ("transport", transport.to_string()),
+        ];
         self.counter(CONNECTIONS_OPENED, &labels).increment(1);
         let active = self.gauge(CONNECTIONS_ACTIVE, &labels);
         active.increment(1.0);
@@ -189,7 +254,15 @@ impl Telemetry {
     }
 
     /// QUIC path statistics of a peer endpoint's connection, sampled once a second.
-    pub fn quic_sample(&self, peer: &str, rtt: Duration, cwnd: u64, lost: u64, sent: u64, received: u64) {
+    pub fn quic_sample(
+        &self,
+        peer: &str,
+        rtt: Duration,
+        cwnd: u64,
+        lost: u64,
+        sent: u64,
+        received: u64,
+    ) {
         let labels = [("peer", peer.to_string())];
         self.gauge(QUIC_RTT, &labels).set(rtt.as_secs_f64());
         self.gauge(QUIC_CWND, &labels).set(cwnd as f64);
@@ -231,25 +304,46 @@ impl Telemetry {
         let n = live.seconds.len();
         for (i, (_, sec, peers)) in live.seconds.iter().enumerate() {
             for (series, agg) in &sec.series {
-                let rate = data.rate.entry(series.clone()).or_insert_with(|| vec![0.0; n]);
+                let rate = data
+                    .rate
+                    .entry(series.clone())
+                    .or_insert_with(|| vec![0.0; n]);
                 rate[i] = agg.count as f64;
-                let p50 = data.p50_ms.entry(series.clone()).or_insert_with(|| vec![None; n]);
+                let p50 = data
+                    .p50_ms
+                    .entry(series.clone())
+                    .or_insert_with(|| vec![None; n]);
                 p50[i] = agg.quantile(0.5);
-                let p99 = data.p99_ms.entry(series.clone()).or_insert_with(|| vec![None; n]);
+                let p99 = data
+                    .p99_ms
+                    .entry(series.clone())
+                    .or_insert_with(|| vec![None; n]);
                 p99[i] = agg.quantile(0.99);
             }
             for (kind, count) in &sec.errors {
-                let e = data.errors.entry(kind.clone()).or_insert_with(|| vec![0.0; n]);
+                let e = data
+                    .errors
+                    .entry(kind.clone())
+                    .or_insert_with(|| vec![0.0; n]);
                 e[i] = *count as f64;
             }
             for (service, (hits, total)) in &sec.cache {
-                let c = data.cache_hit_ratio.entry(service.clone()).or_insert_with(|| vec![None; n]);
+                let c = data
+                    .cache_hit_ratio
+                    .entry(service.clone())
+                    .or_insert_with(|| vec![None; n]);
                 c[i] = (*total > 0).then(|| *hits as f64 / *total as f64);
             }
             for (peer, p) in peers {
-                let r = data.quic_rtt_ms.entry(peer.clone()).or_insert_with(|| vec![None; n]);
+                let r = data
+                    .quic_rtt_ms
+                    .entry(peer.clone())
+                    .or_insert_with(|| vec![None; n]);
                 r[i] = Some(p.rtt_ms);
-                let l = data.quic_loss_pct.entry(peer.clone()).or_insert_with(|| vec![None; n]);
+                let l = data
+                    .quic_loss_pct
+                    .entry(peer.clone())
+                    .or_insert_with(|| vec![None; n]);
                 l[i] = (p.sent > 0).then(|| 100.0 * p.lost as f64 / p.sent as f64);
             }
         }
@@ -291,12 +385,6 @@ pub struct Facts {
     pub attempts: u32,
     pub cache: Option<String>,
     pub trace_id: Option<String>,
-}
-
-impl Default for Direction {
-    fn default() -> Self {
-        Self::Outbound
-    }
 }
 
 /// Facts a response carries from deep in the path back to where the guard is.
@@ -349,8 +437,16 @@ impl Drop for RequestGuard {
         }
         let f = &self.facts;
         let elapsed = self.start.elapsed();
-        let service = if f.service.is_empty() { "-".to_string() } else { f.service.clone() };
-        let transport = if f.transport.is_empty() { "-" } else { f.transport };
+        let service = if f.service.is_empty() {
+            "-".to_string()
+        } else {
+            f.service.clone()
+        };
+        let transport = if f.transport.is_empty() {
+            "-"
+        } else {
+            f.transport
+        };
         let class = match f.status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -378,20 +474,33 @@ impl Drop for RequestGuard {
                 ],
             )
             .increment(1);
-        self.tel.histogram(REQUEST_DURATION, &base).record(elapsed.as_secs_f64());
+        self.tel
+            .histogram(REQUEST_DURATION, &base)
+            .record(elapsed.as_secs_f64());
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let bytes_out = self.bytes_out.load(Ordering::Relaxed);
         self.tel.counter(REQUEST_BYTES, &base).increment(bytes_in);
         self.tel.counter(RESPONSE_BYTES, &base).increment(bytes_out);
         if let (Some(cache), Direction::Outbound) = (&f.cache, f.direction) {
             self.tel
-                .counter(CACHE_REQUESTS, &[("service", service.clone()), ("result", cache.clone())])
+                .counter(
+                    CACHE_REQUESTS,
+                    &[("service", service.clone()), ("result", cache.clone())],
+                )
                 .increment(1);
         }
         {
             let mut live = self.tel.live.lock().expect("not poisoned");
-            let series = format!("{dir} {service} {transport}");
-            live.current.series.entry(series).or_default().record(elapsed);
+            let series = match (f.direction, transport) {
+                (Direction::Inbound, t) => format!("inbound {service} · {t}"),
+                (Direction::Outbound, "-") => format!("{service} · answered by the sidecar"),
+                (Direction::Outbound, t) => format!("{service} · {t}"),
+            };
+            live.current
+                .series
+                .entry(series)
+                .or_default()
+                .record(elapsed);
             if kind != "none" {
                 *live.current.errors.entry(kind.clone()).or_default() += 1;
             }
@@ -560,7 +669,11 @@ impl Agg {
     fn record(&mut self, d: Duration) {
         self.count += 1;
         let us = d.as_secs_f64() * 1e6;
-        let b = if us <= 10.0 { 0 } else { ((us / 10.0).ln() / 1.25f64.ln()).ceil() as u32 };
+        let b = if us <= 10.0 {
+            0
+        } else {
+            ((us / 10.0).ln() / 1.25f64.ln()).ceil() as u32
+        };
         *self.buckets.entry(b).or_default() += 1;
     }
 
@@ -585,7 +698,7 @@ impl Agg {
 #[derive(Debug, Default, Serialize)]
 pub struct DashboardData {
     pub t: Vec<u64>,
-    /// Requests per second, by "direction service transport".
+    /// Requests per second, by "service · transport" ("inbound …" for the inbound side).
     pub rate: BTreeMap<String, Vec<f64>>,
     pub p50_ms: BTreeMap<String, Vec<Option<f64>>>,
     pub p99_ms: BTreeMap<String, Vec<Option<f64>>>,
@@ -599,8 +712,13 @@ pub struct DashboardData {
 /// W3C trace context: the trace id of a valid `traceparent`.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     let valid = hex(version, 2)
         && version != "ff"
         && hex(trace, 32)
@@ -687,6 +805,11 @@ mod tests {
             trace_id: Some("abc".into()),
         };
         let text = line.logfmt();
-        assert!(text.contains("path=\"/a b\"") && text.contains("status=200") && !text.contains("endpoint"), "{text}");
+        assert!(
+            text.contains("path=\"/a b\"")
+                && text.contains("status=200")
+                && !text.contains("endpoint"),
+            "{text}"
+        );
     }
 }

@@ -211,16 +211,27 @@ impl QuicPool {
 
     /// Feeds each live connection's path statistics to telemetry (as deltas since last time).
     pub fn sample(&self) {
-        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
-        for slot in slots {
+        let slots: Vec<(SocketAddr, Slot)> = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|((addr, _), slot)| (*addr, slot.clone()))
+            .collect();
+        for (addr, slot) in slots {
             let Ok(guard) = slot.try_lock() else { continue };
             let Some(c) = guard.as_ref() else { continue };
             let stats = c.conn.stats();
-            let now = (stats.path.lost_packets, stats.udp_tx.datagrams, stats.udp_rx.datagrams);
+            let now = (
+                stats.path.lost_packets,
+                stats.udp_tx.datagrams,
+                stats.udp_rx.datagrams,
+            );
             let mut last = c.use_count.sampled.lock().expect("not poisoned");
             let delta = |a: u64, b: u64| a.saturating_sub(b);
+            // Labelled by the configured endpoint address: bounded, and as the user wrote it.
             self.tel.quic_sample(
-                &c.conn.remote_address().to_string(),
+                &addr.to_string(),
                 stats.path.rtt,
                 stats.path.cwnd,
                 delta(now.0, last.0),
@@ -305,11 +316,12 @@ impl QuicPool {
                 return Err(failed(format!(
                     "no QUIC handshake with peer {addr} within {}",
                     humantime::format_duration(connect_timeout)
-                )))
+                )));
             }
             Ok(Err(e)) => {
                 if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
-                    self.tel.handshake_failed(Direction::Outbound, "identity-mismatch");
+                    self.tel
+                        .handshake_failed(Direction::Outbound, "identity-mismatch");
                     tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
                     return Err(ProxyError::new(
                         ErrorKind::IdentityMismatch,
@@ -318,7 +330,8 @@ impl QuicPool {
                     )
                     .never_sent());
                 }
-                self.tel.handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
+                self.tel
+                    .handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
                 tracing::warn!(peer = %addr, error = %e, "QUIC handshake failed");
                 return Err(failed(format!(
                     "QUIC handshake with peer {addr} failed: {e}"
@@ -409,7 +422,12 @@ pub fn failure_reason(error: &str) -> &'static str {
         "no-certificate"
     } else if e.contains("expired") || e.contains("notvalidyet") || e.contains("not valid yet") {
         "expired"
-    } else if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("error 48") {
+    } else if e.contains("unknownissuer")
+        || e.contains("unknown issuer")
+        || e.contains("badsignature")
+        || e.contains("error 48")
+    {
+        // A bad signature from a CA with our CA's name is a certificate from another CA.
         "unknown-ca"
     } else if e.contains("certificate") || e.contains("error 42") || e.contains("error 45") {
         "bad-certificate"

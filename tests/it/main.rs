@@ -10,4 +10,5 @@ mod errors;
 mod mtls;
 mod process;
 mod support;
+mod telemetry;
 mod tunnel;

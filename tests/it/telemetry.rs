@@ -1,0 +1,469 @@
+//! Telemetry seen from outside: `/metrics` checked by promtool, the admin API, access logs of
+//! both sidecars joined by trace id, the Grafana dashboard's metric names, and the built-in
+//! dashboard rendered by headless Chromium.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use quicar::pki::Ca;
+
+use crate::support::*;
+
+async fn admin_get(addr: SocketAddr, path: &str) -> Got {
+    get(addr, "admin", path).await
+}
+
+fn text(got: &Got) -> String {
+    String::from_utf8_lossy(&got.body).to_string()
+}
+
+/// Waits (bounded) until `/metrics` of a sidecar contains `needle`.
+async fn metrics_with(addr: SocketAddr, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = text(&admin_get(addr, "/metrics").await);
+        if m.contains(needle) || Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn promtool(metrics: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The metric value of the first line starting with `series` (name and labels, exact).
+fn value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_count_what_happened() {
+    let pair = Pair::start_with("cache = { max_bytes = \"1MiB\" }", "").await;
+    for _ in 0..5 {
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    }
+    get(pair.out(), "hello", "/c/m?cc=max-age=60").await;
+    get(pair.out(), "hello", "/c/m?cc=max-age=60").await;
+    get(pair.out(), "nowhere", "/").await;
+    // A refused client, to count a handshake failure on the server.
+    let foreign = Ca::generate("quicar.local").unwrap();
+    foreign
+        .issue("web")
+        .unwrap()
+        .write(pair.pki.path(), "foreign")
+        .unwrap();
+    let toml = format!(
+        "[identity]\ncert = \"foreign.crt\"\nkey = \"foreign.key\"\nca = \"ca.crt\"\n\
+         [outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"hello\"\nendpoints = [{{ address = \"{}\" }}]\n",
+        pair.server.inbound
+    );
+    let refused = sidecar(&pair.pki, &toml).await;
+    assert_eq!(
+        get(refused.outbound, "hello", "/").await.status,
+        StatusCode::BAD_GATEWAY
+    );
+
+    let client = metrics_with(pair.client.admin, "quicar_quic_rtt_seconds").await;
+    let server = metrics_with(pair.server.admin, "reason=\"unknown-ca\"").await;
+    promtool(&client);
+    promtool(&server);
+
+    let ok = "quicar_requests_total{direction=\"outbound\",service=\"hello\",transport=\"quic\",status_class=\"2xx\",error_kind=\"none\"}";
+    assert_eq!(value(&client, ok), Some(6.0), "{client}");
+    // The cache hit never left the sidecar: no transport.
+    let hit = "quicar_requests_total{direction=\"outbound\",service=\"hello\",transport=\"-\",status_class=\"2xx\",error_kind=\"none\"}";
+    assert_eq!(value(&client, hit), Some(1.0), "{client}");
+    let unknown = "quicar_requests_total{direction=\"outbound\",service=\"-\",transport=\"-\",status_class=\"4xx\",error_kind=\"unknown-service\"}";
+    assert_eq!(value(&client, unknown), Some(1.0), "{client}");
+    assert_eq!(
+        value(
+            &client,
+            "quicar_cache_requests_total{service=\"hello\",result=\"hit\"}"
+        ),
+        Some(1.0)
+    );
+    // Every request the cache could not answer is a miss, cacheable or not.
+    assert_eq!(
+        value(
+            &client,
+            "quicar_cache_requests_total{service=\"hello\",result=\"miss\"}"
+        ),
+        Some(6.0)
+    );
+    assert_eq!(
+        value(
+            &client,
+            "quicar_connections_opened_total{direction=\"outbound\",transport=\"quic\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &client,
+            "quicar_connections_active{direction=\"outbound\",transport=\"quic\"}"
+        ),
+        Some(1.0)
+    );
+    let peer = pair.server.inbound;
+    let rtt = value(
+        &client,
+        &format!("quicar_quic_rtt_seconds{{peer=\"{peer}\"}}"),
+    )
+    .expect("rtt sampled");
+    assert!(rtt > 0.0 && rtt < 1.0, "{rtt}");
+    assert!(
+        value(
+            &client,
+            &format!("quicar_quic_sent_datagrams_total{{peer=\"{peer}\"}}")
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(client.contains("quicar_request_duration_seconds_bucket{direction=\"outbound\",service=\"hello\",transport=\"quic\",le=\"0.0001\"}"));
+    let inbound_ok = "quicar_requests_total{direction=\"inbound\",service=\"hello\",transport=\"quic\",status_class=\"2xx\",error_kind=\"none\"}";
+    assert_eq!(value(&server, inbound_ok), Some(6.0), "{server}");
+    assert_eq!(
+        value(
+            &server,
+            "quicar_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"}"
+        ),
+        Some(1.0),
+        "{server}"
+    );
+    // Bounded labels only: no path, query or client-typed host ever becomes a label value.
+    for m in [&client, &server] {
+        assert!(
+            !m.contains("/c/m") && !m.contains("nowhere") && !m.contains("max-age"),
+            "{m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_answers() {
+    let pair = Pair::start().await;
+    let admin = pair.client.admin;
+    assert_eq!(text(&admin_get(admin, "/live").await), "live\n");
+    let ready = admin_get(admin, "/ready").await;
+    assert_eq!(
+        (ready.status, text(&ready)),
+        (StatusCode::OK, "ready\n".into())
+    );
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&admin_get(admin, "/config").await.body).unwrap();
+    assert_eq!(config["identity"]["key"], "<redacted>");
+    assert_eq!(config["service"][0]["name"], "hello");
+
+    let before: serde_json::Value =
+        serde_json::from_slice(&admin_get(admin, "/endpoints").await.body).unwrap();
+    assert_eq!(before[0]["endpoints"][0]["connected"], false);
+    get(pair.out(), "hello", "/").await;
+    let after: serde_json::Value =
+        serde_json::from_slice(&admin_get(admin, "/endpoints").await.body).unwrap();
+    let ep = &after[0]["endpoints"][0];
+    assert_eq!(ep["address"], pair.server.inbound.to_string());
+    assert_eq!(ep["identity"], "spiffe://quicar.local/hello");
+    assert_eq!(ep["transport"], "quic");
+    assert_eq!(ep["connected"], true, "{after}");
+    assert!(ep["rtt_ms"].as_f64().is_some());
+
+    let missing = admin_get(admin, "/nope").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+/// Reads lines from a log file until `n` are there (bounded).
+async fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_of_both_sidecars_join_on_the_trace_id() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server_log = pki.path().join("server-access.log");
+    let client_log = pki.path().join("client-access.log");
+    let server = sidecar(
+        &pki,
+        &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
+            + "[access_log]\nenabled = true\nformat = \"logfmt\"\npath = \"server-access.log\"\n"),
+    )
+    .await;
+    let client = sidecar(
+        &pki,
+        &(client_toml(&pki, &[server.inbound], "")
+            + "[access_log]\nenabled = true\nformat = \"json\"\npath = \"client-access.log\"\n"),
+    )
+    .await;
+
+    // No traceparent from the app: the outbound sidecar starts a trace.
+    let got = send(
+        client.outbound,
+        Request::post("/echo?x=1")
+            .header("host", "hello")
+            .body(full("12345"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let tp = upstream.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let trace = quicar::telemetry::trace_id(&tp)
+        .expect("a valid traceparent reached the app")
+        .to_string();
+
+    let c = lines(&client_log, 1).await;
+    let line: serde_json::Value = serde_json::from_str(&c[0]).unwrap();
+    assert_eq!(line["direction"], "outbound");
+    assert_eq!(line["service"], "hello");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["authority"], "hello");
+    assert_eq!(line["path"], "/echo");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes_in"], 5);
+    assert_eq!(line["bytes_out"], 5);
+    assert_eq!(line["transport"], "quic");
+    assert_eq!(line["endpoint"], server.inbound.to_string());
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["trace_id"], trace);
+    assert!(line["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(line["time"].as_str().unwrap().ends_with('Z'));
+
+    let s = lines(&server_log, 1).await;
+    let l = &s[0];
+    for part in [
+        "direction=inbound",
+        "service=hello",
+        "method=POST",
+        "status=200",
+        "bytes_in=5",
+        "bytes_out=5",
+        "peer_identity=spiffe://quicar.local/web",
+        &format!("trace_id={trace}"),
+    ] {
+        assert!(l.split(' ').any(|kv| kv == part), "{part} missing in {l}");
+    }
+
+    // A valid traceparent from the app passes through untouched, with its tracestate.
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    send(
+        client.outbound,
+        Request::get("/")
+            .header("host", "hello")
+            .header("traceparent", given)
+            .header("tracestate", "vendor=1")
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let seen = upstream.last();
+    assert_eq!(values(&seen.headers, "traceparent"), vec![given]);
+    assert_eq!(values(&seen.headers, "tracestate"), vec!["vendor=1"]);
+    let c = lines(&client_log, 2).await;
+    assert!(
+        c[1].contains("\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\""),
+        "{}",
+        c[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_dashboard_references_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("config/grafana/quicar.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 10);
+    let exported: BTreeSet<&str> = quicar::telemetry::METRICS
+        .iter()
+        .map(|(n, _, _)| *n)
+        .collect();
+    let mut used = BTreeSet::new();
+    for e in &exprs {
+        for (i, _) in e.match_indices("quicar_") {
+            let name: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| exported.contains(b))
+                .unwrap_or(&name)
+                .to_string();
+            assert!(
+                exported.contains(base.as_str()),
+                "dashboard uses `{name}`, which quicar does not export"
+            );
+            used.insert(base);
+        }
+    }
+    // And the names the code exports are the names /metrics shows.
+    let pair = Pair::start().await;
+    get(pair.out(), "hello", "/").await;
+    let metrics = metrics_with(pair.client.admin, "quicar_quic_rtt_seconds").await;
+    for name in [
+        "quicar_requests_total",
+        "quicar_request_duration_seconds_bucket",
+        "quicar_quic_rtt_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} not in /metrics");
+    }
+    assert!(used.len() >= 10, "{used:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_renders_live_charts_in_headless_chromium() {
+    let pair = Pair::start_with("cache = { max_bytes = \"1MiB\" }", "").await;
+    // Traffic for a few seconds (bounded): plain requests, cache hits, one error kind.
+    let out = pair.out();
+    let traffic = tokio::spawn(async move {
+        for i in 0..60 {
+            get(out, "hello", "/").await;
+            get(out, "hello", "/c/d?cc=max-age=60").await;
+            if i % 10 == 0 {
+                get(out, "nowhere", "/").await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // The series need a couple of one-second ticks.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let url = format!("http://{}/dashboard", pair.client.admin);
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let png = shots.join("dashboard.png");
+    let profile = tempfile::tempdir().unwrap();
+    let profile_dir = profile.path().to_path_buf();
+    let chromium = move |extra: &[&str]| {
+        let mut cmd = Command::new("chromium");
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1280,1100",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile_dir.display()))
+        .args(extra)
+        .arg(&url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        cmd
+    };
+    let dom = tokio::task::spawn_blocking(move || {
+        let child = chromium(&["--dump-dom"])
+            .spawn()
+            .expect("chromium is installed (.ci/run installs it)");
+        let out = wait_bounded(child, Duration::from_secs(90));
+        let _ = wait_bounded(
+            chromium(&[&format!("--screenshot={}", png.display())])
+                .spawn()
+                .unwrap(),
+            Duration::from_secs(90),
+        );
+        out
+    })
+    .await
+    .unwrap();
+    traffic.await.unwrap();
+    let points = |id: &str| -> usize {
+        let at = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no chart {id} in {dom}"));
+        let tag = &dom[dom[..at].rfind('<').unwrap()..at + dom[at..].find('>').unwrap()];
+        let v = tag.split("data-points=\"").nth(1).unwrap();
+        v[..v.find('"').unwrap()].parse().unwrap()
+    };
+    for chart in ["rate", "p50", "p99", "errors", "rtt", "cache"] {
+        assert!(points(chart) > 0, "chart {chart} rendered no data");
+    }
+    assert!(dom.contains("<polyline"), "no lines drawn");
+    let shot = shots.join("dashboard.png");
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "screenshot {} is missing or empty",
+        shot.display()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+/// Waits for a child at most `limit`, killing it by PID after that; returns its stdout.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> String {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().unwrap()
+}
