@@ -138,6 +138,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         pool.clone(),
         clock.clone(),
         tel.clone(),
+        &tracker,
+        shutdown.clone(),
     ));
     tracker.spawn(outbound::serve(
         outbound_listener,

@@ -219,9 +219,155 @@ pub struct Service {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Where endpoints come from when not listed in `endpoints`: a watched file or DNS SRV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryConfig>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Requests to this service in flight at once; more get `503 overloaded`.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
     /// A response cache for this service in this (calling) sidecar; absent = no caching.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+}
+
+/// Exactly one of `file` or `dns`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A TOML (`endpoints = [{ address, identity, weight }]`) or JSON file, reloaded on change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// An SRV name, e.g. `_hello._udp.mesh.example.`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    /// The DNS server to ask (default: the system resolver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<SocketAddr>,
+    /// Identity template for DNS endpoints: `{trust_domain}`, `{service}`, `{target}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// File: how often it is checked. DNS: the shortest refresh, whatever the TTL.
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// DNS: the longest refresh, whatever the TTL.
+    #[serde(default = "default_discovery_max_interval", with = "humantime_serde")]
+    pub max_interval: Duration,
+}
+
+/// When and how often a failed request is tried again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tries in all, the first included (1 = no retries).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Statuses from the peer that an idempotent request is retried on.
+    #[serde(default = "default_retry_statuses")]
+    pub statuses: Vec<u16>,
+    /// Retries may add this fraction of the service's requests (over `budget_window`)…
+    #[serde(default = "default_budget_ratio")]
+    pub budget_ratio: f64,
+    /// …plus this many per second, so a quiet service can still retry.
+    #[serde(default = "default_min_per_second")]
+    pub min_per_second: u32,
+    #[serde(default = "default_budget_window", with = "humantime_serde")]
+    pub budget_window: Duration,
+    /// First back-off; doubles per retry (full jitter), up to `max_backoff`.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Request bodies up to this size are kept for a replay; larger ones are never retried
+    /// once sent.
+    #[serde(default = "default_retry_body")]
+    pub max_body: ByteSize,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: default_attempts(),
+            statuses: default_retry_statuses(),
+            budget_ratio: default_budget_ratio(),
+            min_per_second: default_min_per_second(),
+            budget_window: default_budget_window(),
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+            max_body: default_retry_body(),
+        }
+    }
+}
+
+/// Per-endpoint circuit breaker and outlier ejection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures (connect errors, resets, 502/503/504) that eject an endpoint.
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    /// First ejection; doubles for each consecutive ejection, up to `max_ejection`. After it,
+    /// one probe request is let through (half-open).
+    #[serde(default = "default_ejection", with = "humantime_serde")]
+    pub ejection: Duration,
+    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: default_breaker_failures(),
+            ejection: default_ejection(),
+            max_ejection: default_max_ejection(),
+        }
+    }
+}
+
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_discovery_max_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_retry_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_min_per_second() -> u32 {
+    10
+}
+fn default_budget_window() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(25)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_body() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_ejection() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_concurrent() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,6 +449,13 @@ pub struct Endpoint {
     /// Defaults to `spiffe://<trust_domain>/<service>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Relative share of traffic.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -386,7 +539,12 @@ impl Config {
         ]
         .into_iter()
         .chain(config.access_log.path.as_mut())
-        {
+        .chain(
+            config
+                .service
+                .iter_mut()
+                .filter_map(|s| s.discovery.as_mut().and_then(|d| d.file.as_mut())),
+        ) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -452,11 +610,51 @@ impl Config {
                     format!("`{}` is defined twice", svc.name),
                 ));
             }
-            if svc.endpoints.is_empty() {
+            match (&svc.discovery, svc.endpoints.is_empty()) {
+                (None, true) => {
+                    return Err((
+                        format!("{key}.endpoints"),
+                        "a service needs endpoints or a discovery source".into(),
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err((
+                        format!("{key}.discovery"),
+                        "give either endpoints or discovery, not both".into(),
+                    ))
+                }
+                (Some(d), true) => {
+                    if d.file.is_some() == d.dns.is_some() {
+                        return Err((
+                            format!("{key}.discovery"),
+                            "set exactly one of `file` or `dns`".into(),
+                        ));
+                    }
+                    if let Some(t) = &d.identity {
+                        let probe = t
+                            .replace("{trust_domain}", td)
+                            .replace("{service}", &svc.name)
+                            .replace("{target}", "target");
+                        PeerId::parse(&probe)
+                            .map_err(|e| (format!("{key}.discovery.identity"), e.to_string()))?;
+                    }
+                }
+                (None, false) => {}
+            }
+            if svc.retry.attempts == 0 {
+                return Err((format!("{key}.retry.attempts"), "must be at least 1".into()));
+            }
+            if !(0.0..=10.0).contains(&svc.retry.budget_ratio) {
                 return Err((
-                    format!("{key}.endpoints"),
-                    "a service needs at least one endpoint".into(),
+                    format!("{key}.retry.budget_ratio"),
+                    "must be between 0 and 10".into(),
                 ));
+            }
+            if svc.breaker.failures == 0 {
+                return Err((format!("{key}.breaker.failures"), "must be at least 1".into()));
+            }
+            if svc.max_concurrent == 0 {
+                return Err((format!("{key}.max_concurrent"), "must be at least 1".into()));
             }
             for (j, ep) in svc.endpoints.iter().enumerate() {
                 if let Some(id) = &ep.identity {

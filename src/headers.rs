@@ -8,6 +8,10 @@ pub const QUICAR_ERROR: &str = "quicar-error";
 /// Set by the inbound sidecar for its app: the caller's SPIFFE ID, from its certificate.
 pub const PEER_IDENTITY: &str = "quicar-peer-identity";
 
+/// From the outbound to the inbound sidecar: milliseconds left of the caller's deadline. The
+/// inbound sidecar gives the local app no longer than that.
+pub const DEADLINE: &str = "quicar-deadline";
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones proxies also drop.
 const HOP_BY_HOP: &[&str] = &[
     "connection",

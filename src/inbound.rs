@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{content_length, BodyError, Counted, H3Body, ProxyBody};
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, PEER_IDENTITY};
+use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, DEADLINE, PEER_IDENTITY};
 use crate::identity::{peer_of, PeerId};
 use crate::policy::authorize;
 use crate::telemetry::{Direction, Telemetry};
@@ -287,6 +287,13 @@ async fn to_app(
         ));
     }
     strip_hop_by_hop(&mut parts.headers);
+    // The caller's remaining budget: the app gets no longer than that.
+    let deadline = parts
+        .headers
+        .get(DEADLINE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
     // Only this sidecar speaks for the caller: drop anything that claims to.
     strip_quicar(&mut parts.headers);
     parts.headers.insert(
@@ -316,7 +323,22 @@ async fn to_app(
         )
     })?;
     let req = Request::from_parts(parts, Counted::new(body, bytes_in).boxed_unsync());
-    let mut resp = state.app.request(req).await.map_err(|e| {
+    let call = state.app.request(req);
+    let result = match deadline {
+        // Dropping the call closes the connection to the app: it sees the cancellation.
+        Some(left) => tokio::time::timeout(left, call).await.map_err(|_| {
+            ProxyError::new(
+                ErrorKind::Timeout,
+                Side::LocalApp,
+                format!(
+                    "the caller's deadline passed before local service `{}` answered",
+                    local.name
+                ),
+            )
+        })?,
+        None => call.await,
+    };
+    let mut resp = result.map_err(|e| {
         if e.is_connect() {
             ProxyError::new(
                 ErrorKind::ConnectFailed,

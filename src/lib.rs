@@ -8,6 +8,9 @@
 //! - [`transport`]: connections to peer sidecars (QUIC).
 //! - [`cache`]: the outbound HTTP response cache.
 //! - [`inbound`]: the peer-facing listener that hands requests to local apps.
+//! - [`discovery`]: endpoints from config, a watched file or DNS SRV.
+//! - [`balance`]: P2C over peak-EWMA, weights, priorities, circuit breakers.
+//! - [`resilience`]: retry decisions, back-off and the retry budget.
 //! - [`policy`]: which identities may call which local service.
 //! - [`headers`], [`body`], [`error`]: the message rules both hops share.
 //! - [`telemetry`]: metrics, access log, dashboard series, trace context.
@@ -17,10 +20,12 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod body;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod headers;
 pub mod identity;
@@ -28,5 +33,6 @@ pub mod inbound;
 pub mod outbound;
 pub mod pki;
 pub mod policy;
+pub mod resilience;
 pub mod telemetry;
 pub mod transport;

@@ -7,9 +7,8 @@ mod caching;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -27,8 +26,14 @@ use crate::cache::{Cache, Clock};
 use crate::config::{Config, Outbound as OutboundConfig};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
-use crate::identity::PeerId;
+use crate::balance::{random, Balancer, Pick};
+use crate::config::{BreakerConfig, RetryConfig};
+use crate::discovery::{Endpoint, Endpoints, Source};
+use crate::headers::DEADLINE;
+use crate::resilience::{backoff, is_retryable, Failure, RetryBudget};
 use crate::telemetry::{self, Direction, Telemetry, Upstream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
 use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 
 /// A remote service as the data path sees it.
@@ -37,8 +42,14 @@ struct Route {
     cache: Option<Arc<Cache>>,
     timeout: Duration,
     connect_timeout: Duration,
-    endpoints: Vec<(SocketAddr, PeerId)>,
-    next: AtomicUsize,
+    /// The current endpoint set, from the service's discovery source.
+    endpoints: watch::Receiver<Endpoints>,
+    balancer: Balancer,
+    retry: RetryConfig,
+    budget: RetryBudget,
+    breaker: BreakerConfig,
+    limit: Arc<Semaphore>,
+    max_concurrent: usize,
 }
 
 /// Everything the outbound request path needs, shared by all connections.
@@ -49,21 +60,20 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Builds the routes and starts each service's discovery source.
     pub fn new(
         config: &Config,
         pool: Arc<QuicPool>,
         clock: Arc<Clock>,
         tel: Arc<Telemetry>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
     ) -> Self {
         let routes = config
             .service
             .iter()
             .map(|svc| {
-                let endpoints = svc
-                    .endpoints
-                    .iter()
-                    .map(|ep| (ep.address, config.expected_identity(svc, ep)))
-                    .collect();
+                let endpoints = Source::from_config(config, svc).start(tracker, shutdown.clone());
                 let cache = svc.cache.as_ref().map(|c| {
                     Arc::new(Cache::new(
                         c.max_bytes.0,
@@ -77,7 +87,12 @@ impl Outbound {
                     timeout: svc.timeout,
                     connect_timeout: svc.connect_timeout,
                     endpoints,
-                    next: AtomicUsize::new(0),
+                    balancer: Balancer::default(),
+                    budget: RetryBudget::new(&svc.retry),
+                    retry: svc.retry.clone(),
+                    breaker: svc.breaker.clone(),
+                    limit: Arc::new(Semaphore::new(svc.max_concurrent)),
+                    max_concurrent: svc.max_concurrent,
                 };
                 (svc.name.to_ascii_lowercase(), route)
             })
@@ -96,12 +111,20 @@ impl Outbound {
                 cache: r.cache.is_some(),
                 endpoints: r
                     .endpoints
+                    .borrow()
                     .iter()
-                    .map(|(addr, id)| {
+                    .map(|ep| {
+                        let (addr, id) = (&ep.address, &ep.identity);
                         let state = pool.peek(*addr, id);
+                        let lb = r.balancer.state(ep);
                         EndpointView {
                             address: *addr,
                             identity: id.to_string(),
+                            weight: ep.weight,
+                            priority: ep.priority,
+                            breaker: lb.breaker_state(),
+                            latency_ewma_ms: lb.ewma().as_secs_f64() * 1000.0,
+                            outstanding: lb.outstanding(),
                             transport: "quic",
                             connected: state.as_ref().is_some_and(|s| s.alive),
                             rtt_ms: state
@@ -153,6 +176,12 @@ pub struct ServiceView {
 pub struct EndpointView {
     pub address: SocketAddr,
     pub identity: String,
+    pub weight: u32,
+    pub priority: u16,
+    /// `closed` (healthy), `open` (ejected) or `half-open` (next request is a probe).
+    pub breaker: &'static str,
+    pub latency_ewma_ms: f64,
+    pub outstanding: usize,
     pub transport: &'static str,
     pub connected: bool,
     pub rtt_ms: Option<f64>,
@@ -365,16 +394,33 @@ fn path_of(uri: &Uri) -> &str {
     uri.path_and_query().map_or("/", |p| p.as_str())
 }
 
-/// One request to the service, bounded by its timeout.
+/// One request to the service: concurrency limit, then attempts (with retries) under one
+/// deadline, the service's `timeout`.
 async fn fetch(
     route: &Route,
     state: &Outbound,
     head: Request<()>,
     body: Option<AppBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let work = exchange(route, state, head, body);
-    match tokio::time::timeout(route.timeout, work).await {
-        Ok(r) => r,
+    let Ok(permit) = route.limit.clone().try_acquire_owned() else {
+        return Err(ProxyError::new(
+            ErrorKind::Overloaded,
+            Side::Downstream,
+            format!(
+                "service `{}` already has {} requests in flight (max_concurrent)",
+                route.name, route.max_concurrent
+            ),
+        ));
+    };
+    let deadline = tokio::time::Instant::now() + route.timeout;
+    match tokio::time::timeout_at(deadline, attempts(route, state, head, body, deadline)).await {
+        // The permit is held until the response body ends.
+        Ok(Ok(resp)) => Ok(resp.map(|b| {
+            Counted::new(b, Arc::default())
+                .hold(permit)
+                .boxed_unsync()
+        })),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(ProxyError::new(
             ErrorKind::Timeout,
             Side::Peer,
@@ -387,26 +433,200 @@ async fn fetch(
     }
 }
 
-async fn exchange(
+/// The request body as retries see it: kept whole when small enough to send again.
+enum ReqBody {
+    Empty,
+    Buffered(Bytes, Option<http::HeaderMap>),
+    /// Streamed as it arrives; `None` once it has been handed to an attempt.
+    Stream(Option<AppBody>),
+}
+
+impl ReqBody {
+    async fn prepare(body: Option<AppBody>, max: u64) -> Result<Self, ProxyError> {
+        let Some(body) = body else { return Ok(Self::Empty) };
+        if http_body::Body::is_end_stream(&body) {
+            return Ok(Self::Empty);
+        }
+        match http_body::Body::size_hint(&body).exact() {
+            Some(n) if n <= max => {
+                let collected = body.collect().await.map_err(|e| {
+                    ProxyError::new(
+                        ErrorKind::BadRequest,
+                        Side::Downstream,
+                        format!("request body could not be read: {e}"),
+                    )
+                })?;
+                let trailers = collected.trailers().cloned();
+                Ok(Self::Buffered(collected.to_bytes(), trailers))
+            }
+            _ => Ok(Self::Stream(Some(body))),
+        }
+    }
+
+    fn for_attempt(&mut self) -> UploadBody {
+        match self {
+            Self::Empty => UploadBody::Empty,
+            Self::Buffered(b, t) => UploadBody::Bytes(b.clone(), t.clone()),
+            Self::Stream(s) => s.take().map_or(UploadBody::Empty, UploadBody::Stream),
+        }
+    }
+
+    fn restore(&mut self, body: AppBody) {
+        if let Self::Stream(s) = self {
+            *s = Some(body);
+        }
+    }
+
+    /// Whether another attempt could send the whole body.
+    fn available(&self) -> bool {
+        !matches!(self, Self::Stream(None))
+    }
+}
+
+/// What one attempt uploads.
+enum UploadBody {
+    Empty,
+    Bytes(Bytes, Option<http::HeaderMap>),
+    Stream(AppBody),
+}
+
+/// Attempts until one succeeds or no retry is allowed: the balancer picks an endpoint (another
+/// one than last time when there is one), the outcome feeds its breaker and latency, and a
+/// retry needs a safe failure, attempts left, a body to send again, and budget.
+async fn attempts(
     route: &Route,
     state: &Outbound,
     head: Request<()>,
     body: Option<AppBody>,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    route.budget.request();
     let method = head.method().clone();
-    let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
-    let (addr, identity) = &route.endpoints[i];
-    // Bodies stream and are not kept, so only a request without one can be sent twice.
-    let replayable = body.as_ref().is_none_or(http_body::Body::is_end_stream);
-    let mut body = body;
+    let mut body = ReqBody::prepare(body, route.retry.max_body.0).await?;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let eps = route.endpoints.borrow().clone();
+        let (ep, st) = match route.balancer.pick(&eps, &tried) {
+            Pick::Chosen(ep, st) => (ep, st),
+            Pick::None => {
+                return Err(ProxyError::new(
+                    ErrorKind::NoEndpoints,
+                    Side::Peer,
+                    format!("service `{}` has no endpoints", route.name),
+                ))
+            }
+            Pick::AllOpen => {
+                return Err(ProxyError::new(
+                    ErrorKind::CircuitOpen,
+                    Side::Peer,
+                    format!(
+                        "every endpoint of service `{}` is ejected after failures",
+                        route.name
+                    ),
+                ))
+            }
+        };
+        tried.push(ep.address);
+        let outstanding = st.start();
+        let started = Instant::now();
+        let mut head = head.clone();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        head.headers_mut()
+            .insert(DEADLINE, http::HeaderValue::from(left.as_millis() as u64));
+        let result = exchange(route, state, head, &ep, body.for_attempt()).await;
+        let failure = match &result {
+            Ok(resp) if crate::cache::is_error_status(resp.status()) => {
+                Some(Failure::Status(resp.status().as_u16()))
+            }
+            Ok(_) => None,
+            Err((e, _)) if e.never_sent => Some(Failure::NeverSent),
+            Err((e, _)) => Some(Failure::Error(e.kind)),
+        };
+        if !matches!(failure, Some(Failure::NeverSent) | Some(Failure::Error(_))) {
+            st.observe(started.elapsed());
+        }
+        if st.outcome(failure.is_none(), &route.breaker) {
+            tracing::warn!(service = %route.name, endpoint = %ep.address, "endpoint ejected after consecutive failures");
+            state
+                .tel
+                .counter(telemetry::EJECTIONS, &[("service", route.name.clone())])
+                .increment(1);
+        }
+        let result = match result {
+            Err((e, returned)) => {
+                if let Some(b) = returned {
+                    body.restore(b);
+                }
+                Err(e)
+            }
+            Ok(r) => Ok(r),
+        };
+        if let Some(f) = failure {
+            let allowed = attempt < route.retry.attempts
+                && body.available()
+                && is_retryable(&method, f, &route.retry.statuses, body.available());
+            if allowed {
+                if route.budget.try_retry() {
+                    let reason = match f {
+                        Failure::NeverSent => "never-sent",
+                        Failure::Error(_) => "error",
+                        Failure::Status(_) => "status",
+                    };
+                    state
+                        .tel
+                        .counter(
+                            telemetry::RETRIES,
+                            &[("service", route.name.clone()), ("reason", reason.into())],
+                        )
+                        .increment(1);
+                    let pause = backoff(attempt, route.retry.backoff, route.retry.max_backoff, random());
+                    tracing::debug!(service = %route.name, endpoint = %ep.address, ?f, ?pause, "retrying");
+                    drop(result);
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                state
+                    .tel
+                    .counter(telemetry::BUDGET_EXHAUSTED, &[("service", route.name.clone())])
+                    .increment(1);
+            }
+        }
+        return result.map(|resp| {
+            let (mut parts, b) = resp.into_parts();
+            parts.extensions.insert(Upstream {
+                endpoint: ep.address,
+                attempts: attempt,
+            });
+            Response::from_parts(parts, Counted::new(b, Arc::default()).hold(outstanding).boxed_unsync())
+        });
+    }
+}
+
+/// One attempt on one endpoint. On failure, a request body that was never read is handed back
+/// so a retry can still send it.
+async fn exchange(
+    route: &Route,
+    state: &Outbound,
+    head: Request<()>,
+    ep: &Endpoint,
+    body: UploadBody,
+) -> Result<Response<ProxyBody>, (ProxyError, Option<AppBody>)> {
+    let method = head.method().clone();
+    let (addr, identity) = (&ep.address, &ep.identity);
+    let unread = |body: UploadBody| match body {
+        UploadBody::Stream(b) => Some(b),
+        _ => None,
+    };
+    let mut body = Some(body);
     let mut attempt = 0;
     let (recv, in_flight, upload_guard, mut resp) = loop {
         attempt += 1;
-        let last = attempt >= 2;
-        let conn = state
-            .pool
-            .get(*addr, identity, route.connect_timeout)
-            .await?;
+        let conn = match state.pool.get(*addr, identity, route.connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => return Err((e, body.take().and_then(unread))),
+        };
         let stream = match conn.send.clone().send_request(head.clone()).await {
             Ok(stream) => stream,
             Err(e) => {
@@ -414,15 +634,16 @@ async fn exchange(
                 // so the request never reached the peer's app. Reconnect once and resend.
                 state.pool.evict(*addr, identity, &conn).await;
                 if let Verdict::Refused(refused) = verdict(&conn, *addr).await {
-                    return Err(refused);
+                    return Err((refused, body.take().and_then(unread)));
                 }
-                if last {
-                    return Err(ProxyError::new(
+                if attempt >= 2 {
+                    let e = ProxyError::new(
                         ErrorKind::PeerReset,
                         Side::Peer,
                         format!("peer {addr} refused the request stream: {e}"),
                     )
-                    .never_sent());
+                    .never_sent();
+                    return Err((e, body.take().and_then(unread)));
                 }
                 tracing::debug!(peer = %addr, error = %e, "connection unusable; reconnecting");
                 continue;
@@ -431,28 +652,35 @@ async fn exchange(
         let in_flight = conn.in_flight();
         let (send, mut recv) = stream.split();
         let cancel_upload = CancellationToken::new();
-        tokio::spawn(upload(send, body.take(), cancel_upload.clone()));
+        tokio::spawn(upload(
+            send,
+            body.take().unwrap_or(UploadBody::Empty),
+            cancel_upload.clone(),
+        ));
         // Cancels the upload if we give up on this exchange (timeout, reset) before the response.
         let upload_guard = cancel_upload.drop_guard();
         match final_response(&mut recv).await {
             Ok(resp) => break (recv, in_flight, upload_guard, resp),
-            Err(e) => match verdict(&conn, *addr).await {
-                Verdict::Refused(refused) => return Err(refused),
-                Verdict::Forgotten if replayable && !last => {
+            Err(e) => {
+                state.pool.evict(*addr, identity, &conn).await;
+                let err = match verdict(&conn, *addr).await {
+                    Verdict::Refused(refused) => refused,
                     // A stateless reset: the peer restarted and has no memory of this
                     // connection, so the request never reached its app.
-                    state.pool.evict(*addr, identity, &conn).await;
-                    tracing::debug!(peer = %addr, "peer restarted; resending on a new connection");
-                    continue;
-                }
-                _ => {
-                    return Err(ProxyError::new(
+                    Verdict::Forgotten => ProxyError::new(
+                        ErrorKind::PeerReset,
+                        Side::Peer,
+                        format!("peer {addr} restarted and reset the connection"),
+                    )
+                    .never_sent(),
+                    Verdict::Unknown => ProxyError::new(
                         ErrorKind::PeerReset,
                         Side::Peer,
                         format!("peer {addr} reset the request before responding: {e}"),
-                    ))
-                }
-            },
+                    ),
+                };
+                return Err((err, None));
+            }
         }
     };
     upload_guard.disarm();
@@ -470,10 +698,6 @@ async fn exchange(
         let len = content_length(&parts.headers);
         H3Body::new(recv, len).hold(in_flight).boxed_unsync()
     };
-    parts.extensions.insert(Upstream {
-        endpoint: *addr,
-        attempts: attempt,
-    });
     Ok(Response::from_parts(parts, body))
 }
 
@@ -537,12 +761,32 @@ async fn verdict(conn: &PeerConn, addr: SocketAddr) -> Verdict {
 /// rather than finishing it, so the far app never mistakes a truncated body for a whole one.
 async fn upload(
     mut send: h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
-    body: Option<AppBody>,
+    body: UploadBody,
     cancel: CancellationToken,
 ) {
-    let Some(mut body) = body else {
-        let _ = send.finish().await;
-        return;
+    let mut body = match body {
+        UploadBody::Empty => {
+            let _ = send.finish().await;
+            return;
+        }
+        UploadBody::Bytes(data, trailers) => {
+            let sent = tokio::select! {
+                _ = cancel.cancelled() => {
+                    send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                    return;
+                }
+                r = send.send_data(data) => r,
+            };
+            if sent.is_ok() {
+                if let Some(mut t) = trailers {
+                    strip_hop_by_hop(&mut t);
+                    let _ = send.send_trailers(t).await;
+                }
+                let _ = send.finish().await;
+            }
+            return;
+        }
+        UploadBody::Stream(body) => body,
     };
     let reset = |send: &mut h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>| {
         send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);

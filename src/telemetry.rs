@@ -31,6 +31,9 @@ pub const QUIC_RECEIVED: &str = "quicar_quic_received_datagrams_total";
 pub const CACHE_REQUESTS: &str = "quicar_cache_requests_total";
 pub const CACHE_BYTES: &str = "quicar_cache_stored_bytes";
 pub const ACCESS_LOG_DROPPED: &str = "quicar_access_log_dropped_lines_total";
+pub const RETRIES: &str = "quicar_retries_total";
+pub const BUDGET_EXHAUSTED: &str = "quicar_retry_budget_exhausted_total";
+pub const EJECTIONS: &str = "quicar_endpoint_ejections_total";
 
 /// Every metric with its kind, unit and help, for `describe` and for the docs.
 pub const METRICS: &[(&str, &str, &str)] = &[

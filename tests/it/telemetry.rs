@@ -159,7 +159,8 @@ async fn metrics_pass_promtool_and_count_what_happened() {
             &server,
             "quicar_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"}"
         ),
-        Some(1.0),
+        // A refused handshake never reached the app, so the client tried all 3 attempts.
+        Some(3.0),
         "{server}"
     );
     // Bounded labels only: no path, query or client-typed host ever becomes a label value.

@@ -1,0 +1,322 @@
+//! Load balancing: power of two choices over peak-EWMA latency weighted by outstanding
+//! requests (the Finagle/Linkerd algorithm), honouring endpoint weights and SRV priorities, and
+//! skipping endpoints whose circuit breaker is open.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::BreakerConfig;
+use crate::discovery::Endpoint;
+use crate::identity::PeerId;
+
+/// Latency assumed for an endpoint we know nothing about yet.
+const DEFAULT_RTT: Duration = Duration::from_millis(5);
+/// How fast old latency observations fade (peak-EWMA decay).
+const DECAY: Duration = Duration::from_secs(10);
+
+/// What one endpoint has shown lately.
+pub struct EndpointState {
+    ewma: Mutex<(f64, Instant)>,
+    outstanding: AtomicUsize,
+    breaker: Mutex<Breaker>,
+}
+
+impl Default for EndpointState {
+    fn default() -> Self {
+        Self {
+            ewma: Mutex::new((DEFAULT_RTT.as_secs_f64(), Instant::now())),
+            outstanding: AtomicUsize::new(0),
+            breaker: Mutex::new(Breaker::default()),
+        }
+    }
+}
+
+/// Counts a request outstanding on an endpoint while alive.
+pub struct Outstanding(Arc<EndpointState>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl EndpointState {
+    pub fn start(self: &Arc<Self>) -> Outstanding {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Outstanding(self.clone())
+    }
+
+    /// Peak EWMA: a slower sample takes over at once, faster ones pull the average down
+    /// gradually, so a latency spike is reacted to immediately.
+    pub fn observe(&self, latency: Duration) {
+        let mut g = self.ewma.lock().expect("not poisoned");
+        let now = Instant::now();
+        let rtt = latency.as_secs_f64();
+        let elapsed = now.duration_since(g.1).as_secs_f64();
+        let w = (-elapsed / DECAY.as_secs_f64()).exp();
+        g.0 = if rtt > g.0 { rtt } else { g.0 * w + rtt * (1.0 - w) };
+        g.1 = now;
+    }
+
+    /// Load-weighted cost: latency × (outstanding + 1).
+    pub fn cost(&self) -> f64 {
+        let ewma = self.ewma.lock().expect("not poisoned").0;
+        ewma * (self.outstanding.load(Ordering::Acquire) as f64 + 1.0)
+    }
+
+    pub fn ewma(&self) -> Duration {
+        Duration::from_secs_f64(self.ewma.lock().expect("not poisoned").0)
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Records the outcome of a request for the breaker. Returns true when this ejected it.
+    pub fn outcome(&self, ok: bool, cfg: &BreakerConfig) -> bool {
+        let mut b = self.breaker.lock().expect("not poisoned");
+        if ok {
+            b.success();
+            false
+        } else {
+            b.failure(Instant::now(), cfg)
+        }
+    }
+
+    pub fn breaker_state(&self) -> &'static str {
+        self.breaker.lock().expect("not poisoned").state(Instant::now())
+    }
+}
+
+/// Per-endpoint consecutive-failure breaker: closed → open (ejected for a growing time) →
+/// half-open (one probe) → closed on success, open again on failure.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    consecutive: u32,
+    ejections: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+/// Whether the breaker lets a request through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    Probe,
+    No,
+}
+
+impl Breaker {
+    pub fn admit(&mut self, now: Instant) -> Admit {
+        match self.open_until {
+            None => Admit::Yes,
+            Some(until) if now < until => Admit::No,
+            Some(_) if self.probing => Admit::No,
+            Some(_) => Admit::Probe,
+        }
+    }
+
+    fn claim_probe(&mut self) {
+        self.probing = true;
+    }
+
+    pub fn success(&mut self) {
+        self.consecutive = 0;
+        self.ejections = 0;
+        self.open_until = None;
+        self.probing = false;
+    }
+
+    /// Returns true when this failure ejected the endpoint.
+    pub fn failure(&mut self, now: Instant, cfg: &BreakerConfig) -> bool {
+        self.consecutive += 1;
+        let probe_failed = self.probing;
+        self.probing = false;
+        if probe_failed || (self.open_until.is_none() && self.consecutive >= cfg.failures) {
+            let factor = 2u32.saturating_pow(self.ejections.min(16));
+            let ejection = cfg.ejection.saturating_mul(factor).min(cfg.max_ejection);
+            self.ejections += 1;
+            self.open_until = Some(now + ejection);
+            return true;
+        }
+        false
+    }
+
+    pub fn state(&self, now: Instant) -> &'static str {
+        match self.open_until {
+            None => "closed",
+            Some(u) if now < u => "open",
+            Some(_) => "half-open",
+        }
+    }
+}
+
+/// The outcome of choosing an endpoint.
+pub enum Pick {
+    Chosen(Endpoint, Arc<EndpointState>),
+    /// The service has no endpoints at all.
+    None,
+    /// Every endpoint's breaker is open.
+    AllOpen,
+}
+
+/// Per-service balancer; endpoint state survives discovery updates (keyed by address and
+/// identity).
+#[derive(Default)]
+pub struct Balancer {
+    states: Mutex<HashMap<(SocketAddr, PeerId), Arc<EndpointState>>>,
+}
+
+impl Balancer {
+    pub fn state(&self, ep: &Endpoint) -> Arc<EndpointState> {
+        self.states
+            .lock()
+            .expect("not poisoned")
+            .entry((ep.address, ep.identity.clone()))
+            .or_default()
+            .clone()
+    }
+
+    /// Chooses an endpoint, preferring ones not in `tried` (the next attempt goes elsewhere
+    /// when it can), then the lowest priority with an admitting breaker.
+    pub fn pick(&self, eps: &[Endpoint], tried: &[SocketAddr]) -> Pick {
+        if eps.is_empty() {
+            return Pick::None;
+        }
+        let now = Instant::now();
+        let states: Vec<Arc<EndpointState>> = eps.iter().map(|e| self.state(e)).collect();
+        let admits: Vec<Admit> = states
+            .iter()
+            .map(|s| s.breaker.lock().expect("not poisoned").admit(now))
+            .collect();
+        let usable = |fresh_only: bool| -> Vec<usize> {
+            let open: Vec<usize> = (0..eps.len())
+                .filter(|&i| admits[i] != Admit::No)
+                .filter(|&i| !fresh_only || !tried.contains(&eps[i].address))
+                .collect();
+            let best = open.iter().map(|&i| eps[i].priority).min();
+            open.into_iter()
+                .filter(|&i| Some(eps[i].priority) == best)
+                .collect()
+        };
+        let mut candidates = usable(true);
+        if candidates.is_empty() {
+            candidates = usable(false);
+        }
+        if candidates.is_empty() {
+            return Pick::AllOpen;
+        }
+        // A half-open endpoint is tried with one probe before anything else is decided.
+        let i = match candidates.iter().find(|&&i| admits[i] == Admit::Probe) {
+            Some(&i) => {
+                states[i].breaker.lock().expect("not poisoned").claim_probe();
+                i
+            }
+            None => {
+                let costs: Vec<f64> = candidates.iter().map(|&i| states[i].cost()).collect();
+                let weights: Vec<u32> = candidates.iter().map(|&i| eps[i].weight).collect();
+                candidates[pick_p2c(&costs, &weights, random(), random())]
+            }
+        };
+        Pick::Chosen(eps[i].clone(), states[i].clone())
+    }
+}
+
+/// Power of two choices: draw two candidates by weight (`r1`, `r2` uniform in [0, 1)), keep
+/// the one with the lower cost per unit of weight.
+pub fn pick_p2c(costs: &[f64], weights: &[u32], r1: f64, r2: f64) -> usize {
+    let n = costs.len();
+    if n == 1 {
+        return 0;
+    }
+    let total: f64 = weights.iter().map(|&w| f64::from(w.max(1))).sum();
+    let draw = |r: f64, skip: Option<usize>| {
+        let total = total - skip.map_or(0.0, |s| f64::from(weights[s].max(1)));
+        let mut x = r * total;
+        for (i, &weight) in weights.iter().enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            let w = f64::from(weight.max(1));
+            if x < w {
+                return i;
+            }
+            x -= w;
+        }
+        (0..n).rev().find(|&i| Some(i) != skip).unwrap_or(0)
+    };
+    let a = draw(r1, None);
+    let b = draw(r2, Some(a));
+    let score = |i: usize| costs[i] / f64::from(weights[i].max(1));
+    if score(b) < score(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// A uniform number in [0, 1) (ring's system RNG; the balancer needs no reproducibility).
+pub fn random() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p2c_prefers_the_cheaper_of_two_and_honours_weights() {
+        // Two equal-weight candidates: the cheaper wins whichever is drawn first.
+        assert_eq!(pick_p2c(&[5.0, 1.0], &[1, 1], 0.1, 0.9), 1);
+        assert_eq!(pick_p2c(&[5.0, 1.0], &[1, 1], 0.9, 0.1), 1);
+        // Equal cost, weight 3 vs 1: the heavier endpoint wins more draws.
+        let mut heavy = 0;
+        for i in 0..1000 {
+            let r1 = (i as f64 + 0.5) / 1000.0;
+            let r2 = ((i * 7919) % 1000) as f64 / 1000.0;
+            if pick_p2c(&[1.0, 1.0], &[3, 1], r1, r2) == 0 {
+                heavy += 1;
+            }
+        }
+        assert!(heavy > 700, "{heavy}");
+    }
+
+    #[test]
+    fn breaker_opens_probes_and_closes() {
+        let cfg = BreakerConfig {
+            failures: 3,
+            ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(4),
+        };
+        let mut b = Breaker::default();
+        let t0 = Instant::now();
+        assert!(!b.failure(t0, &cfg));
+        assert!(!b.failure(t0, &cfg));
+        assert!(b.failure(t0, &cfg), "third consecutive failure ejects");
+        assert_eq!(b.admit(t0), Admit::No);
+        let later = t0 + Duration::from_millis(1100);
+        assert_eq!(b.admit(later), Admit::Probe);
+        b.claim_probe();
+        assert_eq!(b.admit(later), Admit::No, "one probe at a time");
+        assert!(b.failure(later, &cfg), "a failed probe ejects again, for longer");
+        assert_eq!(b.admit(later + Duration::from_millis(1500)), Admit::No);
+        assert_eq!(b.admit(later + Duration::from_millis(2100)), Admit::Probe);
+        b.success();
+        assert_eq!(b.admit(later), Admit::Yes);
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let s = EndpointState::default();
+        s.observe(Duration::from_millis(100));
+        assert!(s.ewma() >= Duration::from_millis(100));
+        s.observe(Duration::from_millis(1));
+        assert!(s.ewma() > Duration::from_millis(50), "one fast sample right after does not erase a spike");
+    }
+}
