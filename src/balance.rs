@@ -57,7 +57,11 @@ impl EndpointState {
         let rtt = latency.as_secs_f64();
         let elapsed = now.duration_since(g.1).as_secs_f64();
         let w = (-elapsed / DECAY.as_secs_f64()).exp();
-        g.0 = if rtt > g.0 { rtt } else { g.0 * w + rtt * (1.0 - w) };
+        g.0 = if rtt > g.0 {
+            rtt
+        } else {
+            g.0 * w + rtt * (1.0 - w)
+        };
         g.1 = now;
     }
 
@@ -87,7 +91,10 @@ impl EndpointState {
     }
 
     pub fn breaker_state(&self) -> &'static str {
-        self.breaker.lock().expect("not poisoned").state(Instant::now())
+        self.breaker
+            .lock()
+            .expect("not poisoned")
+            .state(Instant::now())
     }
 }
 
@@ -212,7 +219,11 @@ impl Balancer {
         // A half-open endpoint is tried with one probe before anything else is decided.
         let i = match candidates.iter().find(|&&i| admits[i] == Admit::Probe) {
             Some(&i) => {
-                states[i].breaker.lock().expect("not poisoned").claim_probe();
+                states[i]
+                    .breaker
+                    .lock()
+                    .expect("not poisoned")
+                    .claim_probe();
                 i
             }
             None => {
@@ -304,7 +315,10 @@ mod tests {
         assert_eq!(b.admit(later), Admit::Probe);
         b.claim_probe();
         assert_eq!(b.admit(later), Admit::No, "one probe at a time");
-        assert!(b.failure(later, &cfg), "a failed probe ejects again, for longer");
+        assert!(
+            b.failure(later, &cfg),
+            "a failed probe ejects again, for longer"
+        );
         assert_eq!(b.admit(later + Duration::from_millis(1500)), Admit::No);
         assert_eq!(b.admit(later + Duration::from_millis(2100)), Admit::Probe);
         b.success();
@@ -317,6 +331,9 @@ mod tests {
         s.observe(Duration::from_millis(100));
         assert!(s.ewma() >= Duration::from_millis(100));
         s.observe(Duration::from_millis(1));
-        assert!(s.ewma() > Duration::from_millis(50), "one fast sample right after does not erase a spike");
+        assert!(
+            s.ewma() > Duration::from_millis(50),
+            "one fast sample right after does not erase a spike"
+        );
     }
 }

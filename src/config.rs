@@ -651,7 +651,10 @@ impl Config {
                 ));
             }
             if svc.breaker.failures == 0 {
-                return Err((format!("{key}.breaker.failures"), "must be at least 1".into()));
+                return Err((
+                    format!("{key}.breaker.failures"),
+                    "must be at least 1".into(),
+                ));
             }
             if svc.max_concurrent == 0 {
                 return Err((format!("{key}.max_concurrent"), "must be at least 1".into()));

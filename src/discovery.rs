@@ -115,5 +115,11 @@ pub fn log_change(service: &str, old: &[Endpoint], new: &[Endpoint]) {
         .filter(|e| !new.contains(e))
         .map(|e| e.address.to_string())
         .collect();
-    tracing::info!(service, count = new.len(), ?added, ?removed, "endpoints changed");
+    tracing::info!(
+        service,
+        count = new.len(),
+        ?added,
+        ?removed,
+        "endpoints changed"
+    );
 }

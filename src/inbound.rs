@@ -20,7 +20,9 @@ use tokio_util::task::TaskTracker;
 use crate::body::{content_length, BodyError, Counted, H3Body, ProxyBody};
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, DEADLINE, PEER_IDENTITY};
+use crate::headers::{
+    service_of_authority, strip_hop_by_hop, strip_quicar, DEADLINE, PEER_IDENTITY,
+};
 use crate::identity::{peer_of, PeerId};
 use crate::policy::authorize;
 use crate::telemetry::{Direction, Telemetry};

@@ -21,20 +21,20 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::balance::{random, Balancer, Pick};
 use crate::body::{content_length, empty, BodyError, Counted, H3Body, ProxyBody};
 use crate::cache::{Cache, Clock};
-use crate::config::{Config, Outbound as OutboundConfig};
-use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
-use crate::balance::{random, Balancer, Pick};
 use crate::config::{BreakerConfig, RetryConfig};
+use crate::config::{Config, Outbound as OutboundConfig};
 use crate::discovery::{Endpoint, Endpoints, Source};
+use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::DEADLINE;
+use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
 use crate::resilience::{backoff, is_retryable, Failure, RetryBudget};
 use crate::telemetry::{self, Direction, Telemetry, Upstream};
+use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
-use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
 
 /// A remote service as the data path sees it.
 struct Route {
@@ -415,11 +415,9 @@ async fn fetch(
     let deadline = tokio::time::Instant::now() + route.timeout;
     match tokio::time::timeout_at(deadline, attempts(route, state, head, body, deadline)).await {
         // The permit is held until the response body ends.
-        Ok(Ok(resp)) => Ok(resp.map(|b| {
-            Counted::new(b, Arc::default())
-                .hold(permit)
-                .boxed_unsync()
-        })),
+        Ok(Ok(resp)) => {
+            Ok(resp.map(|b| Counted::new(b, Arc::default()).hold(permit).boxed_unsync()))
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ProxyError::new(
             ErrorKind::Timeout,
@@ -443,7 +441,9 @@ enum ReqBody {
 
 impl ReqBody {
     async fn prepare(body: Option<AppBody>, max: u64) -> Result<Self, ProxyError> {
-        let Some(body) = body else { return Ok(Self::Empty) };
+        let Some(body) = body else {
+            return Ok(Self::Empty);
+        };
         if http_body::Body::is_end_stream(&body) {
             return Ok(Self::Empty);
         }
@@ -544,9 +544,9 @@ async fn attempts(
             Err((e, _)) if e.never_sent => Some(Failure::NeverSent),
             Err((e, _)) => Some(Failure::Error(e.kind)),
         };
-        if !matches!(failure, Some(Failure::NeverSent) | Some(Failure::Error(_))) {
-            st.observe(started.elapsed());
-        }
+        // Failures count as slow as they were (a connect timeout is very slow), so the
+        // balancer steers away even before the breaker opens.
+        st.observe(started.elapsed());
         if st.outcome(failure.is_none(), &route.breaker) {
             tracing::warn!(service = %route.name, endpoint = %ep.address, "endpoint ejected after consecutive failures");
             state
@@ -581,7 +581,12 @@ async fn attempts(
                             &[("service", route.name.clone()), ("reason", reason.into())],
                         )
                         .increment(1);
-                    let pause = backoff(attempt, route.retry.backoff, route.retry.max_backoff, random());
+                    let pause = backoff(
+                        attempt,
+                        route.retry.backoff,
+                        route.retry.max_backoff,
+                        random(),
+                    );
                     tracing::debug!(service = %route.name, endpoint = %ep.address, ?f, ?pause, "retrying");
                     drop(result);
                     tokio::time::sleep(pause).await;
@@ -589,7 +594,10 @@ async fn attempts(
                 }
                 state
                     .tel
-                    .counter(telemetry::BUDGET_EXHAUSTED, &[("service", route.name.clone())])
+                    .counter(
+                        telemetry::BUDGET_EXHAUSTED,
+                        &[("service", route.name.clone())],
+                    )
                     .increment(1);
             }
         }
@@ -599,7 +607,12 @@ async fn attempts(
                 endpoint: ep.address,
                 attempts: attempt,
             });
-            Response::from_parts(parts, Counted::new(b, Arc::default()).hold(outstanding).boxed_unsync())
+            Response::from_parts(
+                parts,
+                Counted::new(b, Arc::default())
+                    .hold(outstanding)
+                    .boxed_unsync(),
+            )
         });
     }
 }

@@ -24,13 +24,21 @@ pub enum Failure {
 
 /// RFC 9110 §9.2.2 idempotent methods.
 pub fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Retry only when safe: a request that was never sent always may be; one that may have
 /// reached the app only if its method is idempotent, the failure is a connection-level one or
 /// a configured status, and its body can be sent again.
-pub fn is_retryable(method: &Method, failure: Failure, statuses: &[u16], body_replayable: bool) -> bool {
+pub fn is_retryable(
+    method: &Method,
+    failure: Failure,
+    statuses: &[u16],
+    body_replayable: bool,
+) -> bool {
     match failure {
         Failure::NeverSent => true,
         _ if !is_idempotent(method) || !body_replayable => false,
@@ -68,10 +76,17 @@ impl RetryBudget {
         }
     }
 
-    fn with_bucket<T>(&self, now: Instant, f: impl FnOnce(&mut VecDeque<(u64, u64, u64)>) -> T) -> T {
+    fn with_bucket<T>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&mut VecDeque<(u64, u64, u64)>) -> T,
+    ) -> T {
         let sec = now.duration_since(self.start).as_secs();
         let mut b = self.buckets.lock().expect("not poisoned");
-        while b.front().is_some_and(|(s, _, _)| s + self.window_secs <= sec) {
+        while b
+            .front()
+            .is_some_and(|(s, _, _)| s + self.window_secs <= sec)
+        {
             b.pop_front();
         }
         if b.back().is_none_or(|(s, _, _)| *s != sec) {
@@ -95,7 +110,10 @@ impl RetryBudget {
     }
 
     pub fn try_retry_at(&self, now: Instant) -> bool {
-        let (ratio, floor) = (self.ratio, f64::from(self.min_per_second) * self.window_secs as f64);
+        let (ratio, floor) = (
+            self.ratio,
+            f64::from(self.min_per_second) * self.window_secs as f64,
+        );
         self.with_bucket(now, |b| {
             let requests: u64 = b.iter().map(|x| x.1).sum();
             let retries: u64 = b.iter().map(|x| x.2).sum();
@@ -118,13 +136,41 @@ mod tests {
     fn only_safe_retries() {
         let st = [502, 503, 504];
         assert!(is_retryable(&Method::POST, Failure::NeverSent, &st, false));
-        assert!(!is_retryable(&Method::POST, Failure::Error(ErrorKind::PeerReset), &st, true));
-        assert!(!is_retryable(&Method::POST, Failure::Status(503), &st, true));
+        assert!(!is_retryable(
+            &Method::POST,
+            Failure::Error(ErrorKind::PeerReset),
+            &st,
+            true
+        ));
+        assert!(!is_retryable(
+            &Method::POST,
+            Failure::Status(503),
+            &st,
+            true
+        ));
         assert!(is_retryable(&Method::GET, Failure::Status(503), &st, true));
         assert!(!is_retryable(&Method::GET, Failure::Status(500), &st, true));
-        assert!(is_retryable(&Method::PUT, Failure::Error(ErrorKind::PeerReset), &st, true));
-        assert!(!is_retryable(&Method::PUT, Failure::Error(ErrorKind::PeerReset), &st, false), "body gone");
-        assert!(!is_retryable(&Method::GET, Failure::Error(ErrorKind::Timeout), &st, true));
+        assert!(is_retryable(
+            &Method::PUT,
+            Failure::Error(ErrorKind::PeerReset),
+            &st,
+            true
+        ));
+        assert!(
+            !is_retryable(
+                &Method::PUT,
+                Failure::Error(ErrorKind::PeerReset),
+                &st,
+                false
+            ),
+            "body gone"
+        );
+        assert!(!is_retryable(
+            &Method::GET,
+            Failure::Error(ErrorKind::Timeout),
+            &st,
+            true
+        ));
     }
 
     #[test]

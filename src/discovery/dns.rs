@@ -117,14 +117,23 @@ impl DnsSource {
                     port: s.port,
                     target: s.target.to_ascii().trim_end_matches('.').to_string(),
                 }),
-                RData::A(a) => glue.push((r.name.to_ascii().trim_end_matches('.').to_string(), IpAddr::V4(a.0))),
-                RData::AAAA(a) => glue.push((r.name.to_ascii().trim_end_matches('.').to_string(), IpAddr::V6(a.0))),
+                RData::A(a) => glue.push((
+                    r.name.to_ascii().trim_end_matches('.').to_string(),
+                    IpAddr::V4(a.0),
+                )),
+                RData::AAAA(a) => glue.push((
+                    r.name.to_ascii().trim_end_matches('.').to_string(),
+                    IpAddr::V6(a.0),
+                )),
                 _ => {}
             }
         }
         let mut addresses: Vec<(String, IpAddr)> = glue;
         for srv in &srvs {
-            if addresses.iter().any(|(n, _)| n.eq_ignore_ascii_case(&srv.target)) {
+            if addresses
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(&srv.target))
+            {
                 continue;
             }
             // Literal addresses as targets are not allowed by RFC 2782, but are common.
@@ -134,7 +143,9 @@ impl DnsSource {
             }
             match resolver.lookup_ip(format!("{}.", srv.target)).await {
                 Ok(ips) => addresses.extend(ips.iter().map(|ip| (srv.target.clone(), ip))),
-                Err(e) => tracing::warn!(target = %srv.target, error = %e, "SRV target has no address; skipped"),
+                Err(e) => {
+                    tracing::warn!(target = %srv.target, error = %e, "SRV target has no address; skipped")
+                }
             }
         }
         let eps = endpoints_from_srv(
@@ -198,22 +209,47 @@ mod tests {
     #[test]
     fn srv_answers_become_endpoints() {
         let srvs = vec![
-            Srv { priority: 10, weight: 5, port: 4143, target: "b.mesh.".into() },
-            Srv { priority: 0, weight: 0, port: 4143, target: "a.mesh".into() },
-            Srv { priority: 0, weight: 1, port: 4143, target: "gone.mesh".into() },
+            Srv {
+                priority: 10,
+                weight: 5,
+                port: 4143,
+                target: "b.mesh.".into(),
+            },
+            Srv {
+                priority: 0,
+                weight: 0,
+                port: 4143,
+                target: "a.mesh".into(),
+            },
+            Srv {
+                priority: 0,
+                weight: 1,
+                port: 4143,
+                target: "gone.mesh".into(),
+            },
         ];
         let addrs = |t: &str| match t {
             "a.mesh" => vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
             "b.mesh" => vec!["10.0.0.3".parse().unwrap()],
             _ => vec![],
         };
-        let eps = endpoints_from_srv(&srvs, &addrs, "spiffe://{trust_domain}/{service}", "td", "hello").unwrap();
+        let eps = endpoints_from_srv(
+            &srvs,
+            &addrs,
+            "spiffe://{trust_domain}/{service}",
+            "td",
+            "hello",
+        )
+        .unwrap();
         assert_eq!(eps.len(), 3);
         assert_eq!(eps[0].address, "10.0.0.1:4143".parse().unwrap());
         assert_eq!((eps[0].priority, eps[0].weight), (0, 1));
         assert_eq!((eps[2].priority, eps[2].weight), (10, 5));
-        assert!(eps.iter().all(|e| e.identity.as_str() == "spiffe://td/hello"));
-        let per_target = endpoints_from_srv(&srvs, &addrs, "spiffe://td/{target}", "td", "hello").unwrap();
+        assert!(eps
+            .iter()
+            .all(|e| e.identity.as_str() == "spiffe://td/hello"));
+        let per_target =
+            endpoints_from_srv(&srvs, &addrs, "spiffe://td/{target}", "td", "hello").unwrap();
         assert_eq!(per_target[2].identity.as_str(), "spiffe://td/b.mesh");
         assert!(endpoints_from_srv(&srvs, &addrs, "not-spiffe", "td", "hello").is_err());
     }

@@ -88,18 +88,26 @@ impl FileSource {
                     log_change(&self.service, &tx.borrow(), &eps);
                     tx.send_replace(Arc::new(eps));
                 }
-                Err(e) => tracing::warn!(service = %self.service, error = %e, "endpoints file changed but is unusable; keeping the last good set"),
+                Err(e) => {
+                    tracing::warn!(service = %self.service, error = %e, "endpoints file changed but is unusable; keeping the last good set")
+                }
             }
         }
     }
 }
 
-fn parse(list: Vec<FileEndpoint>, trust_domain: &str, service: &str) -> Result<Vec<Endpoint>, String> {
+fn parse(
+    list: Vec<FileEndpoint>,
+    trust_domain: &str,
+    service: &str,
+) -> Result<Vec<Endpoint>, String> {
     list.into_iter()
         .enumerate()
         .map(|(i, e)| {
             let identity = match e.identity {
-                Some(id) => PeerId::parse(&id).map_err(|err| format!("endpoints[{i}].identity: {err}"))?,
+                Some(id) => {
+                    PeerId::parse(&id).map_err(|err| format!("endpoints[{i}].identity: {err}"))?
+                }
                 None => PeerId::for_service(trust_domain, service),
             };
             Ok(Endpoint {

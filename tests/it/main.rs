@@ -9,6 +9,7 @@ mod config;
 mod errors;
 mod mtls;
 mod process;
+mod resilience;
 mod support;
 mod telemetry;
 mod tunnel;

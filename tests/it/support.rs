@@ -88,6 +88,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// While set, `/c/...` answers 503 (an origin in trouble).
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// Every request waits this long before being answered (a slow endpoint).
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -102,7 +104,13 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = CancellationToken::new();
-        let (s2, stop2, f2) = (seen.clone(), stop.clone(), failing.clone());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, stop2, f2, d2) = (
+            seen.clone(),
+            stop.clone(),
+            failing.clone(),
+            delay_ms.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
@@ -111,12 +119,19 @@ impl Upstream {
                 };
                 let seen = s2.clone();
                 let failing = f2.clone();
+                let delay = d2.clone();
                 let stop3 = stop2.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let seen = seen.clone();
                         let failing = failing.load(std::sync::atomic::Ordering::Relaxed);
-                        async move { Ok::<_, Infallible>(upstream(req, seen, failing).await) }
+                        let delay = delay.load(std::sync::atomic::Ordering::Relaxed);
+                        async move {
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            Ok::<_, Infallible>(upstream(req, seen, failing).await)
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc);
@@ -131,6 +146,7 @@ impl Upstream {
             addr,
             seen,
             failing,
+            delay_ms,
             stop,
         }
     }

@@ -1,0 +1,427 @@
+//! Resilience with real sidecars: endpoints killed and restarted, failing and slow apps,
+//! retries within their budget, no duplicated POST, deadlines, breakers, concurrency limits,
+//! and endpoints from a watched file.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use quicar::app::Bound;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+/// `n` server sidecars (each fronting its own app) and one client whose `hello` service lists
+/// them all; `extra` goes into the client's `[[service]]` table.
+struct Cluster {
+    pki: Pki,
+    client: Bound,
+    servers: Vec<Option<Bound>>,
+    apps: Vec<Upstream>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Cluster {
+    async fn start(n: usize, extra: &str) -> Self {
+        init_tracing();
+        let pki = Pki::new();
+        let mut apps = Vec::new();
+        let mut servers = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..n {
+            let app = Upstream::start().await;
+            let s = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
+            addrs.push(s.inbound);
+            servers.push(Some(s));
+            apps.push(app);
+        }
+        let client = sidecar(&pki, &client_toml(&pki, &addrs, extra)).await;
+        Self {
+            pki,
+            client,
+            servers,
+            apps,
+            addrs,
+        }
+    }
+
+    fn out(&self) -> SocketAddr {
+        self.client.outbound
+    }
+
+    async fn kill(&mut self, i: usize) {
+        if let Some(s) = self.servers[i].take() {
+            s.shutdown().await;
+        }
+    }
+
+    /// Starts endpoint `i` again on its old port (retrying the bind briefly).
+    async fn restart(&mut self, i: usize) {
+        let toml = server_toml(&self.pki, self.apps[i].addr, &self.addrs[i].to_string(), "");
+        for _ in 0..100 {
+            let config = quicar::config::Config::parse(&toml, "<test>", self.pki.path()).unwrap();
+            if let Ok(s) = quicar::app::build(config).await {
+                self.servers[i] = Some(s);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("could not rebind endpoint {i}");
+    }
+
+    async fn endpoints(&self) -> serde_json::Value {
+        let got = get(self.client.admin, "admin", "/endpoints").await;
+        serde_json::from_slice(&got.body).unwrap()
+    }
+
+    async fn breaker(&self, i: usize) -> String {
+        let v = self.endpoints().await;
+        v[0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == self.addrs[i].to_string())
+            .map(|e| e["breaker"].as_str().unwrap().to_string())
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_is_ejected_and_readmitted_while_requests_succeed() {
+    let mut c = Cluster::start(3, "breaker = { failures = 2, ejection = \"300ms\" }").await;
+    for _ in 0..30 {
+        assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
+    }
+    c.kill(1).await;
+    let killed_at = Instant::now();
+    let mut ejected_after = None;
+    let out = c.out();
+    for _ in 0..15 {
+        // Concurrent traffic, as in production: load spreads over every endpoint the balancer
+        // still believes in.
+        let batch: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+            .collect();
+        for t in batch {
+            let got = t.await.unwrap();
+            assert_eq!(
+                got.status,
+                StatusCode::OK,
+                "idempotent requests succeed on the others: {got:?}"
+            );
+        }
+        if ejected_after.is_none() && c.breaker(1).await != "closed" {
+            ejected_after = Some(killed_at.elapsed());
+        }
+    }
+    let ejected_after = ejected_after.expect("the killed endpoint was ejected");
+    let served_before = c.apps[1].count();
+    c.restart(1).await;
+    let back_at = Instant::now();
+    let mut readmitted_after = None;
+    for _ in 0..400 {
+        assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
+        if c.apps[1].count() > served_before && c.breaker(1).await == "closed" {
+            readmitted_after = Some(back_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let readmitted_after = readmitted_after.expect("the restarted endpoint came back");
+    eprintln!("ejected {ejected_after:?} after the kill; readmitted {readmitted_after:?} after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_post_is_ever_duplicated() {
+    let mut c = Cluster::start(2, "breaker = { failures = 1000 }").await;
+    // Endpoint 0's app answers 503: a POST that got there may have had effects, so it is
+    // never sent again; GETs would be.
+    c.apps[0].failing.store(true, Ordering::Relaxed);
+    let mut failed = 0;
+    for i in 0..40 {
+        let req = Request::post(format!("/c/post?id={i}"))
+            .header("host", "hello")
+            .body(full("x"))
+            .unwrap();
+        let got = send(c.out(), req).await;
+        if got.status == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        } else {
+            assert_eq!(got.status, StatusCode::OK);
+        }
+    }
+    assert!(failed > 0, "the failing endpoint never got a POST");
+    // Endpoint 0 down: its POSTs fail before being sent, so they are retried on endpoint 1.
+    c.apps[0].failing.store(false, Ordering::Relaxed);
+    c.kill(0).await;
+    for i in 40..60 {
+        let req = Request::post(format!("/c/post?id={i}"))
+            .header("host", "hello")
+            .body(full("x"))
+            .unwrap();
+        assert_eq!(
+            send(c.out(), req).await.status,
+            StatusCode::OK,
+            "never-sent POST {i} is retried"
+        );
+    }
+    for i in 0..60 {
+        let id = format!("/c/post?id={i}");
+        let n: usize = c
+            .apps
+            .iter()
+            .map(|a| {
+                a.seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s.path == id)
+                    .count()
+            })
+            .sum();
+        assert_eq!(n, 1, "POST {id} reached the apps {n} times");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_within_the_budget_under_total_failure() {
+    let c = Cluster::start(
+        2,
+        "retry = { attempts = 5, budget_ratio = 0.2, min_per_second = 1, budget_window = \"10s\", backoff = \"1ms\" }\n\
+         breaker = { failures = 100000 }",
+    )
+    .await;
+    for app in &c.apps {
+        app.failing.store(true, Ordering::Relaxed);
+    }
+    let requests = 100;
+    for i in 0..requests {
+        let got = get(c.out(), "hello", &format!("/c/fail?i={i}")).await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let attempts: usize = c.apps.iter().map(|a| a.count_of("/c/fail")).sum();
+    let retries = attempts - requests;
+    // Budget: 0.2 × 100 requests + 1/s × 10 s.
+    assert!(retries <= 30, "{retries} retries for {requests} requests");
+    assert!(
+        retries >= 20,
+        "retries were allowed by the budget but not made: {retries}"
+    );
+    let metrics =
+        String::from_utf8_lossy(&get(c.client.admin, "admin", "/metrics").await.body).to_string();
+    assert!(
+        metrics.contains("quicar_retry_budget_exhausted_total{service=\"hello\"}"),
+        "{metrics}"
+    );
+    eprintln!(
+        "retry amplification under total failure: {attempts} attempts for {requests} requests = {:.2}x",
+        attempts as f64 / requests as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_shorter_than_the_app_is_504_and_the_app_sees_the_cancellation() {
+    init_tracing();
+    let pki = Pki::new();
+    // A raw app: reads the request, never answers, and reports when the sidecar hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        let got_at = Instant::now();
+        // EOF means the sidecar gave up on us.
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let _ = tx.send((
+            n,
+            got_at.elapsed(),
+            String::from_utf8_lossy(&head).to_string(),
+        ));
+        let _ = s.shutdown().await;
+    });
+    let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", "")).await;
+    let client = sidecar(
+        &pki,
+        &client_toml(&pki, &[server.inbound], "timeout = \"400ms\""),
+    )
+    .await;
+    let got = get(client.outbound, "hello", "/hang").await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.error_kind(), Some("timeout"));
+    let (n, waited, head) = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the app saw its connection closed")
+        .unwrap();
+    assert_eq!(n, 0, "the app's connection was closed, not written to");
+    // The deadline travelled with the request, and quicar-* headers never reach the app.
+    assert!(
+        !head.to_ascii_lowercase().contains("quicar-deadline"),
+        "{head}"
+    );
+    eprintln!("app saw the cancellation {waited:?} after receiving the request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_loses_traffic_and_equal_ones_share_it() {
+    let c = Cluster::start(2, "").await;
+    c.apps[1].delay_ms.store(40, Ordering::Relaxed);
+    let out = c.out();
+    for _ in 0..25 {
+        let batch: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await.status }))
+            .collect();
+        for t in batch {
+            assert_eq!(t.await.unwrap(), StatusCode::OK);
+        }
+    }
+    let (fast, slow) = (c.apps[0].count(), c.apps[1].count());
+    assert!(
+        slow * 4 < fast,
+        "slow endpoint still got {slow} of {} requests",
+        fast + slow
+    );
+
+    let even = Cluster::start(3, "").await;
+    let out = even.out();
+    for _ in 0..50 {
+        let batch: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await.status }))
+            .collect();
+        for t in batch {
+            assert_eq!(t.await.unwrap(), StatusCode::OK);
+        }
+    }
+    let counts: Vec<usize> = even.apps.iter().map(Upstream::count).collect();
+    for n in &counts {
+        assert!(*n >= 45, "uneven spread over equal endpoints: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_concurrency_limit_is_503_overloaded() {
+    let c = Cluster::start(1, "max_concurrent = 2").await;
+    let out = c.out();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(out, "hello", "/slow/500").await }))
+        .collect();
+    let mut ok = 0;
+    let mut overloaded = 0;
+    for t in tasks {
+        let got = t.await.unwrap();
+        match got.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(got.error_kind(), Some("overloaded"));
+                overloaded += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!((1..=2).contains(&ok), "{ok} ok");
+    assert_eq!(ok + overloaded, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_endpoints_ejected_is_503_circuit_open() {
+    let mut c = Cluster::start(1, "breaker = { failures = 1, ejection = \"30s\" }").await;
+    assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
+    c.kill(0).await;
+    let first = get(c.out(), "hello", "/").await;
+    assert!(
+        first.error_kind() == Some("connect-failed") || first.error_kind() == Some("circuit-open"),
+        "{first:?}"
+    );
+    let got = get(c.out(), "hello", "/").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.error_kind(), Some("circuit-open"));
+    assert_eq!(c.breaker(0).await, "open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_from_a_watched_file_follow_changes_without_dropping_requests() {
+    init_tracing();
+    let pki = Pki::new();
+    let (app_a, app_b) = (Upstream::start().await, Upstream::start().await);
+    let a = sidecar(&pki, &server_toml(&pki, app_a.addr, "127.0.0.1:0", "")).await;
+    let b = sidecar(&pki, &server_toml(&pki, app_b.addr, "127.0.0.1:0", "")).await;
+    let file = pki.path().join("hello-endpoints.toml");
+    let write = |text: String| {
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(format!("endpoints = [{{ address = \"{}\" }}]\n", a.inbound));
+    let toml = client_toml(
+        &pki,
+        &[],
+        "discovery = { file = \"hello-endpoints.toml\", interval = \"50ms\" }",
+    )
+    .replace("endpoints = []\n", "");
+    let client = sidecar(&pki, &toml).await;
+    assert_eq!(
+        get(client.outbound, "hello", "/").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(app_a.count(), 1);
+
+    // A slow request in flight on A while the file moves the service to B.
+    let out = client.outbound;
+    let slow = tokio::spawn(async move { get(out, "hello", "/slow/800").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    write(format!(
+        "endpoints = [{{ address = \"{}\", weight = 2 }}]\n",
+        b.inbound
+    ));
+    let mut moved = false;
+    for _ in 0..100 {
+        assert_eq!(
+            get(client.outbound, "hello", "/").await.status,
+            StatusCode::OK
+        );
+        if app_b.count() > 0 {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved, "traffic never moved to the new endpoint");
+    assert_eq!(
+        slow.await.unwrap().status,
+        StatusCode::OK,
+        "the in-flight request was dropped"
+    );
+
+    // A broken file keeps the last good set.
+    write("endpoints = [{ address = \"not an address\" }]\n".into());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = app_b.count();
+    for _ in 0..5 {
+        assert_eq!(
+            get(client.outbound, "hello", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(app_b.count(), before + 5);
+    // JSON works too.
+    let json = pki.path().join("eps.json");
+    std::fs::write(&json, format!("[{{\"address\": \"{}\"}}]", a.inbound)).unwrap();
+    let src = quicar::discovery::file::FileSource {
+        path: json,
+        interval: Duration::from_secs(1),
+        trust_domain: "quicar.local".into(),
+        service: "hello".into(),
+    };
+    let eps = src.load().unwrap();
+    assert_eq!(
+        (eps[0].address, eps[0].identity.as_str()),
+        (a.inbound, "spiffe://quicar.local/hello")
+    );
+}
