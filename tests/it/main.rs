@@ -6,6 +6,7 @@
 mod cache;
 mod cli;
 mod config;
+mod dns;
 mod errors;
 mod mtls;
 mod process;
