@@ -676,6 +676,22 @@ async fn exchange(
             Ok(resp) => break (recv, in_flight, upload_guard, resp),
             Err(e) => {
                 state.pool.evict(*addr, identity, &conn).await;
+                // RFC 9114 §4.1.1: H3_REQUEST_REJECTED means the server did not process it
+                // (e.g. it arrived after GOAWAY), so it may be sent again.
+                let rejected = matches!(
+                    &e,
+                    h3::error::StreamError::RemoteTerminate { code, .. }
+                        if *code == h3::error::Code::H3_REQUEST_REJECTED
+                );
+                if rejected {
+                    let e = ProxyError::new(
+                        ErrorKind::PeerReset,
+                        Side::Peer,
+                        format!("peer {addr} rejected the request unprocessed"),
+                    )
+                    .never_sent();
+                    return Err((e, None));
+                }
                 let err = match verdict(&conn, *addr).await {
                     Verdict::Refused(refused) => refused,
                     // A stateless reset: the peer restarted and has no memory of this
