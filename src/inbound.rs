@@ -205,10 +205,35 @@ async fn request(
     state: &Inbound,
     peer: &PeerId,
 ) {
+    let (mut send, recv) = stream.split();
+    let mut body = H3Body::new(recv, content_length(req.headers()));
+    let resp = match body.settle().await {
+        Ok(()) => {
+            let req = req.map(|()| body.boxed_unsync());
+            handle(req, state, peer, "quic").await
+        }
+        Err(e) => ProxyError::new(
+            ErrorKind::PeerReset,
+            Side::Peer,
+            format!("request body failed: {e}"),
+        )
+        .into_response(),
+    };
+    respond(&mut send, resp).await;
+}
+
+/// One request from a peer, whatever the transport: telemetry around `to_app`. The record is
+/// written when the returned response's body ends.
+pub(crate) async fn handle(
+    req: Request<ProxyBody>,
+    state: &Inbound,
+    peer: &PeerId,
+    transport: &'static str,
+) -> Response<ProxyBody> {
     let mut guard = state.tel.request(Direction::Inbound);
     {
         let f = &mut guard.facts;
-        f.transport = "quic";
+        f.transport = transport;
         f.method = req.method().to_string();
         f.path = req.uri().path().to_string();
         f.authority = req
@@ -229,8 +254,7 @@ async fn request(
     {
         guard.service(&local.name);
     }
-    let (mut send, recv) = stream.split();
-    let resp = match to_app(req, recv, state, peer, guard.bytes_in()).await {
+    let resp = match to_app(req, state, peer, guard.bytes_in()).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(kind = e.kind.as_str(), error = %e.message, "inbound request failed");
@@ -243,18 +267,18 @@ async fn request(
         .get(crate::headers::QUICAR_ERROR)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    respond(&mut send, resp, &guard.bytes_out()).await;
+    let bytes_out = guard.bytes_out();
+    resp.map(|b| Counted::new(b, bytes_out).hold(guard).boxed_unsync())
 }
 
 /// route → authorize → app. Errors become sidecar responses with their kind.
 async fn to_app(
-    req: Request<()>,
-    recv: ServerStream<h3_quinn::RecvStream>,
+    req: Request<ProxyBody>,
     state: &Inbound,
     peer: &PeerId,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut parts, ()) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri
         .authority()
@@ -316,14 +340,6 @@ async fn to_app(
             ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}"))
         })?;
     parts.version = http::Version::HTTP_11;
-    let mut body = H3Body::new(recv, content_length(&parts.headers));
-    body.settle().await.map_err(|e| {
-        ProxyError::new(
-            ErrorKind::PeerReset,
-            Side::Peer,
-            format!("request body failed: {e}"),
-        )
-    })?;
     let req = Request::from_parts(parts, Counted::new(body, bytes_in).boxed_unsync());
     let call = state.app.request(req);
     let result = match deadline {
@@ -370,11 +386,7 @@ async fn to_app(
 /// Sends a response on the HTTP/3 stream: headers, then data as the app produces it (each
 /// `send_data` waits for flow control), then trailers. An app body that breaks off resets the
 /// stream so the caller sees an error, not a short body.
-async fn respond(
-    send: &mut ServerStream<h3_quinn::SendStream<Bytes>>,
-    resp: Response<ProxyBody>,
-    bytes_out: &std::sync::atomic::AtomicU64,
-) {
+async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Response<ProxyBody>) {
     let (parts, mut body) = resp.into_parts();
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
         tracing::debug!(error = %e, "could not send response headers");
@@ -391,11 +403,7 @@ async fn respond(
             Some(Ok(frame)) => {
                 let r = match frame.into_data() {
                     Ok(data) if data.is_empty() => Ok(()),
-                    Ok(data) => {
-                        bytes_out
-                            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        send.send_data(data).await
-                    }
+                    Ok(data) => send.send_data(data).await,
                     Err(frame) => match frame.into_trailers() {
                         Ok(trailers) => send.send_trailers(trailers).await,
                         Err(_) => Ok(()),
