@@ -18,6 +18,7 @@ use crate::inbound::{self, Inbound};
 use crate::outbound::{self, Outbound};
 use crate::telemetry::Telemetry;
 use crate::transport::quic::{self, QuicPool};
+use crate::transport::tcp::{self, TcpPool};
 
 /// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +48,12 @@ pub struct Bound {
     pub telemetry: Arc<Telemetry>,
     pub identity: IdentityRx,
     pool: Arc<QuicPool>,
+    tcp_pool: Arc<TcpPool>,
     path: Arc<Outbound>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    endpoint: quinn::Endpoint,
+    endpoint: Option<quinn::Endpoint>,
     drain_timeout: Duration,
 }
 
@@ -66,15 +68,34 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             addr: config.outbound.listen,
             source,
         })?;
-    let endpoint = quic::server_endpoint(config.inbound.listen, &material, &config.quic).map_err(
-        |source| BuildError::Bind {
-            what: "inbound listener (UDP)",
+    let (udp, tcp_listener) =
+        bind_inbound(config.inbound.listen, config.inbound.quic, config.inbound.tcp)?;
+    let inbound_addr = match (&udp, &tcp_listener) {
+        (Some(u), _) => u.local_addr().expect("bound"),
+        (None, Some(t)) => t.local_addr().expect("bound"),
+        (None, None) => unreachable!("validated: at least one inbound transport"),
+    };
+    let endpoint = match udp {
+        Some(socket) => Some(
+            quic::server_endpoint(socket, &material, &config.quic).map_err(|source| {
+                BuildError::Bind {
+                    what: "inbound listener (UDP)",
+                    addr: config.inbound.listen,
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let tcp_listener = tcp_listener
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()
+        .map_err(|source| BuildError::Bind {
+            what: "inbound listener (TCP)",
             addr: config.inbound.listen,
             source,
-        },
-    )?;
+        })?;
     let outbound_addr = outbound_listener.local_addr().expect("bound");
-    let inbound_addr = endpoint.local_addr().expect("bound");
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -109,10 +130,12 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         id_tx,
         shutdown.clone(),
     ));
+    let tcp_tls = Arc::new(std::sync::Mutex::new(tcp::server_tls(&id_rx.borrow())?));
     // New handshakes on the inbound side pick up rotated certificates too.
     {
         let mut rx = id_rx.clone();
         let endpoint = endpoint.clone();
+        let tcp_tls = tcp_tls.clone();
         let quic_cfg = config.quic.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -122,20 +145,27 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                     r = rx.changed() => if r.is_err() { return },
                 }
                 let material = rx.borrow_and_update().clone();
-                match quic::server_config(&material, &quic_cfg) {
-                    Ok(server) => endpoint.set_server_config(Some(server)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot use reloaded identity for inbound")
+                if let Some(endpoint) = &endpoint {
+                    match quic::server_config(&material, &quic_cfg) {
+                        Ok(server) => endpoint.set_server_config(Some(server)),
+                        Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound QUIC"),
                     }
+                }
+                match tcp::server_tls(&material) {
+                    Ok(c) => *tcp_tls.lock().expect("not poisoned") = c,
+                    Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound TCP"),
                 }
             }
         });
     }
+    let tcp_pool = TcpPool::new(id_rx.clone(), &config.quic, tel.clone());
+    tracker.spawn(tcp_pool.clone().reap_idle(shutdown.clone()));
     tracker.spawn(pool.clone().reap_idle(shutdown.clone()));
     let clock = Arc::new(Clock::default());
     let outbound = Arc::new(Outbound::new(
         &config,
         pool.clone(),
+        tcp_pool.clone(),
         clock.clone(),
         tel.clone(),
         &tracker,
@@ -147,12 +177,25 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         config.outbound.clone(),
         shutdown.clone(),
     ));
-    tracker.spawn(inbound::serve(
-        endpoint.clone(),
-        Arc::new(Inbound::new(&config, tel.clone())),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    let inbound_state = Arc::new(Inbound::new(&config, tel.clone()));
+    if let Some(endpoint) = &endpoint {
+        tracker.spawn(inbound::serve(
+            endpoint.clone(),
+            inbound_state.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    if let Some(listener) = tcp_listener {
+        tracker.spawn(inbound::serve_tcp(
+            listener,
+            tcp_tls,
+            inbound_state,
+            config.quic.max_concurrent_streams,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
     // Once a second: QUIC path stats and cache sizes into metrics, and the dashboard's series.
     {
         let (tel, pool, outbound, shutdown) = (
@@ -196,6 +239,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         telemetry: tel,
         identity: id_rx,
         pool,
+        tcp_pool,
         path: outbound,
         clock,
         shutdown,
@@ -205,10 +249,63 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     })
 }
 
+/// Binds the inbound UDP socket and TCP listener on the same port number (the port is the
+/// contract: peers reach QUIC and TCP at one address). With port 0 the UDP port is picked
+/// first and TCP must get the same; on a clash it tries again.
+fn bind_inbound(
+    addr: SocketAddr,
+    quic: bool,
+    tcp: bool,
+) -> Result<(Option<std::net::UdpSocket>, Option<std::net::TcpListener>), BuildError> {
+    let err = |what, source| BuildError::Bind { what, addr, source };
+    let bind_tcp = |a: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(a)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let mut last = None;
+    for _ in 0..20 {
+        let udp = if quic {
+            Some(std::net::UdpSocket::bind(addr).map_err(|e| err("inbound listener (UDP)", e))?)
+        } else {
+            None
+        };
+        let port_addr = udp.as_ref().map_or(addr, |u| u.local_addr().expect("bound"));
+        if !tcp {
+            return Ok((udp, None));
+        }
+        match bind_tcp(port_addr) {
+            Ok(l) => return Ok((udp, Some(l))),
+            Err(e) if addr.port() == 0 && quic => last = Some(e),
+            Err(e) => return Err(err("inbound listener (TCP)", e)),
+        }
+    }
+    Err(err(
+        "inbound listener (TCP)",
+        last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")),
+    ))
+}
+
 impl Bound {
     /// QUIC connections this sidecar has opened to peers since it started.
     pub fn quic_connections_opened(&self) -> u64 {
         self.pool.connections_opened()
+    }
+
+    /// Connections to peers opened since start, over `transport` ("quic" or "tcp").
+    pub fn connections_opened(&self, transport: &str) -> u64 {
+        match transport {
+            "tcp" => self.tcp_pool.connections_opened(),
+            _ => self.pool.connections_opened(),
+        }
+    }
+
+    /// Connections to peers open now, over `transport`.
+    pub fn connections_active(&self, transport: &str) -> usize {
+        match transport {
+            "tcp" => self.tcp_pool.connections_active(),
+            _ => self.pool.connections_active(),
+        }
     }
 
     /// The response cache of a service, if configured.
@@ -237,12 +334,17 @@ impl Bound {
         {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timed out; closing remaining requests");
         }
-        self.endpoint.close(
-            quinn::VarInt::from_u32(quic::CLOSE_SHUTDOWN),
-            b"sidecar stopping",
-        );
+        self.tcp_pool.close();
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.close(
+                quinn::VarInt::from_u32(quic::CLOSE_SHUTDOWN),
+                b"sidecar stopping",
+            );
+        }
         self.pool.close(Duration::from_millis(500)).await;
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+        if let Some(endpoint) = &self.endpoint {
+            let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+        }
         tracing::info!("sidecar stopped");
     }
 }

@@ -97,6 +97,9 @@ pub struct Outbound {
     /// Time the app has to send a complete header section on a connection.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Add `quicar-transport: quic|tcp` to responses from peers.
+    #[serde(default = "yes")]
+    pub transport_header: bool,
 }
 
 impl Default for Outbound {
@@ -105,6 +108,7 @@ impl Default for Outbound {
             listen: default_outbound_listen(),
             max_header_bytes: default_max_header_bytes(),
             header_read_timeout: default_header_read_timeout(),
+            transport_header: true,
         }
     }
 }
@@ -117,6 +121,16 @@ pub struct Inbound {
     /// Time allowed to connect to a local app.
     #[serde(default = "default_local_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Accept QUIC (UDP) from peers.
+    #[serde(default = "yes")]
+    pub quic: bool,
+    /// Accept TLS + HTTP/2 (TCP) from peers, on the same port number.
+    #[serde(default = "yes")]
+    pub tcp: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for Inbound {
@@ -124,6 +138,8 @@ impl Default for Inbound {
         Self {
             listen: default_inbound_listen(),
             connect_timeout: default_local_connect_timeout(),
+            quic: true,
+            tcp: true,
         }
     }
 }
@@ -180,6 +196,14 @@ pub struct Quic {
     /// A peer silent for this long is considered gone and its connection dropped.
     #[serde(default = "default_dead_peer", with = "humantime_serde")]
     pub dead_peer_timeout: Duration,
+    /// `auto` services: first wait before an endpoint that fell back to TCP tries QUIC again
+    /// (doubling up to 60 s).
+    #[serde(default = "default_fallback_retry", with = "humantime_serde")]
+    pub fallback_retry: Duration,
+}
+
+fn default_fallback_retry() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for Quic {
@@ -189,6 +213,7 @@ impl Default for Quic {
             max_concurrent_streams: default_max_streams(),
             keep_alive_interval: default_keep_alive(),
             dead_peer_timeout: default_dead_peer(),
+            fallback_retry: default_fallback_retry(),
         }
     }
 }
@@ -461,8 +486,14 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
+    /// HTTP/3 over QUIC.
     #[default]
     Quic,
+    /// HTTP/2 over TLS 1.3 over TCP.
+    Tcp,
+    /// QUIC, falling back to TCP per endpoint when the QUIC handshake fails or times out
+    /// (UDP blocked), and trying QUIC again in the background after a back-off.
+    Auto,
 }
 
 fn default_node_name() -> String {
@@ -566,6 +597,12 @@ impl Config {
             return Err((
                 "node.trust_domain".into(),
                 format!("`{td}` is not a trust domain name"),
+            ));
+        }
+        if !self.inbound.quic && !self.inbound.tcp {
+            return Err((
+                "inbound".into(),
+                "at least one of `quic` and `tcp` must be true".into(),
             ));
         }
         if self.quic.max_concurrent_streams == 0 {

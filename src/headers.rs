@@ -8,6 +8,8 @@ pub const QUICAR_ERROR: &str = "quicar-error";
 /// Set by the inbound sidecar for its app: the caller's SPIFFE ID, from its certificate.
 pub const PEER_IDENTITY: &str = "quicar-peer-identity";
 
+/// To the calling app: the transport its request crossed (`quic` or `tcp`).
+pub const TRANSPORT: &str = "quicar-transport";
 /// From the outbound to the inbound sidecar: milliseconds left of the caller's deadline. The
 /// inbound sidecar gives the local app no longer than that.
 pub const DEADLINE: &str = "quicar-deadline";

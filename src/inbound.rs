@@ -429,3 +429,91 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Accepts TLS + HTTP/2 connections from peers on the inbound TCP listener until `shutdown`;
+/// then each connection sends GOAWAY and finishes its streams (the caller bounds how long).
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    tls: Arc<std::sync::Mutex<Arc<rustls::ServerConfig>>>,
+    state: Arc<Inbound>,
+    max_streams: u32,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.lock().expect("not poisoned").clone());
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    state.tel.handshake_failed(Direction::Inbound, failure_reason(&e.to_string()));
+                    tracing::warn!(%remote, reason = %e, "inbound TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    state.tel.handshake_failed(Direction::Inbound, "timeout");
+                    tracing::warn!(%remote, "inbound TLS handshake timed out");
+                    return;
+                }
+            };
+            let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+            let peer = match peer_of(certs.as_deref()) {
+                Ok(p) if p.trust_domain() == state.trust_domain => p,
+                Ok(p) => {
+                    state.tel.handshake_failed(Direction::Inbound, "foreign-trust-domain");
+                    tracing::warn!(%remote, identity = %p, "inbound peer refused: foreign trust domain");
+                    return;
+                }
+                Err(e) => {
+                    state.tel.handshake_failed(Direction::Inbound, "no-identity");
+                    tracing::warn!(%remote, reason = %e, "inbound peer refused: no usable identity");
+                    return;
+                }
+            };
+            tracing::debug!(%remote, identity = %peer, "inbound TCP connection");
+            let _open = state.tel.connection_opened(Direction::Inbound, "tcp");
+            let peer = Arc::new(peer);
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (state, peer) = (state.clone(), peer.clone());
+                async move {
+                    let req = req.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync());
+                    Ok::<_, std::convert::Infallible>(handle(req, &state, &peer, "tcp").await)
+                }
+            });
+            let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(max_streams)
+                .initial_stream_window_size(1024 * 1024)
+                .initial_connection_window_size(16 * 1024 * 1024)
+                .max_header_list_size(MAX_FIELD_SECTION as u32);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%remote, error = %e, "inbound TCP connection ended");
+                    }
+                    return;
+                }
+                _ = shutdown.cancelled() => {}
+            }
+            // GOAWAY; streams already accepted finish.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+}

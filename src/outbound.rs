@@ -24,11 +24,13 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::{random, Balancer, Pick};
 use crate::body::{content_length, empty, BodyError, Counted, H3Body, ProxyBody};
 use crate::cache::{Cache, Clock};
-use crate::config::{BreakerConfig, RetryConfig};
+use crate::config::{BreakerConfig, RetryConfig, TransportKind};
+use crate::transport::tcp::TcpPool;
+use std::sync::Mutex;
 use crate::config::{Config, Outbound as OutboundConfig};
 use crate::discovery::{Endpoint, Endpoints, Source};
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::DEADLINE;
+use crate::headers::{DEADLINE, TRANSPORT};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
 use crate::resilience::{backoff, is_retryable, Failure, RetryBudget};
 use crate::telemetry::{self, Direction, Telemetry, Upstream};
@@ -50,20 +52,29 @@ struct Route {
     breaker: BreakerConfig,
     limit: Arc<Semaphore>,
     max_concurrent: usize,
+    transport: TransportKind,
 }
 
 /// Everything the outbound request path needs, shared by all connections.
 pub struct Outbound {
     routes: HashMap<String, Route>,
     pool: Arc<QuicPool>,
+    tcp: Arc<TcpPool>,
+    auto: Arc<AutoFallback>,
+    /// First wait before an `auto` endpoint on TCP tries QUIC again (doubles up to 60 s).
+    quic_retry: Duration,
+    transport_header: bool,
+    shutdown: CancellationToken,
     tel: Arc<Telemetry>,
 }
 
 impl Outbound {
     /// Builds the routes and starts each service's discovery source.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
         pool: Arc<QuicPool>,
+        tcp: Arc<TcpPool>,
         clock: Arc<Clock>,
         tel: Arc<Telemetry>,
         tracker: &TaskTracker,
@@ -92,12 +103,22 @@ impl Outbound {
                     retry: svc.retry.clone(),
                     breaker: svc.breaker.clone(),
                     limit: Arc::new(Semaphore::new(svc.max_concurrent)),
+                    transport: svc.transport,
                     max_concurrent: svc.max_concurrent,
                 };
                 (svc.name.to_ascii_lowercase(), route)
             })
             .collect();
-        Self { routes, pool, tel }
+        Self {
+            routes,
+            pool,
+            tcp,
+            auto: Arc::default(),
+            quic_retry: config.quic.fallback_retry,
+            transport_header: config.outbound.transport_header,
+            shutdown,
+            tel,
+        }
     }
 
     /// Services, their endpoints and each endpoint's connection state, for `/endpoints`.
@@ -107,7 +128,11 @@ impl Outbound {
             .values()
             .map(|r| ServiceView {
                 name: r.name.clone(),
-                transport: "quic",
+                transport: match r.transport {
+                    TransportKind::Quic => "quic",
+                    TransportKind::Tcp => "tcp",
+                    TransportKind::Auto => "auto",
+                },
                 cache: r.cache.is_some(),
                 endpoints: r
                     .endpoints
@@ -115,7 +140,13 @@ impl Outbound {
                     .iter()
                     .map(|ep| {
                         let (addr, id) = (&ep.address, &ep.identity);
+                        let transport = match r.transport {
+                            TransportKind::Tcp => "tcp",
+                            TransportKind::Auto if self.auto.prefers_tcp(ep) => "tcp",
+                            _ => "quic",
+                        };
                         let state = pool.peek(*addr, id);
+                        let tcp_state = self.tcp.peek(*addr, id);
                         let lb = r.balancer.state(ep);
                         EndpointView {
                             address: *addr,
@@ -125,8 +156,12 @@ impl Outbound {
                             breaker: lb.breaker_state(),
                             latency_ewma_ms: lb.ewma().as_secs_f64() * 1000.0,
                             outstanding: lb.outstanding(),
-                            transport: "quic",
-                            connected: state.as_ref().is_some_and(|s| s.alive),
+                            transport,
+                            connected: if transport == "tcp" {
+                                tcp_state.is_some_and(|(alive, _)| alive)
+                            } else {
+                                state.as_ref().is_some_and(|s| s.alive)
+                            },
                             rtt_ms: state
                                 .as_ref()
                                 .filter(|s| s.alive)
@@ -260,7 +295,7 @@ async fn handle(mut req: Request<Incoming>, state: Arc<Outbound>) -> Response<Pr
     if let Some(up) = resp.extensions().get::<Upstream>() {
         f.endpoint = Some(up.endpoint);
         f.attempts = up.attempts;
-        f.transport = "quic";
+        f.transport = up.transport;
     }
     let bytes_out = guard.bytes_out();
     resp.map(|b| Counted::new(b, bytes_out).hold(guard).boxed_unsync())
@@ -436,7 +471,7 @@ enum ReqBody {
     Empty,
     Buffered(Bytes, Option<http::HeaderMap>),
     /// Streamed as it arrives; `None` once it has been handed to an attempt.
-    Stream(Option<AppBody>),
+    Stream(Option<ProxyBody>),
 }
 
 impl ReqBody {
@@ -459,7 +494,9 @@ impl ReqBody {
                 let trailers = collected.trailers().cloned();
                 Ok(Self::Buffered(collected.to_bytes(), trailers))
             }
-            _ => Ok(Self::Stream(Some(body))),
+            _ => Ok(Self::Stream(Some(
+                body.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync(),
+            ))),
         }
     }
 
@@ -471,7 +508,7 @@ impl ReqBody {
         }
     }
 
-    fn restore(&mut self, body: AppBody) {
+    fn restore(&mut self, body: ProxyBody) {
         if let Self::Stream(s) = self {
             *s = Some(body);
         }
@@ -487,7 +524,31 @@ impl ReqBody {
 enum UploadBody {
     Empty,
     Bytes(Bytes, Option<http::HeaderMap>),
-    Stream(AppBody),
+    Stream(ProxyBody),
+}
+
+impl UploadBody {
+    /// The streaming body, when an attempt failed before reading any of it.
+    fn unread(self) -> Option<ProxyBody> {
+        match self {
+            Self::Stream(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// As an HTTP/2 request body.
+    fn into_proxy_body(self) -> ProxyBody {
+        match self {
+            Self::Empty => empty(),
+            Self::Bytes(b, None) => crate::body::full(b),
+            Self::Bytes(b, Some(t)) => {
+                let frames: Vec<Result<http_body::Frame<Bytes>, BodyError>> =
+                    vec![Ok(http_body::Frame::data(b)), Ok(http_body::Frame::trailers(t))];
+                http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+            }
+            Self::Stream(b) => b,
+        }
+    }
 }
 
 /// Attempts until one succeeds or no retry is allowed: the balancer picks an endpoint (another
@@ -535,7 +596,7 @@ async fn attempts(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         head.headers_mut()
             .insert(DEADLINE, http::HeaderValue::from(left.as_millis() as u64));
-        let result = exchange(route, state, head, &ep, body.for_attempt()).await;
+        let (result, transport) = send_via(route, state, head, &ep, &mut body).await;
         let failure = match &result {
             Ok(resp) if crate::cache::is_error_status(resp.status()) => {
                 Some(Failure::Status(resp.status().as_u16()))
@@ -606,13 +667,198 @@ async fn attempts(
             parts.extensions.insert(Upstream {
                 endpoint: ep.address,
                 attempts: attempt,
+                transport,
             });
+            if state.transport_header {
+                parts
+                    .headers
+                    .insert(TRANSPORT, http::HeaderValue::from_static(transport));
+            }
             Response::from_parts(
                 parts,
                 Counted::new(b, Arc::default())
                     .hold(outstanding)
                     .boxed_unsync(),
             )
+        });
+    }
+}
+
+/// One attempt over the service's transport; `auto` tries QUIC and falls back to TCP for this
+/// endpoint when the QUIC handshake fails or times out (the request was not sent, so the same
+/// attempt continues over TCP).
+async fn send_via(
+    route: &Route,
+    state: &Outbound,
+    head: Request<()>,
+    ep: &Endpoint,
+    body: &mut ReqBody,
+) -> (Result<Response<ProxyBody>, (ProxyError, Option<ProxyBody>)>, &'static str) {
+    match route.transport {
+        TransportKind::Quic => (exchange(route, state, head, ep, body.for_attempt()).await, "quic"),
+        TransportKind::Tcp => (exchange_tcp(route, state, head, ep, body.for_attempt()).await, "tcp"),
+        TransportKind::Auto => {
+            if state.auto.prefers_tcp(ep) {
+                return (exchange_tcp(route, state, head, ep, body.for_attempt()).await, "tcp");
+            }
+            match exchange(route, state, head.clone(), ep, body.for_attempt()).await {
+                Err((e, returned)) if e.kind == ErrorKind::ConnectFailed && e.never_sent => {
+                    tracing::info!(endpoint = %ep.address, reason = %e.message, "QUIC unreachable; falling back to TCP");
+                    state.auto.fall_back(ep, state, route.connect_timeout);
+                    if let Some(b) = returned {
+                        body.restore(b);
+                    }
+                    (exchange_tcp(route, state, head, ep, body.for_attempt()).await, "tcp")
+                }
+                r => (r, "quic"),
+            }
+        }
+    }
+}
+
+/// One attempt on one endpoint over HTTP/2. On failure before sending, the body comes back.
+async fn exchange_tcp(
+    route: &Route,
+    state: &Outbound,
+    head: Request<()>,
+    ep: &Endpoint,
+    body: UploadBody,
+) -> Result<Response<ProxyBody>, (ProxyError, Option<ProxyBody>)> {
+    let method = head.method().clone();
+    let addr = ep.address;
+    let conn = match state.tcp.get(addr, &ep.identity, route.connect_timeout).await {
+        Ok(c) => c,
+        Err(e) => return Err((e, body.unread())),
+    };
+    let in_flight = conn.in_flight();
+    let mut send = conn.send.clone();
+    let refused = |conn: &crate::transport::tcp::H2Conn| {
+        let conn = conn.clone();
+        async move {
+            conn.ended()
+                .await
+                .filter(|r| crate::transport::tcp::is_refusal(r))
+                .map(|r| {
+                    ProxyError::new(
+                        ErrorKind::ConnectFailed,
+                        Side::Peer,
+                        format!("peer {addr} refused the handshake: {r}"),
+                    )
+                    .never_sent()
+                })
+        }
+    };
+    if send.ready().await.is_err() {
+        state.tcp.evict(addr, &ep.identity).await;
+        let e = match refused(&conn).await {
+            Some(e) => e,
+            None => ProxyError::new(
+                ErrorKind::PeerReset,
+                Side::Peer,
+                format!("HTTP/2 connection to peer {addr} closed before the request"),
+            )
+            .never_sent(),
+        };
+        return Err((e, body.unread()));
+    }
+    let req = head.map(|()| body.into_proxy_body());
+    let resp = match send.try_send_request(req).await {
+        Ok(r) => r,
+        Err(mut e) => {
+            state.tcp.evict(addr, &ep.identity).await;
+            let unsent = e.take_message().map(Request::into_body);
+            let text = e.error().to_string();
+            let err = match refused(&conn).await {
+                Some(r) => r,
+                None if unsent.is_some() || is_refused_stream(e.error()) => ProxyError::new(
+                    ErrorKind::PeerReset,
+                    Side::Peer,
+                    format!("peer {addr} did not take the request: {text}"),
+                )
+                .never_sent(),
+                None => ProxyError::new(
+                    ErrorKind::PeerReset,
+                    Side::Peer,
+                    format!("peer {addr} reset the request before responding: {text}"),
+                ),
+            };
+            return Err((err, unsent));
+        }
+    };
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_11;
+    let bodyless = method == Method::HEAD
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let body = if bodyless {
+        drop(in_flight);
+        empty()
+    } else {
+        Counted::new(
+            incoming.map_err(|e| -> BodyError { Box::new(e) }),
+            Arc::default(),
+        )
+        .hold(in_flight)
+        .boxed_unsync()
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// HTTP/2 REFUSED_STREAM: the server did not process the stream (RFC 9113 §8.7).
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string().to_ascii_lowercase();
+        if text.contains("refused stream") || text.contains("refused_stream") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Per-endpoint memory of `auto` services: which endpoints currently go over TCP, with one
+/// background task each trying QUIC again after a growing back-off.
+#[derive(Default)]
+struct AutoFallback {
+    on_tcp: Mutex<HashMap<(SocketAddr, crate::identity::PeerId), ()>>,
+}
+
+impl AutoFallback {
+    fn prefers_tcp(&self, ep: &Endpoint) -> bool {
+        self.on_tcp
+            .lock()
+            .expect("not poisoned")
+            .contains_key(&(ep.address, ep.identity.clone()))
+    }
+
+    fn fall_back(&self, ep: &Endpoint, state: &Outbound, connect_timeout: Duration) {
+        let key = (ep.address, ep.identity.clone());
+        if self
+            .on_tcp
+            .lock()
+            .expect("not poisoned")
+            .insert(key.clone(), ())
+            .is_some()
+        {
+            return;
+        }
+        let (pool, auto, shutdown) = (state.pool.clone(), state.auto.clone(), state.shutdown.clone());
+        let (mut wait, max) = (state.quic_retry, Duration::from_secs(60));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if pool.get(key.0, &key.1, connect_timeout).await.is_ok() {
+                    tracing::info!(endpoint = %key.0, "QUIC reachable again; leaving TCP");
+                    auto.on_tcp.lock().expect("not poisoned").remove(&key);
+                    return;
+                }
+                wait = (wait * 2).min(max);
+            }
         });
     }
 }
@@ -625,13 +871,10 @@ async fn exchange(
     head: Request<()>,
     ep: &Endpoint,
     body: UploadBody,
-) -> Result<Response<ProxyBody>, (ProxyError, Option<AppBody>)> {
+) -> Result<Response<ProxyBody>, (ProxyError, Option<ProxyBody>)> {
     let method = head.method().clone();
     let (addr, identity) = (&ep.address, &ep.identity);
-    let unread = |body: UploadBody| match body {
-        UploadBody::Stream(b) => Some(b),
-        _ => None,
-    };
+    let unread = UploadBody::unread;
     let mut body = Some(body);
     let mut attempt = 0;
     let (recv, in_flight, upload_guard, mut resp) = loop {

@@ -395,6 +395,7 @@ pub struct Facts {
 pub struct Upstream {
     pub endpoint: SocketAddr,
     pub attempts: u32,
+    pub transport: &'static str,
 }
 
 /// Records metrics, the dashboard series and the access log line once, when dropped (after

@@ -1,4 +1,5 @@
-//! Connections between sidecars. QUIC (HTTP/3) is the transport; [`quic`] holds both its
-//! server endpoint and the client connection pool.
+//! Connections between sidecars: [`quic`] (HTTP/3, the default) and [`tcp`] (TLS + HTTP/2),
+//! each with its server side and its client connection pool.
 
 pub mod quic;
+pub mod tcp;

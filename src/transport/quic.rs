@@ -50,15 +50,14 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     t
 }
 
-/// Binds the inbound UDP socket and starts a QUIC server with our identity.
+/// Starts a QUIC server with our identity on the bound inbound UDP socket.
 pub fn server_endpoint(
-    addr: SocketAddr,
+    socket: std::net::UdpSocket,
     material: &Material,
     cfg: &QuicConfig,
 ) -> Result<quinn::Endpoint, std::io::Error> {
     let server = server_config(material, cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let socket = std::net::UdpSocket::bind(addr)?;
     let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
     let cid_key = material.cid_key();
     endpoint_cfg.cid_generator(move || {

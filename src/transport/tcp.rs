@@ -1,0 +1,304 @@
+//! The TCP transport: TLS 1.3 (same mutual TLS and identities as QUIC) carrying HTTP/2 (ALPN
+//! `h2`). The inbound side accepts on the same port number as QUIC; the client pool keeps one
+//! multiplexed HTTP/2 connection per peer endpoint, re-established when it drops and closed
+//! when idle, like the QUIC pool.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+
+use crate::body::ProxyBody;
+use crate::config::Quic as QuicConfig;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::identity::{IdentityRx, PeerId};
+use crate::telemetry::{Direction, Telemetry};
+use crate::transport::quic::failure_reason;
+
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// A pooled HTTP/2 connection.
+#[derive(Clone)]
+pub struct H2Conn {
+    pub send: hyper::client::conn::http2::SendRequest<ProxyBody>,
+    closed: Arc<AtomicBool>,
+    /// Why the connection ended, when it did (a TLS alert from a peer that refused us…).
+    pub close_reason: Arc<Mutex<Option<String>>>,
+    in_flight: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+/// Counts a request in flight on an HTTP/2 connection until dropped.
+pub struct InFlight(Arc<AtomicUsize>, Arc<Mutex<Instant>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.1.lock().expect("not poisoned") = Instant::now();
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl H2Conn {
+    pub fn is_alive(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.send.is_closed()
+    }
+
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.in_flight.clone(), self.last_used.clone())
+    }
+
+    /// Waits (briefly) for the connection to end and returns why, if it did.
+    pub async fn ended(&self) -> Option<String> {
+        for _ in 0..20 {
+            if let Some(r) = self.close_reason.lock().expect("not poisoned").clone() {
+                return Some(r);
+            }
+            if !self.is_alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.close_reason.lock().expect("not poisoned").clone()
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
+
+/// HTTP/2-over-TLS connections to peer sidecars, one per (address, identity).
+pub struct TcpPool {
+    identity: IdentityRx,
+    idle_timeout: Duration,
+    keep_alive: Duration,
+    dead_peer: Duration,
+    slots: Mutex<HashMap<(SocketAddr, PeerId), Slot>>,
+    opened: AtomicU64,
+    tel: Arc<Telemetry>,
+}
+
+impl TcpPool {
+    pub fn new(identity: IdentityRx, cfg: &QuicConfig, tel: Arc<Telemetry>) -> Arc<Self> {
+        Arc::new(Self {
+            identity,
+            idle_timeout: cfg.idle_timeout,
+            keep_alive: cfg.keep_alive_interval,
+            dead_peer: cfg.dead_peer_timeout,
+            slots: Mutex::new(HashMap::new()),
+            opened: AtomicU64::new(0),
+            tel,
+        })
+    }
+
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    pub fn connections_active(&self) -> usize {
+        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+        slots
+            .iter()
+            .filter(|s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_some_and(H2Conn::is_alive))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+
+    pub fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<(bool, usize)> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .get(&(addr, expected.clone()))
+            .cloned()?;
+        let g = slot.try_lock().ok()?;
+        let c = g.as_ref()?;
+        Some((c.is_alive(), c.in_flight.load(Ordering::Relaxed)))
+    }
+
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        expected: &PeerId,
+        connect_timeout: Duration,
+    ) -> Result<H2Conn, ProxyError> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .entry((addr, expected.clone()))
+            .or_default()
+            .clone();
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let c = match tokio::time::timeout(connect_timeout, self.connect(addr, expected)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.tel.handshake_failed(Direction::Outbound, "timeout");
+                return Err(ProxyError::new(
+                    ErrorKind::ConnectFailed,
+                    Side::Peer,
+                    format!(
+                        "no TLS handshake with peer {addr} (TCP) within {}",
+                        humantime::format_duration(connect_timeout)
+                    ),
+                )
+                .never_sent());
+            }
+        };
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    pub async fn evict(&self, addr: SocketAddr, expected: &PeerId) {
+        let slot = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .get(&(addr, expected.clone()))
+            .cloned();
+        if let Some(slot) = slot {
+            let mut g = slot.lock().await;
+            if g.as_ref().is_some_and(|c| !c.is_alive()) {
+                *g = None;
+            }
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr, expected: &PeerId) -> Result<H2Conn, ProxyError> {
+        let failed = |m: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, m).never_sent();
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| failed(format!("cannot connect to peer {addr} (TCP): {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mismatch = Arc::new(Mutex::new(None));
+        let material = self.identity.borrow().clone();
+        let tls = material
+            .client_config(expected.clone(), mismatch.clone(), vec![ALPN_H2.to_vec()])
+            .map_err(|e| failed(format!("cannot build TLS config: {e}")))?;
+        let name = ServerName::try_from(expected.trust_domain().to_string())
+            .map_err(|e| failed(format!("bad trust domain for SNI: {e}")))?;
+        let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
+                    self.tel.handshake_failed(Direction::Outbound, "identity-mismatch");
+                    tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
+                    return Err(ProxyError::new(
+                        ErrorKind::IdentityMismatch,
+                        Side::Peer,
+                        format!("peer {addr} presented {presented}, expected {expected}"),
+                    )
+                    .never_sent());
+                }
+                self.tel.handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
+                return Err(failed(format!("TLS handshake with peer {addr} failed: {e}")));
+            }
+        };
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.keep_alive)
+            .keep_alive_timeout(self.dead_peer)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .max_header_list_size(crate::transport::quic::MAX_FIELD_SECTION as u32);
+        let (send, conn) = builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let close_reason = Arc::new(Mutex::new(None));
+        let open = self.tel.connection_opened(Direction::Outbound, "tcp");
+        {
+            let (closed, reason) = (closed.clone(), close_reason.clone());
+            tokio::spawn(async move {
+                let r = conn.await;
+                let text = match &r {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => source_chain(e),
+                };
+                tracing::debug!(peer = %addr, reason = %text, "HTTP/2 connection closed");
+                *reason.lock().expect("not poisoned") = Some(text);
+                closed.store(true, Ordering::Release);
+                drop(open);
+            });
+        }
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(H2Conn {
+            send,
+            closed,
+            close_reason,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+        })
+    }
+
+    /// Drops connections that carried no request for the idle timeout (HTTP/2 closes a
+    /// connection when its last sender is gone); runs until cancelled.
+    pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+            for slot in slots {
+                let Ok(mut g) = slot.try_lock() else { continue };
+                let drop_it = g.as_ref().is_some_and(|c| {
+                    !c.is_alive()
+                        || (c.in_flight.load(Ordering::Acquire) == 0
+                            && c.last_used.lock().expect("not poisoned").elapsed() >= self.idle_timeout)
+                });
+                if drop_it {
+                    *g = None;
+                }
+            }
+        }
+    }
+
+    /// Forgets every connection (each closes once its requests are done).
+    pub fn close(&self) {
+        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").drain().map(|(_, s)| s).collect();
+        for s in slots {
+            if let Ok(mut g) = s.try_lock() {
+                *g = None;
+            }
+        }
+    }
+}
+
+/// The TLS server config for the TCP listener (ALPN h2), from the current identity.
+pub fn server_tls(material: &crate::identity::Material) -> Result<Arc<rustls::ServerConfig>, crate::identity::IdentityError> {
+    Ok(Arc::new(material.server_config(vec![ALPN_H2.to_vec()])?))
+}
+
+/// Whether an ended connection's reason is a TLS refusal of our handshake.
+pub fn is_refusal(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    r.contains("alert") || r.contains("certificate")
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
