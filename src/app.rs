@@ -68,8 +68,11 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             addr: config.outbound.listen,
             source,
         })?;
-    let (udp, tcp_listener) =
-        bind_inbound(config.inbound.listen, config.inbound.quic, config.inbound.tcp)?;
+    let (udp, tcp_listener) = bind_inbound(
+        config.inbound.listen,
+        config.inbound.quic,
+        config.inbound.tcp,
+    )?;
     let inbound_addr = match (&udp, &tcp_listener) {
         (Some(u), _) => u.local_addr().expect("bound"),
         (None, Some(t)) => t.local_addr().expect("bound"),
@@ -270,7 +273,9 @@ fn bind_inbound(
         } else {
             None
         };
-        let port_addr = udp.as_ref().map_or(addr, |u| u.local_addr().expect("bound"));
+        let port_addr = udp
+            .as_ref()
+            .map_or(addr, |u| u.local_addr().expect("bound"));
         if !tcp {
             return Ok((udp, None));
         }

@@ -247,3 +247,52 @@ where
         self.inner.size_hint()
     }
 }
+
+/// For a body of unknown length, reads its first frame before the request goes on, so that an
+/// empty body is known to be empty (HTTP/1.1 then sends no body instead of an empty chunked
+/// one). Sized and finished bodies pass as they are.
+pub async fn settle(mut body: ProxyBody) -> Result<ProxyBody, BodyError> {
+    if body.is_end_stream() || body.size_hint().exact().is_some() {
+        return Ok(body);
+    }
+    loop {
+        match body.frame().await {
+            None => return Ok(empty()),
+            Some(first) => {
+                let first = first?;
+                if first.data_ref().is_some_and(|d| d.is_empty()) {
+                    continue;
+                }
+                return Ok(Prefixed {
+                    first: Some(first),
+                    rest: body,
+                }
+                .boxed_unsync());
+            }
+        }
+    }
+}
+
+struct Prefixed {
+    first: Option<Frame<Bytes>>,
+    rest: ProxyBody,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+}

@@ -489,8 +489,18 @@ pub async fn serve_tcp(
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (state, peer) = (state.clone(), peer.clone());
                 async move {
-                    let req = req.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync());
-                    Ok::<_, std::convert::Infallible>(handle(req, &state, &peer, "tcp").await)
+                    let (parts, body) = req.into_parts();
+                    let body = body.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync();
+                    let resp = match crate::body::settle(body).await {
+                        Ok(body) => handle(Request::from_parts(parts, body), &state, &peer, "tcp").await,
+                        Err(e) => ProxyError::new(
+                            ErrorKind::PeerReset,
+                            Side::Peer,
+                            format!("request body failed: {e}"),
+                        )
+                        .into_response(),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
                 }
             });
             let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());

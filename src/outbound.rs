@@ -25,16 +25,16 @@ use crate::balance::{random, Balancer, Pick};
 use crate::body::{content_length, empty, BodyError, Counted, H3Body, ProxyBody};
 use crate::cache::{Cache, Clock};
 use crate::config::{BreakerConfig, RetryConfig, TransportKind};
-use crate::transport::tcp::TcpPool;
-use std::sync::Mutex;
 use crate::config::{Config, Outbound as OutboundConfig};
 use crate::discovery::{Endpoint, Endpoints, Source};
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{DEADLINE, TRANSPORT};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, QUICAR_ERROR};
+use crate::headers::{DEADLINE, TRANSPORT};
 use crate::resilience::{backoff, is_retryable, Failure, RetryBudget};
 use crate::telemetry::{self, Direction, Telemetry, Upstream};
 use crate::transport::quic::{PeerConn, QuicPool, CLOSE_IDENTITY};
+use crate::transport::tcp::TcpPool;
+use std::sync::Mutex;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
@@ -495,7 +495,8 @@ impl ReqBody {
                 Ok(Self::Buffered(collected.to_bytes(), trailers))
             }
             _ => Ok(Self::Stream(Some(
-                body.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync(),
+                body.map_err(|e| -> BodyError { Box::new(e) })
+                    .boxed_unsync(),
             ))),
         }
     }
@@ -542,8 +543,10 @@ impl UploadBody {
             Self::Empty => empty(),
             Self::Bytes(b, None) => crate::body::full(b),
             Self::Bytes(b, Some(t)) => {
-                let frames: Vec<Result<http_body::Frame<Bytes>, BodyError>> =
-                    vec![Ok(http_body::Frame::data(b)), Ok(http_body::Frame::trailers(t))];
+                let frames: Vec<Result<http_body::Frame<Bytes>, BodyError>> = vec![
+                    Ok(http_body::Frame::data(b)),
+                    Ok(http_body::Frame::trailers(t)),
+                ];
                 http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
             }
             Self::Stream(b) => b,
@@ -693,13 +696,25 @@ async fn send_via(
     head: Request<()>,
     ep: &Endpoint,
     body: &mut ReqBody,
-) -> (Result<Response<ProxyBody>, (ProxyError, Option<ProxyBody>)>, &'static str) {
+) -> (
+    Result<Response<ProxyBody>, (ProxyError, Option<ProxyBody>)>,
+    &'static str,
+) {
     match route.transport {
-        TransportKind::Quic => (exchange(route, state, head, ep, body.for_attempt()).await, "quic"),
-        TransportKind::Tcp => (exchange_tcp(route, state, head, ep, body.for_attempt()).await, "tcp"),
+        TransportKind::Quic => (
+            exchange(route, state, head, ep, body.for_attempt()).await,
+            "quic",
+        ),
+        TransportKind::Tcp => (
+            exchange_tcp(route, state, head, ep, body.for_attempt()).await,
+            "tcp",
+        ),
         TransportKind::Auto => {
             if state.auto.prefers_tcp(ep) {
-                return (exchange_tcp(route, state, head, ep, body.for_attempt()).await, "tcp");
+                return (
+                    exchange_tcp(route, state, head, ep, body.for_attempt()).await,
+                    "tcp",
+                );
             }
             match exchange(route, state, head.clone(), ep, body.for_attempt()).await {
                 Err((e, returned)) if e.kind == ErrorKind::ConnectFailed && e.never_sent => {
@@ -708,7 +723,10 @@ async fn send_via(
                     if let Some(b) = returned {
                         body.restore(b);
                     }
-                    (exchange_tcp(route, state, head, ep, body.for_attempt()).await, "tcp")
+                    (
+                        exchange_tcp(route, state, head, ep, body.for_attempt()).await,
+                        "tcp",
+                    )
                 }
                 r => (r, "quic"),
             }
@@ -726,7 +744,11 @@ async fn exchange_tcp(
 ) -> Result<Response<ProxyBody>, (ProxyError, Option<ProxyBody>)> {
     let method = head.method().clone();
     let addr = ep.address;
-    let conn = match state.tcp.get(addr, &ep.identity, route.connect_timeout).await {
+    let conn = match state
+        .tcp
+        .get(addr, &ep.identity, route.connect_timeout)
+        .await
+    {
         Ok(c) => c,
         Err(e) => return Err((e, body.unread())),
     };
@@ -844,7 +866,11 @@ impl AutoFallback {
         {
             return;
         }
-        let (pool, auto, shutdown) = (state.pool.clone(), state.auto.clone(), state.shutdown.clone());
+        let (pool, auto, shutdown) = (
+            state.pool.clone(),
+            state.auto.clone(),
+            state.shutdown.clone(),
+        );
         let (mut wait, max) = (state.quic_retry, Duration::from_secs(60));
         tokio::spawn(async move {
             loop {

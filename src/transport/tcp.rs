@@ -98,7 +98,13 @@ impl TcpPool {
     }
 
     pub fn connections_active(&self) -> usize {
-        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
         slots
             .iter()
             .filter(|s| {
@@ -176,7 +182,8 @@ impl TcpPool {
     }
 
     async fn connect(&self, addr: SocketAddr, expected: &PeerId) -> Result<H2Conn, ProxyError> {
-        let failed = |m: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, m).never_sent();
+        let failed =
+            |m: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, m).never_sent();
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| failed(format!("cannot connect to peer {addr} (TCP): {e}")))?;
@@ -188,11 +195,15 @@ impl TcpPool {
             .map_err(|e| failed(format!("cannot build TLS config: {e}")))?;
         let name = ServerName::try_from(expected.trust_domain().to_string())
             .map_err(|e| failed(format!("bad trust domain for SNI: {e}")))?;
-        let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await {
+        let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
-                    self.tel.handshake_failed(Direction::Outbound, "identity-mismatch");
+                    self.tel
+                        .handshake_failed(Direction::Outbound, "identity-mismatch");
                     tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
                     return Err(ProxyError::new(
                         ErrorKind::IdentityMismatch,
@@ -201,8 +212,11 @@ impl TcpPool {
                     )
                     .never_sent());
                 }
-                self.tel.handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
-                return Err(failed(format!("TLS handshake with peer {addr} failed: {e}")));
+                self.tel
+                    .handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
+                return Err(failed(format!(
+                    "TLS handshake with peer {addr} failed: {e}"
+                )));
             }
         };
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
@@ -248,20 +262,28 @@ impl TcpPool {
     /// Drops connections that carried no request for the idle timeout (HTTP/2 closes a
     /// connection when its last sender is gone); runs until cancelled.
     pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        let period =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
         let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").values().cloned().collect();
+            let slots: Vec<Slot> = self
+                .slots
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .cloned()
+                .collect();
             for slot in slots {
                 let Ok(mut g) = slot.try_lock() else { continue };
                 let drop_it = g.as_ref().is_some_and(|c| {
                     !c.is_alive()
                         || (c.in_flight.load(Ordering::Acquire) == 0
-                            && c.last_used.lock().expect("not poisoned").elapsed() >= self.idle_timeout)
+                            && c.last_used.lock().expect("not poisoned").elapsed()
+                                >= self.idle_timeout)
                 });
                 if drop_it {
                     *g = None;
@@ -272,7 +294,13 @@ impl TcpPool {
 
     /// Forgets every connection (each closes once its requests are done).
     pub fn close(&self) {
-        let slots: Vec<Slot> = self.slots.lock().expect("not poisoned").drain().map(|(_, s)| s).collect();
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .expect("not poisoned")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in slots {
             if let Ok(mut g) = s.try_lock() {
                 *g = None;
@@ -282,7 +310,9 @@ impl TcpPool {
 }
 
 /// The TLS server config for the TCP listener (ALPN h2), from the current identity.
-pub fn server_tls(material: &crate::identity::Material) -> Result<Arc<rustls::ServerConfig>, crate::identity::IdentityError> {
+pub fn server_tls(
+    material: &crate::identity::Material,
+) -> Result<Arc<rustls::ServerConfig>, crate::identity::IdentityError> {
     Ok(Arc::new(material.server_config(vec![ALPN_H2.to_vec()])?))
 }
 

@@ -491,3 +491,44 @@ pub fn values(headers: &HeaderMap, name: &str) -> Vec<String> {
         .map(|v| v.to_str().unwrap().to_string())
         .collect()
 }
+
+/// Runs a test body once per transport, as `name::quic` and `name::tcp`; the body sees the
+/// transport name as `$t`.
+#[macro_export]
+macro_rules! over_transports {
+    ($( async fn $name:ident($t:ident) $body:block )*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn run($t: &'static str) $body
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn quic() {
+                    run("quic").await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn tcp() {
+                    run("tcp").await
+                }
+            }
+        )*
+    };
+}
+
+impl Pair {
+    /// A pair whose client calls `hello` over `transport`.
+    pub async fn over(transport: &str) -> Self {
+        Self::over_with(transport, "", "").await
+    }
+
+    pub async fn over_with(transport: &str, client_extra: &str, server_extra: &str) -> Self {
+        Self::start_with(
+            &format!("transport = \"{transport}\"\n{client_extra}"),
+            server_extra,
+        )
+        .await
+    }
+}

@@ -7,354 +7,346 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trips_byte_for_byte_in_every_size_and_framing() {
-    let pair = Pair::start().await;
-    for size in [0usize, 1024, 10 * 1024 * 1024] {
-        for sized in [true, false] {
-            // Request bodies: POST and PUT echo through both hops and back.
-            for method in [Method::POST, Method::PUT] {
-                let data = pattern(size);
-                let mut req = Request::builder()
-                    .method(method.clone())
-                    .uri("/echo")
-                    .header("host", "hello");
-                if sized {
-                    req = req.header("content-length", size);
+crate::over_transports! {
+    async fn round_trips_byte_for_byte_in_every_size_and_framing(t) {
+        let pair = Pair::over(t).await;
+        for size in [0usize, 1024, 10 * 1024 * 1024] {
+            for sized in [true, false] {
+                // Request bodies: POST and PUT echo through both hops and back.
+                for method in [Method::POST, Method::PUT] {
+                    let data = pattern(size);
+                    let mut req = Request::builder()
+                        .method(method.clone())
+                        .uri("/echo")
+                        .header("host", "hello");
+                    if sized {
+                        req = req.header("content-length", size);
+                    }
+                    let req = req.body(body(data.clone(), sized)).unwrap();
+                    let got = send(pair.out(), req).await;
+                    assert_eq!(got.status, StatusCode::OK, "{method} {size} sized={sized}");
+                assert_eq!(values(&got.headers, "quicar-transport"), vec![t]);
+                    assert_eq!(got.body.len(), size, "{method} {size} sized={sized}");
+                    assert!(
+                        got.body == data,
+                        "{method} {size} sized={sized}: body differs"
+                    );
+                    let seen = pair.upstream.last();
+                    assert_eq!(seen.method, method.as_str());
+                    assert_eq!(seen.body_len, size);
+                    // Framing survives the HTTP/3 hop: sized stays sized, chunked stays chunked
+                    // (an empty chunked body arrives as no body at all).
+                    assert_eq!(
+                        seen.headers.contains_key("content-length"),
+                        sized,
+                        "{method} {size} sized={sized}: {:?}",
+                        seen.headers
+                    );
+                    assert_eq!(
+                        seen.headers.contains_key("transfer-encoding"),
+                        !sized && size > 0,
+                        "{method} {size} sized={sized}: {:?}",
+                        seen.headers
+                    );
+                    assert_eq!(got.headers.contains_key("content-length"), sized);
                 }
-                let req = req.body(body(data.clone(), sized)).unwrap();
-                let got = send(pair.out(), req).await;
-                assert_eq!(got.status, StatusCode::OK, "{method} {size} sized={sized}");
-                assert_eq!(got.body.len(), size, "{method} {size} sized={sized}");
-                assert!(
-                    got.body == data,
-                    "{method} {size} sized={sized}: body differs"
-                );
-                let seen = pair.upstream.last();
-                assert_eq!(seen.method, method.as_str());
-                assert_eq!(seen.body_len, size);
-                // Framing survives the HTTP/3 hop: sized stays sized, chunked stays chunked
-                // (an empty chunked body arrives as no body at all).
+                // Response bodies: GET and HEAD of sized and chunked downloads.
+                let path = format!("/{}/{size}", if sized { "bytes" } else { "chunked" });
+                let got = get(pair.out(), "hello", &path).await;
+                assert_eq!(got.status, StatusCode::OK);
+                assert!(got.body == pattern(size), "GET {path}: body differs");
                 assert_eq!(
-                    seen.headers.contains_key("content-length"),
+                    got.headers.contains_key("content-length"),
                     sized,
-                    "{method} {size} sized={sized}: {:?}",
-                    seen.headers
+                    "GET {path}"
                 );
-                assert_eq!(
-                    seen.headers.contains_key("transfer-encoding"),
-                    !sized && size > 0,
-                    "{method} {size} sized={sized}: {:?}",
-                    seen.headers
-                );
-                assert_eq!(got.headers.contains_key("content-length"), sized);
-            }
-            // Response bodies: GET and HEAD of sized and chunked downloads.
-            let path = format!("/{}/{size}", if sized { "bytes" } else { "chunked" });
-            let got = get(pair.out(), "hello", &path).await;
-            assert_eq!(got.status, StatusCode::OK);
-            assert!(got.body == pattern(size), "GET {path}: body differs");
-            assert_eq!(
-                got.headers.contains_key("content-length"),
-                sized,
-                "GET {path}"
-            );
-            let head = send(
-                pair.out(),
-                Request::head(&path)
-                    .header("host", "hello")
-                    .body(full(Bytes::new()))
-                    .unwrap(),
-            )
-            .await;
-            assert_eq!(head.status, StatusCode::OK);
-            assert!(head.body.is_empty(), "HEAD {path} carried a body");
-            // Whatever length the app declared for HEAD reaches the caller unchanged.
-            let direct = send(
-                pair.upstream.addr,
-                Request::head(&path)
-                    .header("host", "hello")
-                    .body(full(Bytes::new()))
-                    .unwrap(),
-            )
-            .await;
-            assert_eq!(
-                values(&head.headers, "content-length"),
-                values(&direct.headers, "content-length"),
-                "HEAD {path}"
-            );
-            if sized && size > 0 {
+                let head = send(
+                    pair.out(),
+                    Request::head(&path)
+                        .header("host", "hello")
+                        .body(full(Bytes::new()))
+                        .unwrap(),
+                )
+                .await;
+                assert_eq!(head.status, StatusCode::OK);
+                assert!(head.body.is_empty(), "HEAD {path} carried a body");
+                // Whatever length the app declared for HEAD reaches the caller unchanged.
+                let direct = send(
+                    pair.upstream.addr,
+                    Request::head(&path)
+                        .header("host", "hello")
+                        .body(full(Bytes::new()))
+                        .unwrap(),
+                )
+                .await;
                 assert_eq!(
                     values(&head.headers, "content-length"),
-                    vec![size.to_string()]
+                    values(&direct.headers, "content-length"),
+                    "HEAD {path}"
                 );
+                if sized && size > 0 {
+                    assert_eq!(
+                        values(&head.headers, "content-length"),
+                        vec![size.to_string()]
+                    );
+                }
+                assert_eq!(pair.upstream.last().method, "HEAD");
             }
-            assert_eq!(pair.upstream.last().method, "HEAD");
+        }
+        assert_eq!(pair.client.connections_opened(t), 1);
+    }
+
+    async fn five_hundred_concurrent_requests_share_one_connection(t) {
+        let pair = Pair::over(t).await;
+        let out = pair.out();
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let data = format!("request {i}").into_bytes();
+                    let req = Request::post("/echo")
+                        .header("host", "hello")
+                        .body(full(data.clone()))
+                        .unwrap();
+                    let got = send(out, req).await;
+                    (got.status, got.body == data)
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (status, same) = t.await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert!(same);
+        }
+        assert_eq!(pair.upstream.count(), 500);
+        assert_eq!(pair.client.connections_opened(t), 1);
+        assert_eq!(pair.client.connections_active(t), 1);
+    }
+
+    async fn routes_by_host_and_by_absolute_uri(t) {
+        let pair = Pair::over(t).await;
+        // Origin form; a port in Host is ignored for lookup and the Host reaches the app as sent.
+        let got = get(pair.out(), "Hello:8080", "/a?x=1").await;
+        assert_eq!(got.status, StatusCode::OK);
+        let seen = pair.upstream.last();
+        assert_eq!(seen.path, "/a?x=1");
+        assert_eq!(values(&seen.headers, "host"), vec!["Hello:8080"]);
+        // Absolute form, as an app with http_proxy set sends it.
+        let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+        stream
+            .write_all(b"GET http://hello/b?y=2 HTTP/1.1\r\nHost: ignored\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        stream.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        let seen = pair.upstream.last();
+        assert_eq!(seen.path, "/b?y=2");
+        assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
+    }
+
+    async fn keep_alive_and_pipelined_requests_answer_in_order(t) {
+        let pair = Pair::over(t).await;
+        let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+        stream
+            .write_all(
+                b"GET /bytes/3 HTTP/1.1\r\nHost: hello\r\n\r\n\
+                  GET /chunked/5 HTTP/1.1\r\nHost: hello\r\n\r\n\
+                  GET /bytes/7 HTTP/1.1\r\nHost: hello\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        stream.read_to_end(&mut resp).await.unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        let starts: Vec<usize> = text
+            .match_indices("HTTP/1.1 200 OK")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(starts.len(), 3, "{text}");
+        // In order: content-length 3, then chunked, then content-length 7.
+        assert!(
+            text[starts[0]..starts[1]].contains("content-length: 3"),
+            "{text}"
+        );
+        assert!(
+            text[starts[1]..starts[2]].contains("transfer-encoding: chunked"),
+            "{text}"
+        );
+        assert!(text[starts[2]..].contains("content-length: 7"), "{text}");
+    }
+
+    async fn headers_are_preserved_and_hop_by_hop_ones_dropped(t) {
+        let pair = Pair::over(t).await;
+        let req = Request::get("/headers")
+            .header("host", "hello")
+            .header("X-Mixed-Case", "Value Kept")
+            .header("x-multi", "a")
+            .header("x-multi", "b")
+            .header("connection", "x-hop-req")
+            .header("x-hop-req", "must not pass")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("proxy-authorization", "Basic eDp5")
+            .header("upgrade", "websocket")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let got = send(pair.out(), req).await;
+        assert_eq!(got.status, StatusCode::OK);
+        let seen = pair.upstream.last();
+        assert_eq!(values(&seen.headers, "x-mixed-case"), vec!["Value Kept"]);
+        assert_eq!(values(&seen.headers, "x-multi"), vec!["a", "b"]);
+        for gone in [
+            "x-hop-req",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert!(
+                !seen.headers.contains_key(gone),
+                "{gone} reached the app: {:?}",
+                seen.headers
+            );
+        }
+        assert_eq!(values(&got.headers, "x-multi"), vec!["one", "two"]);
+        assert_eq!(values(&got.headers, "mixed-case-header"), vec!["kept"]);
+        assert!(!got.headers.contains_key("x-hop-resp"), "{:?}", got.headers);
+    }
+
+    async fn forged_identity_is_dropped_and_the_real_one_arrives(t) {
+        let pair = Pair::over(t).await;
+        let req = Request::get("/")
+            .header("host", "hello")
+            .header("quicar-peer-identity", "spiffe://quicar.local/admin")
+            .header("Quicar-Anything", "forged")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let got = send(pair.out(), req).await;
+        assert_eq!(got.status, StatusCode::OK);
+        let seen = pair.upstream.last();
+        assert_eq!(
+            values(&seen.headers, "quicar-peer-identity"),
+            vec!["spiffe://quicar.local/web"]
+        );
+        assert!(!seen.headers.contains_key("quicar-anything"));
+    }
+
+    async fn bodyless_statuses_pass_without_a_body(t) {
+        let pair = Pair::over(t).await;
+        for status in [204u16, 304, 404, 500] {
+            let got = get(pair.out(), "hello", &format!("/status/{status}")).await;
+            assert_eq!(got.status.as_u16(), status);
+            assert!(got.body.is_empty());
+            assert!(
+                got.error_kind().is_none(),
+                "an app status is not a sidecar error"
+            );
         }
     }
-    assert_eq!(pair.client.quic_connections_opened(), 1);
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_hundred_concurrent_requests_share_one_quic_connection() {
-    let pair = Pair::start().await;
-    let out = pair.out();
-    let tasks: Vec<_> = (0..500)
-        .map(|i| {
-            tokio::spawn(async move {
-                let data = format!("request {i}").into_bytes();
-                let req = Request::post("/echo")
-                    .header("host", "hello")
-                    .body(full(data.clone()))
-                    .unwrap();
-                let got = send(out, req).await;
-                (got.status, got.body == data)
-            })
-        })
-        .collect();
-    for t in tasks {
-        let (status, same) = t.await.unwrap();
-        assert_eq!(status, StatusCode::OK);
-        assert!(same);
+    async fn expect_100_continue_is_answered_and_the_body_arrives(t) {
+        let pair = Pair::over(t).await;
+        let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: hello\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await.unwrap();
+        let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+        stream.write_all(b"hello").await.unwrap();
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).await.unwrap();
+        assert!(rest.contains("200 OK") && rest.ends_with("hello"), "{rest}");
     }
-    assert_eq!(pair.upstream.count(), 500);
-    assert_eq!(pair.client.quic_connections_opened(), 1);
-    assert_eq!(pair.client.quic_connections_active(), 1);
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_by_host_and_by_absolute_uri() {
-    let pair = Pair::start().await;
-    // Origin form; a port in Host is ignored for lookup and the Host reaches the app as sent.
-    let got = get(pair.out(), "Hello:8080", "/a?x=1").await;
-    assert_eq!(got.status, StatusCode::OK);
-    let seen = pair.upstream.last();
-    assert_eq!(seen.path, "/a?x=1");
-    assert_eq!(values(&seen.headers, "host"), vec!["Hello:8080"]);
-    // Absolute form, as an app with http_proxy set sends it.
-    let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
-    stream
-        .write_all(b"GET http://hello/b?y=2 HTTP/1.1\r\nHost: ignored\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    stream.read_to_string(&mut resp).await.unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let seen = pair.upstream.last();
-    assert_eq!(seen.path, "/b?y=2");
-    assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_and_pipelined_requests_answer_in_order() {
-    let pair = Pair::start().await;
-    let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
-    stream
-        .write_all(
-            b"GET /bytes/3 HTTP/1.1\r\nHost: hello\r\n\r\n\
-              GET /chunked/5 HTTP/1.1\r\nHost: hello\r\n\r\n\
-              GET /bytes/7 HTTP/1.1\r\nHost: hello\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut resp = Vec::new();
-    stream.read_to_end(&mut resp).await.unwrap();
-    let text = String::from_utf8_lossy(&resp);
-    let starts: Vec<usize> = text
-        .match_indices("HTTP/1.1 200 OK")
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(starts.len(), 3, "{text}");
-    // In order: content-length 3, then chunked, then content-length 7.
-    assert!(
-        text[starts[0]..starts[1]].contains("content-length: 3"),
-        "{text}"
-    );
-    assert!(
-        text[starts[1]..starts[2]].contains("transfer-encoding: chunked"),
-        "{text}"
-    );
-    assert!(text[starts[2]..].contains("content-length: 7"), "{text}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn headers_are_preserved_and_hop_by_hop_ones_dropped() {
-    let pair = Pair::start().await;
-    let req = Request::get("/headers")
-        .header("host", "hello")
-        .header("X-Mixed-Case", "Value Kept")
-        .header("x-multi", "a")
-        .header("x-multi", "b")
-        .header("connection", "x-hop-req")
-        .header("x-hop-req", "must not pass")
-        .header("keep-alive", "timeout=5")
-        .header("te", "trailers")
-        .header("proxy-authorization", "Basic eDp5")
-        .header("upgrade", "websocket")
-        .body(full(Bytes::new()))
-        .unwrap();
-    let got = send(pair.out(), req).await;
-    assert_eq!(got.status, StatusCode::OK);
-    let seen = pair.upstream.last();
-    assert_eq!(values(&seen.headers, "x-mixed-case"), vec!["Value Kept"]);
-    assert_eq!(values(&seen.headers, "x-multi"), vec!["a", "b"]);
-    for gone in [
-        "x-hop-req",
-        "keep-alive",
-        "te",
-        "proxy-authorization",
-        "upgrade",
-    ] {
-        assert!(
-            !seen.headers.contains_key(gone),
-            "{gone} reached the app: {:?}",
-            seen.headers
-        );
+    async fn a_restarted_peer_sidecar_is_reconnected_to(t) {
+        let pair = Pair::over(t).await;
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        let inbound = pair.server.inbound;
+        let Pair {
+            pki,
+            client,
+            server,
+            upstream,
+        } = pair;
+        server.shutdown().await;
+        // Same UDP port, as a restarted process on the same node would have. The old socket is
+        // released by quinn's driver task just after shutdown returns: retry the bind briefly.
+        let toml = server_toml(&pki, upstream.addr, &inbound.to_string(), "");
+        let mut server = None;
+        for _ in 0..100 {
+            let config = quicar::config::Config::parse(&toml, "<test>", pki.path()).unwrap();
+            match quicar::app::build(config).await {
+                Ok(s) => {
+                    server = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        let server = server.expect("rebound the inbound port");
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{:?}", got);
+        assert_eq!(client.connections_opened(t), 2);
+        server.shutdown().await;
+        client.shutdown().await;
     }
-    assert_eq!(values(&got.headers, "x-multi"), vec!["one", "two"]);
-    assert_eq!(values(&got.headers, "mixed-case-header"), vec!["kept"]);
-    assert!(!got.headers.contains_key("x-hop-resp"), "{:?}", got.headers);
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_identity_is_dropped_and_the_real_one_arrives() {
-    let pair = Pair::start().await;
-    let req = Request::get("/")
-        .header("host", "hello")
-        .header("quicar-peer-identity", "spiffe://quicar.local/admin")
-        .header("Quicar-Anything", "forged")
-        .body(full(Bytes::new()))
-        .unwrap();
-    let got = send(pair.out(), req).await;
-    assert_eq!(got.status, StatusCode::OK);
-    let seen = pair.upstream.last();
-    assert_eq!(
-        values(&seen.headers, "quicar-peer-identity"),
-        vec!["spiffe://quicar.local/web"]
-    );
-    assert!(!seen.headers.contains_key("quicar-anything"));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodyless_statuses_pass_without_a_body() {
-    let pair = Pair::start().await;
-    for status in [204u16, 304, 404, 500] {
-        let got = get(pair.out(), "hello", &format!("/status/{status}")).await;
-        assert_eq!(got.status.as_u16(), status);
-        assert!(got.body.is_empty());
-        assert!(
-            got.error_kind().is_none(),
-            "an app status is not a sidecar error"
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expect_100_continue_is_answered_and_the_body_arrives() {
-    let pair = Pair::start().await;
-    let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
-    stream
-        .write_all(b"POST /echo HTTP/1.1\r\nHost: hello\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let n = stream.read(&mut buf).await.unwrap();
-    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
-    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
-    stream.write_all(b"hello").await.unwrap();
-    let mut rest = String::new();
-    stream.read_to_string(&mut rest).await.unwrap();
-    assert!(rest.contains("200 OK") && rest.ends_with("hello"), "{rest}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_peer_sidecar_is_reconnected_to() {
-    let pair = Pair::start().await;
-    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-    let inbound = pair.server.inbound;
-    let Pair {
-        pki,
-        client,
-        server,
-        upstream,
-    } = pair;
-    server.shutdown().await;
-    // Same UDP port, as a restarted process on the same node would have. The old socket is
-    // released by quinn's driver task just after shutdown returns: retry the bind briefly.
-    let toml = server_toml(&pki, upstream.addr, &inbound.to_string(), "");
-    let mut server = None;
-    for _ in 0..100 {
-        let config = quicar::config::Config::parse(&toml, "<test>", pki.path()).unwrap();
-        match quicar::app::build(config).await {
-            Ok(s) => {
-                server = Some(s);
+    async fn idle_connections_are_closed_and_reopened_on_demand(t) {
+        let pair = Pair::over_with(t, "[quic]\nidle_timeout = \"200ms\"", "").await;
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        assert_eq!(pair.client.connections_active(t), 1);
+        let mut closed = false;
+        for _ in 0..200 {
+            if pair.client.connections_active(t) == 0 {
+                closed = true;
                 break;
             }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        assert!(closed, "the idle connection was never closed");
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        assert_eq!(pair.client.connections_opened(t), 2);
     }
-    let server = server.expect("rebound the inbound port");
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::OK, "{:?}", got);
-    assert_eq!(client.quic_connections_opened(), 2);
-    server.shutdown().await;
-    client.shutdown().await;
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connections_are_closed_and_reopened_on_demand() {
-    let pair = Pair::start_with("[quic]\nidle_timeout = \"200ms\"", "").await;
-    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-    assert_eq!(pair.client.quic_connections_active(), 1);
-    let mut closed = false;
-    for _ in 0..200 {
-        if pair.client.quic_connections_active() == 0 {
-            closed = true;
-            break;
+    async fn a_stopping_peer_finishes_in_flight_requests_and_refuses_new_ones(t) {
+        let pair = Pair::over(t).await;
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        let out = pair.out();
+        let slow = tokio::spawn(async move { get(out, "hello", "/slow/1000").await });
+        // Let the slow request reach the app before the stop begins.
+        for _ in 0..200 {
+            if pair
+                .upstream
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.path == "/slow/1000")
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let Pair {
+            client,
+            server,
+            upstream,
+            ..
+        } = pair;
+        server.shutdown().await;
+        let got = slow.await.unwrap();
+        assert_eq!(
+            got.status,
+            StatusCode::OK,
+            "in-flight request cut by shutdown: {got:?}"
+        );
+        assert_eq!(&got.body[..], b"slow");
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.error_kind(), Some("connect-failed"));
+        drop(upstream);
     }
-    assert!(closed, "the idle connection was never closed");
-    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-    assert_eq!(pair.client.quic_connections_opened(), 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_peer_finishes_in_flight_requests_and_refuses_new_ones() {
-    let pair = Pair::start().await;
-    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-    let out = pair.out();
-    let slow = tokio::spawn(async move { get(out, "hello", "/slow/1000").await });
-    // Let the slow request reach the app before the stop begins.
-    for _ in 0..200 {
-        if pair
-            .upstream
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|s| s.path == "/slow/1000")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let Pair {
-        client,
-        server,
-        upstream,
-        ..
-    } = pair;
-    server.shutdown().await;
-    let got = slow.await.unwrap();
-    assert_eq!(
-        got.status,
-        StatusCode::OK,
-        "in-flight request cut by shutdown: {got:?}"
-    );
-    assert_eq!(&got.body[..], b"slow");
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.error_kind(), Some("connect-failed"));
-    drop(upstream);
 }
