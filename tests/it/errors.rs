@@ -20,68 +20,6 @@ async fn unknown_service_is_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_unknown_to_the_peer_is_404_from_the_peer() {
-    init_tracing();
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
-    // The client knows a service `other` at the server, which does not front it.
-    let toml = client_toml(&pki, &[server.inbound], "")
-        + &format!(
-            "[[service]]\nname = \"other\"\nendpoints = [{{ address = \"{}\", identity = \"spiffe://quicar.local/hello\" }}]\n",
-            server.inbound
-        );
-    let client = sidecar(&pki, &toml).await;
-    let got = get(client.outbound, "other", "/").await;
-    assert_eq!(got.status, StatusCode::NOT_FOUND);
-    assert_eq!(got.error_kind(), Some("unknown-service"));
-    assert!(String::from_utf8_lossy(&got.body).contains("no local service `other`"));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_app_down_is_502_connect_failed() {
-    init_tracing();
-    let pki = Pki::new();
-    // A port that was just free: nothing listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let server = sidecar(&pki, &server_toml(&pki, dead, "127.0.0.1:0", "")).await;
-    let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], "")).await;
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.error_kind(), Some("connect-failed"));
-    assert!(String::from_utf8_lossy(&got.body).contains(&dead.to_string()));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_sidecar_down_fails_fast_with_502() {
-    init_tracing();
-    let pki = Pki::new();
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let client = sidecar(&pki, &client_toml(&pki, &[dead], "")).await;
-    let started = std::time::Instant::now();
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.error_kind(), Some("connect-failed"));
-    assert!(String::from_utf8_lossy(&got.body).contains(&dead.to_string()));
-    // Bounded by the configured connect timeout (500ms), not a hang; logged for the reader.
-    eprintln!("peer-down answer after {:?}", started.elapsed());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_app_past_the_service_timeout_is_504() {
-    let pair = Pair::start_with("timeout = \"300ms\"", "").await;
-    let got = get(pair.out(), "hello", "/slow/3000").await;
-    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(got.error_kind(), Some("timeout"));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400_with_a_reason() {
     let pair = Pair::start().await;
     // No Host and no absolute URI: nothing to route by.
@@ -124,4 +62,64 @@ async fn malformed_requests_get_400_with_a_reason() {
     let _ = stream.read_to_string(&mut resp).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert_eq!(pair.upstream.count(), before);
+}
+
+crate::over_transports! {
+    async fn service_unknown_to_the_peer_is_404_from_the_peer(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+        // The client knows a service `other` at the server, which does not front it.
+        let toml = client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\""))
+            + &format!(
+                "[[service]]\nname = \"other\"\ntransport = \"{t}\"\nendpoints = [{{ address = \"{}\", identity = \"spiffe://quicar.local/hello\" }}]\n",
+                server.inbound
+            );
+        let client = sidecar(&pki, &toml).await;
+        let got = get(client.outbound, "other", "/").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert_eq!(got.error_kind(), Some("unknown-service"));
+        assert!(String::from_utf8_lossy(&got.body).contains("no local service `other`"));
+    }
+
+    async fn local_app_down_is_502_connect_failed(t) {
+        init_tracing();
+        let pki = Pki::new();
+        // A port that was just free: nothing listens there.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = sidecar(&pki, &server_toml(&pki, dead, "127.0.0.1:0", "")).await;
+        let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\""))).await;
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.error_kind(), Some("connect-failed"));
+        assert!(String::from_utf8_lossy(&got.body).contains(&dead.to_string()));
+    }
+
+    async fn peer_sidecar_down_fails_fast_with_502(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let client = sidecar(&pki, &client_toml(&pki, &[dead], &format!("transport = \"{t}\""))).await;
+        let started = std::time::Instant::now();
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.error_kind(), Some("connect-failed"));
+        assert!(String::from_utf8_lossy(&got.body).contains(&dead.to_string()));
+        // Bounded by the configured connect timeout (500ms), not a hang; logged for the reader.
+        eprintln!("peer-down answer after {:?}", started.elapsed());
+    }
+
+    async fn slow_app_past_the_service_timeout_is_504(t) {
+        let pair = Pair::over_with(t, "timeout = \"300ms\"", "").await;
+        let got = get(pair.out(), "hello", "/slow/3000").await;
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(got.error_kind(), Some("timeout"));
+    }
 }

@@ -23,52 +23,6 @@ async fn client_with_identity(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_from_another_ca_is_refused() {
-    let pair = Pair::start().await;
-    // Its own certificate comes from a foreign CA, though it trusts the server's CA: only the
-    // server's check can stop it.
-    let foreign = Ca::generate("quicar.local").unwrap();
-    foreign
-        .issue("web")
-        .unwrap()
-        .write(pair.pki.path(), "foreign-web")
-        .unwrap();
-    let id = "[identity]\ncert = \"foreign-web.crt\"\nkey = \"foreign-web.key\"\nca = \"ca.crt\"\n";
-    let client = client_with_identity(&pair.pki, id, pair.server.inbound, "").await;
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.error_kind(), Some("connect-failed"));
-    assert_eq!(pair.upstream.count(), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_client_certificate_is_refused() {
-    let pair = Pair::start().await;
-    let now = time::OffsetDateTime::now_utc();
-    pair.pki
-        .ca
-        .issue_between(
-            "web",
-            now - time::Duration::days(30),
-            now - time::Duration::days(1),
-        )
-        .unwrap()
-        .write(pair.pki.path(), "expired-web")
-        .unwrap();
-    let id = "[identity]\ncert = \"expired-web.crt\"\nkey = \"expired-web.key\"\nca = \"ca.crt\"\n";
-    let client = client_with_identity(&pair.pki, id, pair.server.inbound, "").await;
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.error_kind(), Some("connect-failed"));
-    assert!(
-        String::from_utf8_lossy(&got.body).contains("handshake"),
-        "{:?}",
-        got.body
-    );
-    assert_eq!(pair.upstream.count(), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_a_certificate_is_refused() {
     let pair = Pair::start().await;
     // A bare QUIC client that trusts the CA but presents no certificate.
@@ -110,82 +64,125 @@ async fn a_client_without_a_certificate_is_refused() {
     assert_eq!(pair.upstream.count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_with_the_wrong_identity_is_refused_as_identity_mismatch() {
-    let pair = Pair::start_with("", "").await;
-    // The client expects `payments` at the server's address; the server proves `hello`.
-    let toml = client_toml(&pair.pki, &[pair.server.inbound], "").replace(
-        &format!("{{ address = \"{}\" }}", pair.server.inbound),
-        &format!(
-            "{{ address = \"{}\", identity = \"spiffe://quicar.local/payments\" }}",
-            pair.server.inbound
-        ),
-    );
-    let client = sidecar(&pair.pki, &toml).await;
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.error_kind(), Some("identity-mismatch"));
-    let body = String::from_utf8_lossy(&got.body);
-    assert!(
-        body.contains("spiffe://quicar.local/hello")
-            && body.contains("spiffe://quicar.local/payments"),
-        "{body}"
-    );
-    assert_eq!(pair.upstream.count(), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_allows_listed_identities_and_denies_others() {
-    let allowed = Pair::start_with("", "allow = [\"spiffe://quicar.local/web\"]").await;
-    assert_eq!(
-        get(allowed.out(), "hello", "/").await.status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        values(&allowed.upstream.last().headers, "quicar-peer-identity"),
-        vec!["spiffe://quicar.local/web"]
-    );
-
-    let denied = Pair::start_with("", "allow = [\"spiffe://quicar.local/ops\"]").await;
-    let got = get(denied.out(), "hello", "/").await;
-    assert_eq!(got.status, StatusCode::FORBIDDEN);
-    assert_eq!(got.error_kind(), Some("denied"));
-    assert!(String::from_utf8_lossy(&got.body).contains("spiffe://quicar.local/web"));
-    assert_eq!(denied.upstream.count(), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotated_certificate_files_are_used_without_restart() {
-    let pair = Pair::start().await;
-    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-    // Rotate the server's files to a certificate for another identity, so the change is
-    // visible from outside: new handshakes must present it.
-    pair.pki
-        .ca
-        .issue("hello-v2")
-        .unwrap()
-        .write(pair.pki.path(), "hello")
-        .unwrap();
-    let expected = PeerId::parse("spiffe://quicar.local/hello-v2").unwrap();
-    let mut reloaded = false;
-    for _ in 0..100 {
-        if pair.server.identity.borrow().id == expected {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+crate::over_transports! {
+    async fn a_client_from_another_ca_is_refused(t) {
+        let pair = Pair::over(t).await;
+        // Its own certificate comes from a foreign CA, though it trusts the server's CA: only the
+        // server's check can stop it.
+        let foreign = Ca::generate("quicar.local").unwrap();
+        foreign
+            .issue("web")
+            .unwrap()
+            .write(pair.pki.path(), "foreign-web")
+            .unwrap();
+        let id = "[identity]\ncert = \"foreign-web.crt\"\nkey = \"foreign-web.key\"\nca = \"ca.crt\"\n";
+        let client = client_with_identity(&pair.pki, id, pair.server.inbound, &format!("transport = \"{t}\"")).await;
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.error_kind(), Some("connect-failed"));
+        assert_eq!(pair.upstream.count(), 0);
     }
-    assert!(reloaded, "the server never reloaded its certificate");
-    // The live connection carries on.
-    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-    assert_eq!(pair.client.quic_connections_opened(), 1);
-    // A new client's handshake sees the new certificate.
-    let client = sidecar(
-        &pair.pki,
-        &client_toml(&pair.pki, &[pair.server.inbound], ""),
-    )
-    .await;
-    let got = get(client.outbound, "hello", "/").await;
-    assert_eq!(got.error_kind(), Some("identity-mismatch"));
-    assert!(String::from_utf8_lossy(&got.body).contains("hello-v2"));
+
+    async fn an_expired_client_certificate_is_refused(t) {
+        let pair = Pair::over(t).await;
+        let now = time::OffsetDateTime::now_utc();
+        pair.pki
+            .ca
+            .issue_between(
+                "web",
+                now - time::Duration::days(30),
+                now - time::Duration::days(1),
+            )
+            .unwrap()
+            .write(pair.pki.path(), "expired-web")
+            .unwrap();
+        let id = "[identity]\ncert = \"expired-web.crt\"\nkey = \"expired-web.key\"\nca = \"ca.crt\"\n";
+        let client = client_with_identity(&pair.pki, id, pair.server.inbound, &format!("transport = \"{t}\"")).await;
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.error_kind(), Some("connect-failed"));
+        assert!(
+            String::from_utf8_lossy(&got.body).contains("handshake"),
+            "{:?}",
+            got.body
+        );
+        assert_eq!(pair.upstream.count(), 0);
+    }
+
+    async fn a_server_with_the_wrong_identity_is_refused_as_identity_mismatch(t) {
+        let pair = Pair::over(t).await;
+        // The client expects `payments` at the server's address; the server proves `hello`.
+        let toml = client_toml(&pair.pki, &[pair.server.inbound], &format!("transport = \"{t}\"")).replace(
+            &format!("{{ address = \"{}\" }}", pair.server.inbound),
+            &format!(
+                "{{ address = \"{}\", identity = \"spiffe://quicar.local/payments\" }}",
+                pair.server.inbound
+            ),
+        );
+        let client = sidecar(&pair.pki, &toml).await;
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.error_kind(), Some("identity-mismatch"));
+        let body = String::from_utf8_lossy(&got.body);
+        assert!(
+            body.contains("spiffe://quicar.local/hello")
+                && body.contains("spiffe://quicar.local/payments"),
+            "{body}"
+        );
+        assert_eq!(pair.upstream.count(), 0);
+    }
+
+    async fn policy_allows_listed_identities_and_denies_others(t) {
+        let allowed = Pair::over_with(t, "", "allow = [\"spiffe://quicar.local/web\"]").await;
+        assert_eq!(
+            get(allowed.out(), "hello", "/").await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            values(&allowed.upstream.last().headers, "quicar-peer-identity"),
+            vec!["spiffe://quicar.local/web"]
+        );
+
+        let denied = Pair::over_with(t, "", "allow = [\"spiffe://quicar.local/ops\"]").await;
+        let got = get(denied.out(), "hello", "/").await;
+        assert_eq!(got.status, StatusCode::FORBIDDEN);
+        assert_eq!(got.error_kind(), Some("denied"));
+        assert!(String::from_utf8_lossy(&got.body).contains("spiffe://quicar.local/web"));
+        assert_eq!(denied.upstream.count(), 0);
+    }
+
+    async fn rotated_certificate_files_are_used_without_restart(t) {
+        let pair = Pair::over(t).await;
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        // Rotate the server's files to a certificate for another identity, so the change is
+        // visible from outside: new handshakes must present it.
+        pair.pki
+            .ca
+            .issue("hello-v2")
+            .unwrap()
+            .write(pair.pki.path(), "hello")
+            .unwrap();
+        let expected = PeerId::parse("spiffe://quicar.local/hello-v2").unwrap();
+        let mut reloaded = false;
+        for _ in 0..100 {
+            if pair.server.identity.borrow().id == expected {
+                reloaded = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(reloaded, "the server never reloaded its certificate");
+        // The live connection carries on.
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        assert_eq!(pair.client.connections_opened(t), 1);
+        // A new client's handshake sees the new certificate.
+        let client = sidecar(
+            &pair.pki,
+            &client_toml(&pair.pki, &[pair.server.inbound], &format!("transport = \"{t}\"")),
+        )
+        .await;
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.error_kind(), Some("identity-mismatch"));
+        assert!(String::from_utf8_lossy(&got.body).contains("hello-v2"));
+    }
 }

@@ -1,6 +1,8 @@
 //! The tunnel end to end: round trips byte for byte, framing, multiplexing, routing forms,
 //! header translation, identity headers, reconnects.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -349,4 +351,63 @@ crate::over_transports! {
         assert_eq!(got.error_kind(), Some("connect-failed"));
         drop(upstream);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tcp_when_udp_is_closed_and_returns_to_quic() {
+    init_tracing();
+    let pki = Pki::new();
+    let app = Upstream::start().await;
+    // A peer that does not listen on UDP: to QUIC, its port is closed (as where UDP is blocked).
+    let tcp_only = server_toml(&pki, app.addr, "127.0.0.1:0", "").replacen(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\n",
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nquic = false\n",
+        1,
+    );
+    let server = sidecar(&pki, &tcp_only).await;
+    let port = server.inbound;
+    let client = sidecar(
+        &pki,
+        &client_toml(
+            &pki,
+            &[port],
+            "transport = \"auto\"\n[quic]\nfallback_retry = \"200ms\"",
+        ),
+    )
+    .await;
+    for _ in 0..3 {
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(values(&got.headers, "quicar-transport"), vec!["tcp"]);
+    }
+    let eps: serde_json::Value =
+        serde_json::from_slice(&get(client.admin, "admin", "/endpoints").await.body).unwrap();
+    assert_eq!(eps[0]["transport"], "auto");
+    assert_eq!(eps[0]["endpoints"][0]["transport"], "tcp");
+
+    // UDP opens: the same peer restarted with QUIC on. The background retry finds it.
+    server.shutdown().await;
+    let both = server_toml(&pki, app.addr, &port.to_string(), "");
+    let mut restarted = None;
+    for _ in 0..100 {
+        let config = quicar::config::Config::parse(&both, "<test>", pki.path()).unwrap();
+        if let Ok(s) = quicar::app::build(config).await {
+            restarted = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _restarted = restarted.expect("rebound the peer with QUIC");
+    let mut back = false;
+    for _ in 0..200 {
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        if values(&got.headers, "quicar-transport") == vec!["quic"] {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "auto never returned to QUIC");
+    assert!(client.connections_opened("quic") >= 1 && client.connections_opened("tcp") >= 1);
 }
