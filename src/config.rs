@@ -200,6 +200,28 @@ pub struct Quic {
     /// (doubling up to 60 s).
     #[serde(default = "default_fallback_retry", with = "humantime_serde")]
     pub fallback_retry: Duration,
+    /// quinn's congestion controller.
+    #[serde(default)]
+    pub congestion: Congestion,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    Newreno,
+    Bbr,
+}
+
+impl Congestion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cubic => "cubic",
+            Self::Newreno => "newreno",
+            Self::Bbr => "bbr",
+        }
+    }
 }
 
 fn default_fallback_retry() -> Duration {
@@ -214,6 +236,7 @@ impl Default for Quic {
             keep_alive_interval: default_keep_alive(),
             dead_peer_timeout: default_dead_peer(),
             fallback_retry: default_fallback_retry(),
+            congestion: Congestion::default(),
         }
     }
 }

@@ -16,11 +16,13 @@
 //! - [`telemetry`]: metrics, access log, dashboard series, trace context.
 //! - [`admin`]: the admin listener (`/metrics`, `/ready`, `/dashboard`…).
 //! - [`app`]: binds everything from a config and runs it until shutdown.
+//! - [`bench`]: `quicar bench`, the TCP-vs-QUIC comparison over an emulated link.
 //! - [`demo`]: two sidecars and a demo service on loopback.
 
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod bench;
 pub mod body;
 pub mod cache;
 pub mod config;

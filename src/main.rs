@@ -41,11 +41,60 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Compare the QUIC and TCP transports (and a direct baseline) over an emulated link:
+    /// loss {0, 0.5 %, 2 %} × one-way delay {0, 25 ms} × two workloads, interleaved rounds.
+    /// Needs root (network namespaces, TUN devices). Writes results.md, results.json and
+    /// latency.svg to --out.
+    Bench {
+        /// A short smoke run: 2 scenarios, 1 round (what `cargo bench` runs).
+        #[arg(long)]
+        quick: bool,
+        /// Measured time per run.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Unmeasured time at the start of each run.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        warmup: std::time::Duration,
+        /// Rounds per scenario (targets interleaved within each).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// QUIC congestion controller: cubic, newreno or bbr. The default matches this
+        /// machine's TCP default (BBR), so the transports are compared, not the controllers.
+        #[arg(long, default_value = "bbr")]
+        congestion: String,
+        /// Open-loop rate of the small-request workload, requests per second.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Link rate limit in Mbit/s (default: unlimited).
+        #[arg(long)]
+        rate_limit_mbit: Option<u64>,
+    },
+    /// Internal: pieces `quicar bench` runs inside its network namespaces.
+    #[command(hide = true)]
+    Internal {
+        #[command(subcommand)]
+        command: InternalCommand,
+    },
     /// A development CA and workload certificates (not for production).
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum InternalCommand {
+    /// A sidecar from a config, optionally with the benchmark backend; prints "ready".
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        backend: Option<SocketAddr>,
+    },
+    /// One load run; the spec and the result are JSON.
+    Load { spec: String },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +146,73 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Bench {
+            quick,
+            duration,
+            warmup,
+            rounds,
+            out,
+            congestion,
+            rate,
+            rate_limit_mbit,
+        } => {
+            let congestion = match congestion.as_str() {
+                "cubic" => quicar::config::Congestion::Cubic,
+                "newreno" => quicar::config::Congestion::Newreno,
+                "bbr" => quicar::config::Congestion::Bbr,
+                other => anyhow::bail!("--congestion: `{other}` is not cubic, newreno or bbr"),
+            };
+            let (duration, warmup) = if quick {
+                (
+                    std::time::Duration::from_secs(2),
+                    std::time::Duration::from_millis(500),
+                )
+            } else {
+                (duration, warmup)
+            };
+            let opts = quicar::bench::Options {
+                quick,
+                duration,
+                warmup,
+                rounds,
+                out,
+                exe: std::env::current_exe()?,
+                congestion,
+                rate,
+                rate_limit_bps: rate_limit_mbit.map(|m| m * 1_000_000),
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let md = runtime()?
+                .block_on(quicar::bench::run(opts.clone(), command))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{md}");
+            println!(
+                "written: {0}/results.md {0}/results.json {0}/latency.svg",
+                opts.out.display()
+            );
+            Ok(())
+        }
+        Command::Internal { command } => match command {
+            InternalCommand::Node { config, backend } => {
+                let config = Config::load(&config)?;
+                runtime()?.block_on(async move {
+                    if let Some(addr) = backend {
+                        quicar::bench::serve_backend(addr).await?;
+                    }
+                    let bound = quicar::app::build(config).await?;
+                    println!("ready {}", bound.outbound);
+                    stop_signal().await?;
+                    bound.shutdown().await;
+                    Ok(())
+                })
+            }
+            InternalCommand::Load { spec } => {
+                let spec: quicar::bench::load::LoadSpec = serde_json::from_str(&spec)?;
+                let result = runtime()?.block_on(quicar::bench::load::run(spec));
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(())
+            }
+        },
         Command::Demo { listen, admin } => runtime()?.block_on(async move {
             let demo = quicar::demo::start(listen, admin)
                 .await

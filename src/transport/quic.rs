@@ -47,6 +47,17 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
     }
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
+    match cfg.congestion {
+        crate::config::Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        crate::config::Congestion::Newreno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+        crate::config::Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+    };
     t
 }
 

@@ -1,0 +1,567 @@
+//! `quicar bench`: the TCP-vs-QUIC comparison. It builds an emulated link between two network
+//! namespaces, runs a sidecar pair and a backend across it, and drives the same load through
+//! QUIC, through TCP and straight to the backend, interleaved (A B C A B C …), for a matrix of
+//! loss, delay and workload. Results: a Markdown table, JSON, and an SVG chart.
+
+pub mod link;
+pub mod load;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{full, ProxyBody};
+use crate::config::Congestion;
+use link::{Link, LinkParams, LinkReport, ADDR_A, ADDR_B};
+use load::{LoadResult, LoadSpec, Mode};
+
+/// What `quicar bench` runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Two scenarios, short runs, one round: a smoke test (`cargo bench`).
+    pub quick: bool,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub rounds: usize,
+    pub out: PathBuf,
+    /// The quicar binary to run inside the namespaces.
+    pub exe: PathBuf,
+    pub congestion: Congestion,
+    /// Open-loop rate of the small-request workload.
+    pub rate: f64,
+    pub rate_limit_bps: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub enum Workload {
+    /// Many small requests (256 B responses) at a fixed rate, open loop.
+    Small,
+    /// 32 concurrent 16 KiB responses, closed loop: one multiplexed connection between sidecars.
+    Concurrent,
+}
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Small => "small requests at a fixed rate",
+            Self::Concurrent => "32 concurrent 16 KiB responses",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scenario {
+    pub loss: f64,
+    pub delay_ms: u64,
+    pub workload: Workload,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    pub scenario: Scenario,
+    pub target: &'static str,
+    pub round: usize,
+    pub result: LoadResult,
+    pub link: LinkReport,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub command: String,
+    pub quic_congestion: &'static str,
+    pub tcp_congestion: String,
+    pub link_rate_bps: Option<u64>,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub rounds: usize,
+    pub runs: Vec<Run>,
+}
+
+/// True when running as root (namespaces and TUN devices need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A child process killed by PID when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_ns(ns: &str, exe: &Path, args: &[String]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(exe).args(args);
+    c
+}
+
+/// Starts `quicar internal node` in a namespace and waits for its "ready" line.
+fn node(ns: &str, exe: &Path, args: &[String]) -> Result<Proc, String> {
+    let mut child = in_ns(ns, exe, args)
+        .env("QUICAR_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start a node in {ns}: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let proc = Proc(child);
+    match lines.next() {
+        Some(Ok(l)) if l.starts_with("ready") => Ok(proc),
+        other => Err(format!("node in {ns} did not start: {other:?}")),
+    }
+}
+
+fn load_in(ns: &str, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
+    let json = serde_json::to_string(spec).expect("plain struct");
+    let out = in_ns(ns, exe, &["internal".into(), "load".into(), json])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the load generator: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("load generator failed: {}", out.status));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("load generator output: {e}"))
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let mut v = Vec::new();
+    let losses: &[f64] = if quick {
+        &[0.0, 0.02]
+    } else {
+        &[0.0, 0.005, 0.02]
+    };
+    let delays: &[u64] = if quick { &[25] } else { &[0, 25] };
+    let workloads: &[Workload] = if quick {
+        &[Workload::Concurrent]
+    } else {
+        &[Workload::Small, Workload::Concurrent]
+    };
+    for &workload in workloads {
+        for &delay_ms in delays {
+            for &loss in losses {
+                v.push(Scenario {
+                    loss,
+                    delay_ms,
+                    workload,
+                });
+            }
+        }
+    }
+    v
+}
+
+fn write_pki(dir: &Path) -> Result<(), String> {
+    let ca = crate::pki::Ca::generate("quicar.local").map_err(|e| e.to_string())?;
+    ca.write(dir).map_err(|e| e.to_string())?;
+    for n in ["web", "hello"] {
+        ca.issue(n)
+            .map_err(|e| e.to_string())?
+            .write(dir, n)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+const BACKEND_PORT: u16 = 9000;
+const SIDECAR_PORT: u16 = 4143;
+const OUTBOUND_PORT: u16 = 4140;
+
+/// Runs the whole comparison and writes the report files. Returns the Markdown.
+pub async fn run(opts: Options, command: String) -> Result<String, String> {
+    if !is_root() {
+        return Err(
+            "quicar bench needs root: it creates two network namespaces and TUN devices \
+                    for the link emulation (this kernel has no netem). Run it as root. Where \
+                    `tc netem` exists you can instead shape a real link between two hosts and \
+                    run a sidecar pair across it."
+                .into(),
+        );
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    write_pki(dir.path())?;
+    let common = |name: &str, inbound: &str| {
+        format!(
+            "[node]\nname = \"{name}\"\ndrain_timeout = \"1s\"\n\
+             [identity]\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\nca = \"ca.crt\"\n\
+             [outbound]\nlisten = \"127.0.0.1:{OUTBOUND_PORT}\"\ntransport_header = true\n\
+             [inbound]\nlisten = \"{inbound}:{SIDECAR_PORT}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [quic]\ncongestion = \"{}\"\n",
+            opts.congestion.as_str()
+        )
+    };
+    let b = common("hello", ADDR_B)
+        + &format!(
+            "[[local]]\nname = \"hello-quic\"\naddress = \"{ADDR_B}:{BACKEND_PORT}\"\n\
+             [[local]]\nname = \"hello-tcp\"\naddress = \"{ADDR_B}:{BACKEND_PORT}\"\n"
+        );
+    let mut a = common("web", ADDR_A);
+    for t in ["quic", "tcp"] {
+        a += &format!(
+            "[[service]]\nname = \"hello-{t}\"\ntransport = \"{t}\"\ntimeout = \"120s\"\nmax_concurrent = 100000\n\
+             retry = {{ attempts = 1 }}\n\
+             endpoints = [{{ address = \"{ADDR_B}:{SIDECAR_PORT}\", identity = \"spiffe://quicar.local/hello\" }}]\n"
+        );
+    }
+    std::fs::write(dir.path().join("a.toml"), a).map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("b.toml"), b).map_err(|e| e.to_string())?;
+
+    let tag = format!("{}", std::process::id() % 100_000);
+    let link = Link::create(&tag)?;
+    let tcp_congestion = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &link.ns_a,
+            "sysctl",
+            "-n",
+            "net.ipv4.tcp_congestion_control",
+        ])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let s = |x: &str| x.to_string();
+    let cfg = |f: &str| dir.path().join(f).display().to_string();
+    let _b = node(
+        &link.ns_b,
+        &opts.exe,
+        &[
+            s("internal"),
+            s("node"),
+            s("--config"),
+            cfg("b.toml"),
+            s("--backend"),
+            format!("{ADDR_B}:{BACKEND_PORT}"),
+        ],
+    )?;
+    let _a = node(
+        &link.ns_a,
+        &opts.exe,
+        &[s("internal"), s("node"), s("--config"), cfg("a.toml")],
+    )?;
+
+    let mut runs = Vec::new();
+    let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
+    for sc in scenarios(opts.quick) {
+        link.set(LinkParams {
+            delay: Duration::from_millis(sc.delay_ms),
+            jitter: Duration::ZERO,
+            loss: sc.loss,
+            rate_bps: opts.rate_limit_bps,
+            queue: Duration::from_millis(50),
+        });
+        for round in 0..rounds {
+            for target in ["quic", "tcp", "direct"] {
+                let (connect, host): (SocketAddr, String) = match target {
+                    "direct" => (
+                        format!("{ADDR_B}:{BACKEND_PORT}").parse().expect("addr"),
+                        "backend".into(),
+                    ),
+                    t => (
+                        format!("127.0.0.1:{OUTBOUND_PORT}").parse().expect("addr"),
+                        format!("hello-{t}"),
+                    ),
+                };
+                let spec = match sc.workload {
+                    Workload::Small => LoadSpec {
+                        connect,
+                        host,
+                        path: "/r?size=256".into(),
+                        mode: Mode::Open,
+                        rate: opts.rate,
+                        connections: 64,
+                        duration: opts.duration,
+                        warmup: opts.warmup,
+                    },
+                    Workload::Concurrent => LoadSpec {
+                        connect,
+                        host,
+                        path: "/r?size=16384".into(),
+                        mode: Mode::Closed,
+                        rate: 0.0,
+                        connections: 32,
+                        duration: opts.duration,
+                        warmup: opts.warmup,
+                    },
+                };
+                let _ = link.stats.take();
+                let result = load_in(&link.ns_a, &opts.exe, &spec)?;
+                let report = link.stats.take();
+                eprintln!(
+                    "{:>30} loss {:>4.1}% delay {:>2} ms {:>6} round {}: p50 {:>8.2} ms p99 {:>8.2} ms {:>8.0} rps {} errors",
+                    sc.workload.label(),
+                    sc.loss * 100.0,
+                    sc.delay_ms,
+                    target,
+                    round + 1,
+                    result.p50_us as f64 / 1000.0,
+                    result.p99_us as f64 / 1000.0,
+                    result.rps,
+                    result.errors
+                );
+                runs.push(Run {
+                    scenario: sc.clone(),
+                    target,
+                    round,
+                    result,
+                    link: report,
+                });
+            }
+        }
+    }
+    let report = Report {
+        command,
+        quic_congestion: opts.congestion.as_str(),
+        tcp_congestion,
+        link_rate_bps: opts.rate_limit_bps,
+        duration_s: opts.duration.as_secs_f64(),
+        warmup_s: opts.warmup.as_secs_f64(),
+        rounds,
+        runs,
+    };
+    let md = markdown(&report);
+    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::File::create(opts.out.join(name))
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| format!("{}: {e}", opts.out.join(name).display()))
+    };
+    write("results.md", &md)?;
+    write(
+        "results.json",
+        &serde_json::to_string_pretty(&report).expect("plain struct"),
+    )?;
+    write("latency.svg", &svg(&report))?;
+    Ok(md)
+}
+
+/// Mean of a field over a target's rounds in a scenario.
+fn mean(runs: &[&Run], f: impl Fn(&LoadResult) -> f64) -> f64 {
+    runs.iter().map(|r| f(&r.result)).sum::<f64>() / runs.len().max(1) as f64
+}
+
+fn group<'a>(report: &'a Report, sc: &Scenario, target: &str) -> Vec<&'a Run> {
+    report
+        .runs
+        .iter()
+        .filter(|r| {
+            r.target == target
+                && r.scenario.loss == sc.loss
+                && r.scenario.delay_ms == sc.delay_ms
+                && std::mem::discriminant(&r.scenario.workload)
+                    == std::mem::discriminant(&sc.workload)
+        })
+        .collect()
+}
+
+fn unique_scenarios(report: &Report) -> Vec<Scenario> {
+    let mut out: Vec<Scenario> = Vec::new();
+    for r in &report.runs {
+        if !out.iter().any(|s| {
+            s.loss == r.scenario.loss
+                && s.delay_ms == r.scenario.delay_ms
+                && std::mem::discriminant(&s.workload)
+                    == std::mem::discriminant(&r.scenario.workload)
+        }) {
+            out.push(r.scenario.clone());
+        }
+    }
+    out
+}
+
+/// The Markdown table: one row per scenario and target, latencies in ms (means over rounds).
+pub fn markdown(report: &Report) -> String {
+    let mut md = format!(
+        "Command: `{}`\n\nQUIC congestion control: {} (quinn) · TCP congestion control: {} (kernel, in the namespaces) · \
+         link rate: {} · {} s measured after {} s warm-up, {} round(s) interleaved (quic, tcp, direct, …); \
+         values are means over rounds.\n\n\
+         | workload | loss | one-way delay | target | p50 ms | p90 ms | p99 ms | p99.9 ms | rps | errors | link fwd / lost | link late p99 µs |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        report.command,
+        report.quic_congestion,
+        report.tcp_congestion,
+        report.link_rate_bps.map_or("unlimited".into(), |r| format!("{} Mbit/s", r / 1_000_000)),
+        report.duration_s,
+        report.warmup_s,
+        report.rounds
+    );
+    for sc in unique_scenarios(report) {
+        for target in ["quic", "tcp", "direct"] {
+            let g = group(report, &sc, target);
+            if g.is_empty() {
+                continue;
+            }
+            let fwd: u64 = g.iter().map(|r| r.link.forwarded).sum();
+            let lost: u64 = g
+                .iter()
+                .map(|r| r.link.dropped_loss + r.link.dropped_queue)
+                .sum();
+            let late = g.iter().map(|r| r.link.late_p99_us).max().unwrap_or(0);
+            md += &format!(
+                "| {} | {:.1}% | {} ms | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} / {} | {} |\n",
+                sc.workload.label(),
+                sc.loss * 100.0,
+                sc.delay_ms,
+                target,
+                mean(&g, |r| r.p50_us as f64) / 1000.0,
+                mean(&g, |r| r.p90_us as f64) / 1000.0,
+                mean(&g, |r| r.p99_us as f64) / 1000.0,
+                mean(&g, |r| r.p999_us as f64) / 1000.0,
+                mean(&g, |r| r.rps),
+                g.iter().map(|r| r.result.errors).sum::<u64>(),
+                fwd,
+                lost,
+                late
+            );
+        }
+    }
+    md
+}
+
+/// Grouped bars of p50 and p99 per scenario and target (log scale), one chart.
+pub fn svg(report: &Report) -> String {
+    let scs = unique_scenarios(report);
+    let targets = ["quic", "tcp", "direct"];
+    let colors = ["#1f77b4", "#d62728", "#7f7f7f"];
+    let (w, h, left, top, bottom) = (
+        160.0 * scs.len().max(1) as f64 + 80.0,
+        420.0,
+        60.0,
+        40.0,
+        110.0,
+    );
+    let max = report
+        .runs
+        .iter()
+        .map(|r| r.result.p99_us as f64 / 1000.0)
+        .fold(1.0f64, f64::max);
+    let y = |ms: f64| {
+        top + (h - top - bottom)
+            * (1.0 - (ms.max(0.01).log10() + 2.0) / (max.log10() + 2.0).max(0.1))
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">p50 (light) and p99 (dark) latency, ms, log scale: QUIC vs TCP vs direct</text>"
+    );
+    for p in [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0] {
+        if p > max * 1.5 {
+            break;
+        }
+        let yy = y(p);
+        out += &format!(
+            "<line x1=\"{left}\" x2=\"{w}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#eee\"/><text x=\"5\" y=\"{:.1}\">{p}</text>",
+            yy + 4.0
+        );
+    }
+    for (i, sc) in scs.iter().enumerate() {
+        let x0 = left + 160.0 * i as f64 + 10.0;
+        for (j, t) in targets.iter().enumerate() {
+            let g = group(report, sc, t);
+            if g.is_empty() {
+                continue;
+            }
+            let (p50, p99) = (
+                mean(&g, |r| r.p50_us as f64) / 1000.0,
+                mean(&g, |r| r.p99_us as f64) / 1000.0,
+            );
+            let x = x0 + 45.0 * j as f64;
+            let base = h - bottom;
+            out += &format!(
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"18\" height=\"{:.1}\" fill=\"{}\" opacity=\"0.45\"/>",
+                y(p50),
+                (base - y(p50)).max(0.0),
+                colors[j]
+            );
+            out += &format!(
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"18\" height=\"{:.1}\" fill=\"{}\"/>",
+                x + 20.0,
+                y(p99),
+                (base - y(p99)).max(0.0),
+                colors[j]
+            );
+        }
+        let label = match sc.workload {
+            Workload::Small => "small",
+            Workload::Concurrent => "32×16KiB",
+        };
+        out += &format!(
+            "<text x=\"{x0:.1}\" y=\"{:.1}\">{label}</text><text x=\"{x0:.1}\" y=\"{:.1}\">loss {:.1}% · {} ms</text>",
+            h - bottom + 20.0,
+            h - bottom + 35.0,
+            sc.loss * 100.0,
+            sc.delay_ms
+        );
+    }
+    for (j, t) in targets.iter().enumerate() {
+        out += &format!(
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{t}</text>",
+            left + 90.0 * j as f64,
+            h - 30.0,
+            colors[j],
+            left + 90.0 * j as f64 + 16.0,
+            h - 20.0
+        );
+    }
+    out + "</svg>\n"
+}
+
+/// The benchmark backend: `/r?size=N&delay=MS` answers N bytes after MS milliseconds.
+pub async fn serve_backend(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let body = Bytes::from(vec![b'x'; 1 << 20]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, std::convert::Infallible>(backend_response(&req, &body).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn backend_response(req: &Request<Incoming>, body: &Bytes) -> Response<ProxyBody> {
+    let mut size = 0usize;
+    let mut delay = 0u64;
+    for kv in req.uri().query().unwrap_or("").split('&') {
+        match kv.split_once('=') {
+            Some(("size", v)) => size = v.parse().unwrap_or(0),
+            Some(("delay", v)) => delay = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    Response::new(full(body.slice(..size.min(body.len()))))
+}
