@@ -182,8 +182,14 @@ fn main() -> anyhow::Result<()> {
                 rate_limit_bps: rate_limit_mbit.map(|m| m * 1_000_000),
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
+            // Ctrl-C drops the run: namespaces are deleted and node processes killed on the way.
             let md = runtime()?
-                .block_on(quicar::bench::run(opts.clone(), command))
+                .block_on(async {
+                    tokio::select! {
+                        r = quicar::bench::run(opts.clone(), command) => r,
+                        _ = stop_signal() => Err("interrupted".to_string()),
+                    }
+                })
                 .map_err(|e| anyhow::anyhow!(e))?;
             println!("{md}");
             println!(

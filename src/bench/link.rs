@@ -205,7 +205,11 @@ async fn forward(
                 match next {
                     None => notify.notified().await,
                     Some(due) => {
-                        tokio::time::sleep_until(due).await;
+                        // The timer wheel has millisecond ticks: only sleep when the packet
+                        // is really early, so a zero-delay link adds no timer latency.
+                        if due > Instant::now() {
+                            tokio::time::sleep_until(due).await;
+                        }
                         let item = queue.lock().expect("not poisoned").pop_front();
                         if let Some((due, pkt)) = item {
                             let late = Instant::now().saturating_duration_since(due);
