@@ -37,6 +37,17 @@ pub struct Options {
     /// Open-loop rate of the small-request workload.
     pub rate: f64,
     pub rate_limit_bps: Option<u64>,
+    /// Connections the open-loop workload keeps to its target.
+    pub connections: usize,
+    /// Response size of the small-request workload.
+    pub small_size: usize,
+    /// Concurrency and response size of the concurrent workload.
+    pub concurrent: usize,
+    pub concurrent_size: usize,
+    /// Request body size (0 = GET).
+    pub request_size: usize,
+    /// How long the backend takes before answering.
+    pub service_time: Duration,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -129,11 +140,14 @@ fn node(ns: &str, exe: &Path, args: &[String]) -> Result<Proc, String> {
     }
 }
 
-fn load_in(ns: &str, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
+async fn load_in(ns: &str, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
     let json = serde_json::to_string(spec).expect("plain struct");
-    let out = in_ns(ns, exe, &["internal".into(), "load".into(), json])
+    let mut cmd = tokio::process::Command::from(in_ns(ns, exe, &["internal".into(), "load".into(), json]));
+    let out = cmd
         .stderr(Stdio::inherit())
+        .kill_on_drop(true)
         .output()
+        .await
         .map_err(|e| format!("cannot run the load generator: {e}"))?;
     if !out.status.success() {
         return Err(format!("load generator failed: {}", out.status));
@@ -281,30 +295,33 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
                         format!("hello-{t}"),
                     ),
                 };
+                let delay = opts.service_time.as_millis();
                 let spec = match sc.workload {
                     Workload::Small => LoadSpec {
                         connect,
                         host,
-                        path: "/r?size=256".into(),
+                        path: format!("/r?size={}&delay={delay}", opts.small_size),
                         mode: Mode::Open,
                         rate: opts.rate,
-                        connections: 64,
+                        connections: opts.connections,
                         duration: opts.duration,
                         warmup: opts.warmup,
+                        request_size: opts.request_size,
                     },
                     Workload::Concurrent => LoadSpec {
                         connect,
                         host,
-                        path: "/r?size=16384".into(),
+                        path: format!("/r?size={}&delay={delay}", opts.concurrent_size),
                         mode: Mode::Closed,
                         rate: 0.0,
-                        connections: 32,
+                        connections: opts.concurrent,
                         duration: opts.duration,
                         warmup: opts.warmup,
+                        request_size: opts.request_size,
                     },
                 };
                 let _ = link.stats.take();
-                let result = load_in(&link.ns_a, &opts.exe, &spec)?;
+                let result = load_in(&link.ns_a, &opts.exe, &spec).await?;
                 let report = link.stats.take();
                 eprintln!(
                     "{:>30} loss {:>4.1}% delay {:>2} ms {:>6} round {}: p50 {:>8.2} ms p99 {:>8.2} ms {:>8.0} rps {} errors",
@@ -539,7 +556,7 @@ pub async fn serve_backend(addr: SocketAddr) -> std::io::Result<()> {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let body = body.clone();
-                    async move { Ok::<_, std::convert::Infallible>(backend_response(&req, &body).await) }
+                    async move { Ok::<_, std::convert::Infallible>(backend_response(req, &body).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
@@ -550,16 +567,19 @@ pub async fn serve_backend(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn backend_response(req: &Request<Incoming>, body: &Bytes) -> Response<ProxyBody> {
+async fn backend_response(req: Request<Incoming>, body: &Bytes) -> Response<ProxyBody> {
     let mut size = 0usize;
     let mut delay = 0u64;
-    for kv in req.uri().query().unwrap_or("").split('&') {
+    let query = req.uri().query().unwrap_or("").to_string();
+    for kv in query.split('&') {
         match kv.split_once('=') {
             Some(("size", v)) => size = v.parse().unwrap_or(0),
             Some(("delay", v)) => delay = v.parse().unwrap_or(0),
             _ => {}
         }
     }
+    // Read the request body (a POST workload sends one) before answering.
+    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }

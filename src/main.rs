@@ -70,6 +70,24 @@ enum Command {
         /// Link rate limit in Mbit/s (default: unlimited).
         #[arg(long)]
         rate_limit_mbit: Option<u64>,
+        /// Connections the open-loop (small requests) workload keeps to its target.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Response size of the small-request workload, bytes.
+        #[arg(long, default_value_t = 256)]
+        small_size: usize,
+        /// Requests in flight in the concurrent workload.
+        #[arg(long, default_value_t = 32)]
+        concurrent: usize,
+        /// Response size of the concurrent workload, bytes.
+        #[arg(long, default_value_t = 16384)]
+        concurrent_size: usize,
+        /// Request body size, bytes (0 sends GETs; more sends POSTs).
+        #[arg(long, default_value_t = 0)]
+        request_size: usize,
+        /// Backend service time per request.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        service_time: std::time::Duration,
     },
     /// Internal: pieces `quicar bench` runs inside its network namespaces.
     #[command(hide = true)]
@@ -155,6 +173,12 @@ fn main() -> anyhow::Result<()> {
             congestion,
             rate,
             rate_limit_mbit,
+            connections,
+            small_size,
+            concurrent,
+            concurrent_size,
+            request_size,
+            service_time,
         } => {
             let congestion = match congestion.as_str() {
                 "cubic" => quicar::config::Congestion::Cubic,
@@ -180,6 +204,12 @@ fn main() -> anyhow::Result<()> {
                 congestion,
                 rate,
                 rate_limit_bps: rate_limit_mbit.map(|m| m * 1_000_000),
+                connections,
+                small_size,
+                concurrent,
+                concurrent_size,
+                request_size,
+                service_time,
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             // Ctrl-C drops the run: namespaces are deleted and node processes killed on the way.

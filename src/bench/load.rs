@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -35,6 +35,9 @@ pub struct LoadSpec {
     pub connections: usize,
     pub duration: Duration,
     pub warmup: Duration,
+    /// Request body size; 0 sends GETs, more sends POSTs with that many bytes.
+    #[serde(default)]
+    pub request_size: usize,
 }
 
 /// What a run measured; latencies in microseconds.
@@ -58,7 +61,7 @@ struct Shared {
     requests: u64,
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(addr: SocketAddr) -> Option<Sender> {
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -71,7 +74,7 @@ async fn connect(addr: SocketAddr) -> Option<Sender> {
 }
 
 /// One request on a connection; reconnects when the connection is gone. Returns success.
-async fn one(send: &mut Option<Sender>, spec: &LoadSpec) -> bool {
+async fn one(send: &mut Option<Sender>, spec: &LoadSpec, body: &Bytes) -> bool {
     if send.as_ref().is_none_or(|s| s.is_closed()) {
         *send = connect(spec.connect).await;
     }
@@ -80,9 +83,12 @@ async fn one(send: &mut Option<Sender>, spec: &LoadSpec) -> bool {
         *send = None;
         return false;
     }
-    let req = Request::get(spec.path.as_str())
+    let method = if body.is_empty() { http::Method::GET } else { http::Method::POST };
+    let req = Request::builder()
+        .method(method)
+        .uri(spec.path.as_str())
         .header(http::header::HOST, spec.host.as_str())
-        .body(Empty::new())
+        .body(Full::new(body.clone()))
         .expect("valid request");
     match s.send_request(req).await {
         Ok(resp) => {
@@ -103,6 +109,21 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
         errors: 0,
         requests: 0,
     }));
+    let body = Bytes::from(vec![b'q'; spec.request_size]);
+    // Open loop: all connections are up before the clock starts (connecting them is not part
+    // of any request's latency); closed loop: each worker connects first, within the warm-up.
+    let pool = if spec.mode == Mode::Open {
+        let conns: Vec<_> = (0..spec.connections)
+            .map(|_| tokio::spawn(connect(spec.connect)))
+            .collect();
+        let mut v = Vec::new();
+        for c in conns {
+            v.push(c.await.ok().flatten());
+        }
+        v
+    } else {
+        Vec::new()
+    };
     let start = Instant::now();
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
@@ -129,12 +150,12 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
         Mode::Closed => {
             let workers: Vec<_> = (0..spec.connections)
                 .map(|_| {
-                    let (spec, record) = (spec.clone(), record.clone());
+                    let (spec, record, body) = (spec.clone(), record.clone(), body.clone());
                     tokio::spawn(async move {
                         let mut send = connect(spec.connect).await;
                         while Instant::now() < end {
                             let t = Instant::now();
-                            let ok = one(&mut send, &spec).await;
+                            let ok = one(&mut send, &spec, &body).await;
                             record(t, ok);
                         }
                     })
@@ -147,8 +168,8 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
         Mode::Open => {
             // Connections wait in a pool; each scheduled request takes one when it is free.
             let (tx, rx) = async_channel(spec.connections);
-            for _ in 0..spec.connections {
-                let _ = tx.send(connect(spec.connect).await).await;
+            for c in pool {
+                let _ = tx.send(c).await;
             }
             let interval = Duration::from_secs_f64(1.0 / spec.rate.max(0.001));
             let mut i: u64 = 0;
@@ -159,12 +180,13 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
                     break;
                 }
                 tokio::time::sleep_until(scheduled).await;
-                let (spec, record, tx, rx) = (spec.clone(), record.clone(), tx.clone(), rx.clone());
+                let (spec, record, tx, rx, body) =
+                    (spec.clone(), record.clone(), tx.clone(), rx.clone(), body.clone());
                 tasks.push(tokio::spawn(async move {
                     let Ok(mut send) = rx.recv().await else {
                         return;
                     };
-                    let ok = one(&mut send, &spec).await;
+                    let ok = one(&mut send, &spec, &body).await;
                     record(scheduled, ok);
                     let _ = tx.send(send).await;
                 }));
