@@ -142,7 +142,8 @@ fn node(ns: &str, exe: &Path, args: &[String]) -> Result<Proc, String> {
 
 async fn load_in(ns: &str, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
     let json = serde_json::to_string(spec).expect("plain struct");
-    let mut cmd = tokio::process::Command::from(in_ns(ns, exe, &["internal".into(), "load".into(), json]));
+    let mut cmd =
+        tokio::process::Command::from(in_ns(ns, exe, &["internal".into(), "load".into(), json]));
     let out = cmd
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

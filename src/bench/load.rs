@@ -83,7 +83,11 @@ async fn one(send: &mut Option<Sender>, spec: &LoadSpec, body: &Bytes) -> bool {
         *send = None;
         return false;
     }
-    let method = if body.is_empty() { http::Method::GET } else { http::Method::POST };
+    let method = if body.is_empty() {
+        http::Method::GET
+    } else {
+        http::Method::POST
+    };
     let req = Request::builder()
         .method(method)
         .uri(spec.path.as_str())
@@ -180,8 +184,13 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
                     break;
                 }
                 tokio::time::sleep_until(scheduled).await;
-                let (spec, record, tx, rx, body) =
-                    (spec.clone(), record.clone(), tx.clone(), rx.clone(), body.clone());
+                let (spec, record, tx, rx, body) = (
+                    spec.clone(),
+                    record.clone(),
+                    tx.clone(),
+                    rx.clone(),
+                    body.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
                     let Ok(mut send) = rx.recv().await else {
                         return;
