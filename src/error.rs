@@ -124,3 +124,15 @@ pub fn error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
     h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
+
+/// An error and its causes on one line (`outer: inner: root`), for logs and error bodies.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -374,7 +374,7 @@ async fn to_app(
                     "local service `{}` at {} failed: {}",
                     local.name,
                     local.address,
-                    source_chain(&e)
+                    crate::error::source_chain(&e)
                 ),
             )
         }
@@ -417,17 +417,6 @@ async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Res
         }
     }
     let _ = send.finish().await;
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Accepts TLS + HTTP/2 connections from peers on the inbound TCP listener until `shutdown`;

@@ -241,7 +241,7 @@ impl TcpPool {
                 let r = conn.await;
                 let text = match &r {
                     Ok(()) => "closed".to_string(),
-                    Err(e) => source_chain(e),
+                    Err(e) => crate::error::source_chain(e),
                 };
                 tracing::debug!(peer = %addr, reason = %text, "HTTP/2 connection closed");
                 *reason.lock().expect("not poisoned") = Some(text);
@@ -320,15 +320,4 @@ pub fn server_tls(
 pub fn is_refusal(reason: &str) -> bool {
     let r = reason.to_ascii_lowercase();
     r.contains("alert") || r.contains("certificate")
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
