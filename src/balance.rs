@@ -269,12 +269,26 @@ pub fn pick_p2c(costs: &[f64], weights: &[u32], r1: f64, r2: f64) -> usize {
     }
 }
 
-/// A uniform number in [0, 1) (ring's system RNG; the balancer needs no reproducibility).
+/// A uniform number in [0, 1): a per-thread xorshift64* seeded once from the system RNG (the
+/// balancer draws twice per request; a getrandom syscall each time showed in the request path).
 pub fn random() -> f64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use ring::rand::SecureRandom;
+            let mut b = [0u8; 8];
+            let _ = ring::rand::SystemRandom::new().fill(&mut b);
+            u64::from_le_bytes(b) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 #[cfg(test)]
