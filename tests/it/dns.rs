@@ -28,6 +28,25 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
+/// Starts a DNS server on a port that was free a moment ago. Other tests bind UDP ports all the
+/// time, so the port may be taken by then: a server that exits at once is started again on
+/// another port (bounded).
+fn start_dns(mut spawn: impl FnMut(u16) -> Child) -> (Server, u16) {
+    for _ in 0..10 {
+        let port = free_udp_port();
+        let mut child = spawn(port);
+        std::thread::sleep(Duration::from_millis(300));
+        match child.try_wait() {
+            Ok(None) => return (Server(child), port),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    panic!("the DNS server would not start on any port");
+}
+
 fn client_with_dns(pki: &Pki, dns: SocketAddr, name: &str) -> String {
     client_toml(
         pki,
@@ -55,8 +74,7 @@ async fn srv_records_from_dnsmasq_become_endpoints() {
     let pki = Pki::new();
     let app = Upstream::start().await;
     let server = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
-    let port = free_udp_port();
-    let dnsmasq = Server(
+    let (dnsmasq, port) = start_dns(|port| {
         Command::new("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -76,8 +94,8 @@ async fn srv_records_from_dnsmasq_become_endpoints() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("dnsmasq is installed (.ci/run installs dnsmasq-base)"),
-    );
+            .expect("dnsmasq is installed (.ci/run installs dnsmasq-base)")
+    });
     let dns: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = sidecar(&pki, &client_with_dns(&pki, dns, "_hello._udp.mesh.test.")).await;
     first_ok(client.outbound).await;
@@ -89,7 +107,7 @@ async fn srv_records_from_dnsmasq_become_endpoints() {
     drop(dnsmasq);
 }
 
-fn knot(dir: &Path, port: u16, srv_port: u16) -> Server {
+fn knot(dir: &Path, port: u16, srv_port: u16) -> Child {
     std::fs::write(
         dir.join("mesh.test.zone"),
         format!(
@@ -112,15 +130,13 @@ fn knot(dir: &Path, port: u16, srv_port: u16) -> Server {
         ),
     )
     .unwrap();
-    Server(
-        Command::new("knotd")
-            .arg("-c")
-            .arg(dir.join("knot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("knotd is installed (.ci/run installs knot)"),
-    )
+    Command::new("knotd")
+        .arg("-c")
+        .arg(dir.join("knot.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("knotd is installed (.ci/run installs knot)")
 }
 
 fn knsupdate(port: u16, script: &str) {
@@ -150,8 +166,7 @@ async fn srv_changes_in_knot_are_followed_while_traffic_flows() {
     let (app_a, app_b) = (Upstream::start().await, Upstream::start().await);
     let a = sidecar(&pki, &server_toml(&pki, app_a.addr, "127.0.0.1:0", "")).await;
     let b = sidecar(&pki, &server_toml(&pki, app_b.addr, "127.0.0.1:0", "")).await;
-    let port = free_udp_port();
-    let _knot = knot(pki.path(), port, a.inbound.port());
+    let (_knot, port) = start_dns(|port| knot(pki.path(), port, a.inbound.port()));
     let dns: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = sidecar(&pki, &client_with_dns(&pki, dns, "_hello._udp.mesh.test.")).await;
     first_ok(client.outbound).await;
