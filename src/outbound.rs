@@ -3,6 +3,7 @@
 //! peer sidecar. `forward` is the whole request path, in order; `caching` is the cache step.
 
 mod caching;
+mod parse_errors;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -64,6 +65,7 @@ pub struct Outbound {
     /// First wait before an `auto` endpoint on TCP tries QUIC again (doubles up to 60 s).
     quic_retry: Duration,
     transport_header: bool,
+    max_header_bytes: usize,
     shutdown: CancellationToken,
     tel: Arc<Telemetry>,
 }
@@ -116,6 +118,7 @@ impl Outbound {
             auto: Arc::default(),
             quic_retry: config.quic.fallback_retry,
             transport_header: config.outbound.transport_header,
+            max_header_bytes: config.outbound.max_header_bytes,
             shutdown,
             tel,
         }
@@ -252,11 +255,20 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        // Responses our service produced on this connection, so that hyper's own answers to
+        // unparseable requests can be told apart and given a `quicar-error` (parse_errors).
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = served.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(req, state).await) }
+            let (state, counter) = (state.clone(), counter.clone());
+            async move {
+                let resp = handle(req, state).await;
+                counter.fetch_add(1, std::sync::atomic::Ordering::Release);
+                Ok::<_, Infallible>(resp)
+            }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        let io = parse_errors::ParseErrors::new(stream, served, cfg.max_header_bytes);
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(io), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%remote, error = %e, "app connection ended with an error");
@@ -363,6 +375,23 @@ async fn forward(
     req: Request<AppBody>,
     state: &Arc<Outbound>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // hyper's read buffer does not bound a header section reliably; the limit is ours to keep
+    // (the far side would refuse an over-large HTTP/3 header block anyway, less clearly).
+    let head_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if head_bytes > state.max_header_bytes {
+        return Err(ProxyError::new(
+            ErrorKind::HeadersTooLarge,
+            Side::Downstream,
+            format!(
+                "the request header section is {head_bytes} bytes, over {} (outbound.max_header_bytes)",
+                state.max_header_bytes
+            ),
+        ));
+    }
     let authority = target(&req)?;
     let name = service_of_authority(&authority).ok_or_else(|| {
         ProxyError::new(

@@ -61,7 +61,45 @@ async fn malformed_requests_get_400_with_a_reason() {
     let mut resp = String::new();
     let _ = stream.read_to_string(&mut resp).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.contains("quicar-error: bad-request") && resp.contains("not valid HTTP/1.1"),
+        "{resp}"
+    );
     assert_eq!(pair.upstream.count(), before);
+    // Bad header bytes.
+    let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: hello\r\nBad Header: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    let _ = stream.read_to_string(&mut resp).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 400") && resp.contains("quicar-error: bad-request"),
+        "{resp}"
+    );
+    // A header section over the limit: 431 with its kind and the limit named.
+    let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: hello\r\nConnection: close\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = stream.write_all(big.as_bytes()).await;
+    let mut resp = String::new();
+    let _ = stream.read_to_string(&mut resp).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert!(
+        resp.contains("quicar-error: headers-too-large") && resp.contains("max_header_bytes"),
+        "{resp}"
+    );
+    // A keep-alive connection that served requests still gets the proxied responses as they are.
+    let got = get(pair.out(), "hello", "/status/400").await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert!(
+        got.error_kind().is_none(),
+        "an app's own 400 is not rewritten"
+    );
+    assert_eq!(pair.upstream.count(), before + 1);
 }
 
 crate::over_transports! {
