@@ -375,12 +375,13 @@ async fn forward(
     req: Request<AppBody>,
     state: &Arc<Outbound>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // hyper's read buffer does not bound a header section reliably; the limit is ours to keep
-    // (the far side would refuse an over-large HTTP/3 header block anyway, less clearly).
+    // hyper's read buffer does not bound a header section reliably; the limit is ours to keep.
+    // Counted as HTTP/3 counts a field section (name + value + 32 per field, RFC 9114 §4.2.2),
+    // so what passes here is not refused by the peer's HTTP/3 limit later, less clearly.
     let head_bytes: usize = req
         .headers()
         .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
         .sum();
     if head_bytes > state.max_header_bytes {
         return Err(ProxyError::new(
@@ -801,10 +802,15 @@ async fn exchange_tcp(
     };
     if send.ready().await.is_err() {
         state.tcp.evict(addr, &ep.identity).await;
+        let kind = if conn.never_answered() {
+            ErrorKind::ConnectFailed
+        } else {
+            ErrorKind::PeerReset
+        };
         let e = match refused(&conn).await {
             Some(e) => e,
             None => ProxyError::new(
-                ErrorKind::PeerReset,
+                kind,
                 Side::Peer,
                 format!("HTTP/2 connection to peer {addr} closed before the request"),
             )
@@ -827,6 +833,16 @@ async fn exchange_tcp(
                     format!("peer {addr} did not take the request: {text}"),
                 )
                 .never_sent(),
+                // TLS 1.3: a server that refuses our certificate sends an alert and closes;
+                // if our request reached it first, the close can come as a reset that discards
+                // the alert. On a connection that never answered anything, say so.
+                None if conn.never_answered() => ProxyError::new(
+                    ErrorKind::ConnectFailed,
+                    Side::Peer,
+                    format!(
+                        "peer {addr} closed a new connection before answering (its TLS handshake may have refused our certificate): {text}"
+                    ),
+                ),
                 None => ProxyError::new(
                     ErrorKind::PeerReset,
                     Side::Peer,
@@ -836,6 +852,7 @@ async fn exchange_tcp(
             return Err((err, unsent));
         }
     };
+    conn.mark_answered();
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;

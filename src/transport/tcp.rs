@@ -30,6 +30,8 @@ pub struct H2Conn {
     pub close_reason: Arc<Mutex<Option<String>>>,
     in_flight: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
+    /// Set once any response arrived on this connection.
+    answered: Arc<AtomicBool>,
 }
 
 /// Counts a request in flight on an HTTP/2 connection until dropped.
@@ -47,19 +49,27 @@ impl H2Conn {
         !self.closed.load(Ordering::Acquire) && !self.send.is_closed()
     }
 
+    pub fn mark_answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    /// True while no response has ever arrived on this connection.
+    pub fn never_answered(&self) -> bool {
+        !self.answered.load(Ordering::Relaxed)
+    }
+
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.in_flight.clone(), self.last_used.clone())
     }
 
-    /// Waits (briefly) for the connection to end and returns why, if it did.
+    /// Waits (briefly) for the connection to end and returns why, if it did. Only called on an
+    /// error path: a TLS refusal arrives just after the request failed, and the sender can
+    /// report "closed" before the connection task has recorded the reason.
     pub async fn ended(&self) -> Option<String> {
-        for _ in 0..20 {
+        for _ in 0..30 {
             if let Some(r) = self.close_reason.lock().expect("not poisoned").clone() {
                 return Some(r);
-            }
-            if !self.is_alive() {
-                break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -256,6 +266,7 @@ impl TcpPool {
             close_reason,
             in_flight: Arc::new(AtomicUsize::new(0)),
             last_used: Arc::new(Mutex::new(Instant::now())),
+            answered: Arc::new(AtomicBool::new(false)),
         })
     }
 
