@@ -75,7 +75,6 @@ pub struct H3Body<R> {
     recv: R,
     state: State,
     remaining: Option<u64>,
-    pending: Option<Frame<Bytes>>,
     /// Kept alive as long as the body is (e.g. the count of requests in flight on a connection).
     _hold: Option<Box<dyn Send>>,
 }
@@ -86,7 +85,6 @@ impl<R: RecvHalf> H3Body<R> {
             recv,
             state: State::Data,
             remaining: content_length,
-            pending: None,
             _hold: None,
         }
     }
@@ -94,17 +92,6 @@ impl<R: RecvHalf> H3Body<R> {
     pub fn hold(mut self, guard: impl Send + 'static) -> Self {
         self._hold = Some(Box::new(guard));
         self
-    }
-
-    /// For a body of unknown length, reads its first frame now, so that an empty body is known
-    /// to be empty (HTTP/1.1 then sends no body instead of an empty chunked one).
-    pub async fn settle(&mut self) -> Result<(), BodyError> {
-        if self.remaining.is_none() && self.pending.is_none() {
-            if let Some(frame) = self.frame().await {
-                self.pending = Some(frame?);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -117,9 +104,6 @@ impl<R: RecvHalf> Body for H3Body<R> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if let Some(frame) = this.pending.take() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
         loop {
             match this.state {
                 State::Data => match ready!(this.recv.poll_data(cx)) {
@@ -168,18 +152,12 @@ impl<R: RecvHalf> Body for H3Body<R> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.state == State::Done
+        self.state == State::Done
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.remaining {
-            Some(n) => SizeHint::with_exact(
-                n + self
-                    .pending
-                    .as_ref()
-                    .and_then(|f| f.data_ref())
-                    .map_or(0, |d| d.len() as u64),
-            ),
+            Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
     }
@@ -295,4 +273,11 @@ impl Body for Prefixed {
     fn is_end_stream(&self) -> bool {
         self.first.is_none() && self.rest.is_end_stream()
     }
+}
+
+/// Keeps `guard` alive until `body` is done or dropped (counts nothing).
+pub fn held(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
+    Counted::new(body, std::sync::Arc::default())
+        .hold(guard)
+        .boxed_unsync()
 }

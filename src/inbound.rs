@@ -206,20 +206,28 @@ async fn request(
     peer: &PeerId,
 ) {
     let (mut send, recv) = stream.split();
-    let mut body = H3Body::new(recv, content_length(req.headers()));
-    let resp = match body.settle().await {
-        Ok(()) => {
-            let req = req.map(|()| body.boxed_unsync());
-            handle(req, state, peer, "quic").await
-        }
+    let body = H3Body::new(recv, content_length(req.headers())).boxed_unsync();
+    let resp = settle_and_handle(req.map(|()| body), state, peer, "quic").await;
+    respond(&mut send, resp).await;
+}
+
+/// Settles a body of unknown length (an empty one goes to the app as no body), then `handle`.
+async fn settle_and_handle(
+    req: Request<ProxyBody>,
+    state: &Inbound,
+    peer: &PeerId,
+    transport: &'static str,
+) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    match crate::body::settle(body).await {
+        Ok(body) => handle(Request::from_parts(parts, body), state, peer, transport).await,
         Err(e) => ProxyError::new(
             ErrorKind::PeerReset,
             Side::Peer,
             format!("request body failed: {e}"),
         )
         .into_response(),
-    };
-    respond(&mut send, resp).await;
+    }
 }
 
 /// One request from a peer, whatever the transport: telemetry around `to_app`. The record is
@@ -478,18 +486,8 @@ pub async fn serve_tcp(
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (state, peer) = (state.clone(), peer.clone());
                 async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync();
-                    let resp = match crate::body::settle(body).await {
-                        Ok(body) => handle(Request::from_parts(parts, body), &state, &peer, "tcp").await,
-                        Err(e) => ProxyError::new(
-                            ErrorKind::PeerReset,
-                            Side::Peer,
-                            format!("request body failed: {e}"),
-                        )
-                        .into_response(),
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
+                    let req = req.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync());
+                    Ok::<_, std::convert::Infallible>(settle_and_handle(req, &state, &peer, "tcp").await)
                 }
             });
             let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());

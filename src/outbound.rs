@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{random, Balancer, Pick};
-use crate::body::{content_length, empty, BodyError, Counted, H3Body, ProxyBody};
+use crate::body::{content_length, empty, held, BodyError, Counted, H3Body, ProxyBody};
 use crate::cache::{Cache, Clock};
 use crate::config::{BreakerConfig, RetryConfig, TransportKind};
 use crate::config::{Config, Outbound as OutboundConfig};
@@ -478,12 +478,9 @@ async fn fetch(
         ));
     };
     let deadline = tokio::time::Instant::now() + route.timeout;
-    match tokio::time::timeout_at(deadline, attempts(route, state, head, body, deadline)).await {
-        // The permit is held until the response body ends.
-        Ok(Ok(resp)) => {
-            Ok(resp.map(|b| Counted::new(b, Arc::default()).hold(permit).boxed_unsync()))
-        }
-        Ok(Err(e)) => Err(e),
+    let work = attempts(route, state, head, body, deadline, permit);
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(r) => r,
         Err(_) => Err(ProxyError::new(
             ErrorKind::Timeout,
             Side::Peer,
@@ -593,6 +590,7 @@ async fn attempts(
     head: Request<()>,
     body: Option<AppBody>,
     deadline: tokio::time::Instant,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     route.budget.request();
     let method = head.method().clone();
@@ -707,12 +705,9 @@ async fn attempts(
                     .headers
                     .insert(TRANSPORT, http::HeaderValue::from_static(transport));
             }
-            Response::from_parts(
-                parts,
-                Counted::new(b, Arc::default())
-                    .hold(outstanding)
-                    .boxed_unsync(),
-            )
+            // The endpoint's outstanding count and the service's concurrency permit are held
+            // until the response body ends.
+            Response::from_parts(parts, held(b, (outstanding, permit)))
         });
     }
 }
@@ -853,24 +848,30 @@ async fn exchange_tcp(
         }
     };
     conn.mark_answered();
-    let (mut parts, incoming) = resp.into_parts();
+    let (parts, incoming) = resp.into_parts();
+    Ok(for_the_app(parts, &method, move || {
+        held(
+            incoming
+                .map_err(|e| -> BodyError { Box::new(e) })
+                .boxed_unsync(),
+            in_flight,
+        )
+    }))
+}
+
+/// A peer's response head as the app gets it (hop-by-hop headers gone, HTTP/1.1), with the body
+/// `body` makes, or none for HEAD, 204 and 304 (then `body`, and what it holds, is dropped).
+fn for_the_app(
+    mut parts: http::response::Parts,
+    method: &Method,
+    body: impl FnOnce() -> ProxyBody,
+) -> Response<ProxyBody> {
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
-    let bodyless = method == Method::HEAD
+    let bodyless = *method == Method::HEAD
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
-    let body = if bodyless {
-        drop(in_flight);
-        empty()
-    } else {
-        Counted::new(
-            incoming.map_err(|e| -> BodyError { Box::new(e) }),
-            Arc::default(),
-        )
-        .hold(in_flight)
-        .boxed_unsync()
-    };
-    Ok(Response::from_parts(parts, body))
+    Response::from_parts(parts, if bodyless { empty() } else { body() })
 }
 
 /// HTTP/2 REFUSED_STREAM: the server did not process the stream (RFC 9113 §8.7).
@@ -949,7 +950,7 @@ async fn exchange(
     let unread = UploadBody::unread;
     let mut body = Some(body);
     let mut attempt = 0;
-    let (recv, in_flight, upload_guard, mut resp) = loop {
+    let (recv, in_flight, upload_guard, resp) = loop {
         attempt += 1;
         let conn = match state.pool.get(*addr, identity, route.connect_timeout).await {
             Ok(c) => c,
@@ -1028,21 +1029,11 @@ async fn exchange(
         }
     };
     upload_guard.disarm();
-    strip_hop_by_hop(resp.headers_mut());
-    let status = resp.status();
-    let bodyless = method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let (mut parts, ()) = resp.into_parts();
-    parts.version = http::Version::HTTP_11;
-    let body = if bodyless {
-        drop(in_flight);
-        empty()
-    } else {
-        let len = content_length(&parts.headers);
+    let (parts, ()) = resp.into_parts();
+    let len = content_length(&parts.headers);
+    Ok(for_the_app(parts, &method, move || {
         H3Body::new(recv, len).hold(in_flight).boxed_unsync()
-    };
-    Ok(Response::from_parts(parts, body))
+    }))
 }
 
 /// The final response head, skipping interim ones (103 Early Hints…): HTTP/1.1 apps rarely
