@@ -2,4 +2,5 @@
 //! each with its server side and its client connection pool.
 
 pub mod quic;
+pub mod slots;
 pub mod tcp;

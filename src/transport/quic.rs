@@ -2,11 +2,10 @@
 //! pool that keeps one HTTP/3 connection per peer endpoint, shared by all requests to it,
 //! re-established when it drops and closed when no request has used it for the idle timeout.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -15,6 +14,7 @@ use crate::config::Quic as QuicConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::identity::{IdentityError, IdentityRx, Material, PeerId};
 use crate::telemetry::{Direction, Telemetry};
+use crate::transport::slots::{self, InFlight, Pooled, Slots, Usage};
 
 pub const ALPN_H3: &[u8] = b"h3";
 /// Application close code sent when a sidecar stops (H3_NO_ERROR).
@@ -99,38 +99,37 @@ pub fn server_config(
 pub struct PeerConn {
     pub send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     pub conn: quinn::Connection,
-    use_count: Arc<Usage>,
-}
-
-struct Usage {
-    in_flight: AtomicUsize,
-    last_used: Mutex<Instant>,
+    usage: Arc<Usage>,
     /// Lost packets, datagrams sent and received at the last telemetry sample.
-    sampled: Mutex<(u64, u64, u64)>,
+    sampled: Arc<Mutex<(u64, u64, u64)>>,
 }
 
-/// Counts a request in flight on a connection until dropped (keeps idle reaping away).
-pub struct InFlight(Arc<Usage>);
+impl Pooled for PeerConn {
+    fn is_alive(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.0.last_used.lock().expect("not poisoned") = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    fn usage(&self) -> &Arc<Usage> {
+        &self.usage
+    }
+
+    fn close_idle(&self) {
+        tracing::debug!(peer = %self.conn.remote_address(), "closing idle QUIC connection");
+        self.conn
+            .close(quinn::VarInt::from_u32(CLOSE_IDLE), b"idle");
     }
 }
 
 impl PeerConn {
     pub fn is_alive(&self) -> bool {
-        self.conn.close_reason().is_none()
+        Pooled::is_alive(self)
     }
 
+    /// Counts a request in flight until dropped (keeps idle reaping away).
     pub fn in_flight(&self) -> InFlight {
-        self.use_count.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.use_count.clone())
+        self.usage.start()
     }
 }
-
-type Slot = Arc<tokio::sync::Mutex<Option<PeerConn>>>;
 
 /// One QUIC client endpoint and the connections it holds, one per (address, identity).
 pub struct QuicPool {
@@ -138,7 +137,7 @@ pub struct QuicPool {
     identity: IdentityRx,
     transport: Arc<quinn::TransportConfig>,
     idle_timeout: Duration,
-    slots: Mutex<HashMap<(SocketAddr, PeerId), Slot>>,
+    slots: Arc<Slots<PeerConn>>,
     opened: AtomicU64,
     tel: Arc<Telemetry>,
 }
@@ -171,7 +170,7 @@ impl QuicPool {
             identity,
             transport: Arc::new(transport_config(cfg, false)),
             idle_timeout: cfg.idle_timeout,
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
             opened: AtomicU64::new(0),
             tel,
         }))
@@ -184,60 +183,30 @@ impl QuicPool {
 
     /// Connections currently open.
     pub fn connections_active(&self) -> usize {
-        let slots: Vec<Slot> = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .values()
-            .cloned()
-            .collect();
-        slots
-            .iter()
-            .filter(|s| {
-                s.try_lock()
-                    .map(|g| g.as_ref().is_some_and(PeerConn::is_alive))
-                    .unwrap_or(true)
-            })
-            .count()
+        self.slots.active()
     }
 
     /// The state of the connection to an endpoint, if one was made.
     pub fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<PeerState> {
-        let slot = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .get(&(addr, expected.clone()))
-            .cloned()?;
-        let guard = slot.try_lock().ok()?;
-        let c = guard.as_ref()?;
+        let c = self.slots.current(addr, expected)?;
         Some(PeerState {
             alive: c.is_alive(),
             rtt: c.conn.rtt(),
-            in_flight: c.use_count.in_flight.load(Ordering::Relaxed),
+            in_flight: c.usage.in_flight(),
             close_reason: c.conn.close_reason().map(|r| r.to_string()),
         })
     }
 
     /// Feeds each live connection's path statistics to telemetry (as deltas since last time).
     pub fn sample(&self) {
-        let slots: Vec<(SocketAddr, Slot)> = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|((addr, _), slot)| (*addr, slot.clone()))
-            .collect();
-        for (addr, slot) in slots {
-            let Ok(guard) = slot.try_lock() else { continue };
-            let Some(c) = guard.as_ref() else { continue };
+        for (addr, c) in self.slots.each() {
             let stats = c.conn.stats();
             let now = (
                 stats.path.lost_packets,
                 stats.udp_tx.datagrams,
                 stats.udp_rx.datagrams,
             );
-            let mut last = c.use_count.sampled.lock().expect("not poisoned");
+            let mut last = c.sampled.lock().expect("not poisoned");
             let delta = |a: u64, b: u64| a.saturating_sub(b);
             // Labelled by the configured endpoint address: bounded, and as the user wrote it.
             self.tel.quic_sample(
@@ -260,42 +229,19 @@ impl QuicPool {
         expected: &PeerId,
         connect_timeout: Duration,
     ) -> Result<PeerConn, ProxyError> {
-        let slot = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .entry((addr, expected.clone()))
-            .or_default()
-            .clone();
-        let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if conn.is_alive() {
-                return Ok(conn.clone());
-            }
-        }
-        *guard = None;
-        let conn = self.connect(addr, expected, connect_timeout).await?;
-        *guard = Some(conn.clone());
-        Ok(conn)
+        self.slots
+            .get(addr, expected, || {
+                self.connect(addr, expected, connect_timeout)
+            })
+            .await
     }
 
     /// Forgets a connection that failed under a request, so the next request reconnects.
     pub async fn evict(&self, addr: SocketAddr, expected: &PeerId, conn: &PeerConn) {
-        let slot = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .get(&(addr, expected.clone()))
-            .cloned();
-        if let Some(slot) = slot {
-            let mut guard = slot.lock().await;
-            if guard
-                .as_ref()
-                .is_some_and(|c| c.conn.stable_id() == conn.conn.stable_id())
-            {
-                *guard = None;
-            }
-        }
+        let id = conn.conn.stable_id();
+        self.slots
+            .evict(addr, expected, |c| c.conn.stable_id() == id)
+            .await;
     }
 
     async fn connect(
@@ -362,59 +308,17 @@ impl QuicPool {
             drop(open);
             tracing::debug!(peer = %addr, reason = %err, "QUIC connection closed");
         });
-        let use_count = Arc::new(Usage {
-            in_flight: AtomicUsize::new(0),
-            last_used: Mutex::new(Instant::now()),
-            sampled: Mutex::new((0, 0, 0)),
-        });
         Ok(PeerConn {
             send,
             conn,
-            use_count,
+            usage: Arc::default(),
+            sampled: Arc::default(),
         })
     }
 
     /// Closes connections that carried no request for the idle timeout; runs until cancelled.
     pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let period =
-            (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let slots: Vec<Slot> = self
-                .slots
-                .lock()
-                .expect("not poisoned")
-                .values()
-                .cloned()
-                .collect();
-            for slot in slots {
-                let Ok(mut guard) = slot.try_lock() else {
-                    continue;
-                };
-                let idle = guard.as_ref().is_some_and(|c| {
-                    c.use_count.in_flight.load(Ordering::Acquire) == 0
-                        && c.use_count
-                            .last_used
-                            .lock()
-                            .expect("not poisoned")
-                            .elapsed()
-                            >= self.idle_timeout
-                });
-                let dead = guard.as_ref().is_some_and(|c| !c.is_alive());
-                if idle {
-                    if let Some(c) = guard.take() {
-                        tracing::debug!(peer = %c.conn.remote_address(), "closing idle QUIC connection");
-                        c.conn.close(quinn::VarInt::from_u32(CLOSE_IDLE), b"idle");
-                    }
-                } else if dead {
-                    *guard = None;
-                }
-            }
-        }
+        slots::reap_idle(self.slots.clone(), self.idle_timeout, shutdown).await;
     }
 
     /// Closes every connection with the shutdown code and waits (bounded) for the peers to know.

@@ -3,11 +3,10 @@
 //! multiplexed HTTP/2 connection per peer endpoint, re-established when it drops and closed
 //! when idle, like the QUIC pool.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
@@ -18,6 +17,7 @@ use crate::error::{ErrorKind, ProxyError, Side};
 use crate::identity::{IdentityRx, PeerId};
 use crate::telemetry::{Direction, Telemetry};
 use crate::transport::quic::failure_reason;
+use crate::transport::slots::{self, InFlight, Pooled, Slots, Usage};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -28,25 +28,25 @@ pub struct H2Conn {
     closed: Arc<AtomicBool>,
     /// Why the connection ended, when it did (a TLS alert from a peer that refused us…).
     pub close_reason: Arc<Mutex<Option<String>>>,
-    in_flight: Arc<AtomicUsize>,
-    last_used: Arc<Mutex<Instant>>,
+    usage: Arc<Usage>,
     /// Set once any response arrived on this connection.
     answered: Arc<AtomicBool>,
 }
 
-/// Counts a request in flight on an HTTP/2 connection until dropped.
-pub struct InFlight(Arc<AtomicUsize>, Arc<Mutex<Instant>>);
+impl Pooled for H2Conn {
+    fn is_alive(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.send.is_closed()
+    }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.1.lock().expect("not poisoned") = Instant::now();
-        self.0.fetch_sub(1, Ordering::AcqRel);
+    /// HTTP/2 closes a connection when its last sender is gone: dropping is closing.
+    fn usage(&self) -> &Arc<Usage> {
+        &self.usage
     }
 }
 
 impl H2Conn {
     pub fn is_alive(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && !self.send.is_closed()
+        Pooled::is_alive(self)
     }
 
     pub fn mark_answered(&self) {
@@ -58,9 +58,9 @@ impl H2Conn {
         !self.answered.load(Ordering::Relaxed)
     }
 
+    /// Counts a request in flight until dropped (keeps idle reaping away).
     pub fn in_flight(&self) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.in_flight.clone(), self.last_used.clone())
+        self.usage.start()
     }
 
     /// Waits (briefly) for the connection to end and returns why, if it did. Only called on an
@@ -77,15 +77,13 @@ impl H2Conn {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
-
 /// HTTP/2-over-TLS connections to peer sidecars, one per (address, identity).
 pub struct TcpPool {
     identity: IdentityRx,
     idle_timeout: Duration,
     keep_alive: Duration,
     dead_peer: Duration,
-    slots: Mutex<HashMap<(SocketAddr, PeerId), Slot>>,
+    slots: Arc<Slots<H2Conn>>,
     opened: AtomicU64,
     tel: Arc<Telemetry>,
 }
@@ -97,7 +95,7 @@ impl TcpPool {
             idle_timeout: cfg.idle_timeout,
             keep_alive: cfg.keep_alive_interval,
             dead_peer: cfg.dead_peer_timeout,
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
             opened: AtomicU64::new(0),
             tel,
         })
@@ -108,87 +106,45 @@ impl TcpPool {
     }
 
     pub fn connections_active(&self) -> usize {
-        let slots: Vec<Slot> = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .values()
-            .cloned()
-            .collect();
-        slots
-            .iter()
-            .filter(|s| {
-                s.try_lock()
-                    .map(|g| g.as_ref().is_some_and(H2Conn::is_alive))
-                    .unwrap_or(true)
-            })
-            .count()
+        self.slots.active()
     }
 
     pub fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<(bool, usize)> {
-        let slot = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .get(&(addr, expected.clone()))
-            .cloned()?;
-        let g = slot.try_lock().ok()?;
-        let c = g.as_ref()?;
-        Some((c.is_alive(), c.in_flight.load(Ordering::Relaxed)))
+        let c = self.slots.current(addr, expected)?;
+        Some((c.is_alive(), c.usage.in_flight()))
     }
 
+    /// The live connection to `addr` proving `expected`, or a new one (one handshake at a time).
     pub async fn get(
         &self,
         addr: SocketAddr,
         expected: &PeerId,
         connect_timeout: Duration,
     ) -> Result<H2Conn, ProxyError> {
-        let slot = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .entry((addr, expected.clone()))
-            .or_default()
-            .clone();
-        let mut guard = slot.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.is_alive() {
-                return Ok(c.clone());
-            }
-        }
-        *guard = None;
-        let c = match tokio::time::timeout(connect_timeout, self.connect(addr, expected)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                self.tel.handshake_failed(Direction::Outbound, "timeout");
-                return Err(ProxyError::new(
-                    ErrorKind::ConnectFailed,
-                    Side::Peer,
-                    format!(
-                        "no TLS handshake with peer {addr} (TCP) within {}",
-                        humantime::format_duration(connect_timeout)
-                    ),
-                )
-                .never_sent());
-            }
-        };
-        *guard = Some(c.clone());
-        Ok(c)
+        self.slots
+            .get(addr, expected, || async {
+                match tokio::time::timeout(connect_timeout, self.connect(addr, expected)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.tel.handshake_failed(Direction::Outbound, "timeout");
+                        Err(ProxyError::new(
+                            ErrorKind::ConnectFailed,
+                            Side::Peer,
+                            format!(
+                                "no TLS handshake with peer {addr} (TCP) within {}",
+                                humantime::format_duration(connect_timeout)
+                            ),
+                        )
+                        .never_sent())
+                    }
+                }
+            })
+            .await
     }
 
+    /// Forgets the connection to an endpoint if it has ended.
     pub async fn evict(&self, addr: SocketAddr, expected: &PeerId) {
-        let slot = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .get(&(addr, expected.clone()))
-            .cloned();
-        if let Some(slot) = slot {
-            let mut g = slot.lock().await;
-            if g.as_ref().is_some_and(|c| !c.is_alive()) {
-                *g = None;
-            }
-        }
+        self.slots.evict(addr, expected, |c| !c.is_alive()).await;
     }
 
     async fn connect(&self, addr: SocketAddr, expected: &PeerId) -> Result<H2Conn, ProxyError> {
@@ -264,8 +220,7 @@ impl TcpPool {
             send,
             closed,
             close_reason,
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            last_used: Arc::new(Mutex::new(Instant::now())),
+            usage: Arc::default(),
             answered: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -273,50 +228,12 @@ impl TcpPool {
     /// Drops connections that carried no request for the idle timeout (HTTP/2 closes a
     /// connection when its last sender is gone); runs until cancelled.
     pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let period =
-            (self.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let slots: Vec<Slot> = self
-                .slots
-                .lock()
-                .expect("not poisoned")
-                .values()
-                .cloned()
-                .collect();
-            for slot in slots {
-                let Ok(mut g) = slot.try_lock() else { continue };
-                let drop_it = g.as_ref().is_some_and(|c| {
-                    !c.is_alive()
-                        || (c.in_flight.load(Ordering::Acquire) == 0
-                            && c.last_used.lock().expect("not poisoned").elapsed()
-                                >= self.idle_timeout)
-                });
-                if drop_it {
-                    *g = None;
-                }
-            }
-        }
+        slots::reap_idle(self.slots.clone(), self.idle_timeout, shutdown).await;
     }
 
     /// Forgets every connection (each closes once its requests are done).
     pub fn close(&self) {
-        let slots: Vec<Slot> = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
-        for s in slots {
-            if let Ok(mut g) = s.try_lock() {
-                *g = None;
-            }
-        }
+        self.slots.clear();
     }
 }
 
