@@ -4,42 +4,28 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::Listener;
 use crate::body::{full, ProxyBody};
 use crate::config::Config;
 use crate::outbound::Outbound;
 use crate::telemetry::Telemetry;
-use crate::transport::quic::QuicPool;
 
 /// What the admin endpoints read.
-pub struct Admin {
+pub(crate) struct Admin {
     pub telemetry: Arc<Telemetry>,
     pub config: Config,
     pub outbound: Arc<Outbound>,
-    pub pool: Arc<QuicPool>,
 }
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+pub(crate) async fn serve(listener: Listener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    while let Some((stream, _)) = listener.accept(&shutdown).await {
         let admin = admin.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -74,7 +60,7 @@ fn route(req: Request<Incoming>, admin: &Admin) -> Response<ProxyBody> {
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/config" => json(&redacted(&admin.config)),
-        "/endpoints" => json(&admin.outbound.endpoints(&admin.pool)),
+        "/endpoints" => json(&admin.outbound.endpoints()),
         "/dashboard" | "/dashboard/" => with_type(
             StatusCode::OK,
             DASHBOARD.to_string(),

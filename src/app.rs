@@ -10,15 +10,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::Listener;
 use crate::admin::{self, Admin};
 use crate::cache::{Cache, Clock};
 use crate::config::Config;
+use crate::facts::Transport;
 use crate::identity::{self, IdentityError, IdentityRx, Material};
-use crate::inbound::{self, Inbound};
+use crate::inbound::Inbound;
 use crate::outbound::{self, Outbound};
 use crate::telemetry::Telemetry;
-use crate::transport::quic::{self, QuicPool};
-use crate::transport::tcp::{self, TcpPool};
+use crate::transport::{quic, tcp, Clients};
 
 /// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +48,7 @@ pub struct Bound {
     pub admin: SocketAddr,
     pub telemetry: Arc<Telemetry>,
     pub identity: IdentityRx,
-    pool: Arc<QuicPool>,
-    tcp_pool: Arc<TcpPool>,
+    clients: Arc<Clients>,
     path: Arc<Outbound>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
@@ -118,82 +118,59 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     })?;
 
     let (id_tx, id_rx) = watch::channel(material);
-    let pool = QuicPool::new(id_rx.clone(), &config.quic, tel.clone()).map_err(|source| {
-        BuildError::Bind {
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let clients = Arc::new(
+        Clients::new(
+            id_rx.clone(),
+            &config,
+            tel.clone(),
+            &tracker,
+            shutdown.clone(),
+        )
+        .map_err(|source| BuildError::Bind {
             what: "QUIC client socket (UDP)",
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
-        }
-    })?;
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-
+        })?,
+    );
+    // Both inbound servers watch the identity: new handshakes use rotated certificates.
     tracker.spawn(identity::watch_files(
         config.identity.clone(),
         id_tx,
         shutdown.clone(),
     ));
-    let tcp_tls = Arc::new(std::sync::Mutex::new(tcp::server_tls(&id_rx.borrow())?));
-    // New handshakes on the inbound side pick up rotated certificates too.
-    {
-        let mut rx = id_rx.clone();
-        let endpoint = endpoint.clone();
-        let tcp_tls = tcp_tls.clone();
-        let quic_cfg = config.quic.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = rx.changed() => if r.is_err() { return },
-                }
-                let material = rx.borrow_and_update().clone();
-                if let Some(endpoint) = &endpoint {
-                    match quic::server_config(&material, &quic_cfg) {
-                        Ok(server) => endpoint.set_server_config(Some(server)),
-                        Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound QUIC"),
-                    }
-                }
-                match tcp::server_tls(&material) {
-                    Ok(c) => *tcp_tls.lock().expect("not poisoned") = c,
-                    Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound TCP"),
-                }
-            }
-        });
-    }
-    let tcp_pool = TcpPool::new(id_rx.clone(), &config.quic, tel.clone());
-    tracker.spawn(tcp_pool.clone().reap_idle(shutdown.clone()));
-    tracker.spawn(pool.clone().reap_idle(shutdown.clone()));
     let clock = Arc::new(Clock::default());
     let outbound = Arc::new(Outbound::new(
         &config,
-        pool.clone(),
-        tcp_pool.clone(),
-        clock.clone(),
+        clients.clone(),
+        &clock,
         tel.clone(),
         &tracker,
-        shutdown.clone(),
+        &shutdown,
     ));
     tracker.spawn(outbound::serve(
-        outbound_listener,
+        Listener::new(outbound_listener, "outbound"),
         outbound.clone(),
         config.outbound.clone(),
         shutdown.clone(),
     ));
-    let inbound_state = Arc::new(Inbound::new(&config, tel.clone()));
+    let inbound = Arc::new(Inbound::new(&config, tel.clone()));
     if let Some(endpoint) = &endpoint {
-        tracker.spawn(inbound::serve(
+        tracker.spawn(quic::serve(
             endpoint.clone(),
-            inbound_state.clone(),
+            id_rx.clone(),
+            config.quic.clone(),
+            inbound.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
     }
     if let Some(listener) = tcp_listener {
-        tracker.spawn(inbound::serve_tcp(
-            listener,
-            tcp_tls,
-            inbound_state,
+        tracker.spawn(tcp::serve(
+            Listener::new(listener, "inbound TCP"),
+            id_rx.clone(),
+            inbound,
             config.quic.max_concurrent_streams,
             shutdown.clone(),
             tracker.clone(),
@@ -201,9 +178,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     }
     // Once a second: QUIC path stats and cache sizes into metrics, and the dashboard's series.
     {
-        let (tel, pool, outbound, shutdown) = (
+        let (tel, clients, outbound, shutdown) = (
             tel.clone(),
-            pool.clone(),
+            clients.clone(),
             outbound.clone(),
             shutdown.clone(),
         );
@@ -215,7 +192,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                pool.sample();
+                clients.sample();
                 for (service, bytes) in outbound.cache_sizes() {
                     tel.cache_bytes(&service, bytes);
                 }
@@ -224,12 +201,11 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         });
     }
     tracker.spawn(admin::serve(
-        admin_listener,
+        Listener::new(admin_listener, "admin"),
         Arc::new(Admin {
             telemetry: tel.clone(),
             config: config.clone(),
             outbound: outbound.clone(),
-            pool: pool.clone(),
         }),
         shutdown.clone(),
     ));
@@ -241,8 +217,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         admin: admin_addr,
         telemetry: tel,
         identity: id_rx,
-        pool,
-        tcp_pool,
+        clients,
         path: outbound,
         clock,
         shutdown,
@@ -292,25 +267,14 @@ fn bind_inbound(
 }
 
 impl Bound {
-    /// QUIC connections this sidecar has opened to peers since it started.
-    pub fn quic_connections_opened(&self) -> u64 {
-        self.pool.connections_opened()
-    }
-
-    /// Connections to peers opened since start, over `transport` ("quic" or "tcp").
-    pub fn connections_opened(&self, transport: &str) -> u64 {
-        match transport {
-            "tcp" => self.tcp_pool.connections_opened(),
-            _ => self.pool.connections_opened(),
-        }
+    /// Connections to peers opened since start, over `transport`.
+    pub fn connections_opened(&self, transport: Transport) -> u64 {
+        self.clients.connections_opened(transport)
     }
 
     /// Connections to peers open now, over `transport`.
-    pub fn connections_active(&self, transport: &str) -> usize {
-        match transport {
-            "tcp" => self.tcp_pool.connections_active(),
-            _ => self.pool.connections_active(),
-        }
+    pub fn connections_active(&self, transport: Transport) -> usize {
+        self.clients.connections_active(transport)
     }
 
     /// The response cache of a service, if configured.
@@ -321,11 +285,6 @@ impl Bound {
     /// The clock cache freshness is judged by (tests advance it instead of sleeping).
     pub fn clock(&self) -> &Arc<Clock> {
         &self.clock
-    }
-
-    /// QUIC connections to peers open now.
-    pub fn quic_connections_active(&self) -> usize {
-        self.pool.connections_active()
     }
 
     /// Graceful stop: no new connections, in-flight requests get `drain_timeout` to finish,
@@ -339,14 +298,13 @@ impl Bound {
         {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timed out; closing remaining requests");
         }
-        self.tcp_pool.close();
         if let Some(endpoint) = &self.endpoint {
             endpoint.close(
                 quinn::VarInt::from_u32(quic::CLOSE_SHUTDOWN),
                 b"sidecar stopping",
             );
         }
-        self.pool.close(Duration::from_millis(500)).await;
+        self.clients.close(Duration::from_millis(500)).await;
         if let Some(endpoint) = &self.endpoint {
             let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
         }

@@ -18,7 +18,7 @@ const DEFAULT_RTT: Duration = Duration::from_millis(5);
 const DECAY: Duration = Duration::from_secs(10);
 
 /// What one endpoint has shown lately.
-pub struct EndpointState {
+pub(crate) struct EndpointState {
     ewma: Mutex<(f64, Instant)>,
     outstanding: AtomicUsize,
     breaker: Mutex<Breaker>,
@@ -35,7 +35,7 @@ impl Default for EndpointState {
 }
 
 /// Counts a request outstanding on an endpoint while alive.
-pub struct Outstanding(Arc<EndpointState>);
+pub(crate) struct Outstanding(Arc<EndpointState>);
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
@@ -44,14 +44,14 @@ impl Drop for Outstanding {
 }
 
 impl EndpointState {
-    pub fn start(self: &Arc<Self>) -> Outstanding {
+    pub(crate) fn start(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::AcqRel);
         Outstanding(self.clone())
     }
 
     /// Peak EWMA: a slower sample takes over at once, faster ones pull the average down
     /// gradually, so a latency spike is reacted to immediately.
-    pub fn observe(&self, latency: Duration) {
+    pub(crate) fn observe(&self, latency: Duration) {
         let mut g = self.ewma.lock().expect("not poisoned");
         let now = Instant::now();
         let rtt = latency.as_secs_f64();
@@ -66,21 +66,21 @@ impl EndpointState {
     }
 
     /// Load-weighted cost: latency × (outstanding + 1).
-    pub fn cost(&self) -> f64 {
+    pub(crate) fn cost(&self) -> f64 {
         let ewma = self.ewma.lock().expect("not poisoned").0;
         ewma * (self.outstanding.load(Ordering::Acquire) as f64 + 1.0)
     }
 
-    pub fn ewma(&self) -> Duration {
+    pub(crate) fn ewma(&self) -> Duration {
         Duration::from_secs_f64(self.ewma.lock().expect("not poisoned").0)
     }
 
-    pub fn outstanding(&self) -> usize {
+    pub(crate) fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Acquire)
     }
 
     /// Records the outcome of a request for the breaker. Returns true when this ejected it.
-    pub fn outcome(&self, ok: bool, cfg: &BreakerConfig) -> bool {
+    pub(crate) fn outcome(&self, ok: bool, cfg: &BreakerConfig) -> bool {
         let mut b = self.breaker.lock().expect("not poisoned");
         if ok {
             b.success();
@@ -90,7 +90,7 @@ impl EndpointState {
         }
     }
 
-    pub fn breaker_state(&self) -> &'static str {
+    pub(crate) fn breaker_state(&self) -> &'static str {
         self.breaker
             .lock()
             .expect("not poisoned")
@@ -101,7 +101,7 @@ impl EndpointState {
 /// Per-endpoint consecutive-failure breaker: closed → open (ejected for a growing time) →
 /// half-open (one probe) → closed on success, open again on failure.
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     consecutive: u32,
     ejections: u32,
     open_until: Option<Instant>,
@@ -110,14 +110,14 @@ pub struct Breaker {
 
 /// Whether the breaker lets a request through.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     Yes,
     Probe,
     No,
 }
 
 impl Breaker {
-    pub fn admit(&mut self, now: Instant) -> Admit {
+    pub(crate) fn admit(&mut self, now: Instant) -> Admit {
         match self.open_until {
             None => Admit::Yes,
             Some(until) if now < until => Admit::No,
@@ -130,7 +130,7 @@ impl Breaker {
         self.probing = true;
     }
 
-    pub fn success(&mut self) {
+    pub(crate) fn success(&mut self) {
         self.consecutive = 0;
         self.ejections = 0;
         self.open_until = None;
@@ -138,7 +138,7 @@ impl Breaker {
     }
 
     /// Returns true when this failure ejected the endpoint.
-    pub fn failure(&mut self, now: Instant, cfg: &BreakerConfig) -> bool {
+    pub(crate) fn failure(&mut self, now: Instant, cfg: &BreakerConfig) -> bool {
         self.consecutive += 1;
         let probe_failed = self.probing;
         self.probing = false;
@@ -152,7 +152,7 @@ impl Breaker {
         false
     }
 
-    pub fn state(&self, now: Instant) -> &'static str {
+    pub(crate) fn state(&self, now: Instant) -> &'static str {
         match self.open_until {
             None => "closed",
             Some(u) if now < u => "open",
@@ -162,7 +162,7 @@ impl Breaker {
 }
 
 /// The outcome of choosing an endpoint.
-pub enum Pick {
+pub(crate) enum Pick {
     Chosen(Endpoint, Arc<EndpointState>),
     /// The service has no endpoints at all.
     None,
@@ -173,12 +173,12 @@ pub enum Pick {
 /// Per-service balancer; endpoint state survives discovery updates (keyed by address and
 /// identity).
 #[derive(Default)]
-pub struct Balancer {
+pub(crate) struct Balancer {
     states: Mutex<HashMap<(SocketAddr, PeerId), Arc<EndpointState>>>,
 }
 
 impl Balancer {
-    pub fn state(&self, ep: &Endpoint) -> Arc<EndpointState> {
+    pub(crate) fn state(&self, ep: &Endpoint) -> Arc<EndpointState> {
         self.states
             .lock()
             .expect("not poisoned")
@@ -189,7 +189,7 @@ impl Balancer {
 
     /// Chooses an endpoint, preferring ones not in `tried` (the next attempt goes elsewhere
     /// when it can), then the lowest priority with an admitting breaker.
-    pub fn pick(&self, eps: &[Endpoint], tried: &[SocketAddr]) -> Pick {
+    pub(crate) fn pick(&self, eps: &[Endpoint], tried: &[SocketAddr]) -> Pick {
         if eps.is_empty() {
             return Pick::None;
         }
@@ -238,7 +238,7 @@ impl Balancer {
 
 /// Power of two choices: draw two candidates by weight (`r1`, `r2` uniform in [0, 1)), keep
 /// the one with the lower cost per unit of weight.
-pub fn pick_p2c(costs: &[f64], weights: &[u32], r1: f64, r2: f64) -> usize {
+pub(crate) fn pick_p2c(costs: &[f64], weights: &[u32], r1: f64, r2: f64) -> usize {
     let n = costs.len();
     if n == 1 {
         return 0;
@@ -271,7 +271,7 @@ pub fn pick_p2c(costs: &[f64], weights: &[u32], r1: f64, r2: f64) -> usize {
 
 /// A uniform number in [0, 1): a per-thread xorshift64* seeded once from the system RNG (the
 /// balancer draws twice per request; a getrandom syscall each time showed in the request path).
-pub fn random() -> f64 {
+pub(crate) fn random() -> f64 {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<u64> = Cell::new({

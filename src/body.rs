@@ -10,21 +10,21 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full};
 
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 
-pub fn full(bytes: Bytes) -> ProxyBody {
+pub(crate) fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
-pub fn empty() -> ProxyBody {
+pub(crate) fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// The receive side of an HTTP/3 request stream, client or server.
-pub trait RecvHalf: Send + Unpin + 'static {
+pub(crate) trait RecvHalf: Send + Unpin + 'static {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BodyError>>;
     fn poll_trailers(&mut self, cx: &mut Context<'_>)
         -> Poll<Result<Option<HeaderMap>, BodyError>>;
@@ -71,7 +71,7 @@ enum State {
 
 /// An HTTP/3 message body as an `http_body::Body`. With a `content-length` it reports an exact
 /// size (so HTTP/1.1 sends it sized) and refuses a body that is longer or shorter.
-pub struct H3Body<R> {
+pub(crate) struct H3Body<R> {
     recv: R,
     state: State,
     remaining: Option<u64>,
@@ -80,7 +80,7 @@ pub struct H3Body<R> {
 }
 
 impl<R: RecvHalf> H3Body<R> {
-    pub fn new(recv: R, content_length: Option<u64>) -> Self {
+    pub(crate) fn new(recv: R, content_length: Option<u64>) -> Self {
         Self {
             recv,
             state: State::Data,
@@ -89,7 +89,7 @@ impl<R: RecvHalf> H3Body<R> {
         }
     }
 
-    pub fn hold(mut self, guard: impl Send + 'static) -> Self {
+    pub(crate) fn hold(mut self, guard: impl Send + 'static) -> Self {
         self._hold = Some(Box::new(guard));
         self
     }
@@ -164,7 +164,7 @@ impl<R: RecvHalf> Body for H3Body<R> {
 }
 
 /// The `content-length` of a header map, when there is exactly one valid value.
-pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
     let first = values.next()?;
     if values.next().is_some() {
@@ -175,14 +175,14 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// A body that counts the data bytes passing through it, and can keep a guard alive until it
 /// is dropped (the request's telemetry record is written then).
-pub struct Counted<B> {
+pub(crate) struct Counted<B> {
     inner: B,
     count: std::sync::Arc<std::sync::atomic::AtomicU64>,
     _hold: Option<Box<dyn Send>>,
 }
 
 impl<B> Counted<B> {
-    pub fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+    pub(crate) fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
         Self {
             inner,
             count,
@@ -190,7 +190,7 @@ impl<B> Counted<B> {
         }
     }
 
-    pub fn hold(mut self, guard: impl Send + 'static) -> Self {
+    pub(crate) fn hold(mut self, guard: impl Send + 'static) -> Self {
         self._hold = Some(Box::new(guard));
         self
     }
@@ -229,7 +229,7 @@ where
 /// For a body of unknown length, reads its first frame before the request goes on, so that an
 /// empty body is known to be empty (HTTP/1.1 then sends no body instead of an empty chunked
 /// one). Sized and finished bodies pass as they are.
-pub async fn settle(mut body: ProxyBody) -> Result<ProxyBody, BodyError> {
+pub(crate) async fn settle(mut body: ProxyBody) -> Result<ProxyBody, BodyError> {
     if body.is_end_stream() || body.size_hint().exact().is_some() {
         return Ok(body);
     }
@@ -276,7 +276,7 @@ impl Body for Prefixed {
 }
 
 /// Keeps `guard` alive until `body` is done or dropped (counts nothing).
-pub fn held(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
+pub(crate) fn held(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
     Counted::new(body, std::sync::Arc::default())
         .hold(guard)
         .boxed_unsync()

@@ -19,9 +19,6 @@ use tokio::sync::watch;
 
 use crate::body::{BodyError, ProxyBody};
 
-/// Says how a response was served: `quicar-cache: hit|miss|revalidated|stale`.
-pub const CACHE_HEADER: &str = "quicar-cache";
-
 /// Wall-clock time for freshness, with an offset tests can advance instead of sleeping.
 #[derive(Debug, Default)]
 pub struct Clock {
@@ -195,7 +192,7 @@ impl Cache {
         req: &http::request::Parts,
         resp: &http::response::Parts,
     ) -> Option<CachePolicy> {
-        if req.method != Method::GET || resp.headers.contains_key(crate::headers::QUICAR_ERROR) {
+        if req.method != Method::GET || resp.extensions.get::<crate::error::ErrorKind>().is_some() {
             return None;
         }
         let policy = CachePolicy::new_options(req, resp, self.clock.now(), CacheOptions::default());
@@ -483,11 +480,6 @@ pub fn is_conditional(req: &http::request::Parts) -> bool {
         || req.headers.contains_key(http::header::IF_MODIFIED_SINCE)
 }
 
-/// Adds `quicar-cache: <how>` to a response head.
-pub fn mark(headers: &mut HeaderMap, how: &'static str) {
-    headers.insert(CACHE_HEADER, HeaderValue::from_static(how));
-}
-
 /// Statuses that count as the origin failing, for `stale-if-error`.
 pub fn is_error_status(s: StatusCode) -> bool {
     matches!(s.as_u16(), 500 | 502 | 503 | 504)
@@ -555,7 +547,11 @@ mod tests {
         assert!(c
             .storable(&auth, &resp(&[("cache-control", "s-maxage=60")]))
             .is_some());
-        let sidecar_error = resp(&[("cache-control", "max-age=60"), ("quicar-error", "timeout")]);
+        // A sidecar-made error carries its kind as an extension (headers come at the edge).
+        let mut sidecar_error = resp(&[("cache-control", "max-age=60")]);
+        sidecar_error
+            .extensions
+            .insert(crate::error::ErrorKind::Timeout);
         assert!(c.storable(&r, &sidecar_error).is_none());
     }
 

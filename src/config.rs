@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::PeerId;
+use crate::identity::peer_id::PeerId;
 
 /// A configuration problem, always naming where it is.
 #[derive(Debug, thiserror::Error)]

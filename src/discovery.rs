@@ -3,9 +3,11 @@
 //! good set and says why in the log.
 
 pub mod dns;
+mod endpoints;
 pub mod file;
 
-use std::net::SocketAddr;
+pub use endpoints::{log_change, Endpoint, Endpoints};
+
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -13,21 +15,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Service};
-use crate::identity::PeerId;
-
-/// One peer sidecar serving a service.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Endpoint {
-    pub address: SocketAddr,
-    pub identity: PeerId,
-    /// Relative share of traffic (SRV weight, or the file's `weight`); at least 1.
-    pub weight: u32,
-    /// Lower is preferred (SRV priority); endpoints of a higher priority are used only when
-    /// none of a lower one can take traffic.
-    pub priority: u16,
-}
-
-pub type Endpoints = Arc<Vec<Endpoint>>;
 
 /// Where a service's endpoints come from.
 pub enum Source {
@@ -98,28 +85,4 @@ impl Source {
             }
         }
     }
-}
-
-/// Logs a change of endpoint set (what came, what went) once, at info.
-pub fn log_change(service: &str, old: &[Endpoint], new: &[Endpoint]) {
-    if old == new {
-        return;
-    }
-    let added: Vec<String> = new
-        .iter()
-        .filter(|e| !old.contains(e))
-        .map(|e| e.address.to_string())
-        .collect();
-    let removed: Vec<String> = old
-        .iter()
-        .filter(|e| !new.contains(e))
-        .map(|e| e.address.to_string())
-        .collect();
-    tracing::info!(
-        service,
-        count = new.len(),
-        ?added,
-        ?removed,
-        "endpoints changed"
-    );
 }

@@ -41,6 +41,11 @@ impl ErrorKind {
         }
     }
 
+    /// The kind a `quicar-error` value names, if it names one (a peer sidecar's header).
+    pub fn parse(text: &str) -> Option<Self> {
+        ALL.iter().copied().find(|k| k.as_str() == text)
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Self::BadRequest => StatusCode::BAD_REQUEST,
@@ -59,9 +64,24 @@ impl ErrorKind {
     }
 }
 
+const ALL: [ErrorKind; 12] = [
+    ErrorKind::BadRequest,
+    ErrorKind::HeadersTooLarge,
+    ErrorKind::BodyTooLarge,
+    ErrorKind::UnknownService,
+    ErrorKind::Denied,
+    ErrorKind::NoEndpoints,
+    ErrorKind::CircuitOpen,
+    ErrorKind::Overloaded,
+    ErrorKind::ConnectFailed,
+    ErrorKind::PeerReset,
+    ErrorKind::IdentityMismatch,
+    ErrorKind::Timeout,
+];
+
 /// Which hop failed: the part of the path the message points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     /// The app talking to its own sidecar.
     Downstream,
     /// The peer sidecar (or the network to it).
@@ -73,7 +93,7 @@ pub enum Side {
 /// A request that ended in the sidecar rather than with an upstream response.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-pub struct ProxyError {
+pub(crate) struct ProxyError {
     pub kind: ErrorKind,
     pub side: Side,
     /// True when the request certainly never reached the far app, so sending it again is safe.
@@ -82,7 +102,7 @@ pub struct ProxyError {
 }
 
 impl ProxyError {
-    pub fn new(kind: ErrorKind, side: Side, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, side: Side, message: impl Into<String>) -> Self {
         Self {
             kind,
             side,
@@ -91,19 +111,21 @@ impl ProxyError {
         }
     }
 
-    pub fn never_sent(mut self) -> Self {
+    pub(crate) fn never_sent(mut self) -> Self {
         self.never_sent = true;
         self
     }
 
-    /// The response the sidecar itself sends: status, `quicar-error`, a one-line body.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The response the sidecar itself sends: status, a one-line body, and its kind as an
+    /// extension (the edge writes it as `quicar-error`).
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
         error_response(self.kind, &self.message)
     }
 }
 
-/// A sidecar-made response for `kind` with a one-line text body.
-pub fn error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
+/// A sidecar-made response for `kind` with a one-line text body; the kind rides as an
+/// extension.
+pub(crate) fn error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
     let line = format!(
         "quicar: {}: {}\n",
         kind.as_str(),
@@ -114,19 +136,16 @@ pub fn error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
     *resp.status_mut() = kind.status();
     let h = resp.headers_mut();
     h.insert(
-        crate::headers::QUICAR_ERROR,
-        HeaderValue::from_static(kind.as_str()),
-    );
-    h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp.extensions_mut().insert(kind);
     resp
 }
 
 /// An error and its causes on one line (`outer: inner: root`), for logs and error bodies.
-pub fn source_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -135,4 +154,18 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_and_nothing_else_parses() {
+        for k in ALL {
+            assert_eq!(ErrorKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(ErrorKind::parse("Denied"), None);
+        assert_eq!(ErrorKind::parse("x-made-up"), None);
+    }
 }

@@ -1,18 +1,24 @@
-//! Header rules shared by both hops: hop-by-hop removal, `quicar-*` control headers, and how a
-//! Host or `:authority` names a service.
+//! Header rules shared by both hops: hop-by-hop removal, `quicar-*` control headers (stripped
+//! from what apps send, written from the sidecar's typed facts at the edges), and how a Host or
+//! `:authority` names a service.
 
-use http::header::{HeaderMap, HeaderName};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::error::ErrorKind;
+use crate::facts::{CacheOutcome, Upstream};
 
 /// On every response the sidecar generates itself.
-pub const QUICAR_ERROR: &str = "quicar-error";
+pub(crate) const QUICAR_ERROR: &str = "quicar-error";
 /// Set by the inbound sidecar for its app: the caller's SPIFFE ID, from its certificate.
-pub const PEER_IDENTITY: &str = "quicar-peer-identity";
+pub(crate) const PEER_IDENTITY: &str = "quicar-peer-identity";
 
+/// To the calling app: how the response cache answered.
+pub(crate) const CACHE: &str = "quicar-cache";
 /// To the calling app: the transport its request crossed (`quic` or `tcp`).
-pub const TRANSPORT: &str = "quicar-transport";
+pub(crate) const TRANSPORT: &str = "quicar-transport";
 /// From the outbound to the inbound sidecar: milliseconds left of the caller's deadline. The
 /// inbound sidecar gives the local app no longer than that.
-pub const DEADLINE: &str = "quicar-deadline";
+pub(crate) const DEADLINE: &str = "quicar-deadline";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones proxies also drop.
 const HOP_BY_HOP: &[&str] = &[
@@ -28,7 +34,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Drops hop-by-hop headers, including every header named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -53,7 +59,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Drops every `quicar-*` header, so that no app can forge identity or control headers.
-pub fn strip_quicar(headers: &mut HeaderMap) {
+pub(crate) fn strip_quicar(headers: &mut HeaderMap) {
     let ours: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("quicar-"))
@@ -64,9 +70,47 @@ pub fn strip_quicar(headers: &mut HeaderMap) {
     }
 }
 
+/// The error kind a peer sidecar wrote, when it is one of ours (anything else is ignored: a
+/// value that is not in the closed set never becomes a label).
+pub(crate) fn error_kind(headers: &HeaderMap) -> Option<ErrorKind> {
+    headers
+        .get(QUICAR_ERROR)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorKind::parse)
+}
+
+/// Edge toward a peer sidecar: the response's error kind (if the sidecar made it) as
+/// `quicar-error`.
+pub(crate) fn write_error_kind(parts: &mut http::response::Parts) {
+    if let Some(kind) = parts.extensions.get::<ErrorKind>() {
+        parts
+            .headers
+            .insert(QUICAR_ERROR, HeaderValue::from_static(kind.as_str()));
+    }
+}
+
+/// Edge toward the calling app: the sidecars' facts about the response as `quicar-error`,
+/// `quicar-cache` and (if enabled) `quicar-transport`. Nothing else `quicar-*` is left: the
+/// transport stripped what the peer sent.
+pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: bool) {
+    write_error_kind(parts);
+    if let Some(how) = parts.extensions.get::<CacheOutcome>() {
+        parts
+            .headers
+            .insert(CACHE, HeaderValue::from_static(how.as_str()));
+    }
+    if transport_header {
+        if let Some(up) = parts.extensions.get::<Upstream>() {
+            parts
+                .headers
+                .insert(TRANSPORT, HeaderValue::from_static(up.transport.as_str()));
+        }
+    }
+}
+
 /// The service an authority names: the host without port, lower-cased. `None` when it is not a
 /// plausible host name (the caller answers 400).
-pub fn service_of_authority(authority: &str) -> Option<String> {
+pub(crate) fn service_of_authority(authority: &str) -> Option<String> {
     let host = match authority.rsplit_once(':') {
         Some((h, port)) if !h.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => authority,

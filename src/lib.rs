@@ -19,22 +19,24 @@
 //! - [`bench`]: `quicar bench`, the TCP-vs-QUIC comparison over an emulated link.
 //! - [`demo`]: two sidecars and a demo service on loopback.
 
-pub mod admin;
+pub(crate) mod accept;
+pub(crate) mod admin;
 pub mod app;
-pub mod balance;
+pub(crate) mod balance;
 pub mod bench;
-pub mod body;
+pub(crate) mod body;
 pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod discovery;
-pub mod error;
-pub mod headers;
+pub(crate) mod error;
+pub mod facts;
+pub(crate) mod headers;
 pub mod identity;
-pub mod inbound;
-pub mod outbound;
+pub(crate) mod inbound;
+pub(crate) mod outbound;
 pub mod pki;
-pub mod policy;
-pub mod resilience;
+pub(crate) mod policy;
+pub(crate) mod resilience;
 pub mod telemetry;
-pub mod transport;
+pub(crate) mod transport;

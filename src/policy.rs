@@ -3,7 +3,7 @@
 use crate::identity::PeerId;
 
 /// `allow` absent admits any identity of our trust domain; present, only the listed IDs.
-pub fn authorize(allow: Option<&[String]>, trust_domain: &str, caller: &PeerId) -> bool {
+pub(crate) fn authorize(allow: Option<&[String]>, trust_domain: &str, caller: &PeerId) -> bool {
     if caller.trust_domain() != trust_domain {
         return false;
     }

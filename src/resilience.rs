@@ -12,7 +12,7 @@ use crate::error::ErrorKind;
 
 /// How an attempt failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Certainly never reached the far app (connect refused, handshake refused, stream refused
     /// before processing, GOAWAY, stateless reset).
     NeverSent,
@@ -22,8 +22,19 @@ pub enum Failure {
     Status(u16),
 }
 
+impl Failure {
+    /// The `reason` label of a retry.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::NeverSent => "never-sent",
+            Self::Error(_) => "error",
+            Self::Status(_) => "status",
+        }
+    }
+}
+
 /// RFC 9110 §9.2.2 idempotent methods.
-pub fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -33,7 +44,7 @@ pub fn is_idempotent(m: &Method) -> bool {
 /// Retry only when safe: a request that was never sent always may be; one that may have
 /// reached the app only if its method is idempotent, the failure is a connection-level one or
 /// a configured status, and its body can be sent again.
-pub fn is_retryable(
+pub(crate) fn is_retryable(
     method: &Method,
     failure: Failure,
     statuses: &[u16],
@@ -48,7 +59,7 @@ pub fn is_retryable(
 }
 
 /// Exponential back-off with full jitter: uniform in [0, min(max, base × 2^(retry-1))].
-pub fn backoff(retry: u32, base: Duration, max: Duration, r: f64) -> Duration {
+pub(crate) fn backoff(retry: u32, base: Duration, max: Duration, r: f64) -> Duration {
     let cap = base
         .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1).min(20)))
         .min(max);
@@ -57,7 +68,7 @@ pub fn backoff(retry: u32, base: Duration, max: Duration, r: f64) -> Duration {
 
 /// Finagle/Linkerd-style retry budget over a sliding window of one-second buckets: retries may
 /// reach `ratio` × requests in the window plus `min_per_second` × window seconds.
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     ratio: f64,
     min_per_second: u32,
     window_secs: u64,
@@ -66,7 +77,7 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
-    pub fn new(cfg: &RetryConfig) -> Self {
+    pub(crate) fn new(cfg: &RetryConfig) -> Self {
         Self {
             ratio: cfg.budget_ratio,
             min_per_second: cfg.min_per_second,
@@ -96,20 +107,20 @@ impl RetryBudget {
     }
 
     /// An original request (not a retry).
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         self.request_at(Instant::now());
     }
 
-    pub fn request_at(&self, now: Instant) {
+    pub(crate) fn request_at(&self, now: Instant) {
         self.with_bucket(now, |b| b.back_mut().expect("pushed").1 += 1);
     }
 
     /// Takes one retry from the budget; false when it is spent.
-    pub fn try_retry(&self) -> bool {
+    pub(crate) fn try_retry(&self) -> bool {
         self.try_retry_at(Instant::now())
     }
 
-    pub fn try_retry_at(&self, now: Instant) -> bool {
+    pub(crate) fn try_retry_at(&self, now: Instant) -> bool {
         let (ratio, floor) = (
             self.ratio,
             f64::from(self.min_per_second) * self.window_secs as f64,

@@ -14,7 +14,7 @@ use hickory_resolver::TokioResolver;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{log_change, Endpoint, Endpoints};
+use super::endpoints::{log_change, Endpoint, Endpoints};
 use crate::identity::PeerId;
 
 pub struct DnsSource {

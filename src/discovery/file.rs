@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{log_change, Endpoint, Endpoints};
+use super::endpoints::{log_change, Endpoint, Endpoints};
 use crate::identity::PeerId;
 
 pub struct FileSource {

@@ -4,32 +4,43 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use futures_util::future::BoxFuture;
+use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 
-use super::{fetch, path_of, Outbound, Route};
 use crate::body::{content_length, full, ProxyBody};
 use crate::cache::{
-    is_conditional, is_error_status, mark, Cache, Flight, FlightGuard, Lookup, TeeBody, Variant,
+    is_conditional, is_error_status, Cache, Flight, FlightGuard, Lookup, TeeBody, Variant,
 };
 use crate::error::ProxyError;
+use crate::facts::CacheOutcome;
 
-/// A GET (or HEAD) without a body, for a service with a cache.
-pub(super) async fn serve(
-    state: &Arc<Outbound>,
-    route: &Route,
+/// How the cache step reaches the service: one request (with the service's retries and
+/// deadline) for a bodyless head. Owned, so a background refresh can outlive the request.
+pub(crate) type Fetch = Arc<
+    dyn Fn(http::request::Parts) -> BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>
+        + Send
+        + Sync,
+>;
+
+/// A GET (or HEAD) without a body, for a service with a cache. `wait` bounds how long a
+/// collapsed request waits for the leader (the service's timeout).
+pub(crate) async fn serve(
     cache: &Arc<Cache>,
+    key: String,
+    wait: Duration,
     req: http::request::Parts,
+    fetch: Fetch,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let key = Cache::key(&route.name, path_of(&req.uri));
     let mut followed = false;
     loop {
         match cache.lookup(&key, &req) {
             Lookup::Fresh(parts, body) => {
                 cache.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(cached(parts, body, "hit"));
+                return Ok(cached(parts, body, CacheOutcome::Hit));
             }
             Lookup::Stale {
                 variant,
@@ -39,8 +50,7 @@ pub(super) async fn serve(
                 if serve_while_revalidating {
                     if cache.start_refresh(&key) {
                         tokio::spawn(refresh(
-                            state.clone(),
-                            route.name.clone(),
+                            fetch.clone(),
                             cache.clone(),
                             key.clone(),
                             req.clone(),
@@ -50,29 +60,26 @@ pub(super) async fn serve(
                     }
                     cache.stats.stale.fetch_add(1, Ordering::Relaxed);
                     let (parts, body) = cache.stale_response(&variant);
-                    return Ok(cached(parts, body, "stale"));
+                    return Ok(cached(parts, body, CacheOutcome::Stale));
                 }
-                return revalidate_now(state, route, cache, key, req, &variant, revalidate).await;
+                return revalidate_now(&fetch, cache, key, req, &variant, revalidate).await;
             }
             Lookup::Miss if !followed => match cache.join(&key) {
-                Flight::Leader(guard) => {
-                    return miss(state, route, cache, key, req, Some(guard)).await
-                }
+                Flight::Leader(guard) => return miss(&fetch, cache, key, req, Some(guard)).await,
                 Flight::Follower(mut rx) => {
                     // Another request is fetching this: wait for it, then look again once.
                     followed = true;
-                    let _ = tokio::time::timeout(route.timeout, Flight::wait(&mut rx)).await;
+                    let _ = tokio::time::timeout(wait, Flight::wait(&mut rx)).await;
                 }
             },
             // The leader's response was not storable (or it failed): fetch for ourselves.
-            Lookup::Miss => return miss(state, route, cache, key, req, None).await,
+            Lookup::Miss => return miss(&fetch, cache, key, req, None).await,
         }
     }
 }
 
 async fn miss(
-    state: &Outbound,
-    route: &Route,
+    fetch: &Fetch,
     cache: &Arc<Cache>,
     key: String,
     req: http::request::Parts,
@@ -81,13 +88,19 @@ async fn miss(
     cache.stats.misses.fetch_add(1, Ordering::Relaxed);
     cache.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
     // On an error `guard` drops here and followers go upstream themselves.
-    let resp = fetch(route, state, Request::from_parts(req.clone(), ()), None).await?;
-    Ok(store_while_streaming(cache, key, req, resp, guard, "miss"))
+    let resp = fetch(req.clone()).await?;
+    Ok(store_while_streaming(
+        cache,
+        key,
+        req,
+        resp,
+        guard,
+        CacheOutcome::Miss,
+    ))
 }
 
 async fn revalidate_now(
-    state: &Outbound,
-    route: &Route,
+    fetch: &Fetch,
     cache: &Arc<Cache>,
     key: String,
     req: http::request::Parts,
@@ -98,22 +111,22 @@ async fn revalidate_now(
     let stale = |cache: &Cache| {
         cache.stats.stale.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = cache.stale_response(variant);
-        cached(parts, body, "stale")
+        cached(parts, body, CacheOutcome::Stale)
     };
-    match fetch(route, state, Request::from_parts(revalidate, ()), None).await {
+    match fetch(revalidate).await {
         Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
             let (parts, _) = resp.into_parts();
             match cache.revalidated(&key, variant, &req, &parts) {
                 Some((parts, body)) => {
                     cache.stats.revalidated.fetch_add(1, Ordering::Relaxed);
-                    Ok(cached(parts, body, "revalidated"))
+                    Ok(cached(parts, body, CacheOutcome::Revalidated))
                 }
                 // A 304 for the client's own validators: it can use it.
                 None if is_conditional(&req) => {
                     Ok(Response::from_parts(parts, crate::body::empty()))
                 }
                 // A 304 we cannot match to what we hold: ask again without conditions.
-                None => miss(state, route, cache, key, req, None).await,
+                None => miss(fetch, cache, key, req, None).await,
             }
         }
         Ok(resp) if is_error_status(resp.status()) && cache.usable_on_error(variant) => {
@@ -121,7 +134,14 @@ async fn revalidate_now(
         }
         Ok(resp) => {
             cache.stats.misses.fetch_add(1, Ordering::Relaxed);
-            Ok(store_while_streaming(cache, key, req, resp, None, "miss"))
+            Ok(store_while_streaming(
+                cache,
+                key,
+                req,
+                resp,
+                None,
+                CacheOutcome::Miss,
+            ))
         }
         Err(e) if cache.usable_on_error(variant) => {
             tracing::debug!(error = %e.message, "origin failed; serving stale within stale-if-error");
@@ -133,8 +153,7 @@ async fn revalidate_now(
 
 /// The one background refresh of a `stale-while-revalidate` entry.
 async fn refresh(
-    state: Arc<Outbound>,
-    service: String,
+    fetch: Fetch,
     cache: Arc<Cache>,
     key: String,
     req: http::request::Parts,
@@ -148,17 +167,15 @@ async fn refresh(
         }
     }
     let _done = Done(&cache, &key);
-    let Some(route) = state.routes.get(&service.to_ascii_lowercase()) else {
-        return;
-    };
     cache.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
-    match fetch(route, &state, Request::from_parts(revalidate, ()), None).await {
+    match fetch(revalidate).await {
         Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
             let (parts, _) = resp.into_parts();
             cache.revalidated(&key, &variant, &req, &parts);
         }
         Ok(resp) if !is_error_status(resp.status()) => {
-            let resp = store_while_streaming(&cache, key.clone(), req, resp, None, "miss");
+            let resp =
+                store_while_streaming(&cache, key.clone(), req, resp, None, CacheOutcome::Miss);
             // Nobody reads this response: drain it so the copy completes and is stored.
             let _ = resp.into_body().collect().await;
         }
@@ -173,14 +190,14 @@ fn store_while_streaming(
     req: http::request::Parts,
     resp: Response<ProxyBody>,
     guard: Option<FlightGuard>,
-    how: &'static str,
+    how: CacheOutcome,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let policy = cache
         .storable(&req, &parts)
         .filter(|_| cache.fits(content_length(&parts.headers)));
     let stored = parts.clone();
-    mark(&mut parts.headers, how);
+    parts.extensions.insert(how);
     let Some(policy) = policy else {
         if let Some(g) = guard {
             cache.land(g);
@@ -199,7 +216,7 @@ fn store_while_streaming(
     Response::from_parts(parts, tee.boxed_unsync())
 }
 
-fn cached(mut parts: http::response::Parts, body: Bytes, how: &'static str) -> Response<ProxyBody> {
-    mark(&mut parts.headers, how);
+fn cached(mut parts: http::response::Parts, body: Bytes, how: CacheOutcome) -> Response<ProxyBody> {
+    parts.extensions.insert(how);
     Response::from_parts(parts, full(body))
 }

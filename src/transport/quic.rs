@@ -1,6 +1,7 @@
-//! QUIC between sidecars: the server endpoint the inbound listener accepts on, and the client
-//! pool that keeps one HTTP/3 connection per peer endpoint, shared by all requests to it,
-//! re-established when it drops and closed when no request has used it for the idle timeout.
+//! The QUIC wire (HTTP/3, ALPN `h3`): the inbound server loop, the client pool that keeps one
+//! connection per peer endpoint (shared by all requests to it, re-established when it drops,
+//! closed when idle), one request exchange, and the mapping of quinn and h3 errors to what the
+//! request path needs to know.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,25 +9,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::pool::{self, InFlight, Pooled, Slots, Usage};
+use super::wire::{
+    self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
+    MAX_FIELD_SECTION, STREAM_WINDOW,
+};
+use crate::body::{content_length, BodyError, H3Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::identity::{IdentityError, IdentityRx, Material, PeerId};
-use crate::telemetry::{Direction, Telemetry};
-use crate::transport::slots::{self, InFlight, Pooled, Slots, Usage};
+use crate::facts::Transport;
+use crate::headers::strip_hop_by_hop;
+use crate::identity::{peer_of, IdentityError, IdentityRx, Material, PeerId};
+use crate::inbound::Inbound;
+use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
-pub const ALPN_H3: &[u8] = b"h3";
-/// Application close code sent when a sidecar stops (H3_NO_ERROR).
-pub const CLOSE_SHUTDOWN: u32 = 0x100;
-/// Closes a pooled connection nobody used for the idle timeout (H3_NO_ERROR as well).
+const ALPN_H3: &[u8] = b"h3";
+/// Application close code sent when a sidecar stops, and on idle close (H3_NO_ERROR).
+pub(crate) const CLOSE_SHUTDOWN: u32 = 0x100;
 const CLOSE_IDLE: u32 = 0x100;
-/// A peer whose identity we refuse (H3_GENERAL_PROTOCOL_ERROR is wrong here; use a private
-/// code from the reserved range so logs on the far side can tell why).
-pub const CLOSE_IDENTITY: u32 = 0x51c0;
-
-/// Largest header section we accept or send on HTTP/3.
-pub const MAX_FIELD_SECTION: u64 = 64 * 1024;
+/// A peer whose identity we refuse: a private code from the reserved range, so logs on the
+/// far side can tell why (H3_GENERAL_PROTOCOL_ERROR would be wrong here).
+const CLOSE_IDENTITY: u32 = 0x51c0;
 
 fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -37,15 +47,15 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
         quinn::IdleTimeout::try_from(cfg.dead_peer_timeout)
             .unwrap_or(quinn::VarInt::from_u32(30_000).into()),
     ));
-    // Bounded buffering: a slow reader can hold at most this much per stream and connection.
-    t.stream_receive_window(quinn::VarInt::from_u32(1024 * 1024));
-    t.receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
-    t.send_window(16 * 1024 * 1024);
-    if server {
-        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_concurrent_streams));
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    let bidi = if server {
+        cfg.max_concurrent_streams
     } else {
-        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
-    }
+        0
+    };
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(bidi));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
     match cfg.congestion {
         crate::config::Congestion::Cubic => {
@@ -62,7 +72,7 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
 }
 
 /// Starts a QUIC server with our identity on the bound inbound UDP socket.
-pub fn server_endpoint(
+pub(crate) fn server_endpoint(
     socket: std::net::UdpSocket,
     material: &Material,
     cfg: &QuicConfig,
@@ -82,7 +92,7 @@ pub fn server_endpoint(
     )
 }
 
-pub fn server_config(
+fn server_config(
     material: &Material,
     cfg: &QuicConfig,
 ) -> Result<quinn::ServerConfig, IdentityError> {
@@ -94,11 +104,203 @@ pub fn server_config(
     Ok(server)
 }
 
+/// The reason label of a connection that failed during its handshake.
+fn handshake_failure(e: &quinn::ConnectionError) -> HandshakeFailure {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TimedOut => return HandshakeFailure::Timeout,
+        _ => return HandshakeFailure::Other,
+    };
+    // CRYPTO_ERROR codes carry the TLS alert: 0x100 + alert (RFC 9001 §4.8).
+    if (0x100..0x200).contains(&code) {
+        alert_failure((code - 0x100) as u8)
+    } else {
+        HandshakeFailure::Other
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+/// Accepts QUIC connections until `shutdown`; then each connection sends GOAWAY and lets its
+/// in-flight requests finish (the caller bounds how long). New handshakes use the latest
+/// identity from `identity`.
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    mut identity: IdentityRx,
+    cfg: QuicConfig,
+    inbound: Arc<Inbound>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = identity.changed() => {
+                if r.is_ok() {
+                    let material = identity.borrow_and_update().clone();
+                    match server_config(&material, &cfg) {
+                        Ok(server) => endpoint.set_server_config(Some(server)),
+                        Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound QUIC"),
+                    }
+                }
+                continue;
+            }
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        tracker.spawn(connection(incoming, inbound.clone(), shutdown.clone()));
+    }
+    // Refuse new handshakes while the accepted connections drain.
+    endpoint.set_server_config(None);
+}
+
+async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: CancellationToken) {
+    let remote = incoming.remote_address();
+    let tel = inbound.telemetry();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // No certificate, another CA, an expired one: the TLS alert says which.
+            tel.handshake_failed(Direction::Inbound, handshake_failure(&e));
+            tracing::warn!(%remote, reason = %e, "inbound handshake refused");
+            return;
+        }
+    };
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let peer = match inbound.admit(remote, peer_of(certs.as_deref().map(Vec::as_slice))) {
+        Ok(p) => p,
+        Err(why) => {
+            conn.close(quinn::VarInt::from_u32(CLOSE_IDENTITY), why.as_bytes());
+            return;
+        }
+    };
+    tracing::debug!(%remote, identity = %peer, "inbound QUIC connection");
+    let _open = tel.connection_opened(Direction::Inbound, Transport::Quic);
+    let quic = conn.clone();
+    let mut h3 = match h3::server::builder()
+        .max_field_section_size(MAX_FIELD_SECTION)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    let requests = TaskTracker::new();
+    let peer = Arc::new(peer);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                requests.close();
+                // GOAWAY: requests already accepted finish; later ones are refused as never
+                // processed, so the caller may safely send them elsewhere.
+                if let Err(e) = h3.shutdown(0).await {
+                    tracing::debug!(%remote, error = %e, "GOAWAY failed");
+                    break;
+                }
+            }
+            _ = requests.wait(), if draining => break,
+            r = h3.accept() => match r {
+                Ok(Some(resolver)) => {
+                    let (inbound, peer) = (inbound.clone(), peer.clone());
+                    requests.spawn(async move {
+                        match resolver.resolve_request().await {
+                            Ok((req, stream)) => request(req, stream, &inbound, &peer).await,
+                            Err(e) => tracing::debug!(%remote, error = %e, "bad request stream"),
+                        }
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "peer connection ended");
+                    break;
+                }
+            },
+        }
+    }
+    requests.close();
+    requests.wait().await;
+    if draining {
+        // Dropping `h3` closes the connection at once, and a close discards stream data the
+        // peer has not acknowledged yet: the last responses would be lost. Give the peer a few
+        // round trips to take them (or to close first itself).
+        let grace = (quic.rtt() * 4 + Duration::from_millis(50)).min(Duration::from_secs(1));
+        let _ = tokio::time::timeout(grace, quic.closed()).await;
+    }
+}
+
+type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
+
+async fn request(
+    req: Request<()>,
+    stream: ServerStream<h3_quinn::BidiStream<Bytes>>,
+    inbound: &Inbound,
+    peer: &PeerId,
+) {
+    let (mut send, recv) = stream.split();
+    let body = H3Body::new(recv, content_length(req.headers())).boxed_unsync();
+    let resp = inbound
+        .settle_and_handle(req.map(|()| body), peer, Transport::Quic)
+        .await;
+    respond(&mut send, resp).await;
+}
+
+/// Sends a response on the HTTP/3 stream: headers (the sidecar's facts written as headers
+/// here, at the edge), then data as the app produces it (each `send_data` waits for flow
+/// control), then trailers. An app body that breaks off resets the stream so the caller sees
+/// an error, not a short body.
+async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Response<ProxyBody>) {
+    let (mut parts, mut body) = resp.into_parts();
+    crate::headers::write_error_kind(&mut parts);
+    if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
+        tracing::debug!(error = %e, "could not send response headers");
+        return;
+    }
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "local app response body failed; resetting stream");
+                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => {
+                let r = match frame.into_data() {
+                    Ok(data) if data.is_empty() => Ok(()),
+                    Ok(data) => send.send_data(data).await,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => send.send_trailers(trailers).await,
+                        Err(_) => Ok(()),
+                    },
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "caller stopped reading the response");
+                    return;
+                }
+            }
+        }
+    }
+    let _ = send.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
 /// A pooled HTTP/3 connection: the sender requests are opened on, and the QUIC connection.
 #[derive(Clone)]
-pub struct PeerConn {
-    pub send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    pub conn: quinn::Connection,
+struct PeerConn {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    conn: quinn::Connection,
     usage: Arc<Usage>,
     /// Lost packets, datagrams sent and received at the last telemetry sample.
     sampled: Arc<Mutex<(u64, u64, u64)>>,
@@ -120,19 +322,8 @@ impl Pooled for PeerConn {
     }
 }
 
-impl PeerConn {
-    pub fn is_alive(&self) -> bool {
-        Pooled::is_alive(self)
-    }
-
-    /// Counts a request in flight until dropped (keeps idle reaping away).
-    pub fn in_flight(&self) -> InFlight {
-        self.usage.start()
-    }
-}
-
 /// One QUIC client endpoint and the connections it holds, one per (address, identity).
-pub struct QuicPool {
+pub(crate) struct Pool {
     endpoint: quinn::Endpoint,
     identity: IdentityRx,
     transport: Arc<quinn::TransportConfig>,
@@ -142,16 +333,8 @@ pub struct QuicPool {
     tel: Arc<Telemetry>,
 }
 
-/// A pooled connection's state, for `/endpoints`.
-pub struct PeerState {
-    pub alive: bool,
-    pub rtt: Duration,
-    pub in_flight: usize,
-    pub close_reason: Option<String>,
-}
-
-impl QuicPool {
-    pub fn new(
+impl Pool {
+    pub(crate) fn new(
         identity: IdentityRx,
         cfg: &QuicConfig,
         tel: Arc<Telemetry>,
@@ -176,29 +359,28 @@ impl QuicPool {
         }))
     }
 
-    /// How many QUIC connections this pool has opened since it started.
-    pub fn connections_opened(&self) -> u64 {
+    pub(crate) fn connections_opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// Connections currently open.
-    pub fn connections_active(&self) -> usize {
+    pub(crate) fn connections_active(&self) -> usize {
         self.slots.active()
     }
 
     /// The state of the connection to an endpoint, if one was made.
-    pub fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<PeerState> {
+    pub(crate) fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<ConnState> {
         let c = self.slots.current(addr, expected)?;
-        Some(PeerState {
-            alive: c.is_alive(),
-            rtt: c.conn.rtt(),
+        let alive = c.is_alive();
+        Some(ConnState {
+            alive,
+            rtt: alive.then(|| c.conn.rtt()),
             in_flight: c.usage.in_flight(),
             close_reason: c.conn.close_reason().map(|r| r.to_string()),
         })
     }
 
     /// Feeds each live connection's path statistics to telemetry (as deltas since last time).
-    pub fn sample(&self) {
+    pub(crate) fn sample(&self) {
         for (addr, c) in self.slots.each() {
             let stats = c.conn.stats();
             let now = (
@@ -223,7 +405,7 @@ impl QuicPool {
 
     /// The live connection to `addr` proving `expected`, or a new one. Concurrent callers for
     /// the same peer wait for one handshake instead of racing several.
-    pub async fn get(
+    async fn get(
         &self,
         addr: SocketAddr,
         expected: &PeerId,
@@ -236,8 +418,18 @@ impl QuicPool {
             .await
     }
 
+    /// Whether a QUIC handshake with the endpoint succeeds now (the `auto` fallback's probe).
+    pub(crate) async fn reachable(
+        &self,
+        addr: SocketAddr,
+        expected: &PeerId,
+        connect_timeout: Duration,
+    ) -> bool {
+        self.get(addr, expected, connect_timeout).await.is_ok()
+    }
+
     /// Forgets a connection that failed under a request, so the next request reconnects.
-    pub async fn evict(&self, addr: SocketAddr, expected: &PeerId, conn: &PeerConn) {
+    async fn evict(&self, addr: SocketAddr, expected: &PeerId, conn: &PeerConn) {
         let id = conn.conn.stable_id();
         self.slots
             .evict(addr, expected, |c| c.conn.stable_id() == id)
@@ -250,48 +442,38 @@ impl QuicPool {
         expected: &PeerId,
         connect_timeout: Duration,
     ) -> Result<PeerConn, ProxyError> {
-        let mismatch = Arc::new(Mutex::new(None));
+        let mismatch = wire::Mismatch::default();
         let material = self.identity.borrow().clone();
-        let failed =
-            |msg: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, msg).never_sent();
         let tls = material
             .client_config(expected.clone(), mismatch.clone(), vec![ALPN_H3.to_vec()])
-            .map_err(|e| failed(format!("cannot build TLS config: {e}")))?;
+            .map_err(|e| connect_failed(format!("cannot build TLS config: {e}")))?;
         let quic = QuicClientConfig::try_from(tls)
-            .map_err(|e| failed(format!("cannot build QUIC config: {e}")))?;
+            .map_err(|e| connect_failed(format!("cannot build QUIC config: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         client.transport_config(self.transport.clone());
         // SNI carries the trust domain only: names are checked by SPIFFE ID, not DNS.
         let connecting = self
             .endpoint
             .connect_with(client, addr, expected.trust_domain())
-            .map_err(|e| failed(format!("cannot connect to peer {addr}: {e}")))?;
+            .map_err(|e| connect_failed(format!("cannot connect to peer {addr}: {e}")))?;
         let conn = match tokio::time::timeout(connect_timeout, connecting).await {
             Err(_) => {
-                self.tel.handshake_failed(Direction::Outbound, "timeout");
-                return Err(failed(format!(
+                self.tel
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                return Err(connect_failed(format!(
                     "no QUIC handshake with peer {addr} within {}",
                     humantime::format_duration(connect_timeout)
                 )));
             }
             Ok(Err(e)) => {
-                if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
-                    self.tel
-                        .handshake_failed(Direction::Outbound, "identity-mismatch");
-                    tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
-                    return Err(ProxyError::new(
-                        ErrorKind::IdentityMismatch,
-                        Side::Peer,
-                        format!("peer {addr} presented {presented}, expected {expected}"),
-                    )
-                    .never_sent());
-                }
-                self.tel
-                    .handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
-                tracing::warn!(peer = %addr, error = %e, "QUIC handshake failed");
-                return Err(failed(format!(
-                    "QUIC handshake with peer {addr} failed: {e}"
-                )));
+                return Err(wire::handshake_failed(
+                    &self.tel,
+                    &mismatch,
+                    addr,
+                    expected,
+                    handshake_failure(&e),
+                    &format_args!("QUIC: {e}"),
+                ));
             }
             Ok(Ok(conn)) => conn,
         };
@@ -299,10 +481,12 @@ impl QuicPool {
             .max_field_section_size(MAX_FIELD_SECTION)
             .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
             .await
-            .map_err(|e| failed(format!("HTTP/3 setup with peer {addr} failed: {e}")))?;
+            .map_err(|e| connect_failed(format!("HTTP/3 setup with peer {addr} failed: {e}")))?;
         let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(peer = %addr, identity = %expected, opened = n, "QUIC connection established");
-        let open = self.tel.connection_opened(Direction::Outbound, "quic");
+        let open = self
+            .tel
+            .connection_opened(Direction::Outbound, Transport::Quic);
         tokio::spawn(async move {
             let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             drop(open);
@@ -317,37 +501,235 @@ impl QuicPool {
     }
 
     /// Closes connections that carried no request for the idle timeout; runs until cancelled.
-    pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        slots::reap_idle(self.slots.clone(), self.idle_timeout, shutdown).await;
+    pub(crate) async fn reap_idle(self: Arc<Self>, shutdown: CancellationToken) {
+        pool::reap_idle(self.slots.clone(), self.idle_timeout, shutdown).await;
     }
 
     /// Closes every connection with the shutdown code and waits (bounded) for the peers to know.
-    pub async fn close(&self, wait: Duration) {
+    pub(crate) async fn close(&self, wait: Duration) {
         self.endpoint
             .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"sidecar stopping");
         let _ = tokio::time::timeout(wait, self.endpoint.wait_idle()).await;
     }
+
+    /// One request on the pooled connection to `addr`. On failure, a request body that was
+    /// never read is handed back so a retry can still send it.
+    pub(crate) async fn exchange(
+        &self,
+        addr: SocketAddr,
+        identity: &PeerId,
+        head: Request<()>,
+        body: Upload,
+        connect_timeout: Duration,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        let method = head.method().clone();
+        let mut body = Some(body);
+        let unsent = |body: &mut Option<Upload>| body.take().and_then(Upload::unread);
+        let mut attempt = 0;
+        let (recv, in_flight, upload_guard, resp) = loop {
+            attempt += 1;
+            let conn = match self.get(addr, identity, connect_timeout).await {
+                Ok(c) => c,
+                Err(e) => return Err(SendError::new(e, unsent(&mut body))),
+            };
+            let stream = match conn.send.clone().send_request(head.clone()).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // The connection was going away (GOAWAY, closed): the stream was never
+                    // opened, so the request never reached the peer's app. Reconnect once.
+                    self.evict(addr, identity, &conn).await;
+                    if let Verdict::Refused(refused) = verdict(&conn, addr).await {
+                        return Err(SendError::new(refused, unsent(&mut body)));
+                    }
+                    if attempt >= 2 {
+                        let e = ProxyError::new(
+                            ErrorKind::PeerReset,
+                            Side::Peer,
+                            format!("peer {addr} refused the request stream: {e}"),
+                        )
+                        .never_sent();
+                        return Err(SendError::new(e, unsent(&mut body)));
+                    }
+                    tracing::debug!(peer = %addr, error = %e, "connection unusable; reconnecting");
+                    continue;
+                }
+            };
+            let in_flight: InFlight = conn.usage.start();
+            let (send, mut recv) = stream.split();
+            let cancel_upload = CancellationToken::new();
+            tokio::spawn(upload(
+                send,
+                body.take().unwrap_or(Upload::Empty),
+                cancel_upload.clone(),
+            ));
+            // Cancels the upload if we give up on this exchange (timeout, reset) before the
+            // response.
+            let upload_guard = cancel_upload.drop_guard();
+            match final_response(&mut recv).await {
+                Ok(resp) => break (recv, in_flight, upload_guard, resp),
+                Err(e) => {
+                    self.evict(addr, identity, &conn).await;
+                    return Err(SendError::new(stream_failure(&conn, addr, &e).await, None));
+                }
+            }
+        };
+        upload_guard.disarm();
+        let (parts, ()) = resp.into_parts();
+        let len = content_length(&parts.headers);
+        Ok(wire::from_peer(parts, &method, move || {
+            H3Body::new(recv, len).hold(in_flight).boxed_unsync()
+        }))
+    }
 }
 
-/// A bounded reason label for a failed handshake, from the TLS or QUIC error text.
-pub fn failure_reason(error: &str) -> &'static str {
-    let e = error.to_ascii_lowercase();
-    if e.contains("no certificates") || e.contains("error 116") {
-        "no-certificate"
-    } else if e.contains("expired") || e.contains("notvalidyet") || e.contains("not valid yet") {
-        "expired"
-    } else if e.contains("unknownissuer")
-        || e.contains("unknown issuer")
-        || e.contains("badsignature")
-        || e.contains("error 48")
+/// What a stream that failed before its response tells about the request.
+async fn stream_failure(
+    conn: &PeerConn,
+    addr: SocketAddr,
+    e: &h3::error::StreamError,
+) -> ProxyError {
+    // RFC 9114 §4.1.1: H3_REQUEST_REJECTED means the server did not process it (e.g. it
+    // arrived after GOAWAY), so it may be sent again.
+    if matches!(e, h3::error::StreamError::RemoteTerminate { code, .. } if *code == h3::error::Code::H3_REQUEST_REJECTED)
     {
-        // A bad signature from a CA with our CA's name is a certificate from another CA.
-        "unknown-ca"
-    } else if e.contains("certificate") || e.contains("error 42") || e.contains("error 45") {
-        "bad-certificate"
-    } else if e.contains("timed out") {
-        "timeout"
-    } else {
-        "other"
+        return ProxyError::new(
+            ErrorKind::PeerReset,
+            Side::Peer,
+            format!("peer {addr} rejected the request unprocessed"),
+        )
+        .never_sent();
+    }
+    match verdict(conn, addr).await {
+        Verdict::Refused(refused) => refused,
+        // A stateless reset: the peer restarted and has no memory of this connection, so the
+        // request never reached its app.
+        Verdict::Forgotten => ProxyError::new(
+            ErrorKind::PeerReset,
+            Side::Peer,
+            format!("peer {addr} restarted and reset the connection"),
+        )
+        .never_sent(),
+        Verdict::Unknown => ProxyError::new(
+            ErrorKind::PeerReset,
+            Side::Peer,
+            format!("peer {addr} reset the request before responding: {e}"),
+        ),
+    }
+}
+
+/// The final response head, skipping interim ones (103 Early Hints…): HTTP/1.1 apps rarely
+/// want them and hyper cannot send them.
+async fn final_response(
+    recv: &mut h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+) -> Result<http::Response<()>, h3::error::StreamError> {
+    loop {
+        let resp = recv.recv_response().await?;
+        if !resp.status().is_informational() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp);
+        }
+    }
+}
+
+/// What a connection that just failed under a request tells about the request.
+enum Verdict {
+    /// The peer refused our handshake: `connect-failed`, the request never reached it.
+    Refused(ProxyError),
+    /// The peer answered with a stateless reset: it restarted and never saw the request.
+    Forgotten,
+    /// Anything else: the request may have reached the peer's app.
+    Unknown,
+}
+
+/// TLS 1.3 lets the client finish its handshake before the server has judged the client's
+/// certificate, so a refused client briefly looks connected and then sees a CRYPTO_ERROR close.
+async fn verdict(conn: &PeerConn, addr: SocketAddr) -> Verdict {
+    let Ok(reason) = tokio::time::timeout(Duration::from_millis(200), conn.conn.closed()).await
+    else {
+        return Verdict::Unknown;
+    };
+    let refused = match &reason {
+        quinn::ConnectionError::Reset => return Verdict::Forgotten,
+        // CRYPTO_ERROR codes carry the TLS alert: 0x100 + alert.
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            (0x100..0x200).contains(&u64::from(close.error_code))
+        }
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            close.error_code == quinn::VarInt::from_u32(CLOSE_IDENTITY)
+        }
+        _ => false,
+    };
+    if !refused {
+        return Verdict::Unknown;
+    }
+    tracing::warn!(peer = %addr, reason = %reason, "peer refused our handshake");
+    Verdict::Refused(connect_failed(format!(
+        "peer {addr} refused the handshake: {reason}"
+    )))
+}
+
+type ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+
+/// Streams the app's request body onto the HTTP/3 stream; stops when the peer's flow control
+/// says so (send_data waits). A body that fails, or a cancelled exchange, resets the stream
+/// rather than finishing it, so the far app never mistakes a truncated body for a whole one.
+async fn upload(mut send: ClientSend, body: Upload, cancel: CancellationToken) {
+    let mut body = match body {
+        Upload::Empty => {
+            let _ = send.finish().await;
+            return;
+        }
+        Upload::Bytes(data, trailers) => {
+            let sent = tokio::select! {
+                _ = cancel.cancelled() => {
+                    send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                    return;
+                }
+                r = send.send_data(data) => r,
+            };
+            if sent.is_ok() {
+                if let Some(mut t) = trailers {
+                    strip_hop_by_hop(&mut t);
+                    let _ = send.send_trailers(t).await;
+                }
+                let _ = send.finish().await;
+            }
+            return;
+        }
+        Upload::Stream(body) => body,
+    };
+    let reset = |send: &mut ClientSend| send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => return reset(&mut send),
+            f = body.frame() => f,
+        };
+        let result: Result<(), BodyError> = match frame {
+            None => {
+                let _ = send.finish().await;
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "app request body failed; resetting stream");
+                return reset(&mut send);
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) => tokio::select! {
+                    _ = cancel.cancelled() => return reset(&mut send),
+                    r = send.send_data(data) => r.map_err(Into::into),
+                },
+                Err(frame) => match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        strip_hop_by_hop(&mut trailers);
+                        send.send_trailers(trailers).await.map_err(Into::into)
+                    }
+                    Err(_) => Ok(()),
+                },
+            },
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "peer stopped reading the request body");
+            return;
+        }
     }
 }

@@ -1,33 +1,172 @@
-//! The TCP transport: TLS 1.3 (same mutual TLS and identities as QUIC) carrying HTTP/2 (ALPN
-//! `h2`). The inbound side accepts on the same port number as QUIC; the client pool keeps one
+//! The TCP wire: TLS 1.3 (same mutual TLS and identities as QUIC) carrying HTTP/2 (ALPN `h2`).
+//! The inbound server loop accepts on the same port number as QUIC; the client pool keeps one
 //! multiplexed HTTP/2 connection per peer endpoint, re-established when it drops and closed
-//! when idle, like the QUIC pool.
+//! when idle, like the QUIC pool; one request exchange; h2 and rustls errors mapped to what
+//! the request path needs to know.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::body::ProxyBody;
+use super::pool::{self, Pooled, Slots, Usage};
+use super::wire::{
+    self, connect_failed, find_rustls, rustls_failure, ConnState, SendError, Upload,
+    CONNECTION_WINDOW, MAX_FIELD_SECTION, STREAM_WINDOW, TLS_ACCEPT_TIMEOUT,
+};
+use crate::accept::Listener;
+use crate::body::{held, BodyError, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::identity::{IdentityRx, PeerId};
-use crate::telemetry::{Direction, Telemetry};
-use crate::transport::quic::failure_reason;
-use crate::transport::slots::{self, InFlight, Pooled, Slots, Usage};
+use crate::facts::Transport;
+use crate::identity::{peer_of, IdentityError, IdentityRx, Material, PeerId};
+use crate::inbound::Inbound;
+use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
-pub const ALPN_H2: &[u8] = b"h2";
+const ALPN_H2: &[u8] = b"h2";
+
+/// The TLS server config for the TCP listener (ALPN h2), from the current identity.
+pub(crate) fn server_tls(material: &Material) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+    Ok(Arc::new(material.server_config(vec![ALPN_H2.to_vec()])?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+/// Accepts TLS + HTTP/2 connections from peers until `shutdown`; then each connection sends
+/// GOAWAY and finishes its streams (the caller bounds how long). New handshakes use the
+/// latest identity from `identity`.
+pub(crate) async fn serve(
+    listener: Listener,
+    mut identity: IdentityRx,
+    inbound: Arc<Inbound>,
+    max_streams: u32,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut tls = match server_tls(&identity.borrow_and_update()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the inbound TLS config; TCP inbound is off");
+            return;
+        }
+    };
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = identity.changed() => {
+                if r.is_ok() {
+                    match server_tls(&identity.borrow_and_update()) {
+                        Ok(c) => tls = c,
+                        Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound TCP"),
+                    }
+                }
+                continue;
+            }
+            next = listener.accept(&shutdown) => match next {
+                Some(x) => x,
+                None => break,
+            },
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        tracker.spawn(connection(
+            acceptor.accept(tcp),
+            remote,
+            inbound.clone(),
+            max_streams,
+            shutdown.clone(),
+        ));
+    }
+}
+
+async fn connection(
+    handshake: tokio_rustls::Accept<tokio::net::TcpStream>,
+    remote: SocketAddr,
+    inbound: Arc<Inbound>,
+    max_streams: u32,
+    shutdown: CancellationToken,
+) {
+    let tel = inbound.telemetry();
+    let stream = match tokio::time::timeout(TLS_ACCEPT_TIMEOUT, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let failure = find_rustls(&e).map_or(HandshakeFailure::Other, rustls_failure);
+            tel.handshake_failed(Direction::Inbound, failure);
+            tracing::warn!(%remote, reason = %e, "inbound TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tel.handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
+            tracing::warn!(%remote, "inbound TLS handshake timed out");
+            return;
+        }
+    };
+    let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+    let Ok(peer) = inbound.admit(remote, peer_of(certs.as_deref())) else {
+        return;
+    };
+    tracing::debug!(%remote, identity = %peer, "inbound TCP connection");
+    let _open = tel.connection_opened(Direction::Inbound, Transport::Tcp);
+    let peer = Arc::new(peer);
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (inbound, peer) = (inbound.clone(), peer.clone());
+        async move {
+            let req = req.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync());
+            let resp = inbound.settle_and_handle(req, &peer, Transport::Tcp).await;
+            let (mut parts, body) = resp.into_parts();
+            crate::headers::write_error_kind(&mut parts);
+            Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
+        }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(max_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_FIELD_SECTION as u32);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%remote, error = %e, "inbound TCP connection ended");
+            }
+            return;
+        }
+        _ = shutdown.cancelled() => {}
+    }
+    // GOAWAY; streams already accepted finish.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+/// Why a pooled HTTP/2 connection ended.
+#[derive(Clone, Debug)]
+struct Ended {
+    /// The peer refused our TLS handshake (it sent an alert).
+    refused: bool,
+    text: String,
+}
 
 /// A pooled HTTP/2 connection.
 #[derive(Clone)]
-pub struct H2Conn {
-    pub send: hyper::client::conn::http2::SendRequest<ProxyBody>,
+struct H2Conn {
+    send: hyper::client::conn::http2::SendRequest<ProxyBody>,
     closed: Arc<AtomicBool>,
-    /// Why the connection ended, when it did (a TLS alert from a peer that refused us…).
-    pub close_reason: Arc<Mutex<Option<String>>>,
+    ended: Arc<Mutex<Option<Ended>>>,
     usage: Arc<Usage>,
     /// Set once any response arrived on this connection.
     answered: Arc<AtomicBool>,
@@ -45,40 +184,35 @@ impl Pooled for H2Conn {
 }
 
 impl H2Conn {
-    pub fn is_alive(&self) -> bool {
-        Pooled::is_alive(self)
-    }
-
-    pub fn mark_answered(&self) {
-        self.answered.store(true, Ordering::Relaxed);
-    }
-
     /// True while no response has ever arrived on this connection.
-    pub fn never_answered(&self) -> bool {
+    fn never_answered(&self) -> bool {
         !self.answered.load(Ordering::Relaxed)
-    }
-
-    /// Counts a request in flight until dropped (keeps idle reaping away).
-    pub fn in_flight(&self) -> InFlight {
-        self.usage.start()
     }
 
     /// Waits (briefly) for the connection to end and returns why, if it did. Only called on an
     /// error path: a TLS refusal arrives just after the request failed, and the sender can
     /// report "closed" before the connection task has recorded the reason.
-    pub async fn ended(&self) -> Option<String> {
+    async fn ended(&self) -> Option<Ended> {
         for _ in 0..30 {
-            if let Some(r) = self.close_reason.lock().expect("not poisoned").clone() {
+            if let Some(r) = self.ended.lock().expect("not poisoned").clone() {
                 return Some(r);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.close_reason.lock().expect("not poisoned").clone()
+        self.ended.lock().expect("not poisoned").clone()
+    }
+
+    /// `connect-failed` when the connection ended because the peer refused our handshake.
+    async fn refusal(&self, addr: SocketAddr) -> Option<ProxyError> {
+        self.ended()
+            .await
+            .filter(|r| r.refused)
+            .map(|r| connect_failed(format!("peer {addr} refused the handshake: {}", r.text)))
     }
 }
 
 /// HTTP/2-over-TLS connections to peer sidecars, one per (address, identity).
-pub struct TcpPool {
+pub(crate) struct Pool {
     identity: IdentityRx,
     idle_timeout: Duration,
     keep_alive: Duration,
@@ -88,8 +222,8 @@ pub struct TcpPool {
     tel: Arc<Telemetry>,
 }
 
-impl TcpPool {
-    pub fn new(identity: IdentityRx, cfg: &QuicConfig, tel: Arc<Telemetry>) -> Arc<Self> {
+impl Pool {
+    pub(crate) fn new(identity: IdentityRx, cfg: &QuicConfig, tel: Arc<Telemetry>) -> Arc<Self> {
         Arc::new(Self {
             identity,
             idle_timeout: cfg.idle_timeout,
@@ -101,21 +235,32 @@ impl TcpPool {
         })
     }
 
-    pub fn connections_opened(&self) -> u64 {
+    pub(crate) fn connections_opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }
 
-    pub fn connections_active(&self) -> usize {
+    pub(crate) fn connections_active(&self) -> usize {
         self.slots.active()
     }
 
-    pub fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<(bool, usize)> {
+    pub(crate) fn peek(&self, addr: SocketAddr, expected: &PeerId) -> Option<ConnState> {
         let c = self.slots.current(addr, expected)?;
-        Some((c.is_alive(), c.usage.in_flight()))
+        let close_reason = c
+            .ended
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .map(|e| e.text);
+        Some(ConnState {
+            alive: c.is_alive(),
+            rtt: None,
+            in_flight: c.usage.in_flight(),
+            close_reason,
+        })
     }
 
     /// The live connection to `addr` proving `expected`, or a new one (one handshake at a time).
-    pub async fn get(
+    async fn get(
         &self,
         addr: SocketAddr,
         expected: &PeerId,
@@ -126,16 +271,12 @@ impl TcpPool {
                 match tokio::time::timeout(connect_timeout, self.connect(addr, expected)).await {
                     Ok(r) => r,
                     Err(_) => {
-                        self.tel.handshake_failed(Direction::Outbound, "timeout");
-                        Err(ProxyError::new(
-                            ErrorKind::ConnectFailed,
-                            Side::Peer,
-                            format!(
-                                "no TLS handshake with peer {addr} (TCP) within {}",
-                                humantime::format_duration(connect_timeout)
-                            ),
-                        )
-                        .never_sent())
+                        self.tel
+                            .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                        Err(connect_failed(format!(
+                            "no TLS handshake with peer {addr} (TCP) within {}",
+                            humantime::format_duration(connect_timeout)
+                        )))
                     }
                 }
             })
@@ -143,47 +284,45 @@ impl TcpPool {
     }
 
     /// Forgets the connection to an endpoint if it has ended.
-    pub async fn evict(&self, addr: SocketAddr, expected: &PeerId) {
+    async fn evict(&self, addr: SocketAddr, expected: &PeerId) {
         self.slots.evict(addr, expected, |c| !c.is_alive()).await;
     }
 
     async fn connect(&self, addr: SocketAddr, expected: &PeerId) -> Result<H2Conn, ProxyError> {
-        let failed =
-            |m: String| ProxyError::new(ErrorKind::ConnectFailed, Side::Peer, m).never_sent();
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|e| failed(format!("cannot connect to peer {addr} (TCP): {e}")))?;
+            .map_err(|e| connect_failed(format!("cannot connect to peer {addr} (TCP): {e}")))?;
         let _ = tcp.set_nodelay(true);
-        let mismatch = Arc::new(Mutex::new(None));
+        let mismatch = wire::Mismatch::default();
         let material = self.identity.borrow().clone();
         let tls = material
             .client_config(expected.clone(), mismatch.clone(), vec![ALPN_H2.to_vec()])
-            .map_err(|e| failed(format!("cannot build TLS config: {e}")))?;
+            .map_err(|e| connect_failed(format!("cannot build TLS config: {e}")))?;
         let name = ServerName::try_from(expected.trust_domain().to_string())
-            .map_err(|e| failed(format!("bad trust domain for SNI: {e}")))?;
+            .map_err(|e| connect_failed(format!("bad trust domain for SNI: {e}")))?;
         let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(name, tcp)
             .await
         {
             Ok(s) => s,
             Err(e) => {
-                if let Some(presented) = mismatch.lock().expect("not poisoned").take() {
-                    self.tel
-                        .handshake_failed(Direction::Outbound, "identity-mismatch");
-                    tracing::warn!(peer = %addr, expected = %expected, presented = %presented, "peer identity refused");
-                    return Err(ProxyError::new(
-                        ErrorKind::IdentityMismatch,
-                        Side::Peer,
-                        format!("peer {addr} presented {presented}, expected {expected}"),
-                    )
-                    .never_sent());
-                }
-                self.tel
-                    .handshake_failed(Direction::Outbound, failure_reason(&e.to_string()));
-                return Err(failed(format!(
-                    "TLS handshake with peer {addr} failed: {e}"
-                )));
+                let failure = find_rustls(&e).map_or(HandshakeFailure::Other, rustls_failure);
+                return Err(wire::handshake_failed(
+                    &self.tel,
+                    &mismatch,
+                    addr,
+                    expected,
+                    failure,
+                    &format_args!("TLS: {e}"),
+                ));
             }
+        };
+        // h2 keeps only the kind and text of an I/O error, so the typed TLS error is recorded
+        // on its way up, below h2.
+        let tls_error = Arc::new(Mutex::new(None));
+        let stream = TlsErrors {
+            inner: stream,
+            seen: tls_error.clone(),
         };
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -191,26 +330,39 @@ impl TcpPool {
             .keep_alive_interval(self.keep_alive)
             .keep_alive_timeout(self.dead_peer)
             .keep_alive_while_idle(true)
-            .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
-            .max_header_list_size(crate::transport::quic::MAX_FIELD_SECTION as u32);
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_FIELD_SECTION as u32);
         let (send, conn) = builder
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
+            .map_err(|e| connect_failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
         let closed = Arc::new(AtomicBool::new(false));
-        let close_reason = Arc::new(Mutex::new(None));
-        let open = self.tel.connection_opened(Direction::Outbound, "tcp");
+        let ended = Arc::new(Mutex::new(None));
+        let open = self
+            .tel
+            .connection_opened(Direction::Outbound, Transport::Tcp);
         {
-            let (closed, reason) = (closed.clone(), close_reason.clone());
+            let (closed, ended) = (closed.clone(), ended.clone());
             tokio::spawn(async move {
                 let r = conn.await;
-                let text = match &r {
-                    Ok(()) => "closed".to_string(),
-                    Err(e) => crate::error::source_chain(e),
+                let end = match &r {
+                    Ok(()) => Ended {
+                        refused: false,
+                        text: "closed".into(),
+                    },
+                    // A TLS 1.3 server that refuses our certificate says so with an alert
+                    // after our handshake finished.
+                    Err(e) => Ended {
+                        refused: matches!(
+                            *tls_error.lock().expect("not poisoned"),
+                            Some(rustls::Error::AlertReceived(_))
+                        ),
+                        text: crate::error::source_chain(e),
+                    },
                 };
-                tracing::debug!(peer = %addr, reason = %text, "HTTP/2 connection closed");
-                *reason.lock().expect("not poisoned") = Some(text);
+                tracing::debug!(peer = %addr, reason = %end.text, "HTTP/2 connection closed");
+                *ended.lock().expect("not poisoned") = Some(end);
                 closed.store(true, Ordering::Release);
                 drop(open);
             });
@@ -219,7 +371,7 @@ impl TcpPool {
         Ok(H2Conn {
             send,
             closed,
-            close_reason,
+            ended,
             usage: Arc::default(),
             answered: Arc::new(AtomicBool::new(false)),
         })
@@ -227,25 +379,169 @@ impl TcpPool {
 
     /// Drops connections that carried no request for the idle timeout (HTTP/2 closes a
     /// connection when its last sender is gone); runs until cancelled.
-    pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        slots::reap_idle(self.slots.clone(), self.idle_timeout, shutdown).await;
+    pub(crate) async fn reap_idle(self: Arc<Self>, shutdown: CancellationToken) {
+        pool::reap_idle(self.slots.clone(), self.idle_timeout, shutdown).await;
     }
 
     /// Forgets every connection (each closes once its requests are done).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.slots.clear();
+    }
+
+    /// One request on the pooled connection to `addr`. On failure before sending, the body
+    /// comes back.
+    pub(crate) async fn exchange(
+        &self,
+        addr: SocketAddr,
+        identity: &PeerId,
+        head: Request<()>,
+        body: Upload,
+        connect_timeout: Duration,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        let method = head.method().clone();
+        let conn = match self.get(addr, identity, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => return Err(SendError::new(e, body.unread())),
+        };
+        let in_flight = conn.usage.start();
+        let mut send = conn.send.clone();
+        if send.ready().await.is_err() {
+            self.evict(addr, identity).await;
+            let e = match conn.refusal(addr).await {
+                Some(e) => e,
+                None => {
+                    let kind = if conn.never_answered() {
+                        ErrorKind::ConnectFailed
+                    } else {
+                        ErrorKind::PeerReset
+                    };
+                    ProxyError::new(
+                        kind,
+                        Side::Peer,
+                        format!("HTTP/2 connection to peer {addr} closed before the request"),
+                    )
+                    .never_sent()
+                }
+            };
+            return Err(SendError::new(e, body.unread()));
+        }
+        let req = head.map(|()| body.into_body());
+        let resp = match send.try_send_request(req).await {
+            Ok(r) => r,
+            Err(mut e) => {
+                self.evict(addr, identity).await;
+                let unsent = e.take_message().map(Request::into_body);
+                let text = e.error().to_string();
+                let err = match conn.refusal(addr).await {
+                    Some(r) => r,
+                    None if unsent.is_some() || is_refused_stream(e.error()) => ProxyError::new(
+                        ErrorKind::PeerReset,
+                        Side::Peer,
+                        format!("peer {addr} did not take the request: {text}"),
+                    )
+                    .never_sent(),
+                    // TLS 1.3: a server that refuses our certificate sends an alert and closes;
+                    // if our request reached it first, the close can come as a reset that
+                    // discards the alert. On a connection that never answered, say so.
+                    None if conn.never_answered() => ProxyError::new(
+                        ErrorKind::ConnectFailed,
+                        Side::Peer,
+                        format!(
+                            "peer {addr} closed a new connection before answering (its TLS handshake may have refused our certificate): {text}"
+                        ),
+                    ),
+                    None => ProxyError::new(
+                        ErrorKind::PeerReset,
+                        Side::Peer,
+                        format!("peer {addr} reset the request before responding: {text}"),
+                    ),
+                };
+                return Err(SendError::new(err, unsent));
+            }
+        };
+        conn.answered.store(true, Ordering::Relaxed);
+        let (parts, incoming) = resp.into_parts();
+        Ok(wire::from_peer(parts, &method, move || {
+            held(
+                incoming
+                    .map_err(|e| -> BodyError { Box::new(e) })
+                    .boxed_unsync(),
+                in_flight,
+            )
+        }))
     }
 }
 
-/// The TLS server config for the TCP listener (ALPN h2), from the current identity.
-pub fn server_tls(
-    material: &crate::identity::Material,
-) -> Result<Arc<rustls::ServerConfig>, crate::identity::IdentityError> {
-    Ok(Arc::new(material.server_config(vec![ALPN_H2.to_vec()])?))
+/// A TLS stream that keeps the last rustls error it reported (as an I/O error) in `seen`.
+struct TlsErrors<S> {
+    inner: S,
+    seen: Arc<Mutex<Option<rustls::Error>>>,
 }
 
-/// Whether an ended connection's reason is a TLS refusal of our handshake.
-pub fn is_refusal(reason: &str) -> bool {
-    let r = reason.to_ascii_lowercase();
-    r.contains("alert") || r.contains("certificate")
+impl<S> TlsErrors<S> {
+    fn record<T>(&self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r {
+            if let Some(tls) = find_rustls(e) {
+                *self.seen.lock().expect("not poisoned") = Some(tls.clone());
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TlsErrors<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.record(r)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TlsErrors<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.record(r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.record(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.record(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.record(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// HTTP/2 REFUSED_STREAM: the server did not process the stream (RFC 9113 §8.7).
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
 }

@@ -174,7 +174,7 @@ crate::over_transports! {
         assert!(reloaded, "the server never reloaded its certificate");
         // The live connection carries on.
         assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-        assert_eq!(pair.client.connections_opened(t), 1);
+        assert_eq!(pair.client.connections_opened(wire(t)), 1);
         // A new client's handshake sees the new certificate.
         let client = sidecar(
             &pair.pki,

@@ -183,6 +183,6 @@ async fn a_peer_killed_and_restarted_resets_the_old_connection_at_once() {
 
     let got = get(client.outbound, "hello", "/").await;
     assert_eq!(got.status, StatusCode::OK, "{got:?}");
-    assert_eq!(client.quic_connections_opened(), 2);
+    assert_eq!(client.connections_opened(Transport::Quic), 2);
     assert_eq!(upstream.count(), 2);
 }

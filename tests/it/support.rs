@@ -14,6 +14,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use quicar::app::Bound;
 use quicar::config::Config;
+pub use quicar::facts::Transport;
 use quicar::pki::Ca;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -490,6 +491,14 @@ pub fn values(headers: &HeaderMap, name: &str) -> Vec<String> {
         .iter()
         .map(|v| v.to_str().unwrap().to_string())
         .collect()
+}
+
+/// The transport a test's `t` ("quic" or "tcp") names.
+pub fn wire(t: &str) -> Transport {
+    match t {
+        "tcp" => Transport::Tcp,
+        _ => Transport::Quic,
+    }
 }
 
 /// Runs a test body once per transport, as `name::quic` and `name::tcp`; the body sees the

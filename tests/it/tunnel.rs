@@ -95,7 +95,7 @@ crate::over_transports! {
                 assert_eq!(pair.upstream.last().method, "HEAD");
             }
         }
-        assert_eq!(pair.client.connections_opened(t), 1);
+        assert_eq!(pair.client.connections_opened(wire(t)), 1);
     }
 
     async fn five_hundred_concurrent_requests_share_one_connection(t) {
@@ -120,8 +120,8 @@ crate::over_transports! {
             assert!(same);
         }
         assert_eq!(pair.upstream.count(), 500);
-        assert_eq!(pair.client.connections_opened(t), 1);
-        assert_eq!(pair.client.connections_active(t), 1);
+        assert_eq!(pair.client.connections_opened(wire(t)), 1);
+        assert_eq!(pair.client.connections_active(wire(t)), 1);
     }
 
     async fn routes_by_host_and_by_absolute_uri(t) {
@@ -291,7 +291,7 @@ crate::over_transports! {
         let server = server.expect("rebound the inbound port");
         let got = get(client.outbound, "hello", "/").await;
         assert_eq!(got.status, StatusCode::OK, "{:?}", got);
-        assert_eq!(client.connections_opened(t), 2);
+        assert_eq!(client.connections_opened(wire(t)), 2);
         server.shutdown().await;
         client.shutdown().await;
     }
@@ -299,10 +299,10 @@ crate::over_transports! {
     async fn idle_connections_are_closed_and_reopened_on_demand(t) {
         let pair = Pair::over_with(t, "[quic]\nidle_timeout = \"200ms\"", "").await;
         assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-        assert_eq!(pair.client.connections_active(t), 1);
+        assert_eq!(pair.client.connections_active(wire(t)), 1);
         let mut closed = false;
         for _ in 0..200 {
-            if pair.client.connections_active(t) == 0 {
+            if pair.client.connections_active(wire(t)) == 0 {
                 closed = true;
                 break;
             }
@@ -310,7 +310,7 @@ crate::over_transports! {
         }
         assert!(closed, "the idle connection was never closed");
         assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
-        assert_eq!(pair.client.connections_opened(t), 2);
+        assert_eq!(pair.client.connections_opened(wire(t)), 2);
     }
 
     async fn a_stopping_peer_finishes_in_flight_requests_and_refuses_new_ones(t) {
@@ -409,5 +409,8 @@ async fn auto_falls_back_to_tcp_when_udp_is_closed_and_returns_to_quic() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(back, "auto never returned to QUIC");
-    assert!(client.connections_opened("quic") >= 1 && client.connections_opened("tcp") >= 1);
+    assert!(
+        client.connections_opened(Transport::Quic) >= 1
+            && client.connections_opened(Transport::Tcp) >= 1
+    );
 }

@@ -1,5 +1,6 @@
-//! What both connection pools share: one slot per (peer address, expected identity) holding at
-//! most one connection, a per-connection count of requests in flight, and the idle sweep.
+//! The connection pool both wires share: one slot per (peer address, expected identity)
+//! holding at most one connection, a per-connection count of requests in flight, and the idle
+//! sweep.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,7 +14,7 @@ use crate::identity::PeerId;
 
 /// Requests in flight on a connection and when it was last used.
 #[derive(Debug)]
-pub struct Usage {
+pub(crate) struct Usage {
     in_flight: AtomicUsize,
     last_used: Mutex<Instant>,
 }
@@ -29,23 +30,23 @@ impl Default for Usage {
 
 impl Usage {
     /// Counts a request until the returned guard drops.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
 
     /// True when nothing is in flight and nothing was for `idle`.
-    pub fn idle_for(&self, idle: Duration) -> bool {
+    pub(crate) fn idle_for(&self, idle: Duration) -> bool {
         self.in_flight() == 0 && self.last_used.lock().expect("not poisoned").elapsed() >= idle
     }
 }
 
 /// A request in flight on a pooled connection.
-pub struct InFlight(Arc<Usage>);
+pub(crate) struct InFlight(Arc<Usage>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -55,7 +56,7 @@ impl Drop for InFlight {
 }
 
 /// A pooled connection.
-pub trait Pooled: Clone + Send + 'static {
+pub(crate) trait Pooled: Clone + Send + 'static {
     fn is_alive(&self) -> bool;
     fn usage(&self) -> &Arc<Usage>;
     /// Called when the idle sweep drops the connection.
@@ -65,7 +66,7 @@ pub trait Pooled: Clone + Send + 'static {
 type Slot<C> = Arc<tokio::sync::Mutex<Option<C>>>;
 
 /// The slots of one pool.
-pub struct Slots<C> {
+pub(crate) struct Slots<C> {
     map: Mutex<HashMap<(SocketAddr, PeerId), Slot<C>>>,
 }
 
@@ -98,7 +99,7 @@ impl<C: Pooled> Slots<C> {
 
     /// The live connection, or a new one from `connect`. Concurrent callers for the same peer
     /// wait for one handshake instead of racing several.
-    pub async fn get<F, Fut>(
+    pub(crate) async fn get<F, Fut>(
         &self,
         addr: SocketAddr,
         id: &PeerId,
@@ -122,7 +123,7 @@ impl<C: Pooled> Slots<C> {
     }
 
     /// The connection in the slot now, without waiting for a handshake in progress.
-    pub fn current(&self, addr: SocketAddr, id: &PeerId) -> Option<C> {
+    pub(crate) fn current(&self, addr: SocketAddr, id: &PeerId) -> Option<C> {
         let slot = self
             .map
             .lock()
@@ -134,7 +135,7 @@ impl<C: Pooled> Slots<C> {
     }
 
     /// Every pooled connection with its peer address.
-    pub fn each(&self) -> Vec<(SocketAddr, C)> {
+    pub(crate) fn each(&self) -> Vec<(SocketAddr, C)> {
         self.all()
             .into_iter()
             .filter_map(|((addr, _), s)| {
@@ -144,7 +145,7 @@ impl<C: Pooled> Slots<C> {
     }
 
     /// Empties the slot if it still holds a connection `which` picks.
-    pub async fn evict(&self, addr: SocketAddr, id: &PeerId, which: impl Fn(&C) -> bool) {
+    pub(crate) async fn evict(&self, addr: SocketAddr, id: &PeerId, which: impl Fn(&C) -> bool) {
         let slot = self
             .map
             .lock()
@@ -160,7 +161,7 @@ impl<C: Pooled> Slots<C> {
     }
 
     /// Connections open now (a slot busy connecting counts).
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.all()
             .iter()
             .filter(|(_, s)| {
@@ -172,7 +173,7 @@ impl<C: Pooled> Slots<C> {
     }
 
     /// Drops dead connections, and live ones that carried no request for `idle`.
-    pub fn sweep(&self, idle: Duration) {
+    pub(crate) fn sweep(&self, idle: Duration) {
         for (_, slot) in self.all() {
             let Ok(mut g) = slot.try_lock() else { continue };
             let Some(c) = g.as_ref() else { continue };
@@ -186,7 +187,7 @@ impl<C: Pooled> Slots<C> {
     }
 
     /// Empties every slot.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let slots: Vec<Slot<C>> = self
             .map
             .lock()
@@ -203,7 +204,7 @@ impl<C: Pooled> Slots<C> {
 }
 
 /// Runs `sweep` every quarter of the idle timeout until `shutdown`.
-pub async fn reap_idle<C: Pooled>(
+pub(crate) async fn reap_idle<C: Pooled>(
     slots: Arc<Slots<C>>,
     idle: Duration,
     shutdown: tokio_util::sync::CancellationToken,

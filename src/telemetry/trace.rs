@@ -1,0 +1,89 @@
+//! W3C trace context: validate a `traceparent`, start one when the app sent none, so the
+//! access logs of both sidecars join on the trace id.
+
+use std::time::SystemTime;
+
+/// W3C trace context: the trace id of a valid `traceparent`.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(span, 16)
+        && span.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+        && (version != "00" || parts.next().is_none());
+    valid.then_some(trace)
+}
+
+/// Keeps a valid W3C `traceparent` (and its `tracestate`) or starts a trace, so the logs of
+/// both sidecars join on the trace id. Returns the trace id.
+pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> String {
+    let valid = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace_id)
+        .map(str::to_string);
+    if let Some(id) = valid {
+        return id;
+    }
+    // An invalid traceparent restarts the trace; tracestate without it means nothing.
+    headers.remove("tracestate");
+    let tp = new_traceparent();
+    let id = trace_id(&tp).expect("we made it valid").to_string();
+    headers.insert(
+        "traceparent",
+        http::HeaderValue::from_str(&tp).expect("hex"),
+    );
+    id
+}
+
+/// A new `traceparent` (version 00, sampled) with random trace and span ids.
+pub fn new_traceparent() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 24];
+    let rng = ring::rand::SystemRandom::new();
+    if rng.fill(&mut bytes).is_err() {
+        // Never seen on Linux; a time-derived id still joins the two sidecars' logs.
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes[..16].copy_from_slice(&nanos.to_be_bytes());
+        bytes[16..].copy_from_slice(&(nanos as u64 | 1).to_le_bytes());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("00-{}-{}-01", &hex[..32], &hex[32..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_validation() {
+        let tp = new_traceparent();
+        assert!(trace_id(&tp).is_some(), "{tp}");
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert!(trace_id(bad).is_none(), "{bad}");
+        }
+    }
+}
