@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{full, ProxyBody};
 use crate::config::Congestion;
+use crate::facts::Transport;
 use link::{Link, LinkParams, LinkReport, ADDR_A, ADDR_B};
 use load::{LoadResult, LoadSpec, Mode};
 
@@ -74,10 +75,40 @@ pub struct Scenario {
     pub workload: Workload,
 }
 
+/// Where a benchmark run sends its load: through the sidecar pair over one wire, or straight
+/// to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Via(Transport),
+    Direct,
+}
+
+impl Target {
+    const ALL: [Self; 3] = [
+        Self::Via(Transport::Quic),
+        Self::Via(Transport::Tcp),
+        Self::Direct,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Via(t) => t.as_str(),
+            Self::Direct => "direct",
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Run {
     pub scenario: Scenario,
-    pub target: &'static str,
+    #[serde(serialize_with = "target_name")]
+    pub target: Target,
     pub round: usize,
     pub result: LoadResult,
     pub link: LinkReport,
@@ -93,6 +124,10 @@ pub struct Report {
     pub warmup_s: f64,
     pub rounds: usize,
     pub runs: Vec<Run>,
+}
+
+fn target_name<S: serde::Serializer>(t: &Target, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.as_str())
 }
 
 /// True when running as root (namespaces and TUN devices need it).
@@ -228,7 +263,7 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
              [[local]]\nname = \"hello-tcp\"\naddress = \"{ADDR_B}:{BACKEND_PORT}\"\n"
         );
     let mut a = common("web", ADDR_A);
-    for t in ["quic", "tcp"] {
+    for t in [Transport::Quic, Transport::Tcp].map(Transport::as_str) {
         a += &format!(
             "[[service]]\nname = \"hello-{t}\"\ntransport = \"{t}\"\ntimeout = \"120s\"\nmax_concurrent = 100000\n\
              retry = {{ attempts = 1 }}\n\
@@ -285,15 +320,15 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
             queue: Duration::from_millis(50),
         });
         for round in 0..rounds {
-            for target in ["quic", "tcp", "direct"] {
+            for target in Target::ALL {
                 let (connect, host): (SocketAddr, String) = match target {
-                    "direct" => (
+                    Target::Direct => (
                         format!("{ADDR_B}:{BACKEND_PORT}").parse().expect("addr"),
                         "backend".into(),
                     ),
-                    t => (
+                    Target::Via(t) => (
                         format!("127.0.0.1:{OUTBOUND_PORT}").parse().expect("addr"),
-                        format!("hello-{t}"),
+                        format!("hello-{}", t.as_str()),
                     ),
                 };
                 let delay = opts.service_time.as_millis();
@@ -377,7 +412,7 @@ fn mean(runs: &[&Run], f: impl Fn(&LoadResult) -> f64) -> f64 {
     runs.iter().map(|r| f(&r.result)).sum::<f64>() / runs.len().max(1) as f64
 }
 
-fn group<'a>(report: &'a Report, sc: &Scenario, target: &str) -> Vec<&'a Run> {
+fn group<'a>(report: &'a Report, sc: &Scenario, target: Target) -> Vec<&'a Run> {
     report
         .runs
         .iter()
@@ -423,7 +458,7 @@ pub fn markdown(report: &Report) -> String {
         report.rounds
     );
     for sc in unique_scenarios(report) {
-        for target in ["quic", "tcp", "direct"] {
+        for target in Target::ALL {
             let g = group(report, &sc, target);
             if g.is_empty() {
                 continue;
@@ -458,7 +493,7 @@ pub fn markdown(report: &Report) -> String {
 /// Grouped bars of p50 and p99 per scenario and target (log scale), one chart.
 pub fn svg(report: &Report) -> String {
     let scs = unique_scenarios(report);
-    let targets = ["quic", "tcp", "direct"];
+    let targets = Target::ALL;
     let colors = ["#1f77b4", "#d62728", "#7f7f7f"];
     let (w, h, left, top, bottom) = (
         160.0 * scs.len().max(1) as f64 + 80.0,
@@ -494,7 +529,7 @@ pub fn svg(report: &Report) -> String {
     for (i, sc) in scs.iter().enumerate() {
         let x0 = left + 160.0 * i as f64 + 10.0;
         for (j, t) in targets.iter().enumerate() {
-            let g = group(report, sc, t);
+            let g = group(report, sc, *t);
             if g.is_empty() {
                 continue;
             }
