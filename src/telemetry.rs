@@ -1,10 +1,10 @@
 //! Telemetry in one place: a Prometheus recorder per sidecar and the per-request guard that
 //! records metrics, the dashboard series and the access log exactly once.
 //!
-//! - [`metrics`]: every metric's name and help, and the closed label sets.
-//! - [`access_log`]: the access log line and its writer thread.
-//! - [`dashboard`]: the per-second series the dashboard draws.
-//! - [`trace`]: W3C trace context.
+//! - `metrics`: every metric's name and help, and the closed label sets.
+//! - `access_log`: the access log line and its writer thread.
+//! - `dashboard`: the per-second series the dashboard draws.
+//! - `trace`: W3C trace context.
 
 mod access_log;
 mod dashboard;

@@ -2,11 +2,11 @@
 //! calls, whatever the wire: it picks the wire from the service's transport setting (and, for
 //! `auto`, the endpoint's fallback state), and reports which one carried the request.
 //!
-//! - [`quic`]: HTTP/3 over QUIC: server loop, client pool, exchange, error mapping.
-//! - [`tcp`]: HTTP/2 over TLS 1.3: the same four.
-//! - [`fallback`]: `auto`: per-endpoint fallback to TCP and the background QUIC probe.
-//! - [`pool`]: the slot map, in-flight counts and idle sweep both client pools use.
-//! - [`wire`]: what both wires share: limits, uploads, failures, handshake reasons.
+//! - `quic`: HTTP/3 over QUIC: server loop, client pool, exchange, error mapping.
+//! - `tcp`: HTTP/2 over TLS 1.3: the same four.
+//! - `fallback`: `auto`: per-endpoint fallback to TCP and the background QUIC probe.
+//! - `pool`: the slot map, in-flight counts and idle sweep both client pools use.
+//! - `wire`: what both wires share: limits, uploads, failures, handshake reasons.
 
 pub(crate) mod fallback;
 pub(crate) mod pool;
