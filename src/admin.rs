@@ -22,6 +22,26 @@ pub(crate) struct Admin {
     pub telemetry: Arc<Telemetry>,
     pub config: Config,
     pub outbound: Arc<Outbound>,
+    pub started: std::time::Instant,
+}
+
+/// How long `/ready` waits for discovery to deliver every service's first endpoints before it
+/// says ready anyway (a service whose discovery is broken must not keep the pod unready
+/// forever; its requests get `503 no-endpoints` with the reason).
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Ready once everything is bound and every service has endpoints (or `READY_WAIT` passed).
+fn ready(admin: &Admin) -> Response<ProxyBody> {
+    if !admin.telemetry.is_ready() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n");
+    }
+    if !admin.outbound.has_endpoints() && admin.started.elapsed() < READY_WAIT {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first endpoints of every service\n",
+        );
+    }
+    text(StatusCode::OK, "ready\n")
 }
 
 pub(crate) async fn serve(listener: Listener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -52,8 +72,7 @@ fn route(req: Request<Incoming>, admin: &Admin) -> Response<ProxyBody> {
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" if admin.telemetry.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => ready(admin),
         "/metrics" => with_type(
             StatusCode::OK,
             admin.telemetry.render(),

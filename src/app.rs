@@ -61,13 +61,11 @@ pub struct Bound {
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let material = Arc::new(Material::load(&config.identity)?);
     tracing::info!(identity = %material.id, node = %config.node.name, "identity loaded");
-    let outbound_listener = tokio::net::TcpListener::bind(config.outbound.listen)
-        .await
-        .map_err(|source| BuildError::Bind {
-            what: "outbound listener (TCP)",
-            addr: config.outbound.listen,
-            source,
-        })?;
+    let outbound_listener = listen(config.outbound.listen).map_err(|source| BuildError::Bind {
+        what: "outbound listener (TCP)",
+        addr: config.outbound.listen,
+        source,
+    })?;
     let (udp, tcp_listener) = bind_inbound(
         config.inbound.listen,
         config.inbound.quic,
@@ -193,6 +191,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                     _ = tick.tick() => {}
                 }
                 clients.sample();
+                outbound.sample_breakers();
                 for (service, bytes) in outbound.cache_sizes() {
                     tel.cache_bytes(&service, bytes);
                 }
@@ -206,6 +205,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             telemetry: tel.clone(),
             config: config.clone(),
             outbound: outbound.clone(),
+            started: std::time::Instant::now(),
         }),
         shutdown.clone(),
     ));
@@ -225,6 +225,23 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         endpoint,
         drain_timeout: config.node.drain_timeout,
     })
+}
+
+/// A TCP listener with the system's largest accept backlog (`net.core.somaxconn`), not the
+/// usual 128: a burst of app connections must queue, not be refused.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(4096);
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Binds the inbound UDP socket and TCP listener on the same port number (the port is the

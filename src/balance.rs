@@ -22,6 +22,8 @@ pub(crate) struct EndpointState {
     ewma: Mutex<(f64, Instant)>,
     outstanding: AtomicUsize,
     breaker: Mutex<Breaker>,
+    /// What the last failure counted by the breaker was, for `circuit-open` and `/endpoints`.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Default for EndpointState {
@@ -30,6 +32,7 @@ impl Default for EndpointState {
             ewma: Mutex::new((DEFAULT_RTT.as_secs_f64(), Instant::now())),
             outstanding: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::default()),
+            last_failure: Mutex::new(None),
         }
     }
 }
@@ -79,15 +82,23 @@ impl EndpointState {
         self.outstanding.load(Ordering::Acquire)
     }
 
-    /// Records the outcome of a request for the breaker. Returns true when this ejected it.
-    pub(crate) fn outcome(&self, ok: bool, cfg: &BreakerConfig) -> bool {
-        let mut b = self.breaker.lock().expect("not poisoned");
-        if ok {
-            b.success();
-            false
-        } else {
-            b.failure(Instant::now(), cfg)
-        }
+    /// A request the path to this endpoint carried: closes the breaker.
+    pub(crate) fn succeeded(&self) {
+        self.breaker.lock().expect("not poisoned").success();
+    }
+
+    /// A failure of the path to this endpoint. Returns true when this ejected it.
+    pub(crate) fn failed(&self, cfg: &BreakerConfig, why: &str) -> bool {
+        *self.last_failure.lock().expect("not poisoned") = Some(why.to_string());
+        self.breaker
+            .lock()
+            .expect("not poisoned")
+            .failure(Instant::now(), cfg)
+    }
+
+    /// The last failure the breaker counted.
+    pub(crate) fn last_failure(&self) -> Option<String> {
+        self.last_failure.lock().expect("not poisoned").clone()
     }
 
     pub(crate) fn breaker_state(&self) -> &'static str {
@@ -188,17 +199,26 @@ impl Balancer {
     }
 
     /// Chooses an endpoint, preferring ones not in `tried` (the next attempt goes elsewhere
-    /// when it can), then the lowest priority with an admitting breaker.
-    pub(crate) fn pick(&self, eps: &[Endpoint], tried: &[SocketAddr]) -> Pick {
+    /// when it can), then the lowest priority with an admitting breaker. When fewer than
+    /// `panic_threshold` percent of the endpoints admit requests, breakers are ignored: an
+    /// ejection never takes the whole service down (Envoy's panic routing).
+    pub(crate) fn pick(&self, eps: &[Endpoint], tried: &[SocketAddr], panic_threshold: u8) -> Pick {
         if eps.is_empty() {
             return Pick::None;
         }
         let now = Instant::now();
         let states: Vec<Arc<EndpointState>> = eps.iter().map(|e| self.state(e)).collect();
-        let admits: Vec<Admit> = states
+        let mut admits: Vec<Admit> = states
             .iter()
             .map(|s| s.breaker.lock().expect("not poisoned").admit(now))
             .collect();
+        if in_panic(&admits, panic_threshold) {
+            for a in &mut admits {
+                if *a == Admit::No {
+                    *a = Admit::Yes;
+                }
+            }
+        }
         let usable = |fresh_only: bool| -> Vec<usize> {
             let open: Vec<usize> = (0..eps.len())
                 .filter(|&i| admits[i] != Admit::No)
@@ -234,6 +254,12 @@ impl Balancer {
         };
         Pick::Chosen(eps[i].clone(), states[i].clone())
     }
+}
+
+/// Whether so few endpoints admit requests that breakers should be ignored.
+fn in_panic(admits: &[Admit], panic_threshold: u8) -> bool {
+    let admitting = admits.iter().filter(|a| **a != Admit::No).count();
+    admitting * 100 < admits.len() * usize::from(panic_threshold)
 }
 
 /// Power of two choices: draw two candidates by weight (`r1`, `r2` uniform in [0, 1)), keep
@@ -318,6 +344,7 @@ mod tests {
             failures: 3,
             ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(4),
+            ..BreakerConfig::default()
         };
         let mut b = Breaker::default();
         let t0 = Instant::now();
@@ -337,6 +364,50 @@ mod tests {
         assert_eq!(b.admit(later + Duration::from_millis(2100)), Admit::Probe);
         b.success();
         assert_eq!(b.admit(later), Admit::Yes);
+    }
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            identity: PeerId::for_service("quicar.local", "hello"),
+            weight: 1,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn panic_threshold_keeps_an_ejected_service_reachable() {
+        let cfg = BreakerConfig {
+            failures: 1,
+            ..BreakerConfig::default()
+        };
+        let lb = Balancer::default();
+        let one = [ep(1)];
+        assert!(lb.state(&one[0]).failed(&cfg, "connect-failed"));
+        // The only endpoint is ejected: below any threshold, so traffic still flows to it…
+        assert!(matches!(lb.pick(&one, &[], 50), Pick::Chosen(..)));
+        // …unless panic routing is disabled.
+        assert!(matches!(lb.pick(&one, &[], 0), Pick::AllOpen));
+        // One of four ejected (75 % admit) is above a 50 % threshold: breakers hold and the
+        // ejected endpoint gets nothing.
+        let four = [ep(1), ep(2), ep(3), ep(4)];
+        for _ in 0..200 {
+            match lb.pick(&four, &[], 50) {
+                Pick::Chosen(e, _) => assert_ne!(e.address.port(), 1),
+                _ => panic!("no pick"),
+            }
+        }
+        // Three of four ejected (25 % admit) is below it: all four take traffic again.
+        for p in [2, 3] {
+            assert!(lb.state(&four[p - 1]).failed(&cfg, "reset"));
+        }
+        let mut ports = std::collections::HashSet::new();
+        for _ in 0..400 {
+            if let Pick::Chosen(e, _) = lb.pick(&four, &[], 50) {
+                ports.insert(e.address.port());
+            }
+        }
+        assert_eq!(ports.len(), 4, "{ports:?}");
     }
 
     #[test]

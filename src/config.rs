@@ -193,7 +193,10 @@ pub struct Quic {
     /// Keep-alive pings on open connections, so a dead peer is noticed between requests.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive_interval: Duration,
-    /// A peer silent for this long is considered gone and its connection dropped.
+    /// A peer silent for this long is considered gone and its connection dropped (QUIC waits
+    /// at least three probe timeouts, so a long-RTT path is never cut short). Requests on a
+    /// dropped connection fail at once (and are retried when safe) instead of waiting for the
+    /// service timeout.
     #[serde(default = "default_dead_peer", with = "humantime_serde")]
     pub dead_peer_timeout: Duration,
     /// `auto` services: first wait before an endpoint that fell back to TCP tries QUIC again
@@ -350,13 +353,30 @@ impl Default for RetryConfig {
     }
 }
 
-/// Per-endpoint circuit breaker and outlier ejection.
+/// Per-endpoint circuit breaker and outlier ejection. Only failures of the path to the peer
+/// count by default: connect and handshake failures, and the peer sidecar resetting or losing
+/// the connection. App statuses, client aborts, malformed request bodies and the caller's own
+/// deadline never count unless opted in below.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerConfig {
-    /// Consecutive failures (connect errors, resets, 502/503/504) that eject an endpoint.
+    /// Consecutive path failures that eject an endpoint.
     #[serde(default = "default_breaker_failures")]
     pub failures: u32,
+    /// Response statuses that also count as failures (opt-in, e.g. `[503]` for an app that
+    /// sheds load with 503). Empty by default: an app's own errors never eject it.
+    #[serde(default)]
+    pub statuses: Vec<u16>,
+    /// Count 502/503/504 that the far sidecar itself generated (its app unreachable, its
+    /// deadline passed), like Envoy's consecutive gateway failures. Off by default.
+    #[serde(default)]
+    pub gateway_errors: bool,
+    /// Panic threshold, in percent of a service's endpoints: when fewer than this share admit
+    /// requests, breakers are ignored and every endpoint takes traffic (Envoy's
+    /// `healthy_panic_threshold`), so ejection never takes a whole service down. 0 disables
+    /// it (then all endpoints can be ejected and requests get `503 circuit-open`).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u8,
     /// First ejection; doubles for each consecutive ejection, up to `max_ejection`. After it,
     /// one probe request is let through (half-open).
     #[serde(default = "default_ejection", with = "humantime_serde")]
@@ -369,6 +389,9 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
             failures: default_breaker_failures(),
+            statuses: Vec::new(),
+            gateway_errors: false,
+            panic_threshold: default_panic_threshold(),
             ejection: default_ejection(),
             max_ejection: default_max_ejection(),
         }
@@ -407,6 +430,9 @@ fn default_retry_body() -> ByteSize {
 }
 fn default_breaker_failures() -> u32 {
     5
+}
+fn default_panic_threshold() -> u8 {
+    50
 }
 fn default_ejection() -> Duration {
     Duration::from_secs(5)
@@ -556,10 +582,10 @@ fn default_max_streams() -> u32 {
     1024
 }
 fn default_keep_alive() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_secs(1)
 }
 fn default_dead_peer() -> Duration {
-    Duration::from_secs(20)
+    Duration::from_secs(3)
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
@@ -714,6 +740,23 @@ impl Config {
                 return Err((
                     format!("{key}.breaker.failures"),
                     "must be at least 1".into(),
+                ));
+            }
+            if svc.breaker.panic_threshold > 100 {
+                return Err((
+                    format!("{key}.breaker.panic_threshold"),
+                    "is a percentage: 0 to 100".into(),
+                ));
+            }
+            if let Some(bad) = svc
+                .breaker
+                .statuses
+                .iter()
+                .find(|s| !(100..=599).contains(*s))
+            {
+                return Err((
+                    format!("{key}.breaker.statuses"),
+                    format!("{bad} is not an HTTP status"),
                 ));
             }
             if svc.max_concurrent == 0 {

@@ -91,7 +91,7 @@ pub(crate) enum Side {
 }
 
 /// A request that ended in the sidecar rather than with an upstream response.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub(crate) struct ProxyError {
     pub kind: ErrorKind,

@@ -137,6 +137,27 @@ enum CertsCommand {
     },
 }
 
+/// What `run` would load besides the config itself: the identity files (certificate, key and
+/// CA must load and match) and each file-discovery source (it must parse).
+fn check_files(path: &std::path::Path, config: &Config) -> anyhow::Result<()> {
+    quicar::identity::Material::load(&config.identity)
+        .with_context(|| format!("{}: [identity]", path.display()))?;
+    for svc in &config.service {
+        if let quicar::discovery::Source::File(f) =
+            quicar::discovery::Source::from_config(config, svc)
+        {
+            f.load().map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: service `{}`: discovery file: {e}",
+                    path.display(),
+                    svc.name
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -148,8 +169,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Check { config } => {
-            let config = Config::load(&config)?;
+        Command::Check { config: path } => {
+            let config = Config::load(&path)?;
+            check_files(&path, &config)?;
             print!("{}", config.to_toml());
             Ok(())
         }

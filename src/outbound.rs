@@ -42,6 +42,9 @@ pub(crate) struct Outbound {
     clients: Arc<Clients>,
     transport_header: bool,
     max_header_bytes: usize,
+    /// `Keep-Alive: timeout=…` on every response: a second under the idle close, so a client
+    /// that honours it never reuses a connection we are closing.
+    keep_alive: http::HeaderValue,
     tel: Arc<Telemetry>,
 }
 
@@ -68,6 +71,16 @@ impl Outbound {
             clients,
             transport_header: config.outbound.transport_header,
             max_header_bytes: config.outbound.max_header_bytes,
+            keep_alive: http::HeaderValue::try_from(format!(
+                "timeout={}",
+                config
+                    .outbound
+                    .header_read_timeout
+                    .as_secs()
+                    .saturating_sub(1)
+                    .max(1)
+            ))
+            .expect("digits"),
             tel,
         }
     }
@@ -123,6 +136,35 @@ impl Outbound {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Each endpoint's breaker state into its gauge (once a second).
+    pub(crate) fn sample_breakers(&self) {
+        for r in self.routes.values() {
+            for ep in r.endpoints.borrow().iter() {
+                let state = match r.balancer.state(ep).breaker_state() {
+                    "closed" => 0.0,
+                    "half-open" => 1.0,
+                    _ => 2.0,
+                };
+                self.tel
+                    .gauge(
+                        crate::telemetry::BREAKER_STATE,
+                        &[
+                            ("service", r.name.clone()),
+                            ("endpoint", ep.address.to_string()),
+                        ],
+                    )
+                    .set(state);
+            }
+        }
+    }
+
+    /// Whether every service has at least one endpoint (discovery has delivered).
+    pub(crate) fn has_endpoints(&self) -> bool {
+        self.routes
+            .values()
+            .all(|r| !r.endpoints.borrow().is_empty())
     }
 
     /// The response cache of a service, if it has one.
@@ -250,6 +292,7 @@ async fn handle(mut req: Request<Incoming>, state: Arc<Outbound>) -> Response<Pr
         f.transport = Some(up.transport);
     }
     write_facts(&mut parts, state.transport_header);
+    parts.headers.insert("keep-alive", state.keep_alive.clone());
     let bytes_out = guard.bytes_out();
     Response::from_parts(
         parts,

@@ -5,6 +5,7 @@
 //! and the body can be sent again.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,12 +16,13 @@ use hyper::body::Incoming;
 use super::route::Route;
 use crate::balance::{random, Pick};
 use crate::body::{held, BodyError, Counted, ProxyBody};
+use crate::config::BreakerConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Upstream;
 use crate::headers::DEADLINE;
 use crate::resilience::{backoff, is_retryable, Failure};
 use crate::telemetry::{self, Telemetry};
-use crate::transport::wire::Upload;
+use crate::transport::wire::{SendError, Upload};
 use crate::transport::Clients;
 
 /// The app's request body, with its bytes counted for telemetry.
@@ -95,11 +97,18 @@ impl ReqBody {
         }
     }
 
-    fn for_attempt(&mut self) -> Upload {
+    /// What one attempt uploads, and a watch on the app's body (streamed bodies only).
+    fn for_attempt(&mut self) -> (Upload, Watch) {
         match self {
-            Self::Empty => Upload::Empty,
-            Self::Buffered(b, t) => Upload::Bytes(b.clone(), t.clone()),
-            Self::Stream(s) => s.take().map_or(Upload::Empty, Upload::Stream),
+            Self::Empty => (Upload::Empty, Watch::default()),
+            Self::Buffered(b, t) => (Upload::Bytes(b.clone(), t.clone()), Watch::default()),
+            Self::Stream(s) => match s.take() {
+                Some(body) => {
+                    let watch = Watch::default();
+                    (Upload::Stream(watch.wrap(body)), watch)
+                }
+                None => (Upload::Empty, Watch::default()),
+            },
         }
     }
 
@@ -112,6 +121,78 @@ impl ReqBody {
     /// Whether another attempt could send the whole body.
     fn available(&self) -> bool {
         !matches!(self, Self::Stream(None))
+    }
+}
+
+/// Records why the app's request body failed, if it did, as it streams to the peer.
+#[derive(Default, Clone)]
+struct Watch(Arc<Mutex<Option<String>>>);
+
+impl Watch {
+    fn wrap(&self, body: ProxyBody) -> ProxyBody {
+        let seen = self.0.clone();
+        body.map_err(move |e| {
+            *seen.lock().expect("not poisoned") = Some(e.to_string());
+            e
+        })
+        .boxed_unsync()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+}
+
+fn body_failed(why: String) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::BadRequest,
+        Side::Downstream,
+        format!("the request body from the app broke off: {why}"),
+    )
+}
+
+/// What an attempt says about the path to its endpoint, for the breaker.
+enum PathVerdict {
+    Carried,
+    Failed(String),
+}
+
+/// Only failures of the path count: connect and handshake failures, the peer sidecar
+/// resetting or losing the connection, and (opted in) statuses. Errors that are the caller's
+/// (`bad-request`: its body broke off) or the deadline's say nothing about the endpoint.
+fn path_verdict(
+    result: &Result<Response<ProxyBody>, SendError>,
+    cfg: &BreakerConfig,
+) -> Option<PathVerdict> {
+    match result {
+        Ok(resp) => {
+            let status = resp.status();
+            let from_far_sidecar = resp.extensions().get::<ErrorKind>().is_some();
+            let gateway = matches!(status.as_u16(), 502..=504);
+            if cfg.statuses.contains(&status.as_u16())
+                || (cfg.gateway_errors && from_far_sidecar && gateway)
+            {
+                Some(PathVerdict::Failed(format!("status {status}")))
+            } else {
+                Some(PathVerdict::Carried)
+            }
+        }
+        Err(e) => match e.error.kind {
+            ErrorKind::ConnectFailed | ErrorKind::PeerReset | ErrorKind::IdentityMismatch
+                if e.error.side == Side::Peer =>
+            {
+                Some(PathVerdict::Failed(e.error.message.clone()))
+            }
+            _ => None,
+        },
+    }
+}
+
+/// The error kind a failed attempt ended in (from the far sidecar's response, or ours).
+fn err_kind(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<ErrorKind> {
+    match result {
+        Ok(resp) => resp.extensions().get::<ErrorKind>().copied(),
+        Err(e) => Some(e.kind),
     }
 }
 
@@ -133,7 +214,10 @@ async fn attempts(
     loop {
         attempt += 1;
         let eps = route.endpoints.borrow().clone();
-        let (ep, st) = match route.balancer.pick(&eps, &tried) {
+        let (ep, st) = match route
+            .balancer
+            .pick(&eps, &tried, route.breaker.panic_threshold)
+        {
             Pick::Chosen(ep, st) => (ep, st),
             Pick::None => {
                 return Err(ProxyError::new(
@@ -143,14 +227,18 @@ async fn attempts(
                 ))
             }
             Pick::AllOpen => {
+                let last = eps
+                    .iter()
+                    .find_map(|e| route.balancer.state(e).last_failure())
+                    .unwrap_or_else(|| "unknown".into());
                 return Err(ProxyError::new(
                     ErrorKind::CircuitOpen,
                     Side::Peer,
                     format!(
-                        "every endpoint of service `{}` is ejected after failures",
+                        "every endpoint of service `{}` is ejected after failures; last failure: {last}",
                         route.name
                     ),
-                ))
+                ));
             }
         };
         tried.push(ep.address);
@@ -160,15 +248,19 @@ async fn attempts(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         head.headers_mut()
             .insert(DEADLINE, http::HeaderValue::from(left.as_millis() as u64));
+        let (upload, app_body) = body.for_attempt();
         let (result, transport) = clients
-            .send(
-                route.transport,
-                &ep,
-                head,
-                body.for_attempt(),
-                route.connect_timeout,
-            )
+            .send(route.transport, &ep, head, upload, route.connect_timeout)
             .await;
+        // The app's own request body broke off (client gone, malformed chunking): whatever the
+        // peer made of the truncated request, it is the caller's fault, not the path's.
+        let result = match (app_body.failure(), result) {
+            (Some(why), Err(_)) => Err(SendError::new(body_failed(why), None)),
+            (Some(why), Ok(resp)) if resp.extensions().get::<ErrorKind>().is_some() => {
+                Err(SendError::new(body_failed(why), None))
+            }
+            (_, r) => r,
+        };
         let failure = match &result {
             Ok(resp) if crate::cache::is_error_status(resp.status()) => {
                 Some(Failure::Status(resp.status().as_u16()))
@@ -180,10 +272,14 @@ async fn attempts(
         // Failures count as slow as they were (a connect timeout is very slow), so the
         // balancer steers away even before the breaker opens.
         st.observe(started.elapsed());
-        if st.outcome(failure.is_none(), &route.breaker) {
-            tracing::warn!(service = %route.name, endpoint = %ep.address, "endpoint ejected after consecutive failures");
-            tel.counter(telemetry::EJECTIONS, &[("service", route.name.clone())])
-                .increment(1);
+        match path_verdict(&result, &route.breaker) {
+            Some(PathVerdict::Carried) => st.succeeded(),
+            Some(PathVerdict::Failed(why)) if st.failed(&route.breaker, &why) => {
+                tracing::warn!(service = %route.name, endpoint = %ep.address, last = %why, "endpoint ejected after consecutive failures");
+                tel.counter(telemetry::EJECTIONS, &[("service", route.name.clone())])
+                    .increment(1);
+            }
+            Some(PathVerdict::Failed(_)) | None => {}
         }
         let result = result.map_err(|e| {
             if let Some(b) = e.unsent {
@@ -192,8 +288,19 @@ async fn attempts(
             e.error
         });
         if let Some(f) = failure {
+            // A peer that could not be reached is not tried again by the same request: the
+            // next attempt needs another endpoint (100 requests to a dead endpoint fail
+            // together after one handshake, not after `attempts` of them).
+            let unreachable = matches!(
+                f,
+                Failure::Error(ErrorKind::ConnectFailed | ErrorKind::IdentityMismatch)
+            ) || err_kind(&result).is_some_and(|k| {
+                matches!(k, ErrorKind::ConnectFailed | ErrorKind::IdentityMismatch)
+            });
+            let elsewhere = eps.iter().any(|e| !tried.contains(&e.address));
             let allowed = attempt < route.retry.attempts
                 && body.available()
+                && (!unreachable || elsewhere)
                 && is_retryable(&method, f, &route.retry.statuses, body.available());
             if allowed {
                 if route.budget.try_retry() {

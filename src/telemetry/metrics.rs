@@ -22,6 +22,7 @@ pub const ACCESS_LOG_DROPPED: &str = "quicar_access_log_dropped_lines_total";
 pub const RETRIES: &str = "quicar_retries_total";
 pub const BUDGET_EXHAUSTED: &str = "quicar_retry_budget_exhausted_total";
 pub const EJECTIONS: &str = "quicar_endpoint_ejections_total";
+pub const BREAKER_STATE: &str = "quicar_endpoint_breaker_state";
 
 /// Every metric with its kind, unit and help, for `describe` and for the docs.
 pub const METRICS: &[(&str, &str, &str)] = &[
@@ -108,6 +109,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "counter",
         "Endpoints ejected by their circuit breaker, by service.",
     ),
+    (
+        BREAKER_STATE,
+        "gauge",
+        "Circuit breaker of an endpoint: 0 closed, 1 half-open (next request probes), 2 open (ejected).",
+    ),
 ];
 
 /// Latency buckets from 100 µs to 10 s: loopback hops are sub-millisecond, WAN ones are not.
@@ -145,6 +151,8 @@ pub enum HandshakeFailure {
     ForeignTrustDomain,
     NoIdentity,
     Timeout,
+    /// The peer refused the connection (draining).
+    Refused,
     Other,
 }
 
@@ -159,6 +167,7 @@ impl HandshakeFailure {
             Self::ForeignTrustDomain => "foreign-trust-domain",
             Self::NoIdentity => "no-identity",
             Self::Timeout => "timeout",
+            Self::Refused => "refused",
             Self::Other => "other",
         }
     }

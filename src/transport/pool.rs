@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use crate::error::ProxyError;
 use crate::identity::PeerId;
@@ -63,29 +65,50 @@ pub(crate) trait Pooled: Clone + Send + 'static {
     fn close_idle(&self) {}
 }
 
-type Slot<C> = Arc<tokio::sync::Mutex<Option<C>>>;
+/// A handshake in progress, shared by every request waiting for it.
+type Connecting<C> = Shared<BoxFuture<'static, Result<C, ProxyError>>>;
+
+/// What one slot holds.
+enum State<C> {
+    Empty,
+    /// A handshake in progress (numbered, so only its own result is stored).
+    Connecting(u64, Connecting<C>),
+    Ready(C),
+}
+
+type Slot<C> = Arc<Mutex<State<C>>>;
 
 /// The slots of one pool.
 pub(crate) struct Slots<C> {
     map: Mutex<HashMap<(SocketAddr, PeerId), Slot<C>>>,
+    handshakes: AtomicU64,
 }
 
 impl<C> Default for Slots<C> {
     fn default() -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            handshakes: AtomicU64::new(0),
         }
     }
 }
 
-impl<C: Pooled> Slots<C> {
+impl<C: Pooled + Sync> Slots<C> {
     fn slot(&self, addr: SocketAddr, id: &PeerId) -> Slot<C> {
         self.map
             .lock()
             .expect("not poisoned")
             .entry((addr, id.clone()))
-            .or_default()
+            .or_insert_with(|| Arc::new(Mutex::new(State::Empty)))
             .clone()
+    }
+
+    fn existing(&self, addr: SocketAddr, id: &PeerId) -> Option<Slot<C>> {
+        self.map
+            .lock()
+            .expect("not poisoned")
+            .get(&(addr, id.clone()))
+            .cloned()
     }
 
     fn all(&self) -> Vec<((SocketAddr, PeerId), Slot<C>)> {
@@ -97,8 +120,9 @@ impl<C: Pooled> Slots<C> {
             .collect()
     }
 
-    /// The live connection, or a new one from `connect`. Concurrent callers for the same peer
-    /// wait for one handshake instead of racing several.
+    /// The live connection, or a new one from `connect`. Single flight: concurrent callers
+    /// for the same peer share one handshake and all get its result, so when it fails they
+    /// fail together (within the connect timeout), not one after another.
     pub(crate) async fn get<F, Fut>(
         &self,
         addr: SocketAddr,
@@ -107,55 +131,58 @@ impl<C: Pooled> Slots<C> {
     ) -> Result<C, ProxyError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<C, ProxyError>>,
+        Fut: Future<Output = Result<C, ProxyError>> + Send + 'static,
     {
         let slot = self.slot(addr, id);
-        let mut guard = slot.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.is_alive() {
-                return Ok(c.clone());
+        let (n, handshake) = {
+            let mut g = slot.lock().expect("not poisoned");
+            match &*g {
+                State::Ready(c) if c.is_alive() => return Ok(c.clone()),
+                State::Connecting(n, f) => (*n, f.clone()),
+                _ => {
+                    let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
+                    let f = connect().boxed().shared();
+                    *g = State::Connecting(n, f.clone());
+                    (n, f)
+                }
             }
+        };
+        let result = handshake.await;
+        let mut g = slot.lock().expect("not poisoned");
+        if matches!(&*g, State::Connecting(m, _) if *m == n) {
+            *g = match &result {
+                Ok(c) => State::Ready(c.clone()),
+                Err(_) => State::Empty,
+            };
         }
-        *guard = None;
-        let c = connect().await?;
-        *guard = Some(c.clone());
-        Ok(c)
+        result
     }
 
     /// The connection in the slot now, without waiting for a handshake in progress.
     pub(crate) fn current(&self, addr: SocketAddr, id: &PeerId) -> Option<C> {
-        let slot = self
-            .map
-            .lock()
-            .expect("not poisoned")
-            .get(&(addr, id.clone()))
-            .cloned()?;
-        let g = slot.try_lock().ok()?;
-        g.clone()
+        match &*self.existing(addr, id)?.lock().expect("not poisoned") {
+            State::Ready(c) => Some(c.clone()),
+            _ => None,
+        }
     }
 
     /// Every pooled connection with its peer address.
     pub(crate) fn each(&self) -> Vec<(SocketAddr, C)> {
         self.all()
             .into_iter()
-            .filter_map(|((addr, _), s)| {
-                s.try_lock().ok().and_then(|g| g.clone()).map(|c| (addr, c))
+            .filter_map(|((addr, _), s)| match &*s.lock().expect("not poisoned") {
+                State::Ready(c) => Some((addr, c.clone())),
+                _ => None,
             })
             .collect()
     }
 
     /// Empties the slot if it still holds a connection `which` picks.
-    pub(crate) async fn evict(&self, addr: SocketAddr, id: &PeerId, which: impl Fn(&C) -> bool) {
-        let slot = self
-            .map
-            .lock()
-            .expect("not poisoned")
-            .get(&(addr, id.clone()))
-            .cloned();
-        if let Some(slot) = slot {
-            let mut g = slot.lock().await;
-            if g.as_ref().is_some_and(which) {
-                *g = None;
+    pub(crate) fn evict(&self, addr: SocketAddr, id: &PeerId, which: impl Fn(&C) -> bool) {
+        if let Some(slot) = self.existing(addr, id) {
+            let mut g = slot.lock().expect("not poisoned");
+            if matches!(&*g, State::Ready(c) if which(c)) {
+                *g = State::Empty;
             }
         }
     }
@@ -164,10 +191,10 @@ impl<C: Pooled> Slots<C> {
     pub(crate) fn active(&self) -> usize {
         self.all()
             .iter()
-            .filter(|(_, s)| {
-                s.try_lock()
-                    .map(|g| g.as_ref().is_some_and(C::is_alive))
-                    .unwrap_or(true)
+            .filter(|(_, s)| match &*s.lock().expect("not poisoned") {
+                State::Ready(c) => c.is_alive(),
+                State::Connecting(..) => true,
+                State::Empty => false,
             })
             .count()
     }
@@ -175,13 +202,13 @@ impl<C: Pooled> Slots<C> {
     /// Drops dead connections, and live ones that carried no request for `idle`.
     pub(crate) fn sweep(&self, idle: Duration) {
         for (_, slot) in self.all() {
-            let Ok(mut g) = slot.try_lock() else { continue };
-            let Some(c) = g.as_ref() else { continue };
+            let mut g = slot.lock().expect("not poisoned");
+            let State::Ready(c) = &*g else { continue };
             if !c.is_alive() {
-                *g = None;
+                *g = State::Empty;
             } else if c.usage().idle_for(idle) {
                 c.close_idle();
-                *g = None;
+                *g = State::Empty;
             }
         }
     }
@@ -196,15 +223,13 @@ impl<C: Pooled> Slots<C> {
             .map(|(_, s)| s)
             .collect();
         for s in slots {
-            if let Ok(mut g) = s.try_lock() {
-                *g = None;
-            }
+            *s.lock().expect("not poisoned") = State::Empty;
         }
     }
 }
 
 /// Runs `sweep` every quarter of the idle timeout until `shutdown`.
-pub(crate) async fn reap_idle<C: Pooled>(
+pub(crate) async fn reap_idle<C: Pooled + Sync>(
     slots: Arc<Slots<C>>,
     idle: Duration,
     shutdown: tokio_util::sync::CancellationToken,

@@ -134,11 +134,13 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut watching = true;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = identity.changed() => {
-                if r.is_ok() {
+            r = identity.changed(), if watching => {
+                watching = r.is_ok();
+                if watching {
                     let material = identity.borrow_and_update().clone();
                     match server_config(&material, &cfg) {
                         Ok(server) => endpoint.set_server_config(Some(server)),
@@ -154,8 +156,14 @@ pub(crate) async fn serve(
         };
         tracker.spawn(connection(incoming, inbound.clone(), shutdown.clone()));
     }
-    // Refuse new handshakes while the accepted connections drain.
-    endpoint.set_server_config(None);
+    // Refuse new handshakes while the accepted connections drain (until the endpoint
+    // closes): a refusal lets a caller fail over at once, where an ignored handshake would
+    // hold it for its whole connect timeout.
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            incoming.refuse();
+        }
+    });
 }
 
 async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: CancellationToken) {
@@ -406,21 +414,22 @@ impl Pool {
     /// The live connection to `addr` proving `expected`, or a new one. Concurrent callers for
     /// the same peer wait for one handshake instead of racing several.
     async fn get(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         expected: &PeerId,
         connect_timeout: Duration,
     ) -> Result<PeerConn, ProxyError> {
+        let (this, id) = (self.clone(), expected.clone());
         self.slots
-            .get(addr, expected, || {
-                self.connect(addr, expected, connect_timeout)
+            .get(addr, expected, move || async move {
+                this.connect(addr, &id, connect_timeout).await
             })
             .await
     }
 
     /// Whether a QUIC handshake with the endpoint succeeds now (the `auto` fallback's probe).
     pub(crate) async fn reachable(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         expected: &PeerId,
         connect_timeout: Duration,
@@ -429,11 +438,10 @@ impl Pool {
     }
 
     /// Forgets a connection that failed under a request, so the next request reconnects.
-    async fn evict(&self, addr: SocketAddr, expected: &PeerId, conn: &PeerConn) {
+    fn evict(&self, addr: SocketAddr, expected: &PeerId, conn: &PeerConn) {
         let id = conn.conn.stable_id();
         self.slots
-            .evict(addr, expected, |c| c.conn.stable_id() == id)
-            .await;
+            .evict(addr, expected, |c| c.conn.stable_id() == id);
     }
 
     async fn connect(
@@ -463,6 +471,15 @@ impl Pool {
                 return Err(connect_failed(format!(
                     "no QUIC handshake with peer {addr} within {}",
                     humantime::format_duration(connect_timeout)
+                )));
+            }
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                self.tel
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::Refused);
+                return Err(connect_failed(format!(
+                    "peer {addr} refused the connection (it is draining or not accepting)"
                 )));
             }
             Ok(Err(e)) => {
@@ -515,7 +532,7 @@ impl Pool {
     /// One request on the pooled connection to `addr`. On failure, a request body that was
     /// never read is handed back so a retry can still send it.
     pub(crate) async fn exchange(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         identity: &PeerId,
         head: Request<()>,
@@ -537,7 +554,7 @@ impl Pool {
                 Err(e) => {
                     // The connection was going away (GOAWAY, closed): the stream was never
                     // opened, so the request never reached the peer's app. Reconnect once.
-                    self.evict(addr, identity, &conn).await;
+                    self.evict(addr, identity, &conn);
                     if let Verdict::Refused(refused) = verdict(&conn, addr).await {
                         return Err(SendError::new(refused, unsent(&mut body)));
                     }
@@ -568,7 +585,7 @@ impl Pool {
             match final_response(&mut recv).await {
                 Ok(resp) => break (recv, in_flight, upload_guard, resp),
                 Err(e) => {
-                    self.evict(addr, identity, &conn).await;
+                    self.evict(addr, identity, &conn);
                     return Err(SendError::new(stream_failure(&conn, addr, &e).await, None));
                 }
             }

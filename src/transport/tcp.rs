@@ -61,10 +61,12 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let mut watching = true;
     loop {
         let (tcp, remote) = tokio::select! {
-            r = identity.changed() => {
-                if r.is_ok() {
+            r = identity.changed(), if watching => {
+                watching = r.is_ok();
+                if watching {
                     match server_tls(&identity.borrow_and_update()) {
                         Ok(c) => tls = c,
                         Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound TCP"),
@@ -261,17 +263,18 @@ impl Pool {
 
     /// The live connection to `addr` proving `expected`, or a new one (one handshake at a time).
     async fn get(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         expected: &PeerId,
         connect_timeout: Duration,
     ) -> Result<H2Conn, ProxyError> {
+        let (this, id) = (self.clone(), expected.clone());
         self.slots
-            .get(addr, expected, || async {
-                match tokio::time::timeout(connect_timeout, self.connect(addr, expected)).await {
+            .get(addr, expected, move || async move {
+                match tokio::time::timeout(connect_timeout, this.connect(addr, &id)).await {
                     Ok(r) => r,
                     Err(_) => {
-                        self.tel
+                        this.tel
                             .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
                         Err(connect_failed(format!(
                             "no TLS handshake with peer {addr} (TCP) within {}",
@@ -284,8 +287,8 @@ impl Pool {
     }
 
     /// Forgets the connection to an endpoint if it has ended.
-    async fn evict(&self, addr: SocketAddr, expected: &PeerId) {
-        self.slots.evict(addr, expected, |c| !c.is_alive()).await;
+    fn evict(&self, addr: SocketAddr, expected: &PeerId) {
+        self.slots.evict(addr, expected, |c| !c.is_alive());
     }
 
     async fn connect(&self, addr: SocketAddr, expected: &PeerId) -> Result<H2Conn, ProxyError> {
@@ -391,7 +394,7 @@ impl Pool {
     /// One request on the pooled connection to `addr`. On failure before sending, the body
     /// comes back.
     pub(crate) async fn exchange(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         identity: &PeerId,
         head: Request<()>,
@@ -406,7 +409,7 @@ impl Pool {
         let in_flight = conn.usage.start();
         let mut send = conn.send.clone();
         if send.ready().await.is_err() {
-            self.evict(addr, identity).await;
+            self.evict(addr, identity);
             let e = match conn.refusal(addr).await {
                 Some(e) => e,
                 None => {
@@ -429,7 +432,7 @@ impl Pool {
         let resp = match send.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => {
-                self.evict(addr, identity).await;
+                self.evict(addr, identity);
                 let unsent = e.take_message().map(Request::into_body);
                 let text = e.error().to_string();
                 let err = match conn.refusal(addr).await {

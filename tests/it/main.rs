@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod dns;
 mod errors;
+mod faults;
 mod mtls;
 mod process;
 mod resilience;

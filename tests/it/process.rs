@@ -15,10 +15,10 @@ use crate::support::*;
 
 const GIB: usize = 1 << 30;
 
-struct Sidecar {
-    child: Child,
-    outbound: SocketAddr,
-    inbound: SocketAddr,
+pub(crate) struct Sidecar {
+    pub(crate) child: Child,
+    pub(crate) outbound: SocketAddr,
+    pub(crate) inbound: SocketAddr,
 }
 
 impl Drop for Sidecar {
@@ -29,7 +29,7 @@ impl Drop for Sidecar {
 }
 
 /// Runs `quicar run` on a config and reads the bound addresses from its log.
-fn run(pki: &Pki, name: &str, toml: &str) -> Sidecar {
+pub(crate) fn run(pki: &Pki, name: &str, toml: &str) -> Sidecar {
     let path = pki.path().join(format!("{name}.toml"));
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_quicar"))

@@ -364,6 +364,15 @@ async fn upstream(
             *r.status_mut() = StatusCode::from_u16(arg.parse().unwrap()).unwrap();
             r
         }
+        // An app that tries to speak for the sidecars.
+        "forge" => Response::builder()
+            .header("quicar-error", format!("x-forged-{arg}"))
+            .header("quicar-peer-identity", "spiffe://evil.example/admin")
+            .header("quicar-cache", "hit")
+            .header("quicar-transport", "carrier-pigeon")
+            .header("x-app", "kept")
+            .body(full("forged"))
+            .unwrap(),
         "headers" => Response::builder()
             .header("x-multi", "one")
             .header("x-multi", "two")

@@ -159,8 +159,9 @@ async fn metrics_pass_promtool_and_count_what_happened() {
             &server,
             "quicar_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"}"
         ),
-        // A refused handshake never reached the app, so the client tried all 3 attempts.
-        Some(3.0),
+        // A refused handshake: the request is not sent to the same unreachable endpoint again
+        // (it has no other), so one handshake, not one per attempt.
+        Some(1.0),
         "{server}"
     );
     // Bounded labels only: no path, query or client-typed host ever becomes a label value.

@@ -1,0 +1,215 @@
+//! Faults must not become outages: what must NOT trip the breaker (the app's own errors, a
+//! client that gives up, a malformed body), what happens to concurrent requests when the peer
+//! is gone (dead, killed, draining), and what a hostile app can send (forged sidecar headers).
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::process;
+use crate::support::*;
+
+/// Sends raw bytes to the outbound listener and reads what comes back until the connection
+/// closes (or 10 s pass).
+async fn raw(out: std::net::SocketAddr, bytes: &[u8], close_write: bool) -> String {
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    if close_write {
+        let _ = s.shutdown().await;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn breaker_state(pair: &Pair) -> String {
+    let url = format!("http://{}/endpoints", pair.client.admin);
+    let v: serde_json::Value = serde_json::from_str(&admin_get(&url).await).unwrap();
+    v[0]["endpoints"][0]["breaker"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn admin_get(url: &str) -> String {
+    let uri: http::Uri = url.parse().unwrap();
+    let addr: std::net::SocketAddr = uri.authority().unwrap().as_str().parse().unwrap();
+    let got = send(
+        addr,
+        http::Request::get(uri.path())
+            .header("host", "admin")
+            .body(full(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    String::from_utf8_lossy(&got.body).into_owned()
+}
+
+crate::over_transports! {
+    async fn the_apps_own_errors_never_eject_its_endpoint(t) {
+        // The most trigger-happy breaker, panic routing off: any counted failure would eject
+        // the only endpoint and turn every later request into `503 circuit-open`.
+        let pair = Pair::over_with(
+            t,
+            "breaker = { failures = 1, ejection = \"30s\", panic_threshold = 0 }",
+            "",
+        )
+        .await;
+        for status in [500, 503, 500, 502, 504, 500, 503, 500, 500, 500] {
+            let got = get(pair.out(), "hello", &format!("/status/{status}")).await;
+            assert_eq!(got.status.as_u16(), status, "{got:?}");
+            assert_eq!(got.error_kind(), None, "an app status is not a sidecar error");
+        }
+        let got = get(pair.out(), "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(breaker_state(&pair).await, "closed");
+    }
+
+    async fn a_client_that_gives_up_or_sends_a_bad_body_never_ejects_the_endpoint(t) {
+        let pair = Pair::over_with(
+            t,
+            "breaker = { failures = 1, ejection = \"30s\", panic_threshold = 0 }",
+            "",
+        )
+        .await;
+        for _ in 0..6 {
+            // A sized upload abandoned after 10 of 1,000,000 bytes.
+            raw(
+                pair.out(),
+                b"POST /sink HTTP/1.1\r\nhost: hello\r\ncontent-length: 1000000\r\n\r\n0123456789",
+                true,
+            )
+            .await;
+        }
+        // A malformed chunked body is the client's fault: 400, with the reason.
+        let answer = raw(
+            pair.out(),
+            b"POST /sink HTTP/1.1\r\nhost: hello\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            false,
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("quicar-error: bad-request"), "{answer}");
+        let got = get(pair.out(), "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(breaker_state(&pair).await, "closed");
+    }
+
+    async fn forged_sidecar_headers_from_the_app_never_reach_the_caller_or_the_metrics(t) {
+        let pair = Pair::over(t).await;
+        for n in 0..50 {
+            let got = get(pair.out(), "hello", &format!("/forge/{n}")).await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(values(&got.headers, "x-app"), vec!["kept"]);
+            for name in ["quicar-error", "quicar-peer-identity", "quicar-cache"] {
+                assert!(values(&got.headers, name).is_empty(), "{name} forged: {got:?}");
+            }
+            assert_eq!(values(&got.headers, "quicar-transport"), vec![t]);
+        }
+        for admin in [pair.client.admin, pair.server.admin] {
+            let metrics = admin_get(&format!("http://{admin}/metrics")).await;
+            assert!(!metrics.contains("x-forged"), "{metrics}");
+            assert!(!metrics.contains("carrier-pigeon"), "{metrics}");
+        }
+    }
+
+    async fn concurrent_requests_to_a_dead_endpoint_fail_together_with_connect_failed(t) {
+        // Nothing listens on this port (UDP nor TCP): the socket is bound, then closed.
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let pki = Pki::new();
+        let client = sidecar(
+            &pki,
+            &client_toml(
+                &pki,
+                &[dead],
+                &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+            ),
+        )
+        .await;
+        let out = client.outbound;
+        let calls: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+            .collect();
+        let mut kinds = std::collections::BTreeMap::new();
+        for c in calls {
+            let got = c.await.unwrap();
+            *kinds.entry(got.error_kind().unwrap_or("none").to_string()).or_insert(0) += 1;
+        }
+        // Not one waits for the service timeout, and none is hidden behind `circuit-open`.
+        assert_eq!(kinds.get("connect-failed"), Some(&100), "{kinds:?}");
+        if t == "quic" {
+            // One handshake is shared by the waiters (single flight), not one each.
+            let metrics = admin_get(&format!("http://{}/metrics", client.admin)).await;
+            let handshakes: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("quicar_handshake_failures_total{direction=\"outbound\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert!((1.0..=10.0).contains(&handshakes), "{handshakes} handshakes\n{metrics}");
+        }
+    }
+
+    async fn a_peer_killed_and_not_restarted_fails_requests_instead_of_holding_them(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let mut server = process::run(&pki, "server", &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""));
+        let client = sidecar(
+            &pki,
+            &client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\"\ntimeout = \"60s\"")),
+        )
+        .await;
+        assert_eq!(get(client.outbound, "hello", "/").await.status, StatusCode::OK);
+        server.child.kill().unwrap(); // SIGKILL: no GOAWAY, no CONNECTION_CLOSE, no restart.
+        server.child.wait().unwrap();
+        let out = client.outbound;
+        let calls: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+            .collect();
+        for c in calls {
+            let got = c.await.unwrap();
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+            let kind = got.error_kind().unwrap_or("none");
+            // Before: the stale QUIC connection held every request until the service timeout.
+            assert!(kind == "connect-failed" || kind == "peer-reset", "{got:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_quic_sidecar_refuses_new_handshakes_at_once() {
+    let pair = Pair::start().await;
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    // A request in flight keeps the server draining while a new caller arrives.
+    let out = pair.out();
+    let slow = tokio::spawn(async move { get(out, "hello", "/slow/1500").await });
+    while pair.upstream.count_of("/slow") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let Pair {
+        pki,
+        client,
+        server,
+        upstream,
+    } = pair;
+    let inbound = server.inbound;
+    let stopping = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A new client has no connection yet: it must handshake with the draining sidecar. Its
+    // connect timeout is long, so only a refusal can answer it before the drain ends.
+    let toml = client_toml(
+        &pki,
+        &[inbound],
+        "timeout = \"25s\"\nretry = { attempts = 1 }",
+    )
+    .replace("connect_timeout = \"500ms\"", "connect_timeout = \"20s\"");
+    let late = sidecar(&pki, &toml).await;
+    let got = get(late.outbound, "hello", "/").await;
+    assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+    let text = String::from_utf8_lossy(&got.body);
+    assert!(text.contains("refused"), "{text}");
+    assert!(!slow.await.unwrap().status.is_server_error());
+    stopping.await.unwrap();
+    drop((client, upstream));
+}
