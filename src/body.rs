@@ -281,3 +281,181 @@ pub(crate) fn held(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
         .hold(guard)
         .boxed_unsync()
 }
+
+/// Where a request body is as it streams: still coming, finished (and when), or failed (and
+/// why); and when it last moved. The request path starts its deadline when the body ends and
+/// cuts a body that stops moving.
+pub(crate) struct Progress {
+    state: tokio::sync::watch::Sender<BodyState>,
+    last_moved: std::sync::Mutex<std::time::Instant>,
+    ended: std::sync::Mutex<Option<std::time::Instant>>,
+    failure: std::sync::Mutex<Option<BodyFailure>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyState {
+    Streaming,
+    Ended,
+}
+
+/// Why a request body did not arrive whole.
+#[derive(Debug, Clone)]
+pub(crate) enum BodyFailure {
+    /// It crossed its limit (bytes).
+    TooLarge(u64),
+    /// It broke off or was malformed.
+    Broken(String),
+}
+
+impl Progress {
+    pub(crate) fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            state: tokio::sync::watch::Sender::new(BodyState::Streaming),
+            last_moved: std::sync::Mutex::new(std::time::Instant::now()),
+            ended: std::sync::Mutex::new(None),
+            failure: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// A body with nothing (more) to send.
+    pub(crate) fn ended() -> std::sync::Arc<Self> {
+        let p = Self::new();
+        p.end();
+        p
+    }
+
+    fn end(&self) {
+        self.ended
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert_with(std::time::Instant::now);
+        self.state.send_replace(BodyState::Ended);
+    }
+
+    fn moved(&self) {
+        *self.last_moved.lock().expect("not poisoned") = std::time::Instant::now();
+    }
+
+    fn fail(&self, why: BodyFailure) {
+        self.failure
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert(why);
+        self.end();
+    }
+
+    /// When the body ended (fully sent, or failed), if it has.
+    pub(crate) fn ended_at(&self) -> Option<std::time::Instant> {
+        *self.ended.lock().expect("not poisoned")
+    }
+
+    pub(crate) fn failure(&self) -> Option<BodyFailure> {
+        self.failure.lock().expect("not poisoned").clone()
+    }
+
+    /// Wraps `body` so its progress is recorded here, failing it once it passes `limit` bytes.
+    pub(crate) fn track(
+        self: &std::sync::Arc<Self>,
+        body: ProxyBody,
+        limit: Option<u64>,
+    ) -> ProxyBody {
+        if body.is_end_stream() {
+            self.end();
+        }
+        Tracked {
+            inner: body,
+            progress: self.clone(),
+            seen: 0,
+            limit,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// How `after_body` gave up.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Expired {
+    /// `timeout` passed after the body ended.
+    Timeout,
+    /// The body sent nothing for `idle`.
+    Stalled,
+}
+
+/// Runs `work` with `timeout` counted from the end of the request body, and gives up if the
+/// body stops moving for `idle` before it ends: an upload that keeps moving is never cut by
+/// the response timeout, and one that stalls is not held forever.
+pub(crate) async fn after_body<T>(
+    progress: &Progress,
+    timeout: std::time::Duration,
+    idle: std::time::Duration,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, Expired> {
+    let mut state = progress.state.subscribe();
+    tokio::pin!(work);
+    loop {
+        if let Some(end) = progress.ended_at() {
+            return tokio::time::timeout_at((end + timeout).into(), work)
+                .await
+                .map_err(|_| Expired::Timeout);
+        }
+        let stall = *progress.last_moved.lock().expect("not poisoned") + idle;
+        tokio::select! {
+            r = &mut work => return Ok(r),
+            _ = state.changed() => {}
+            _ = tokio::time::sleep_until(stall.into()) => {
+                let last = *progress.last_moved.lock().expect("not poisoned");
+                if progress.ended_at().is_none() && last.elapsed() >= idle {
+                    return Err(Expired::Stalled);
+                }
+            }
+        }
+    }
+}
+
+struct Tracked {
+    inner: ProxyBody,
+    progress: std::sync::Arc<Progress>,
+    seen: u64,
+    limit: Option<u64>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &r {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    self.seen += d.len() as u64;
+                    if let Some(limit) = self.limit.filter(|l| self.seen > *l) {
+                        self.progress.fail(BodyFailure::TooLarge(limit));
+                        return Poll::Ready(Some(Err(format!(
+                            "request body over its limit of {limit} bytes"
+                        )
+                        .into())));
+                    }
+                }
+                self.progress.moved();
+                if self.inner.is_end_stream() {
+                    self.progress.end();
+                }
+            }
+            Some(Err(e)) => self.progress.fail(BodyFailure::Broken(e.to_string())),
+            None => self.progress.end(),
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -127,6 +127,13 @@ pub struct Inbound {
     /// Accept TLS + HTTP/2 (TCP) from peers, on the same port number.
     #[serde(default = "yes")]
     pub tcp: bool,
+    /// Connections one peer identity may hold open at once (over both transports); more are
+    /// refused at the handshake.
+    #[serde(default = "default_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Requests from all peers in flight at once in this sidecar; more get `503 overloaded`.
+    #[serde(default = "default_inbound_requests")]
+    pub max_requests: usize,
 }
 
 fn yes() -> bool {
@@ -140,6 +147,8 @@ impl Default for Inbound {
             connect_timeout: default_local_connect_timeout(),
             quic: true,
             tcp: true,
+            max_connections_per_peer: default_connections_per_peer(),
+            max_requests: default_inbound_requests(),
         }
     }
 }
@@ -253,6 +262,18 @@ pub struct Local {
     /// SPIFFE IDs allowed to call; absent means any identity of the trust domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<String>>,
+    /// How long the app gets to answer when the caller sent no deadline (other vendors'
+    /// callers), counted from the end of the request body.
+    #[serde(default = "default_local_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Requests (so connections) to the app at once; more wait up to a second for one to
+    /// finish, then get `503 overloaded`.
+    #[serde(default = "default_local_max_concurrent")]
+    pub max_concurrent: usize,
+    /// Largest request body the app accepts through the sidecar: `413 body-too-large`
+    /// beyond it. Absent = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<ByteSize>,
 }
 
 /// A remote service the local app calls through this sidecar.
@@ -262,9 +283,18 @@ pub struct Service {
     pub name: String,
     #[serde(default)]
     pub transport: TransportKind,
-    /// Budget for the whole request until the response headers arrive.
+    /// Budget until the response headers arrive, counted from the end of the request body
+    /// (an upload that keeps moving is never cut by it; see `body_idle_timeout`).
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// A request body that sends nothing for this long is cut (`504 timeout`).
+    #[serde(default = "default_body_idle_timeout", with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Largest request body the app may send to this service; larger ones get
+    /// `413 body-too-large` (sized: before anything is sent; chunked: when crossed, and the
+    /// stream is reset so nothing half-sent passes as whole). Absent = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<ByteSize>,
     /// Budget for reaching and handshaking with a peer sidecar.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -438,6 +468,21 @@ fn default_ejection() -> Duration {
     Duration::from_secs(5)
 }
 fn default_max_ejection() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_local_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_local_max_concurrent() -> usize {
+    1024
+}
+fn default_connections_per_peer() -> usize {
+    64
+}
+fn default_inbound_requests() -> usize {
+    16_384
+}
+fn default_body_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
 fn default_max_concurrent() -> usize {
@@ -685,6 +730,18 @@ impl Config {
             for (j, id) in local.allow.iter().flatten().enumerate() {
                 PeerId::parse(id).map_err(|e| (format!("{key}.allow[{j}]"), e.to_string()))?;
             }
+            if local.max_concurrent == 0 {
+                return Err((format!("{key}.max_concurrent"), "must be at least 1".into()));
+            }
+            if local.timeout.is_zero() {
+                return Err((format!("{key}.timeout"), "must be more than 0".into()));
+            }
+        }
+        if self.inbound.max_connections_per_peer == 0 || self.inbound.max_requests == 0 {
+            return Err((
+                "inbound.max_connections_per_peer / inbound.max_requests".into(),
+                "must be at least 1".into(),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, svc) in self.service.iter().enumerate() {

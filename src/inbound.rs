@@ -8,11 +8,12 @@ mod local_app;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
 
 use crate::body::{Counted, ProxyBody};
 use crate::config::Config;
@@ -30,6 +31,30 @@ pub(crate) struct Inbound {
     locals: HashMap<String, Local>,
     trust_domain: String,
     app: LocalApp,
+    /// Open connections per peer identity, and the cap.
+    peers: Arc<Mutex<HashMap<PeerId, usize>>>,
+    max_per_peer: usize,
+    /// Requests in flight from all peers.
+    requests: Arc<Semaphore>,
+    max_requests: usize,
+}
+
+/// A peer connection counted against its identity's cap until dropped.
+pub(crate) struct PeerSlot {
+    peers: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        if let Some(n) = peers.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl Inbound {
@@ -37,20 +62,17 @@ impl Inbound {
         let locals = config
             .local
             .iter()
-            .map(|l| {
-                let local = Local {
-                    name: l.name.clone(),
-                    address: l.address,
-                    allow: l.allow.clone(),
-                };
-                (l.name.to_ascii_lowercase(), local)
-            })
+            .map(|l| (l.name.to_ascii_lowercase(), Local::new(l)))
             .collect();
         Self {
             tel,
             locals,
             trust_domain: config.node.trust_domain.clone(),
             app: LocalApp::new(config.inbound.connect_timeout),
+            peers: Arc::default(),
+            max_per_peer: config.inbound.max_connections_per_peer,
+            requests: Arc::new(Semaphore::new(config.inbound.max_requests)),
+            max_requests: config.inbound.max_requests,
         }
     }
 
@@ -59,14 +81,30 @@ impl Inbound {
     }
 
     /// Whether a peer that finished its handshake may send requests: it must prove a SPIFFE
-    /// identity of our trust domain. On refusal, the reason to close with.
+    /// identity of our trust domain and stay under its connection cap. The slot is held for
+    /// the connection's life. On refusal, the reason to close with.
     pub(crate) fn admit(
         &self,
         remote: SocketAddr,
         identity: Result<PeerId, IdentityError>,
-    ) -> Result<PeerId, &'static str> {
+    ) -> Result<(PeerId, PeerSlot), &'static str> {
         match identity {
-            Ok(p) if p.trust_domain() == self.trust_domain => Ok(p),
+            Ok(p) if p.trust_domain() == self.trust_domain => {
+                let mut peers = self.peers.lock().expect("not poisoned");
+                let n = peers.entry(p.clone()).or_default();
+                if *n >= self.max_per_peer {
+                    self.tel
+                        .handshake_failed(Direction::Inbound, HandshakeFailure::TooManyConnections);
+                    tracing::warn!(%remote, identity = %p, max = self.max_per_peer, "inbound peer refused: too many connections from this identity");
+                    return Err("too many connections from this identity");
+                }
+                *n += 1;
+                let slot = PeerSlot {
+                    peers: self.peers.clone(),
+                    peer: p.clone(),
+                };
+                Ok((p, slot))
+            }
             Ok(p) => {
                 self.tel
                     .handshake_failed(Direction::Inbound, HandshakeFailure::ForeignTrustDomain);
@@ -114,6 +152,20 @@ impl Inbound {
         transport: Transport,
     ) -> Response<ProxyBody> {
         let mut guard = self.tel.request(Direction::Inbound);
+        let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+            guard.facts.transport = Some(transport);
+            guard.facts.status = 503;
+            guard.facts.error_kind = Some(ErrorKind::Overloaded);
+            return ProxyError::new(
+                ErrorKind::Overloaded,
+                Side::LocalApp,
+                format!(
+                    "this sidecar already has {} requests from peers in flight (inbound.max_requests)",
+                    self.max_requests
+                ),
+            )
+            .into_response();
+        };
         {
             let f = &mut guard.facts;
             f.transport = Some(transport);
@@ -148,7 +200,11 @@ impl Inbound {
         guard.facts.status = resp.status().as_u16();
         guard.facts.error_kind = resp.extensions().get::<ErrorKind>().copied();
         let bytes_out = guard.bytes_out();
-        resp.map(|b| Counted::new(b, bytes_out).hold(guard).boxed_unsync())
+        resp.map(|b| {
+            Counted::new(b, bytes_out)
+                .hold((guard, permit))
+                .boxed_unsync()
+        })
     }
 
     /// authorize → app. Errors become sidecar responses with their kind.

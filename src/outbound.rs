@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::Listener;
-use crate::body::{Counted, ProxyBody};
+use crate::body::{content_length, Counted, ProxyBody};
 use crate::cache::{Cache, Clock};
 use crate::config::{Config, Outbound as OutboundConfig, TransportKind};
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -368,6 +368,19 @@ async fn forward(
         )
     })?;
     let (mut parts, body) = req.into_parts();
+    // A sized body over the limit is refused before anything is sent.
+    if let (Some(limit), Some(len)) = (route.max_request_body, content_length(&parts.headers)) {
+        if len > limit {
+            return Err(ProxyError::new(
+                ErrorKind::BodyTooLarge,
+                Side::Downstream,
+                format!(
+                    "the request body is {len} bytes, over {limit} for service `{}` (max_request_body)",
+                    route.name
+                ),
+            ));
+        }
+    }
     strip_hop_by_hop(&mut parts.headers);
     strip_quicar(&mut parts.headers);
     parts.headers.remove(http::header::HOST);

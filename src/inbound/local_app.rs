@@ -4,6 +4,7 @@
 //! `quicar-*` response headers are dropped.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri};
@@ -11,8 +12,11 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Semaphore;
 
-use crate::body::{BodyError, ProxyBody};
+use crate::body::{
+    after_body, content_length, held, BodyError, BodyFailure, Expired, Progress, ProxyBody,
+};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{strip_hop_by_hop, strip_quicar, PEER_IDENTITY};
 use crate::identity::PeerId;
@@ -24,11 +28,34 @@ pub(crate) struct LocalApp {
     client: Client<HttpConnector, ProxyBody>,
 }
 
+/// How long a request waits for a free slot to the app before `503 overloaded`.
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// A local service as the inbound path sees it.
 pub(crate) struct Local {
     pub(crate) name: String,
     pub(crate) address: SocketAddr,
     pub(crate) allow: Option<Vec<String>>,
+    /// The app's deadline when the caller sent none, from the end of the request body.
+    pub(crate) timeout: Duration,
+    /// Requests (so HTTP/1.1 connections) to the app at once.
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) max_concurrent: usize,
+    pub(crate) max_request_body: Option<u64>,
+}
+
+impl Local {
+    pub(crate) fn new(cfg: &crate::config::Local) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            address: cfg.address,
+            allow: cfg.allow.clone(),
+            timeout: cfg.timeout,
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            max_concurrent: cfg.max_concurrent,
+            max_request_body: cfg.max_request_body.map(|b| b.0),
+        }
+    }
 }
 
 impl LocalApp {
@@ -44,7 +71,9 @@ impl LocalApp {
     }
 
     /// Sends an authorized request to `local`: Host is the service name, the caller's identity
-    /// rides in `quicar-peer-identity`, and the app gets no longer than `deadline`.
+    /// rides in `quicar-peer-identity`, and the app gets no longer than `deadline` (or the
+    /// local default) after the request body ended. Bodies over the local limit get 413; when
+    /// every slot to the app is busy for a second, 503 overloaded.
     pub(crate) async fn call(
         &self,
         local: &Local,
@@ -54,6 +83,25 @@ impl LocalApp {
         mut parts: http::request::Parts,
         body: ProxyBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let (Some(limit), Some(len)) = (local.max_request_body, content_length(&parts.headers)) {
+            if len > limit {
+                return Err(too_large(local, limit));
+            }
+        }
+        let Ok(Ok(slot)) =
+            tokio::time::timeout(QUEUE_WAIT, local.slots.clone().acquire_owned()).await
+        else {
+            return Err(ProxyError::new(
+                ErrorKind::Overloaded,
+                Side::LocalApp,
+                format!(
+                    "local service `{}` already has {} requests in flight (max_concurrent)",
+                    local.name, local.max_concurrent
+                ),
+            ));
+        };
+        let progress = Progress::new();
+        let body = progress.track(body, local.max_request_body);
         parts.headers.insert(
             PEER_IDENTITY,
             HeaderValue::from_str(peer.as_str()).expect("SPIFFE IDs are visible ASCII"),
@@ -73,22 +121,25 @@ impl LocalApp {
             })?;
         parts.version = http::Version::HTTP_11;
         let call = self.client.request(Request::from_parts(parts, body));
-        let result = match deadline {
-            // Dropping the call closes the connection to the app: it sees the cancellation.
-            Some(left) => tokio::time::timeout(left, call).await.map_err(|_| {
+        let limit = deadline.unwrap_or(local.timeout);
+        // Dropping the call closes the connection to the app: it sees the cancellation.
+        let result = after_body(&progress, limit, local.timeout, call)
+            .await
+            .map_err(|why| {
+                let what = match why {
+                    Expired::Timeout => "the caller's deadline passed before",
+                    Expired::Stalled => "the request body stopped moving before",
+                };
                 ProxyError::new(
                     ErrorKind::Timeout,
                     Side::LocalApp,
-                    format!(
-                        "the caller's deadline passed before local service `{}` answered",
-                        local.name
-                    ),
+                    format!("{what} local service `{}` answered", local.name),
                 )
-            })?,
-            None => call.await,
-        };
+            })?;
         let mut resp = result.map_err(|e| {
-            if e.is_connect() {
+            if let Some(BodyFailure::TooLarge(limit)) = progress.failure() {
+                too_large(local, limit)
+            } else if e.is_connect() {
                 ProxyError::new(
                     ErrorKind::ConnectFailed,
                     Side::LocalApp,
@@ -114,6 +165,23 @@ impl LocalApp {
         // Only the sidecars speak for themselves: an app cannot forge error kinds, cache
         // outcomes or identities toward the caller.
         strip_quicar(resp.headers_mut());
-        Ok(resp.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync()))
+        // The slot to the app is held until its response body ends.
+        Ok(resp.map(|b| {
+            held(
+                b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync(),
+                slot,
+            )
+        }))
     }
+}
+
+fn too_large(local: &Local, limit: u64) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::BodyTooLarge,
+        Side::Peer,
+        format!(
+            "the request body is over {limit} bytes, the limit of local service `{}` (max_request_body)",
+            local.name
+        ),
+    )
 }

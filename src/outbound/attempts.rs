@@ -5,7 +5,6 @@
 //! and the body can be sent again.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,7 +14,9 @@ use hyper::body::Incoming;
 
 use super::route::Route;
 use crate::balance::{random, Pick};
-use crate::body::{held, BodyError, Counted, ProxyBody};
+use crate::body::{
+    after_body, held, BodyError, BodyFailure, Counted, Expired, Progress, ProxyBody,
+};
 use crate::config::BreakerConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Upstream;
@@ -28,7 +29,8 @@ use crate::transport::Clients;
 /// The app's request body, with its bytes counted for telemetry.
 pub(crate) type AppBody = Counted<Incoming>;
 
-/// The concurrency permit, then attempts (with retries) under the service's deadline.
+/// The concurrency permit, then attempts (with retries) under the service's deadline, which
+/// runs from the end of the request body (a body that stalls for `body_idle_timeout` is cut).
 pub(crate) async fn fetch(
     route: &Route,
     clients: &Clients,
@@ -46,11 +48,18 @@ pub(crate) async fn fetch(
             ),
         ));
     };
-    let deadline = tokio::time::Instant::now() + route.timeout;
-    let work = attempts(route, clients, tel, head, body, deadline, permit);
-    match tokio::time::timeout_at(deadline, work).await {
+    let (body, progress) = match body {
+        Some(b) if !http_body::Body::is_end_stream(&b) => {
+            let progress = Progress::new();
+            let b = b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync();
+            (Some(progress.track(b, route.max_request_body)), progress)
+        }
+        _ => (None, Progress::ended()),
+    };
+    let work = attempts(route, clients, tel, head, body, &progress, permit);
+    match after_body(&progress, route.timeout, route.body_idle_timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(ProxyError::new(
+        Err(Expired::Timeout) => Err(ProxyError::new(
             ErrorKind::Timeout,
             Side::Peer,
             format!(
@@ -59,6 +68,30 @@ pub(crate) async fn fetch(
                 humantime::format_duration(route.timeout)
             ),
         )),
+        Err(Expired::Stalled) => Err(ProxyError::new(
+            ErrorKind::Timeout,
+            Side::Downstream,
+            format!(
+                "the request body sent nothing for {} (body_idle_timeout)",
+                humantime::format_duration(route.body_idle_timeout)
+            ),
+        )),
+    }
+}
+
+/// The error for a request body that did not arrive whole: the app's fault, never the path's.
+fn body_error(failure: BodyFailure) -> ProxyError {
+    match failure {
+        BodyFailure::TooLarge(limit) => ProxyError::new(
+            ErrorKind::BodyTooLarge,
+            Side::Downstream,
+            format!("the request body is over {limit} bytes (max_request_body)"),
+        ),
+        BodyFailure::Broken(why) => ProxyError::new(
+            ErrorKind::BadRequest,
+            Side::Downstream,
+            format!("the request body from the app broke off: {why}"),
+        ),
     }
 }
 
@@ -71,7 +104,11 @@ enum ReqBody {
 }
 
 impl ReqBody {
-    async fn prepare(body: Option<AppBody>, max: u64) -> Result<Self, ProxyError> {
+    async fn prepare(
+        body: Option<ProxyBody>,
+        max: u64,
+        progress: &Progress,
+    ) -> Result<Self, ProxyError> {
         let Some(body) = body else {
             return Ok(Self::Empty);
         };
@@ -81,34 +118,24 @@ impl ReqBody {
         match http_body::Body::size_hint(&body).exact() {
             Some(n) if n <= max => {
                 let collected = body.collect().await.map_err(|e| {
-                    ProxyError::new(
-                        ErrorKind::BadRequest,
-                        Side::Downstream,
-                        format!("request body could not be read: {e}"),
+                    body_error(
+                        progress
+                            .failure()
+                            .unwrap_or_else(|| BodyFailure::Broken(e.to_string())),
                     )
                 })?;
                 let trailers = collected.trailers().cloned();
                 Ok(Self::Buffered(collected.to_bytes(), trailers))
             }
-            _ => Ok(Self::Stream(Some(
-                body.map_err(|e| -> BodyError { Box::new(e) })
-                    .boxed_unsync(),
-            ))),
+            _ => Ok(Self::Stream(Some(body))),
         }
     }
 
-    /// What one attempt uploads, and a watch on the app's body (streamed bodies only).
-    fn for_attempt(&mut self) -> (Upload, Watch) {
+    fn for_attempt(&mut self) -> Upload {
         match self {
-            Self::Empty => (Upload::Empty, Watch::default()),
-            Self::Buffered(b, t) => (Upload::Bytes(b.clone(), t.clone()), Watch::default()),
-            Self::Stream(s) => match s.take() {
-                Some(body) => {
-                    let watch = Watch::default();
-                    (Upload::Stream(watch.wrap(body)), watch)
-                }
-                None => (Upload::Empty, Watch::default()),
-            },
+            Self::Empty => Upload::Empty,
+            Self::Buffered(b, t) => Upload::Bytes(b.clone(), t.clone()),
+            Self::Stream(s) => s.take().map_or(Upload::Empty, Upload::Stream),
         }
     }
 
@@ -122,33 +149,6 @@ impl ReqBody {
     fn available(&self) -> bool {
         !matches!(self, Self::Stream(None))
     }
-}
-
-/// Records why the app's request body failed, if it did, as it streams to the peer.
-#[derive(Default, Clone)]
-struct Watch(Arc<Mutex<Option<String>>>);
-
-impl Watch {
-    fn wrap(&self, body: ProxyBody) -> ProxyBody {
-        let seen = self.0.clone();
-        body.map_err(move |e| {
-            *seen.lock().expect("not poisoned") = Some(e.to_string());
-            e
-        })
-        .boxed_unsync()
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.0.lock().expect("not poisoned").clone()
-    }
-}
-
-fn body_failed(why: String) -> ProxyError {
-    ProxyError::new(
-        ErrorKind::BadRequest,
-        Side::Downstream,
-        format!("the request body from the app broke off: {why}"),
-    )
 }
 
 /// What an attempt says about the path to its endpoint, for the breaker.
@@ -202,13 +202,13 @@ async fn attempts(
     clients: &Clients,
     tel: &Telemetry,
     head: Request<()>,
-    body: Option<AppBody>,
-    deadline: tokio::time::Instant,
+    body: Option<ProxyBody>,
+    progress: &Progress,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     route.budget.request();
     let method = head.method().clone();
-    let mut body = ReqBody::prepare(body, route.retry.max_body.0).await?;
+    let mut body = ReqBody::prepare(body, route.retry.max_body.0, progress).await?;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0u32;
     loop {
@@ -245,19 +245,29 @@ async fn attempts(
         let outstanding = st.start();
         let started = Instant::now();
         let mut head = head.clone();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // The far app gets what is left of the deadline after the request body ends (all of
+        // it while the body is still streaming).
+        let left = progress.ended_at().map_or(route.timeout, |end| {
+            (end + route.timeout).saturating_duration_since(Instant::now())
+        });
         head.headers_mut()
             .insert(DEADLINE, http::HeaderValue::from(left.as_millis() as u64));
-        let (upload, app_body) = body.for_attempt();
         let (result, transport) = clients
-            .send(route.transport, &ep, head, upload, route.connect_timeout)
+            .send(
+                route.transport,
+                &ep,
+                head,
+                body.for_attempt(),
+                route.connect_timeout,
+            )
             .await;
-        // The app's own request body broke off (client gone, malformed chunking): whatever the
-        // peer made of the truncated request, it is the caller's fault, not the path's.
-        let result = match (app_body.failure(), result) {
-            (Some(why), Err(_)) => Err(SendError::new(body_failed(why), None)),
+        // The app's own request body broke off (client gone, malformed chunking) or crossed
+        // its limit: whatever the peer made of the truncated request (its stream was reset),
+        // it is the caller's doing, not the path's.
+        let result = match (progress.failure(), result) {
+            (Some(why), Err(_)) => Err(SendError::new(body_error(why), None)),
             (Some(why), Ok(resp)) if resp.extensions().get::<ErrorKind>().is_some() => {
-                Err(SendError::new(body_failed(why), None))
+                Err(SendError::new(body_error(why), None))
             }
             (_, r) => r,
         };

@@ -19,6 +19,8 @@ pub(crate) struct Route {
     pub(crate) name: String,
     pub(crate) cache: Option<Arc<Cache>>,
     pub(crate) timeout: Duration,
+    pub(crate) body_idle_timeout: Duration,
+    pub(crate) max_request_body: Option<u64>,
     pub(crate) connect_timeout: Duration,
     /// The current endpoint set, from the service's discovery source.
     pub(crate) endpoints: watch::Receiver<Endpoints>,
@@ -52,6 +54,8 @@ impl Route {
             name: svc.name.clone(),
             cache,
             timeout: svc.timeout,
+            body_idle_timeout: svc.body_idle_timeout,
+            max_request_body: svc.max_request_body.map(|b| b.0),
             connect_timeout: svc.connect_timeout,
             endpoints,
             balancer: Balancer::default(),

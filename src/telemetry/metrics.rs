@@ -153,6 +153,8 @@ pub enum HandshakeFailure {
     Timeout,
     /// The peer refused the connection (draining).
     Refused,
+    /// The peer identity already holds `inbound.max_connections_per_peer` connections.
+    TooManyConnections,
     Other,
 }
 
@@ -168,6 +170,7 @@ impl HandshakeFailure {
             Self::NoIdentity => "no-identity",
             Self::Timeout => "timeout",
             Self::Refused => "refused",
+            Self::TooManyConnections => "too-many-connections",
             Self::Other => "other",
         }
     }

@@ -181,7 +181,7 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let peer = match inbound.admit(remote, peer_of(certs.as_deref().map(Vec::as_slice))) {
+    let (peer, _slot) = match inbound.admit(remote, peer_of(certs.as_deref().map(Vec::as_slice))) {
         Ok(p) => p,
         Err(why) => {
             conn.close(quinn::VarInt::from_u32(CLOSE_IDENTITY), why.as_bytes());
@@ -191,8 +191,10 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
     tracing::debug!(%remote, identity = %peer, "inbound QUIC connection");
     let _open = tel.connection_opened(Direction::Inbound, Transport::Quic);
     let quic = conn.clone();
+    // h3 answers a header section over its limit with a bare 431 itself; it gets a margin so
+    // that quicar's own check (in `request`) answers with `quicar-error` instead.
     let mut h3 = match h3::server::builder()
-        .max_field_section_size(MAX_FIELD_SECTION)
+        .max_field_section_size(MAX_FIELD_SECTION * 4)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
         .await
     {
@@ -256,6 +258,20 @@ async fn request(
     peer: &PeerId,
 ) {
     let (mut send, recv) = stream.split();
+    // Counted as RFC 9114 §4.2.2 counts a field section: name + value + 32 per field.
+    let size: u64 = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 32) as u64)
+        .sum();
+    if size > MAX_FIELD_SECTION {
+        let e = ProxyError::new(
+            ErrorKind::HeadersTooLarge,
+            Side::Peer,
+            format!("the request header section is {size} bytes, over {MAX_FIELD_SECTION}"),
+        );
+        return respond(&mut send, e.into_response()).await;
+    }
     let body = H3Body::new(recv, content_length(req.headers())).boxed_unsync();
     let resp = inbound
         .settle_and_handle(req.map(|()| body), peer, Transport::Quic)

@@ -113,7 +113,7 @@ async fn connection(
         }
     };
     let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-    let Ok(peer) = inbound.admit(remote, peer_of(certs.as_deref())) else {
+    let Ok((peer, _slot)) = inbound.admit(remote, peer_of(certs.as_deref())) else {
         return;
     };
     tracing::debug!(%remote, identity = %peer, "inbound TCP connection");

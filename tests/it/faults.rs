@@ -213,3 +213,144 @@ async fn a_draining_quic_sidecar_refuses_new_handshakes_at_once() {
     stopping.await.unwrap();
     drop((client, upstream));
 }
+
+/// A chunked body of `n` chunks of `size` bytes, one every `every`.
+fn trickle(n: usize, size: usize, every: Duration) -> Body {
+    let stream = futures_util::stream::unfold(0usize, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+        Some((
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                bytes::Bytes::from(vec![b'x'; size]),
+            )),
+            i + 1,
+        ))
+    });
+    http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
+}
+
+async fn post(out: std::net::SocketAddr, path: &str, body: Body) -> Got {
+    send(
+        out,
+        http::Request::post(path)
+            .header("host", "hello")
+            .body(body)
+            .unwrap(),
+    )
+    .await
+}
+
+crate::over_transports! {
+    async fn bodies_over_the_service_limit_get_413_and_never_arrive_whole(t) {
+        let pair = Pair::over_with(t, "max_request_body = \"1000\"", "").await;
+        let got = post(pair.out(), "/sink", body(pattern(1500), true)).await;
+        assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "{got:?}");
+        assert_eq!(got.error_kind(), Some("body-too-large"));
+        assert_eq!(pair.upstream.count(), 0, "a sized body over the limit is never sent");
+        let got = post(pair.out(), "/sink", body(pattern(1500), false)).await;
+        assert_eq!(got.error_kind(), Some("body-too-large"), "{got:?}");
+        assert!(
+            pair.upstream.seen.lock().unwrap().iter().all(|s| s.body_len < 1500),
+            "a chunked body over the limit reached the app whole"
+        );
+        let got = post(pair.out(), "/sink", body(pattern(1000), false)).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(&got.body[..], b"1000");
+    }
+
+    async fn bodies_over_the_local_limit_get_413_from_the_far_sidecar(t) {
+        let pair = Pair::over_with(t, "", "max_request_body = \"1000\"").await;
+        for sized in [true, false] {
+            let got = post(pair.out(), "/sink", body(pattern(1500), sized)).await;
+            assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "sized {sized}: {got:?}");
+            assert_eq!(got.error_kind(), Some("body-too-large"));
+        }
+        assert!(pair.upstream.seen.lock().unwrap().iter().all(|s| s.body_len < 1500));
+    }
+
+    async fn an_upload_that_keeps_moving_is_not_cut_by_the_response_timeout(t) {
+        // 25 KiB over about 2.5 s against a 1 s service timeout, which runs from the end of the
+        // request body: the upload is progressing, so it completes.
+        let pair = Pair::over_with(t, "timeout = \"1s\"", "").await;
+        let got = post(pair.out(), "/sink", trickle(25, 1024, Duration::from_millis(100))).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(&got.body[..], b"25600");
+    }
+
+    async fn an_upload_that_stalls_is_cut(t) {
+        let pair = Pair::over_with(t, "body_idle_timeout = \"300ms\"", "").await;
+        let stalls = trickle(2, 10, Duration::from_secs(3));
+        let got = post(pair.out(), "/sink", stalls).await;
+        assert_eq!(got.error_kind(), Some("timeout"), "{got:?}");
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains("sent nothing"), "{text}");
+    }
+
+    async fn requests_to_the_local_app_are_bounded_then_overloaded(t) {
+        // No retries, so the far sidecar's answer is what the app sees.
+        let pair = Pair::over_with(t, "retry = { attempts = 1 }", "max_concurrent = 1").await;
+        let out = pair.out();
+        let slow = tokio::spawn(async move { get(out, "hello", "/slow/2500").await });
+        while pair.upstream.count_of("/slow") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let got = get(pair.out(), "hello", "/").await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{got:?}");
+        assert_eq!(got.error_kind(), Some("overloaded"));
+        assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    }
+
+    async fn one_identity_cannot_hold_more_than_its_share_of_connections(t) {
+        // The server admits one connection per identity; two client sidecars with the same
+        // identity ("web") each want one.
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let server = sidecar(
+            &pki,
+            &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
+                .replace("[inbound]\n", "[inbound]\nmax_connections_per_peer = 1\n"),
+        )
+        .await;
+        let extra = format!("transport = \"{t}\"\nretry = {{ attempts = 1 }}");
+        let first = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
+        let second = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
+        assert_eq!(get(first.outbound, "hello", "/").await.status, StatusCode::OK);
+        let got = get(second.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        assert_eq!(got.error_kind(), Some("connect-failed"));
+        assert_eq!(get(first.outbound, "hello", "/").await.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_http3_header_section_gets_431_with_the_kind() {
+    // The calling sidecar lets 300 KB of headers through; the far one refuses 100 KB with its
+    // own 431 and kind (h3 alone would answer a bare 431).
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let toml = client_toml(&pki, &[server.inbound], "").replace(
+        "[outbound]\nlisten = \"127.0.0.1:0\"",
+        "[outbound]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = 300000",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let got = send(
+        client.outbound,
+        http::Request::get("/")
+            .header("host", "hello")
+            .header("x-big", "b".repeat(100 * 1024))
+            .body(full(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        got.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{got:?}"
+    );
+    assert_eq!(got.error_kind(), Some("headers-too-large"));
+    assert_eq!(upstream.count(), 0);
+}
