@@ -125,3 +125,51 @@ fn certs_init_and_issue_make_a_usable_identity() {
     .unwrap();
     assert_eq!(m.id.as_str(), "spiffe://quicar.local/orders");
 }
+
+#[test]
+fn check_loads_the_identity_and_discovery_files_run_would_load() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    let check = |toml: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let identity = format!(
+        "[identity]\ncert = \"{root}/certs/web.crt\"\nkey = \"{root}/certs/web.key\"\nca = \"{root}/certs/ca.crt\"\n"
+    );
+    // A certificate file that does not exist: the config parses, the identity does not load.
+    let out = check(&identity.replace("web.crt", "missing.crt"));
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[identity]") && err.contains("missing.crt"),
+        "{err}"
+    );
+    // A discovery file that does not parse.
+    std::fs::write(
+        dir.path().join("eps.toml"),
+        "endpoints = [{ adress = \"x\" }]\n",
+    )
+    .unwrap();
+    let out = check(&format!(
+        "{identity}[[service]]\nname = \"hello\"\ndiscovery = {{ file = \"eps.toml\" }}\n"
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hello") && err.contains("eps.toml"), "{err}");
+    // Both fine: exit 0.
+    std::fs::write(
+        dir.path().join("eps.toml"),
+        "endpoints = [{ address = \"127.0.0.1:4143\" }]\n",
+    )
+    .unwrap();
+    let out = check(&format!(
+        "{identity}[[service]]\nname = \"hello\"\ndiscovery = {{ file = \"eps.toml\" }}\n"
+    ));
+    assert!(out.status.success(), "{out:?}");
+}

@@ -354,3 +354,57 @@ async fn an_oversized_http3_header_section_gets_431_with_the_kind() {
     assert_eq!(got.error_kind(), Some("headers-too-large"));
     assert_eq!(upstream.count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_first_endpoints_and_responses_hint_keep_alive() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let eps = dir.path().join("eps.toml");
+    std::fs::write(&eps, "endpoints = []\n").unwrap();
+    let toml = client_toml(&pki, &[], "").replace(
+        "endpoints = []",
+        &format!(
+            "discovery = {{ file = \"{}\", interval = \"50ms\" }}",
+            eps.display()
+        ),
+    );
+    let client = sidecar(&pki, &toml).await;
+    let url = format!("http://{}/ready", client.admin);
+    assert!(admin_get(&url)
+        .await
+        .contains("waiting for the first endpoints"));
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    std::fs::write(
+        &eps,
+        format!("endpoints = [{{ address = \"{}\" }}]\n", server.inbound),
+    )
+    .unwrap();
+    let mut ready = String::new();
+    for _ in 0..100 {
+        ready = admin_get(&url).await;
+        if ready == "ready\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, "ready\n");
+    let got = get(client.outbound, "hello", "/").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(values(&got.headers, "keep-alive"), vec!["timeout=29"]);
+    // The breaker gauge is sampled once a second.
+    let metrics_url = format!("http://{}/metrics", client.admin);
+    let mut metrics = String::new();
+    for _ in 0..40 {
+        metrics = admin_get(&metrics_url).await;
+        if metrics.contains("quicar_endpoint_breaker_state{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = format!(
+        "quicar_endpoint_breaker_state{{service=\"hello\",endpoint=\"{}\"}} 0",
+        server.inbound
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+}

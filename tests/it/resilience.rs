@@ -23,6 +23,11 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// `n` endpoints, called over transport `t`.
+    async fn over(t: &str, n: usize, extra: &str) -> Self {
+        Self::start(n, &format!("transport = \"{t}\"\n{extra}")).await
+    }
+
     async fn start(n: usize, extra: &str) -> Self {
         init_tracing();
         let pki = Pki::new();
@@ -88,141 +93,6 @@ impl Cluster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_endpoint_is_ejected_and_readmitted_while_requests_succeed() {
-    // One failure ejects: after a failed attempt the balancer already avoids the endpoint (a
-    // connect timeout counts as a 500 ms response), so a second failure may never come.
-    let mut c = Cluster::start(3, "breaker = { failures = 1, ejection = \"300ms\" }").await;
-    for _ in 0..30 {
-        assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
-    }
-    c.kill(1).await;
-    let killed_at = Instant::now();
-    let mut ejected_after = None;
-    let out = c.out();
-    for _ in 0..30 {
-        // Concurrent traffic, as in production: load spreads over every endpoint the balancer
-        // still believes in.
-        let batch: Vec<_> = (0..6)
-            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
-            .collect();
-        for t in batch {
-            let got = t.await.unwrap();
-            assert_eq!(
-                got.status,
-                StatusCode::OK,
-                "idempotent requests succeed on the others: {got:?}"
-            );
-        }
-        if ejected_after.is_none() && c.breaker(1).await != "closed" {
-            ejected_after = Some(killed_at.elapsed());
-        }
-    }
-    let ejected_after = ejected_after.expect("the killed endpoint was ejected");
-    let served_before = c.apps[1].count();
-    c.restart(1).await;
-    let back_at = Instant::now();
-    let mut readmitted_after = None;
-    for _ in 0..400 {
-        assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
-        if c.apps[1].count() > served_before && c.breaker(1).await == "closed" {
-            readmitted_after = Some(back_at.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let readmitted_after = readmitted_after.expect("the restarted endpoint came back");
-    eprintln!("ejected {ejected_after:?} after the kill; readmitted {readmitted_after:?} after the restart");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_post_is_ever_duplicated() {
-    let mut c = Cluster::start(2, "breaker = { failures = 1000 }").await;
-    // Endpoint 0's app answers 503: a POST that got there may have had effects, so it is
-    // never sent again; GETs would be.
-    c.apps[0].failing.store(true, Ordering::Relaxed);
-    let mut failed = 0;
-    for i in 0..40 {
-        let req = Request::post(format!("/c/post?id={i}"))
-            .header("host", "hello")
-            .body(full("x"))
-            .unwrap();
-        let got = send(c.out(), req).await;
-        if got.status == StatusCode::SERVICE_UNAVAILABLE {
-            failed += 1;
-        } else {
-            assert_eq!(got.status, StatusCode::OK);
-        }
-    }
-    assert!(failed > 0, "the failing endpoint never got a POST");
-    // Endpoint 0 down: its POSTs fail before being sent, so they are retried on endpoint 1.
-    c.apps[0].failing.store(false, Ordering::Relaxed);
-    c.kill(0).await;
-    for i in 40..60 {
-        let req = Request::post(format!("/c/post?id={i}"))
-            .header("host", "hello")
-            .body(full("x"))
-            .unwrap();
-        assert_eq!(
-            send(c.out(), req).await.status,
-            StatusCode::OK,
-            "never-sent POST {i} is retried"
-        );
-    }
-    for i in 0..60 {
-        let id = format!("/c/post?id={i}");
-        let n: usize = c
-            .apps
-            .iter()
-            .map(|a| {
-                a.seen
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|s| s.path == id)
-                    .count()
-            })
-            .sum();
-        assert_eq!(n, 1, "POST {id} reached the apps {n} times");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_stay_within_the_budget_under_total_failure() {
-    let c = Cluster::start(
-        2,
-        "retry = { attempts = 5, budget_ratio = 0.2, min_per_second = 1, budget_window = \"10s\", backoff = \"1ms\" }\n\
-         breaker = { failures = 100000 }",
-    )
-    .await;
-    for app in &c.apps {
-        app.failing.store(true, Ordering::Relaxed);
-    }
-    let requests = 100;
-    for i in 0..requests {
-        let got = get(c.out(), "hello", &format!("/c/fail?i={i}")).await;
-        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
-    }
-    let attempts: usize = c.apps.iter().map(|a| a.count_of("/c/fail")).sum();
-    let retries = attempts - requests;
-    // Budget: 0.2 × 100 requests + 1/s × 10 s.
-    assert!(retries <= 30, "{retries} retries for {requests} requests");
-    assert!(
-        retries >= 20,
-        "retries were allowed by the budget but not made: {retries}"
-    );
-    let metrics =
-        String::from_utf8_lossy(&get(c.client.admin, "admin", "/metrics").await.body).to_string();
-    assert!(
-        metrics.contains("quicar_retry_budget_exhausted_total{service=\"hello\"}"),
-        "{metrics}"
-    );
-    eprintln!(
-        "retry amplification under total failure: {attempts} attempts for {requests} requests = {:.2}x",
-        attempts as f64 / requests as f64
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_shorter_than_the_app_is_504_and_the_app_sees_the_cancellation() {
     init_tracing();
     let pki = Pki::new();
@@ -269,89 +139,6 @@ async fn a_deadline_shorter_than_the_app_is_504_and_the_app_sees_the_cancellatio
         "{head}"
     );
     eprintln!("app saw the cancellation {waited:?} after receiving the request");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_endpoint_loses_traffic_and_equal_ones_share_it() {
-    let c = Cluster::start(2, "").await;
-    // Much slower than a loaded debug build's fast path, so the outcome does not depend on
-    // how busy the machine is.
-    c.apps[1].delay_ms.store(250, Ordering::Relaxed);
-    let out = c.out();
-    for _ in 0..25 {
-        let batch: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await.status }))
-            .collect();
-        for t in batch {
-            assert_eq!(t.await.unwrap(), StatusCode::OK);
-        }
-    }
-    let (fast, slow) = (c.apps[0].count(), c.apps[1].count());
-    assert!(
-        slow * 4 < fast,
-        "slow endpoint still got {slow} of {} requests",
-        fast + slow
-    );
-
-    let even = Cluster::start(3, "").await;
-    let out = even.out();
-    for _ in 0..50 {
-        let batch: Vec<_> = (0..6)
-            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await.status }))
-            .collect();
-        for t in batch {
-            assert_eq!(t.await.unwrap(), StatusCode::OK);
-        }
-    }
-    let counts: Vec<usize> = even.apps.iter().map(Upstream::count).collect();
-    for n in &counts {
-        assert!(*n >= 45, "uneven spread over equal endpoints: {counts:?}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_the_concurrency_limit_is_503_overloaded() {
-    let c = Cluster::start(1, "max_concurrent = 2").await;
-    let out = c.out();
-    let tasks: Vec<_> = (0..6)
-        .map(|_| tokio::spawn(async move { get(out, "hello", "/slow/500").await }))
-        .collect();
-    let mut ok = 0;
-    let mut overloaded = 0;
-    for t in tasks {
-        let got = t.await.unwrap();
-        match got.status {
-            StatusCode::OK => ok += 1,
-            StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!(got.error_kind(), Some("overloaded"));
-                overloaded += 1;
-            }
-            s => panic!("unexpected {s}"),
-        }
-    }
-    assert!((1..=2).contains(&ok), "{ok} ok");
-    assert_eq!(ok + overloaded, 6);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_endpoints_ejected_is_503_circuit_open() {
-    // Panic routing off: with it (the default) a lone ejected endpoint keeps taking traffic.
-    let mut c = Cluster::start(
-        1,
-        "breaker = { failures = 1, ejection = \"30s\", panic_threshold = 0 }",
-    )
-    .await;
-    assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
-    c.kill(0).await;
-    let first = get(c.out(), "hello", "/").await;
-    assert!(
-        first.error_kind() == Some("connect-failed") || first.error_kind() == Some("circuit-open"),
-        "{first:?}"
-    );
-    let got = get(c.out(), "hello", "/").await;
-    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(got.error_kind(), Some("circuit-open"));
-    assert_eq!(c.breaker(0).await, "open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,4 +220,226 @@ async fn endpoints_from_a_watched_file_follow_changes_without_dropping_requests(
         (eps[0].address, eps[0].identity.as_str()),
         (a.inbound, "spiffe://quicar.local/hello")
     );
+}
+
+// The resilience mechanisms run over both transports: a killed QUIC endpoint is found by
+// connect timeouts, a killed TCP one by refusals.
+crate::over_transports! {
+    async fn a_killed_endpoint_is_ejected_and_readmitted_while_requests_succeed(t) {
+        // One failure ejects: after a failed attempt the balancer already avoids the endpoint (a
+        // connect timeout counts as a 500 ms response), so a second failure may never come.
+        let mut c = Cluster::over(t, 3, "breaker = { failures = 1, ejection = \"300ms\" }").await;
+        for _ in 0..30 {
+            assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
+        }
+        c.kill(1).await;
+        let killed_at = Instant::now();
+        let mut ejected_after = None;
+        let out = c.out();
+        for _ in 0..30 {
+            // Concurrent traffic, as in production: load spreads over every endpoint the balancer
+            // still believes in.
+            let batch: Vec<_> = (0..6)
+                .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+                .collect();
+            for t in batch {
+                let got = t.await.unwrap();
+                assert_eq!(
+                    got.status,
+                    StatusCode::OK,
+                    "idempotent requests succeed on the others: {got:?}"
+                );
+            }
+            if ejected_after.is_none() && c.breaker(1).await != "closed" {
+                ejected_after = Some(killed_at.elapsed());
+            }
+        }
+        let ejected_after = ejected_after.expect("the killed endpoint was ejected");
+        let served_before = c.apps[1].count();
+        c.restart(1).await;
+        let back_at = Instant::now();
+        let mut readmitted_after = None;
+        for _ in 0..400 {
+            assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
+            if c.apps[1].count() > served_before && c.breaker(1).await == "closed" {
+                readmitted_after = Some(back_at.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let readmitted_after = readmitted_after.expect("the restarted endpoint came back");
+        eprintln!("ejected {ejected_after:?} after the kill; readmitted {readmitted_after:?} after the restart");
+    }
+
+    async fn no_post_is_ever_duplicated(t) {
+        let mut c = Cluster::over(t, 2, "breaker = { failures = 1000 }").await;
+        // Endpoint 0's app answers 503: a POST that got there may have had effects, so it is
+        // never sent again; GETs would be.
+        c.apps[0].failing.store(true, Ordering::Relaxed);
+        let mut failed = 0;
+        // Concurrently, so that outstanding requests spread them over both endpoints (one after
+        // another, P2C could keep choosing the endpoint that was faster once).
+        let out = c.out();
+        let posts: Vec<_> = (0..40)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let req = Request::post(format!("/c/post?id={i}"))
+                        .header("host", "hello")
+                        .body(full("x"))
+                        .unwrap();
+                    send(out, req).await
+                })
+            })
+            .collect();
+        for p in posts {
+            let got = p.await.unwrap();
+            if got.status == StatusCode::SERVICE_UNAVAILABLE {
+                failed += 1;
+            } else {
+                assert_eq!(got.status, StatusCode::OK);
+            }
+        }
+        assert!(failed > 0, "the failing endpoint never got a POST");
+        // Endpoint 0 down: its POSTs fail before being sent, so they are retried on endpoint 1.
+        c.apps[0].failing.store(false, Ordering::Relaxed);
+        c.kill(0).await;
+        for i in 40..60 {
+            let req = Request::post(format!("/c/post?id={i}"))
+                .header("host", "hello")
+                .body(full("x"))
+                .unwrap();
+            assert_eq!(
+                send(c.out(), req).await.status,
+                StatusCode::OK,
+                "never-sent POST {i} is retried"
+            );
+        }
+        for i in 0..60 {
+            let id = format!("/c/post?id={i}");
+            let n: usize = c
+                .apps
+                .iter()
+                .map(|a| {
+                    a.seen
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|s| s.path == id)
+                        .count()
+                })
+                .sum();
+            assert_eq!(n, 1, "POST {id} reached the apps {n} times");
+        }
+    }
+
+    async fn retries_stay_within_the_budget_under_total_failure(t) {
+        let c = Cluster::over(t, 2, "retry = { attempts = 5, budget_ratio = 0.2, min_per_second = 1, budget_window = \"10s\", backoff = \"1ms\" }\n\
+             breaker = { failures = 100000 }",
+        )
+        .await;
+        for app in &c.apps {
+            app.failing.store(true, Ordering::Relaxed);
+        }
+        let requests = 100;
+        for i in 0..requests {
+            let got = get(c.out(), "hello", &format!("/c/fail?i={i}")).await;
+            assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let attempts: usize = c.apps.iter().map(|a| a.count_of("/c/fail")).sum();
+        let retries = attempts - requests;
+        // Budget: 0.2 × 100 requests + 1/s × 10 s.
+        assert!(retries <= 30, "{retries} retries for {requests} requests");
+        assert!(
+            retries >= 20,
+            "retries were allowed by the budget but not made: {retries}"
+        );
+        let metrics =
+            String::from_utf8_lossy(&get(c.client.admin, "admin", "/metrics").await.body).to_string();
+        assert!(
+            metrics.contains("quicar_retry_budget_exhausted_total{service=\"hello\"}"),
+            "{metrics}"
+        );
+        eprintln!(
+            "retry amplification under total failure: {attempts} attempts for {requests} requests = {:.2}x",
+            attempts as f64 / requests as f64
+        );
+    }
+
+    async fn a_slow_endpoint_loses_traffic_and_equal_ones_share_it(t) {
+        let c = Cluster::over(t, 2, "").await;
+        // Much slower than a loaded debug build's fast path, so the outcome does not depend on
+        // how busy the machine is.
+        c.apps[1].delay_ms.store(250, Ordering::Relaxed);
+        let out = c.out();
+        for _ in 0..25 {
+            let batch: Vec<_> = (0..4)
+                .map(|_| tokio::spawn(async move { get(out, "hello", "/").await.status }))
+                .collect();
+            for t in batch {
+                assert_eq!(t.await.unwrap(), StatusCode::OK);
+            }
+        }
+        let (fast, slow) = (c.apps[0].count(), c.apps[1].count());
+        assert!(
+            slow * 4 < fast,
+            "slow endpoint still got {slow} of {} requests",
+            fast + slow
+        );
+
+        let even = Cluster::over(t, 3, "").await;
+        let out = even.out();
+        for _ in 0..50 {
+            let batch: Vec<_> = (0..6)
+                .map(|_| tokio::spawn(async move { get(out, "hello", "/").await.status }))
+                .collect();
+            for t in batch {
+                assert_eq!(t.await.unwrap(), StatusCode::OK);
+            }
+        }
+        let counts: Vec<usize> = even.apps.iter().map(Upstream::count).collect();
+        for n in &counts {
+            assert!(*n >= 45, "uneven spread over equal endpoints: {counts:?}");
+        }
+    }
+
+    async fn over_the_concurrency_limit_is_503_overloaded(t) {
+        let c = Cluster::over(t, 1, "max_concurrent = 2").await;
+        let out = c.out();
+        let tasks: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/slow/500").await }))
+            .collect();
+        let mut ok = 0;
+        let mut overloaded = 0;
+        for t in tasks {
+            let got = t.await.unwrap();
+            match got.status {
+                StatusCode::OK => ok += 1,
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert_eq!(got.error_kind(), Some("overloaded"));
+                    overloaded += 1;
+                }
+                s => panic!("unexpected {s}"),
+            }
+        }
+        assert!((1..=2).contains(&ok), "{ok} ok");
+        assert_eq!(ok + overloaded, 6);
+    }
+
+    async fn all_endpoints_ejected_is_503_circuit_open(t) {
+        // Panic routing off: with it (the default) a lone ejected endpoint keeps taking traffic.
+        let mut c = Cluster::over(t, 1, "breaker = { failures = 1, ejection = \"30s\", panic_threshold = 0 }",
+        )
+        .await;
+        assert_eq!(get(c.out(), "hello", "/").await.status, StatusCode::OK);
+        c.kill(0).await;
+        let first = get(c.out(), "hello", "/").await;
+        assert!(
+            first.error_kind() == Some("connect-failed") || first.error_kind() == Some("circuit-open"),
+            "{first:?}"
+        );
+        let got = get(c.out(), "hello", "/").await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(got.error_kind(), Some("circuit-open"));
+        assert_eq!(c.breaker(0).await, "open");
+    }
 }
