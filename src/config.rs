@@ -100,6 +100,14 @@ pub struct Outbound {
     /// Add `quicar-transport: quic|tcp` to responses from peers.
     #[serde(default = "yes")]
     pub transport_header: bool,
+    /// App connections open at once; a connection over the cap is answered
+    /// `503 overloaded` and closed.
+    #[serde(default = "default_outbound_connections")]
+    pub max_connections: usize,
+}
+
+fn default_outbound_connections() -> usize {
+    10_000
 }
 
 impl Default for Outbound {
@@ -109,6 +117,7 @@ impl Default for Outbound {
             max_header_bytes: default_max_header_bytes(),
             header_read_timeout: default_header_read_timeout(),
             transport_header: true,
+            max_connections: default_outbound_connections(),
         }
     }
 }

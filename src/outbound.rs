@@ -227,7 +227,12 @@ pub(crate) async fn serve(
         .keep_alive(true)
         .max_buf_size(cfg.max_header_bytes)
         .header_read_timeout(cfg.header_read_timeout);
+    let connections = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     while let Some((stream, remote)) = listener.accept(&shutdown).await {
+        let Ok(open) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, cfg.max_connections));
+            continue;
+        };
         let state = state.clone();
         // Responses our service produced on this connection, so that hyper's own answers to
         // unparseable requests can be told apart and given a `quicar-error` (parse_errors).
@@ -247,10 +252,30 @@ pub(crate) async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(%remote, error = %e, "app connection ended with an error");
             }
+            drop(open);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A clean refusal for a connection over `outbound.max_connections`: `503 overloaded` with
+/// the reason, then close (rather than a reset, or a backlog that never drains).
+async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!(
+        "quicar: overloaded: this sidecar already has {max} app connections (outbound.max_connections)\n"
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nquicar-error: overloaded\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Telemetry around `forward`: trace context in, the route looked up once, the sidecar's facts

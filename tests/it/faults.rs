@@ -408,3 +408,37 @@ async fn ready_waits_for_the_first_endpoints_and_responses_hint_keep_alive() {
     );
     assert!(metrics.contains(&line), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_connections_over_the_cap_get_a_clean_503() {
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let toml = client_toml(&pki, &[server.inbound], "").replace(
+        "[outbound]\nlisten = \"127.0.0.1:0\"",
+        "[outbound]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2",
+    );
+    let client = sidecar(&pki, &toml).await;
+    // Two idle keep-alive connections hold the cap.
+    let _a = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    let _b = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = raw(
+        client.outbound,
+        b"GET / HTTP/1.1\r\nhost: hello\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("quicar-error: overloaded"), "{answer}");
+    drop((_a, _b));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        get(client.outbound, "hello", "/").await.status,
+        StatusCode::OK
+    );
+}
