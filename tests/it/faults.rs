@@ -442,3 +442,16 @@ async fn app_connections_over_the_cap_get_a_clean_503() {
         StatusCode::OK
     );
 }
+
+crate::over_transports! {
+    async fn a_stalled_body_does_not_hold_the_local_app_connection(t) {
+        // The caller's own stall limit is long; the far sidecar's local timeout (which also
+        // bounds how long a body may stall on its way to the app) is short.
+        let pair = Pair::over_with(t, "retry = { attempts = 1 }", "timeout = \"500ms\"").await;
+        let got = post(pair.out(), "/sink", trickle(2, 10, Duration::from_secs(3))).await;
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{got:?}");
+        assert_eq!(got.error_kind(), Some("timeout"));
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains("stopped moving"), "{text}");
+    }
+}

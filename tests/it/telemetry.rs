@@ -469,3 +469,36 @@ fn wait_bounded(mut child: std::process::Child, limit: Duration) -> String {
     }
     reader.join().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_retries_ejections_and_breakers_pass_promtool() {
+    // A retry (GET answered 503 is retried), a budget refusal (no budget left after the first
+    // retries), an ejection (a path failure with failures = 1) and the breaker gauge: every
+    // metric they touch is described, so promtool finds no metric without HELP.
+    let pair = Pair::start_with(
+        "retry = { attempts = 3, budget_ratio = 0.0, min_per_second = 1, budget_window = \"1s\" }\n\
+         breaker = { failures = 1, gateway_errors = true }",
+        "",
+    )
+    .await;
+    for _ in 0..5 {
+        get(pair.out(), "hello", "/status/503").await;
+    }
+    // The far sidecar's own 502 (its app is gone) counts with gateway_errors: an ejection.
+    drop(pair.upstream);
+    get(pair.client.outbound, "hello", "/").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let metrics = text(&admin_get(pair.client.admin, "/metrics").await);
+    for name in [
+        "quicar_retries_total",
+        "quicar_retry_budget_exhausted_total",
+        "quicar_endpoint_ejections_total",
+        "quicar_endpoint_breaker_state",
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {name} ")),
+            "{name}:\n{metrics}"
+        );
+    }
+    promtool(&metrics);
+}
