@@ -45,10 +45,32 @@ pub struct Config {
     pub quic: Quic,
     #[serde(default)]
     pub access_log: AccessLogConfig,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub local: Vec<Local>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service: Vec<Service>,
+}
+
+/// `base/rel` with `.` and `dir/..` folded away (lexically: paths are shown and opened as the
+/// user would write them, `config/../certs/web.crt` is `certs/web.crt`).
+fn join_tidy(base: &Path, rel: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(rel).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -680,7 +702,7 @@ impl Config {
                 .filter_map(|s| s.discovery.as_mut().and_then(|d| d.file.as_mut())),
         ) {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = join_tidy(base, p);
             }
         }
         config

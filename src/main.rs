@@ -24,6 +24,7 @@ struct Cli {
 enum Command {
     /// Run a sidecar from a config file until SIGINT/SIGTERM.
     Run {
+        /// The sidecar's TOML config (relative paths in it are relative to the file).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -36,8 +37,10 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
     },
-    /// Validate a config file and print the effective config.
+    /// Validate a config file (and load the identity and discovery files it names), then
+    /// print the effective config.
     Check {
+        /// The TOML config to check.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -58,6 +61,7 @@ enum Command {
         /// Rounds per scenario (targets interleaved within each).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// Directory for results.md, results.json and latency.svg.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
         /// QUIC congestion controller: cubic, newreno or bbr. The default matches this
@@ -95,6 +99,13 @@ enum Command {
         #[command(subcommand)]
         command: InternalCommand,
     },
+    /// Print a shell completion script: `quicar completions bash > /etc/bash_completion.d/quicar`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `quicar man > /usr/local/share/man/man1/quicar.1`.
+    Man,
     /// A development CA and workload certificates (not for production).
     Certs {
         #[command(subcommand)]
@@ -106,21 +117,28 @@ enum Command {
 enum InternalCommand {
     /// A sidecar from a config, optionally with the benchmark backend; prints "ready".
     Node {
+        /// The sidecar's config.
         #[arg(long)]
         config: PathBuf,
+        /// Also serve the benchmark backend here.
         #[arg(long)]
         backend: Option<SocketAddr>,
     },
     /// One load run; the spec and the result are JSON.
-    Load { spec: String },
+    Load {
+        /// The load spec, JSON.
+        spec: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create ca.crt and ca.key in DIR.
     Init {
+        /// Where the CA files are written.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// The SPIFFE trust domain the CA is named for.
         #[arg(long, default_value = "quicar.local")]
         trust_domain: String,
         /// Replace an existing CA.
@@ -129,9 +147,12 @@ enum CertsCommand {
     },
     /// Issue SERVICE.crt and SERVICE.key, identity spiffe://<trust-domain>/<SERVICE>.
     Issue {
+        /// The service name: the identity's path and the files' base name.
         service: String,
+        /// The directory holding the CA; the new files are written there too.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// The SPIFFE trust domain of the identity.
         #[arg(long, default_value = "quicar.local")]
         trust_domain: String,
     },
@@ -158,7 +179,28 @@ fn check_files(path: &std::path::Path, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed as their cause chain, one line each, never as a backtrace (even with
+/// `RUST_BACKTRACE=1` set in the shell), and exit with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut said = e.to_string();
+            eprintln!("error: {said}");
+            for cause in e.chain().skip(1) {
+                // Many errors already name their cause in their own text.
+                let text = cause.to_string();
+                if !said.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    said = text;
+                }
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -176,6 +218,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Certs { command } => certs(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "quicar", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Run { config } => {
             let config = Config::load(&config)?;
             runtime()?.block_on(async move {

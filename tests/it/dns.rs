@@ -69,6 +69,7 @@ async fn first_ok(out: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs dnsmasq: apt-get install dnsmasq-base"]
 async fn srv_records_from_dnsmasq_become_endpoints() {
     init_tracing();
     let pki = Pki::new();
@@ -160,6 +161,7 @@ fn knsupdate(port: u16, script: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs knotd and knsupdate: apt-get install knot knot-dnsutils"]
 async fn srv_changes_in_knot_are_followed_while_traffic_flows() {
     init_tracing();
     let pki = Pki::new();

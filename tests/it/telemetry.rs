@@ -67,6 +67,7 @@ fn value(metrics: &str, series: &str) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs promtool: apt-get install prometheus"]
 async fn metrics_pass_promtool_and_count_what_happened() {
     let pair = Pair::start_with("cache = { max_bytes = \"1MiB\" }", "").await;
     for _ in 0..5 {
@@ -365,6 +366,7 @@ async fn grafana_dashboard_references_only_exported_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium: apt-get install chromium fonts-dejavu-core"]
 async fn dashboard_renders_live_charts_in_headless_chromium() {
     let pair = Pair::start_with("cache = { max_bytes = \"1MiB\" }", "").await;
     // Traffic for a few seconds (bounded): plain requests, cache hits, one error kind.
@@ -471,6 +473,7 @@ fn wait_bounded(mut child: std::process::Child, limit: Duration) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs promtool: apt-get install prometheus"]
 async fn metrics_after_retries_ejections_and_breakers_pass_promtool() {
     // A retry (GET answered 503 is retried), a budget refusal (no budget left after the first
     // retries), an ejection (a path failure with failures = 1) and the breaker gauge: every
