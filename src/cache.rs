@@ -19,6 +19,9 @@ use tokio::sync::watch;
 
 use crate::body::{BodyError, ProxyBody};
 
+pub(crate) mod http_date;
+pub(crate) mod normalize;
+
 /// Wall-clock time for freshness, with an offset tests can advance instead of sleeping.
 #[derive(Debug, Default)]
 pub struct Clock {
@@ -46,6 +49,34 @@ pub struct Variant {
     fresh_until: SystemTime,
     swr: Duration,
     sie: Duration,
+}
+
+impl Variant {
+    /// A served copy speaks with the stored status (the freshness crate may have judged it as
+    /// a 200) and the origin's `Date`, never the crate's rewrite.
+    fn restore(&self, parts: &mut http::response::Parts) {
+        parts.status = self.status;
+        self.restore_date(parts, None);
+    }
+
+    fn restore_date(&self, parts: &mut http::response::Parts, newer: Option<&HeaderValue>) {
+        match newer.or_else(|| self.headers.get(http::header::DATE)) {
+            Some(d) => {
+                parts.headers.insert(http::header::DATE, d.clone());
+            }
+            None => {
+                parts.headers.remove(http::header::DATE);
+            }
+        }
+    }
+
+    /// The stored `ETag` and `Last-Modified`, for answering conditional requests.
+    pub fn validators(&self) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
+        (
+            self.headers.get(http::header::ETAG),
+            self.headers.get(http::header::LAST_MODIFIED),
+        )
+    }
 }
 
 /// All variants stored for one URI. Replaced whole on change (values in moka are immutable).
@@ -83,6 +114,10 @@ pub struct Stats {
 pub struct Cache {
     store: moka::sync::Cache<String, Entry>,
     max_entry_bytes: usize,
+    /// Targeted cache-control fields (RFC 9213), in precedence order.
+    targeted: Vec<http::HeaderName>,
+    /// How long past freshness a stored response may answer when the peer is unreachable.
+    stale_on_connect_failure: Duration,
     clock: Arc<Clock>,
     flights: Arc<Mutex<HashMap<String, watch::Receiver<()>>>>,
     refreshing: Mutex<std::collections::HashSet<String>>,
@@ -109,11 +144,36 @@ impl Cache {
         Self {
             store,
             max_entry_bytes,
+            targeted: vec![http::HeaderName::from_static(TARGETED)],
+            stale_on_connect_failure: Duration::ZERO,
             clock,
             flights: Arc::new(Mutex::new(HashMap::new())),
             refreshing: Mutex::new(Default::default()),
             stats: Stats::default(),
         }
+    }
+
+    /// Targeted cache-control fields this cache obeys, in precedence order (RFC 9213).
+    pub fn with_targeted(mut self, fields: Vec<http::HeaderName>) -> Self {
+        self.targeted = fields;
+        self
+    }
+
+    /// Serve a stored response up to `window` past its freshness when the peer cannot be
+    /// reached (a connection failure, not an app status).
+    pub fn with_stale_on_connect_failure(mut self, window: Duration) -> Self {
+        self.stale_on_connect_failure = window;
+        self
+    }
+
+    /// May `variant` answer because the peer is unreachable now?
+    pub fn usable_when_unreachable(&self, variant: &Variant) -> bool {
+        let stale_for = self
+            .clock
+            .now()
+            .duration_since(variant.fresh_until)
+            .unwrap_or_default();
+        stale_for < self.stale_on_connect_failure
     }
 
     pub fn clock(&self) -> &Arc<Clock> {
@@ -143,10 +203,14 @@ impl Cache {
         let Some(entry) = self.store.get(key) else {
             return Lookup::Miss;
         };
+        let req = &normalize::request(req);
         let now = self.clock.now();
         for v in &entry.variants {
             match v.policy.before_request(req, now) {
-                BeforeRequest::Fresh(parts) => return Lookup::Fresh(parts, v.body.clone()),
+                BeforeRequest::Fresh(mut parts) => {
+                    v.restore(&mut parts);
+                    return Lookup::Fresh(parts, v.body.clone());
+                }
                 BeforeRequest::Stale {
                     request,
                     matches: true,
@@ -195,7 +259,12 @@ impl Cache {
         if req.method != Method::GET || resp.extensions.get::<crate::error::ErrorKind>().is_some() {
             return None;
         }
-        let policy = CachePolicy::new_options(req, resp, self.clock.now(), CacheOptions::default());
+        let (req, resp) = (
+            normalize::request(req),
+            normalize::response(resp, &self.targeted),
+        );
+        let policy =
+            CachePolicy::new_options(&req, &resp, self.clock.now(), CacheOptions::default());
         policy.is_storable().then_some(policy)
     }
 
@@ -218,6 +287,11 @@ impl Cache {
         body: Bytes,
     ) {
         let now = self.clock.now();
+        let status = resp.status;
+        let (req, resp) = (
+            &normalize::request(req),
+            &normalize::response(resp, &self.targeted),
+        );
         let res_cc = cache_control(resp.headers.get_all(http::header::CACHE_CONTROL));
         let revalidate_only = res_cc.contains_key("must-revalidate")
             || res_cc.contains_key("proxy-revalidate")
@@ -238,8 +312,8 @@ impl Cache {
             swr: window("stale-while-revalidate"),
             sie: window("stale-if-error"),
             policy,
-            status: resp.status,
-            headers: resp.headers.clone(),
+            status,
+            headers: stored_headers(&resp.headers),
             body,
         });
         let mut entry = self.store.get(key).unwrap_or_default();
@@ -263,7 +337,8 @@ impl Cache {
         req: &http::request::Parts,
         resp: &http::response::Parts,
     ) -> Option<(http::response::Parts, Bytes)> {
-        let mut resp = resp.clone();
+        let req = &normalize::request(req);
+        let mut resp = normalize::response(resp, &self.targeted);
         if !is_conditional(req) {
             // The conditional request carried only our stored validators, so the 304 speaks of
             // our stored response. RFC 9110 does not oblige a 304 to repeat Last-Modified
@@ -278,8 +353,19 @@ impl Cache {
             }
         }
         match variant.policy.after_response(req, &resp, self.clock.now()) {
-            AfterResponse::NotModified(policy, parts) => {
-                self.insert(key, req, &parts, policy, variant.body.clone());
+            AfterResponse::NotModified(policy, mut parts) => {
+                // RFC 9111 §3.2: the 304's fields replace the stored ones (Content-Encoding
+                // included, which the crate keeps), except Content-Length.
+                for (name, value) in &resp.headers {
+                    if name != http::header::CONTENT_LENGTH && name != http::header::DATE {
+                        parts.headers.insert(name.clone(), value.clone());
+                    }
+                }
+                let mut stored = parts.clone();
+                stored.status = variant.status;
+                self.insert(key, req, &stored, policy, variant.body.clone());
+                parts.status = variant.status;
+                variant.restore_date(&mut parts, resp.headers.get(http::header::DATE));
                 Some((parts, variant.body.clone()))
             }
             AfterResponse::Modified(..) => None,
@@ -361,24 +447,7 @@ impl Flight {
 pub fn cache_control<'a>(
     values: impl IntoIterator<Item = &'a HeaderValue>,
 ) -> HashMap<String, Option<String>> {
-    values
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|d| {
-            let d = d.trim();
-            if d.is_empty() {
-                return None;
-            }
-            Some(match d.split_once('=') {
-                Some((k, v)) => (
-                    k.trim().to_ascii_lowercase(),
-                    Some(v.trim().trim_matches('"').to_string()),
-                ),
-                None => (d.to_ascii_lowercase(), None),
-            })
-        })
-        .collect()
+    normalize::directives(values).into_iter().collect()
 }
 
 /// A response body passed through to the client while a copy is kept, up to a limit; when the
@@ -472,6 +541,17 @@ impl Body for TeeBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The targeted cache-control field only quicar sidecars obey (RFC 9213); it never reaches
+/// the calling app.
+pub const TARGETED: &str = "quicar-cache-control";
+
+/// Headers as stored: without the targeted field meant for this cache alone.
+fn stored_headers(h: &HeaderMap) -> HeaderMap {
+    let mut h = h.clone();
+    h.remove(TARGETED);
+    h
 }
 
 /// Whether the client's own request is conditional (then a 304 is an answer it can use).
