@@ -56,6 +56,16 @@ impl Variant {
     /// a 200) and the origin's `Date`, never the crate's rewrite.
     fn restore(&self, parts: &mut http::response::Parts) {
         parts.status = self.status;
+        // The stored fields are ours (a 304 may have updated some the crate keeps frozen).
+        for name in self.headers.keys() {
+            if name == http::header::AGE {
+                continue;
+            }
+            parts.headers.remove(name);
+            for v in self.headers.get_all(name) {
+                parts.headers.append(name.clone(), v.clone());
+            }
+        }
         self.restore_date(parts, None);
     }
 
@@ -194,9 +204,7 @@ impl Cache {
 
     /// Whether a request can be answered from or stored in the cache at all.
     pub fn applies(req: &http::request::Parts, has_body: bool) -> bool {
-        (req.method == Method::GET || req.method == Method::HEAD)
-            && !has_body
-            && !req.headers.contains_key(http::header::RANGE)
+        (req.method == Method::GET || req.method == Method::HEAD) && !has_body
     }
 
     pub fn lookup(&self, key: &str, req: &http::request::Parts) -> Lookup {
@@ -369,6 +377,61 @@ impl Cache {
                 Some((parts, variant.body.clone()))
             }
             AfterResponse::Modified(..) => None,
+        }
+    }
+
+    /// A HEAD response for a URI whose GET response is stored: when it carries the same
+    /// validators (so it describes the same representation), its fields update the stored
+    /// ones (RFC 9111 §4.3.5).
+    pub fn update_from_head(
+        &self,
+        key: &str,
+        req: &http::request::Parts,
+        resp: &http::response::Parts,
+    ) {
+        let Some(mut entry) = self.store.get(key) else {
+            return;
+        };
+        let mut as_get = normalize::request(req);
+        as_get.method = Method::GET;
+        let resp = normalize::response(resp, &self.targeted);
+        let now = self.clock.now();
+        let same = |v: &Variant| {
+            let (etag, lm) = v.validators();
+            let theirs = (
+                resp.headers.get(http::header::ETAG),
+                resp.headers.get(http::header::LAST_MODIFIED),
+            );
+            (etag.is_some() || lm.is_some()) && (etag, lm) == theirs
+        };
+        let mut changed = false;
+        for v in &mut entry.variants {
+            let matches = matches!(
+                v.policy.before_request(&as_get, now),
+                BeforeRequest::Fresh(_) | BeforeRequest::Stale { matches: true, .. }
+            );
+            if !matches || !same(v) {
+                continue;
+            }
+            let mut headers = v.headers.clone();
+            for (name, value) in &resp.headers {
+                if name != http::header::CONTENT_LENGTH && name != http::header::DATE {
+                    headers.insert(name.clone(), value.clone());
+                }
+            }
+            *v = Arc::new(Variant {
+                policy: v.policy.clone(),
+                status: v.status,
+                headers: stored_headers(&headers),
+                body: v.body.clone(),
+                fresh_until: v.fresh_until,
+                swr: v.swr,
+                sie: v.sie,
+            });
+            changed = true;
+        }
+        if changed {
+            self.store.insert(key.to_string(), entry);
         }
     }
 
@@ -545,7 +608,7 @@ impl Body for TeeBody {
 
 /// The targeted cache-control field only quicar sidecars obey (RFC 9213); it never reaches
 /// the calling app.
-pub const TARGETED: &str = "quicar-cache-control";
+pub const TARGETED: &str = crate::headers::CACHE_CONTROL_TARGETED;
 
 /// Headers as stored: without the targeted field meant for this cache alone.
 fn stored_headers(h: &HeaderMap) -> HeaderMap {

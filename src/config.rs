@@ -529,6 +529,23 @@ pub struct CacheConfig {
     /// Responses with larger bodies pass through and are not stored.
     #[serde(default = "default_cache_entry_bytes")]
     pub max_entry_bytes: ByteSize,
+    /// Targeted cache-control fields (RFC 9213) this cache obeys instead of `Cache-Control`,
+    /// first present wins. `Quicar-Cache-Control` is removed before the app sees the response.
+    #[serde(default = "default_targeted")]
+    pub targeted: Vec<String>,
+    /// When the peer cannot be reached (connect failure, every endpoint ejected, none known;
+    /// not an app status), a stored response up to this long past its freshness answers.
+    /// Absent: only the response's own `stale-if-error` allows that.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    pub serve_stale_on_connect_failure: Option<Duration>,
+}
+
+fn default_targeted() -> Vec<String> {
+    vec!["quicar-cache-control".into()]
 }
 
 /// A size in bytes: an integer, or a string with a unit (`"64MiB"`, `"512KiB"`, `"1GB"`).
@@ -860,6 +877,14 @@ impl Config {
                 return Err((format!("{key}.timeout"), "must be more than 0".into()));
             }
             if let Some(cache) = &svc.cache {
+                for (j, name) in cache.targeted.iter().enumerate() {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        return Err((
+                            format!("{key}.cache.targeted[{j}]"),
+                            format!("`{name}` is not a header field name"),
+                        ));
+                    }
+                }
                 if cache.max_entry_bytes.0 > cache.max_bytes.0 {
                     return Err((
                         format!("{key}.cache.max_entry_bytes"),

@@ -93,6 +93,8 @@ pub(crate) fn write_error_kind(parts: &mut http::response::Parts) {
 /// `quicar-cache` and (if enabled) `quicar-transport`. Nothing else `quicar-*` is left: the
 /// transport stripped what the peer sent.
 pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: bool) {
+    // Meant for quicar caches only (the cache step has read it).
+    parts.headers.remove(CACHE_CONTROL_TARGETED);
     write_error_kind(parts);
     if let Some(how) = parts.extensions.get::<CacheOutcome>() {
         parts
@@ -105,6 +107,22 @@ pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: b
                 .headers
                 .insert(TRANSPORT, HeaderValue::from_static(up.transport.as_str()));
         }
+    }
+}
+
+/// The one `quicar-*` field an app may send on a response: its targeted cache directive for
+/// quicar caches (RFC 9213). It crosses both sidecars and is removed at the calling app's edge.
+pub(crate) const CACHE_CONTROL_TARGETED: &str = "quicar-cache-control";
+
+/// Like `strip_quicar`, for responses: keeps the app's targeted cache directive.
+pub(crate) fn strip_quicar_from_response(headers: &mut HeaderMap) {
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("quicar-") && k.as_str() != CACHE_CONTROL_TARGETED)
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
     }
 }
 

@@ -447,11 +447,22 @@ async fn forward(
                 Some(body),
             )
             .await;
-            if resp
-                .as_ref()
-                .is_ok_and(|r| r.status().is_success() || r.status().is_redirection())
-            {
-                cache.invalidate(&key);
+            if let Ok(r) = &resp {
+                if r.status().is_success() || r.status().is_redirection() {
+                    cache.invalidate(&key);
+                    // …and for the URIs in Location and Content-Location, when they are of
+                    // the same service (a path, or an absolute URI naming it).
+                    for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+                        if let Some(path) = r
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| same_service_path(v, &route.name))
+                        {
+                            cache.invalidate(&Cache::key(&route.name, &path));
+                        }
+                    }
+                }
             }
             return resp;
         }
@@ -464,6 +475,21 @@ async fn forward(
         Some(body),
     )
     .await
+}
+
+/// The path and query of a `Location`-style reference when it points into `service`.
+fn same_service_path(reference: &str, service: &str) -> Option<String> {
+    let uri: Uri = reference.parse().ok()?;
+    match uri.authority() {
+        None if reference.starts_with('/') => Some(path_of(&uri).to_string()),
+        Some(a)
+            if service_of_authority(a.as_str()).as_deref()
+                == Some(&service.to_ascii_lowercase()) =>
+        {
+            Some(path_of(&uri).to_string())
+        }
+        _ => None,
+    }
 }
 
 fn path_of(uri: &Uri) -> &str {

@@ -18,7 +18,7 @@ use crate::body::{
     after_body, content_length, held, BodyError, BodyFailure, Expired, Progress, ProxyBody,
 };
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{strip_hop_by_hop, strip_quicar, PEER_IDENTITY};
+use crate::headers::{strip_hop_by_hop, strip_quicar_from_response, PEER_IDENTITY};
 use crate::identity::PeerId;
 
 /// How long an idle keep-alive connection to a local app is kept.
@@ -164,7 +164,7 @@ impl LocalApp {
         strip_hop_by_hop(resp.headers_mut());
         // Only the sidecars speak for themselves: an app cannot forge error kinds, cache
         // outcomes or identities toward the caller.
-        strip_quicar(resp.headers_mut());
+        strip_quicar_from_response(resp.headers_mut());
         // The slot to the app is held until its response body ends.
         Ok(resp.map(|b| {
             held(

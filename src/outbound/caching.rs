@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use http::header::{CACHE_CONTROL, RANGE};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::body::{content_length, full, ProxyBody};
+use crate::cache::http_date;
 use crate::cache::{
     is_conditional, is_error_status, Cache, Flight, FlightGuard, Lookup, TeeBody, Variant,
 };
-use crate::error::ProxyError;
+use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::CacheOutcome;
 
 /// How the cache step reaches the service: one request (with the service's retries and
@@ -35,13 +37,38 @@ pub(crate) async fn serve(
     req: http::request::Parts,
     fetch: Fetch,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let directives = crate::cache::normalize::directives(req.headers.get_all(CACHE_CONTROL));
+    let asks = |d: &str| directives.iter().any(|(k, _)| k == d);
+    // RFC 9111 §5.2.1.5: a request's no-store keeps this exchange out of the cache entirely.
+    if asks("no-store") {
+        return fetch(req).await;
+    }
+    // §5.2.1.7: only-if-cached is answered from what is stored, or 504.
+    let only_if_cached = asks("only-if-cached");
+    if let Some(range) = req.headers.get(RANGE).cloned() {
+        // A single byte range is cut from a fresh stored 200; anything else goes upstream
+        // untouched (and is not stored).
+        let mut whole = req.clone();
+        whole.headers.remove(RANGE);
+        if let Lookup::Fresh(parts, body) = cache.lookup(&key, &whole) {
+            if parts.status == StatusCode::OK {
+                cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(ranged(parts, body, &range, &req));
+            }
+        }
+        if only_if_cached {
+            return Err(not_cached());
+        }
+        return fetch(req).await;
+    }
     let mut followed = false;
     loop {
         match cache.lookup(&key, &req) {
             Lookup::Fresh(parts, body) => {
                 cache.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(cached(parts, body, CacheOutcome::Hit));
+                return Ok(answer(parts, body, &req, CacheOutcome::Hit));
             }
+            Lookup::Stale { .. } | Lookup::Miss if only_if_cached => return Err(not_cached()),
             Lookup::Stale {
                 variant,
                 revalidate,
@@ -89,6 +116,19 @@ async fn miss(
     cache.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
     // On an error `guard` drops here and followers go upstream themselves.
     let resp = fetch(req.clone()).await?;
+    if req.method == http::Method::HEAD && resp.status() == StatusCode::OK {
+        // RFC 9111 §4.3.5: a HEAD response describing the stored GET response updates it.
+        let (parts, body) = resp.into_parts();
+        cache.update_from_head(&key, &req, &parts);
+        return Ok(store_while_streaming(
+            cache,
+            key,
+            req,
+            Response::from_parts(parts, body),
+            guard,
+            CacheOutcome::Miss,
+        ));
+    }
     Ok(store_while_streaming(
         cache,
         key,
@@ -119,7 +159,7 @@ async fn revalidate_now(
             match cache.revalidated(&key, variant, &req, &parts) {
                 Some((parts, body)) => {
                     cache.stats.revalidated.fetch_add(1, Ordering::Relaxed);
-                    Ok(cached(parts, body, CacheOutcome::Revalidated))
+                    Ok(answer(parts, body, &req, CacheOutcome::Revalidated))
                 }
                 // A 304 for the client's own validators: it can use it.
                 None if is_conditional(&req) => {
@@ -145,6 +185,12 @@ async fn revalidate_now(
         }
         Err(e) if cache.usable_on_error(variant) => {
             tracing::debug!(error = %e.message, "origin failed; serving stale within stale-if-error");
+            Ok(stale(cache))
+        }
+        // The peer cannot be reached at all (not an app status): keep answering from the
+        // cache for `serve_stale_on_connect_failure`.
+        Err(e) if unreachable(e.kind) && cache.usable_when_unreachable(variant) => {
+            tracing::debug!(error = %e.message, "peer unreachable; serving stale");
             Ok(stale(cache))
         }
         Err(e) => Err(e),
@@ -219,4 +265,136 @@ fn store_while_streaming(
 fn cached(mut parts: http::response::Parts, body: Bytes, how: CacheOutcome) -> Response<ProxyBody> {
     parts.extensions.insert(how);
     Response::from_parts(parts, full(body))
+}
+
+/// Kinds that mean the peer could not be reached (no app status involved).
+fn unreachable(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::ConnectFailed | ErrorKind::CircuitOpen | ErrorKind::NoEndpoints
+    )
+}
+
+fn not_cached() -> ProxyError {
+    ProxyError::new(
+        ErrorKind::Timeout,
+        Side::Downstream,
+        "only-if-cached, and nothing usable is stored (RFC 9111 §5.2.1.7)",
+    )
+}
+
+/// A stored response for `req`: a 304 when the request's own validators match what is stored
+/// (RFC 9110 §13.1: If-None-Match with weak comparison, else If-Modified-Since), the full
+/// response otherwise.
+fn answer(
+    parts: http::response::Parts,
+    body: Bytes,
+    req: &http::request::Parts,
+    how: CacheOutcome,
+) -> Response<ProxyBody> {
+    if parts.status == StatusCode::OK && not_modified(&parts.headers, &req.headers) {
+        let mut head = http::Response::new(()).into_parts().0;
+        head.status = StatusCode::NOT_MODIFIED;
+        for name in [
+            CACHE_CONTROL,
+            http::header::CONTENT_LOCATION,
+            http::header::DATE,
+            http::header::ETAG,
+            http::header::EXPIRES,
+            http::header::VARY,
+            http::header::AGE,
+            http::header::LAST_MODIFIED,
+        ] {
+            for v in parts.headers.get_all(&name) {
+                head.headers.append(name.clone(), v.clone());
+            }
+        }
+        return cached(head, Bytes::new(), how);
+    }
+    cached(parts, body, how)
+}
+
+/// Whether the request's validators say it already has the stored representation.
+fn not_modified(stored: &http::HeaderMap, req: &http::HeaderMap) -> bool {
+    let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    if let Some(inm) = req
+        .get(http::header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        let Some(etag) = stored.get(http::header::ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
+    }
+    let since = req
+        .get(http::header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(http_date::parse);
+    let modified = stored
+        .get(http::header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(http_date::parse);
+    matches!((since, modified), (Some(s), Some(m)) if m <= s)
+}
+
+/// A single byte range of a stored complete response as a 206 (416 when it cannot be
+/// satisfied). Several ranges, other units or an `If-Range` get the whole response (a server
+/// may ignore Range).
+fn ranged(
+    mut parts: http::response::Parts,
+    body: Bytes,
+    range: &http::HeaderValue,
+    req: &http::request::Parts,
+) -> Response<ProxyBody> {
+    let len = body.len() as u64;
+    let spec = range
+        .to_str()
+        .ok()
+        .and_then(|r| r.trim().strip_prefix("bytes="))
+        .filter(|r| !r.contains(','));
+    if spec.is_none() || req.headers.contains_key(http::header::IF_RANGE) {
+        return cached(parts, body, CacheOutcome::Hit);
+    }
+    let spec = spec.unwrap_or_default().trim();
+    let bounds = match spec.split_once('-') {
+        Some(("", n)) => n
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| (len.saturating_sub(n), len.saturating_sub(1))),
+        Some((a, "")) => a.parse::<u64>().ok().map(|a| (a, len.saturating_sub(1))),
+        Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(a), Ok(b)) if a <= b => Some((a, b.min(len.saturating_sub(1)))),
+            _ => None,
+        },
+        None => None,
+    };
+    let headers = &mut parts.headers;
+    match bounds {
+        Some((a, b)) if a < len && len > 0 => {
+            parts.status = StatusCode::PARTIAL_CONTENT;
+            headers.insert(
+                http::header::CONTENT_RANGE,
+                http::HeaderValue::try_from(format!("bytes {a}-{b}/{len}")).expect("digits"),
+            );
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(b - a + 1),
+            );
+            cached(
+                parts,
+                body.slice(a as usize..=b as usize),
+                CacheOutcome::Hit,
+            )
+        }
+        _ => {
+            parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
+            headers.insert(
+                http::header::CONTENT_RANGE,
+                http::HeaderValue::try_from(format!("bytes */{len}")).expect("digits"),
+            );
+            headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(0));
+            cached(parts, Bytes::new(), CacheOutcome::Hit)
+        }
+    }
 }

@@ -44,11 +44,22 @@ impl Route {
     ) -> Self {
         let endpoints = Source::from_config(config, svc).start(tracker, shutdown);
         let cache = svc.cache.as_ref().map(|c| {
-            Arc::new(Cache::new(
-                c.max_bytes.0,
-                usize::try_from(c.max_entry_bytes.0).unwrap_or(usize::MAX),
-                clock.clone(),
-            ))
+            let targeted = c
+                .targeted
+                .iter()
+                .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect();
+            Arc::new(
+                Cache::new(
+                    c.max_bytes.0,
+                    usize::try_from(c.max_entry_bytes.0).unwrap_or(usize::MAX),
+                    clock.clone(),
+                )
+                .with_targeted(targeted)
+                .with_stale_on_connect_failure(
+                    c.serve_stale_on_connect_failure.unwrap_or_default(),
+                ),
+            )
         });
         Self {
             name: svc.name.clone(),

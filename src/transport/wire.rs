@@ -102,7 +102,7 @@ pub(crate) fn from_peer(
     if let Some(kind) = headers::error_kind(&parts.headers) {
         parts.extensions.insert(kind);
     }
-    headers::strip_quicar(&mut parts.headers);
+    headers::strip_quicar_from_response(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
     let bodyless = *method == Method::HEAD
         || parts.status == StatusCode::NO_CONTENT

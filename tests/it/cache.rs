@@ -275,3 +275,286 @@ async fn the_byte_bound_holds_and_large_bodies_pass_through() {
     assert_eq!((how(&first), how(&second)), ("miss", "hit"));
     assert!(second.body == pattern(12_000));
 }
+
+async fn get_with(pair: &Pair, url: &str, headers: &[(&str, &str)]) -> Got {
+    let mut b = Request::get(url).header("host", "hello");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(pair.out(), b.body(full(Bytes::new())).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_age_list_or_an_invalid_expires_never_makes_a_response_fresh() {
+    let pair = cached_pair().await;
+    // Age 7200 (the first member of the list) is over max-age: stale at once.
+    let url = "/c/age?cc=max-age=3600&hdr=age:7200,%200";
+    get(pair.out(), "hello", url).await;
+    assert_eq!(how(&get(pair.out(), "hello", url).await), "miss");
+    // An invalid Expires (doubled spaces) means already expired.
+    let url = "/c/exp?hdr=expires:Thu,%2018%20%20Aug%20%202050%2002:01:18%20GMT";
+    get(pair.out(), "hello", url).await;
+    assert_eq!(how(&get(pair.out(), "hello", url).await), "miss");
+    // The obsolete formats are valid: RFC 850 and asctime dates in the future keep it fresh.
+    for (name, date) in [
+        ("rfc850", "Thursday,%2018-Aug-50%2002:01:18%20GMT"),
+        ("asctime", "Thu%20Aug%2018%2002:01:18%202050"),
+    ] {
+        let url = format!("/c/{name}?hdr=expires:{date}");
+        get(pair.out(), "hello", &url).await;
+        assert_eq!(how(&get(pair.out(), "hello", &url).await), "hit", "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directive_names_are_case_insensitive() {
+    let pair = cached_pair().await;
+    let url = "/c/case?cc=MAX-AGE=60";
+    get(pair.out(), "hello", url).await;
+    assert_eq!(how(&get(pair.out(), "hello", url).await), "hit");
+    let url = "/c/nocache?cc=No-CaChE,%20max-age=60";
+    get(pair.out(), "hello", url).await;
+    assert_eq!(
+        how(&get(pair.out(), "hello", url).await),
+        "miss",
+        "No-CaChE is no-cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_keeps_the_origin_date_and_names_no_transport() {
+    let pair = cached_pair().await;
+    let date = "Wed, 25 Nov 2026 10:00:00 GMT";
+    let url = format!(
+        "/c/date?cc=max-age=600&hdr=date:{}",
+        date.replace(' ', "%20")
+    );
+    let miss = get(pair.out(), "hello", &url).await;
+    assert_eq!(values(&miss.headers, "quicar-transport"), vec!["quic"]);
+    pair.client.clock().advance(Duration::from_secs(5));
+    let hit = get(pair.out(), "hello", &url).await;
+    assert_eq!(how(&hit), "hit");
+    assert_eq!(values(&hit.headers, "date"), vec![date]);
+    assert!(
+        values(&hit.headers, "quicar-transport").is_empty(),
+        "{hit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_get_304_from_a_fresh_entry() {
+    let pair = cached_pair().await;
+    let lm = "Sat,%2021%20Nov%202026%2010:00:00%20GMT";
+    let url = format!("/c/cond?cc=max-age=60&etag=%22v1%22&lm={lm}");
+    get(pair.out(), "hello", &url).await;
+    for headers in [
+        vec![("if-none-match", "\"v1\"")],
+        vec![("if-none-match", "W/\"v1\"")],
+        vec![("if-none-match", "\"other\", \"v1\"")],
+        vec![("if-modified-since", "Sun, 22 Nov 2026 10:00:00 GMT")],
+    ] {
+        let got = get_with(&pair, &url, &headers).await;
+        assert_eq!(got.status, StatusCode::NOT_MODIFIED, "{headers:?}: {got:?}");
+        assert_eq!(how(&got), "hit");
+        assert!(got.body.is_empty());
+        assert_eq!(values(&got.headers, "etag"), vec!["\"v1\""]);
+    }
+    let got = get_with(&pair, &url, &[("if-none-match", "\"v0\"")]).await;
+    assert_eq!((got.status, how(&got)), (StatusCode::OK, "hit"));
+    assert_eq!(pair.upstream.count_of("/c/cond"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_final_status_with_explicit_freshness_is_stored() {
+    let pair = cached_pair().await;
+    for status in [299, 400, 404, 500, 503] {
+        let url = format!("/c/st{status}?cc=max-age=60&status={status}");
+        get(pair.out(), "hello", &url).await;
+        let again = get(pair.out(), "hello", &url).await;
+        assert_eq!((again.status.as_u16(), how(&again)), (status, "hit"));
+    }
+    // Without explicit freshness a 500 is not stored.
+    let url = "/c/plain500?status=500";
+    get(pair.out(), "hello", url).await;
+    assert_eq!(how(&get(pair.out(), "hello", url).await), "miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qualified_no_cache_and_private_store_all_but_the_named_fields() {
+    let pair = cached_pair().await;
+    let url = "/c/qual?cc=max-age=60,%20no-cache=%22X-Secret%22,%20private=%22X-Private%22&hdr=x-secret:s;;x-private:p;;x-public:ok";
+    let miss = get(pair.out(), "hello", url).await;
+    assert_eq!(
+        values(&miss.headers, "x-secret"),
+        vec!["s"],
+        "the origin's answer passes whole"
+    );
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&hit), "hit");
+    assert!(
+        values(&hit.headers, "x-secret").is_empty() && values(&hit.headers, "x-private").is_empty()
+    );
+    assert_eq!(values(&hit.headers, "x-public"), vec!["ok"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_no_store_bypasses_and_only_if_cached_answers_504() {
+    let pair = cached_pair().await;
+    let url = "/c/ns?cc=max-age=60";
+    get(pair.out(), "hello", url).await;
+    let got = get_with(&pair, url, &[("cache-control", "No-Store")]).await;
+    assert_eq!(how(&got), "", "not served from the cache: {got:?}");
+    assert_eq!(pair.upstream.count_of("/c/ns"), 2);
+    let got = get_with(
+        &pair,
+        "/c/never?cc=max-age=60",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(pair.upstream.count_of("/c/never"), 0);
+    let got = get_with(&pair, url, &[("cache-control", "only-if-cached")]).await;
+    assert_eq!((got.status, how(&got)), (StatusCode::OK, "hit"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_requests_invalidate_location_and_content_location() {
+    let pair = cached_pair().await;
+    for path in ["/c/target?cc=max-age=60", "/c/other?cc=max-age=60"] {
+        get(pair.out(), "hello", path).await;
+        assert_eq!(how(&get(pair.out(), "hello", path).await), "hit");
+    }
+    let post = Request::post("/c/post?loc=/c/target%3Fcc=max-age=60&hdr=content-location:http://hello/c/other%3Fcc=max-age=60")
+        .header("host", "hello")
+        .body(full(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(pair.out(), post).await.status, StatusCode::OK);
+    for path in ["/c/target?cc=max-age=60", "/c/other?cc=max-age=60"] {
+        assert_eq!(how(&get(pair.out(), "hello", path).await), "miss", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_updates_the_stored_content_encoding() {
+    let pair = cached_pair().await;
+    let url = "/c/ce?cc=max-age=1&etag=%22e%22&ce304=identity";
+    get(pair.out(), "hello", url).await;
+    pair.client.clock().advance(Duration::from_secs(5));
+    let got = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&got), "revalidated");
+    assert_eq!(values(&got.headers, "content-encoding"), vec!["identity"]);
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(values(&hit.headers, "content-encoding"), vec!["identity"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_matches_list_fields_whatever_their_order_and_spacing() {
+    let pair = cached_pair().await;
+    let url = "/c/vary?cc=max-age=60&vary=accept-encoding";
+    get_with(&pair, url, &[("accept-encoding", "gzip, br")]).await;
+    let got = get_with(&pair, url, &[("accept-encoding", "br,gzip")]).await;
+    assert_eq!(how(&got), "hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_is_cut_from_a_stored_complete_response() {
+    let pair = cached_pair().await;
+    let url = "/c/range?cc=max-age=60&size=100";
+    let whole = get(pair.out(), "hello", url).await;
+    let got = get_with(&pair, url, &[("range", "bytes=10-19")]).await;
+    assert_eq!(
+        (got.status, how(&got)),
+        (StatusCode::PARTIAL_CONTENT, "hit")
+    );
+    assert_eq!(
+        values(&got.headers, "content-range"),
+        vec!["bytes 10-19/100"]
+    );
+    assert_eq!(&got.body[..], &whole.body[10..20]);
+    let got = get_with(&pair, url, &[("range", "bytes=-5")]).await;
+    assert_eq!(&got.body[..], &whole.body[95..]);
+    let got = get_with(&pair, url, &[("range", "bytes=500-")]).await;
+    assert_eq!(got.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(pair.upstream.count_of("/c/range"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targeted_cache_control_is_obeyed_by_quicar_and_hidden_from_the_app() {
+    // Browsers and CDNs see no-store; the mesh caches for a minute.
+    let pair = Pair::start_with(
+        "cache = { max_bytes = \"1MiB\", targeted = [\"quicar-cache-control\", \"cdn-cache-control\"] }",
+        "",
+    )
+    .await;
+    let url = "/c/targeted?cc=no-store&hdr=quicar-cache-control:max-age=60";
+    let miss = get(pair.out(), "hello", url).await;
+    assert!(
+        values(&miss.headers, "quicar-cache-control").is_empty(),
+        "{miss:?}"
+    );
+    assert_eq!(values(&miss.headers, "cache-control"), vec!["no-store"]);
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&hit), "hit");
+    assert!(values(&hit.headers, "quicar-cache-control").is_empty());
+    // The second field in precedence order counts when the first is absent, and passes on.
+    let url = "/c/cdn?cc=no-store&hdr=cdn-cache-control:max-age=60";
+    get(pair.out(), "hello", url).await;
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&hit), "hit");
+    assert_eq!(
+        values(&hit.headers, "cdn-cache-control"),
+        vec!["max-age=60"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_answered_from_the_cache_when_opted_in() {
+    let pair = Pair::start_with(
+        "cache = { max_bytes = \"1MiB\", serve_stale_on_connect_failure = \"30s\" }",
+        "",
+    )
+    .await;
+    let url = "/c/outage?cc=max-age=1";
+    let first = get(pair.out(), "hello", url).await;
+    let Pair {
+        client,
+        server,
+        upstream,
+        ..
+    } = pair;
+    server.shutdown().await;
+    client.clock().advance(Duration::from_secs(10));
+    let got = get(client.outbound, "hello", url).await;
+    assert_eq!(
+        (got.status, how(&got)),
+        (StatusCode::OK, "stale"),
+        "{got:?}"
+    );
+    assert_eq!(got.body, first.body);
+    // Past the window, the failure shows.
+    client.clock().advance(Duration::from_secs(60));
+    let got = get(client.outbound, "hello", url).await;
+    assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+    drop(upstream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_response_updates_the_stored_fields() {
+    let pair = cached_pair().await;
+    let url = "/c/head?cc=max-age=60&etag=%22h%22&headhdr=content-encoding:identity";
+    let miss = get(pair.out(), "hello", url).await;
+    assert!(values(&miss.headers, "content-encoding").is_empty());
+    // The origin's fields changed (same representation, same ETag); a HEAD brings them.
+    let head = send(
+        pair.out(),
+        Request::head(url)
+            .header("host", "hello")
+            .body(full(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    let hit = get(pair.out(), "hello", url).await;
+    assert_eq!(how(&hit), "hit");
+    assert_eq!(values(&hit.headers, "content-encoding"), vec!["identity"]);
+}

@@ -221,7 +221,14 @@ async fn cacheable(parts: &http::request::Parts, n: usize, failing: bool) -> Res
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%20", " ").replace("%22", "\"")))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace("%20", " ")
+                    .replace("%22", "\"")
+                    .replace("%3F", "?"),
+            )
+        })
         .collect();
     if let Some(ms) = q.get("delay") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
@@ -232,6 +239,24 @@ async fn cacheable(parts: &http::request::Parts, n: usize, failing: bool) -> Res
         return r;
     }
     let mut b = Response::builder();
+    // `hdr=name:value;;name:value`: any response fields; `status=N`; `loc=/path` (Location).
+    for pair in q.get("hdr").map(String::as_str).unwrap_or("").split(";;") {
+        if let Some((k, v)) = pair.split_once(':') {
+            b = b.header(k, v);
+        }
+    }
+    // `headhdr=name:value`: a field only HEAD responses carry (the origin changed it).
+    if parts.method == http::Method::HEAD {
+        if let Some((k, v)) = q.get("headhdr").and_then(|h| h.split_once(':')) {
+            b = b.header(k, v);
+        }
+    }
+    if let Some(st) = q.get("status") {
+        b = b.status(st.parse::<u16>().unwrap());
+    }
+    if let Some(loc) = q.get("loc") {
+        b = b.header("location", loc.as_str());
+    }
     if let Some(cc) = q.get("cc") {
         b = b.header("cache-control", cc.as_str());
     }
@@ -252,6 +277,10 @@ async fn cacheable(parts: &http::request::Parts, n: usize, failing: bool) -> Res
             .get("if-none-match")
             .and_then(|v| v.to_str().ok());
         if inm.is_some_and(|v| v.split(',').any(|t| t.trim() == etag)) {
+            // `ce304=`: the 304 carries a Content-Encoding (which must update the stored one).
+            if let Some(ce) = q.get("ce304") {
+                b = b.header("content-encoding", ce.as_str());
+            }
             return b.status(304).body(full(Bytes::new())).unwrap();
         }
     }
