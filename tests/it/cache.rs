@@ -558,3 +558,47 @@ async fn a_head_response_updates_the_stored_fields() {
     assert_eq!(how(&hit), "hit");
     assert_eq!(values(&hit.headers, "content-encoding"), vec!["identity"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_103_is_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An origin that sends 103 Early Hints before every final response.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let origin = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let answer = "HTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\n\
+                                  HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let pki = Pki::new();
+    let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", "")).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], CACHE)).await;
+    let first = get(client.outbound, "hello", "/hints").await;
+    assert_eq!(
+        (first.status, how(&first), &first.body[..]),
+        (StatusCode::OK, "miss", &b"ok"[..])
+    );
+    let hit = get(client.outbound, "hello", "/hints").await;
+    assert_eq!(
+        (hit.status, how(&hit), &hit.body[..]),
+        (StatusCode::OK, "hit", &b"ok"[..])
+    );
+    assert!(
+        values(&hit.headers, "link").is_empty(),
+        "the 103's fields were stored: {hit:?}"
+    );
+    origin.abort();
+}
