@@ -455,3 +455,40 @@ crate::over_transports! {
         assert!(text.contains("stopped moving"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_closes_its_connections_never_ejects_its_endpoint() {
+    use tokio::io::AsyncReadExt;
+    // Reads each request and hangs up without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let origin = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let pki = Pki::new();
+    let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", "")).await;
+    let client = sidecar(
+        &pki,
+        &client_toml(
+            &pki,
+            &[server.inbound],
+            "breaker = { failures = 1, ejection = \"30s\", panic_threshold = 0 }",
+        ),
+    )
+    .await;
+    for _ in 0..5 {
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        // The far sidecar says its app failed; never `circuit-open` for everyone.
+        assert_eq!(got.error_kind(), Some("peer-reset"), "{got:?}");
+    }
+    let url = format!("http://{}/endpoints", client.admin);
+    let v: serde_json::Value = serde_json::from_str(&admin_get(&url).await).unwrap();
+    assert_eq!(v[0]["endpoints"][0]["breaker"], "closed");
+    origin.abort();
+}

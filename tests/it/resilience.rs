@@ -440,6 +440,8 @@ crate::over_transports! {
         let got = get(c.out(), "hello", "/").await;
         assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(got.error_kind(), Some("circuit-open"));
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains("last failure:"), "the cause is named: {text}");
         assert_eq!(c.breaker(0).await, "open");
     }
 }
