@@ -372,6 +372,7 @@ mod tests {
             identity: PeerId::for_service("quicar.local", "hello"),
             weight: 1,
             priority: 0,
+            server_name: None,
         }
     }
 

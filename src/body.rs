@@ -71,20 +71,30 @@ enum State {
 
 /// An HTTP/3 message body as an `http_body::Body`. With a `content-length` it reports an exact
 /// size (so HTTP/1.1 sends it sized) and refuses a body that is longer or shorter.
-pub(crate) struct H3Body<R> {
-    recv: R,
+pub(crate) struct H3Body<R: RecvHalf> {
+    /// `None` only once dropped (handed to the drain task).
+    recv: Option<R>,
     state: State,
     remaining: Option<u64>,
+    /// Read the stream to its FIN when dropped early (the server side of a request).
+    drain: bool,
     /// Kept alive as long as the body is (e.g. the count of requests in flight on a connection).
     _hold: Option<Box<dyn Send>>,
 }
 
 impl<R: RecvHalf> H3Body<R> {
-    pub(crate) fn new(recv: R, content_length: Option<u64>) -> Self {
+    /// `drain`: when dropped before its end, keep reading the stream to its FIN in the
+    /// background (bounded). HTTP/1.1 stops reading a sized body at its last byte, before the
+    /// HTTP/3 stream's FIN; dropping the stream then makes quinn send STOP_SENDING with code 0,
+    /// which is not an HTTP/3 error code (RFC 9114 §8.1), and some peers (Envoy) then drop the
+    /// response. h3-quinn cannot send `H3_NO_ERROR` instead while a read is in flight (it
+    /// panics), so the stream is read to its end.
+    pub(crate) fn new(recv: R, content_length: Option<u64>, drain: bool) -> Self {
         Self {
-            recv,
+            recv: Some(recv),
             state: State::Data,
             remaining: content_length,
+            drain,
             _hold: None,
         }
     }
@@ -92,6 +102,38 @@ impl<R: RecvHalf> H3Body<R> {
     pub(crate) fn hold(mut self, guard: impl Send + 'static) -> Self {
         self._hold = Some(Box::new(guard));
         self
+    }
+}
+
+/// How long, and how many bytes, a request stream is read past the point its app stopped.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const DRAIN_BYTES: u64 = 1 << 20;
+
+impl<R: RecvHalf> Drop for H3Body<R> {
+    fn drop(&mut self) {
+        if self.state == State::Done || !self.drain {
+            return;
+        }
+        let (Some(mut recv), Ok(rt)) = (self.recv.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let (deadline, mut left) = (DRAIN_TIME, DRAIN_BYTES);
+        rt.spawn(async move {
+            let drained = tokio::time::timeout(deadline, async {
+                loop {
+                    match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+                        Ok(Some(data)) if (data.len() as u64) < left => left -= data.len() as u64,
+                        _ => break,
+                    }
+                }
+                let _ = std::future::poll_fn(|cx| recv.poll_trailers(cx)).await;
+            })
+            .await;
+            if drained.is_err() {
+                tracing::debug!("request stream not finished within the drain time");
+            }
+        });
     }
 }
 
@@ -106,7 +148,12 @@ impl<R: RecvHalf> Body for H3Body<R> {
         let this = &mut *self;
         loop {
             match this.state {
-                State::Data => match ready!(this.recv.poll_data(cx)) {
+                State::Data => match ready!(this
+                    .recv
+                    .as_mut()
+                    .expect("present until dropped")
+                    .poll_data(cx))
+                {
                     Ok(Some(data)) => {
                         if let Some(left) = this.remaining.as_mut() {
                             let n = data.len() as u64;
@@ -138,7 +185,11 @@ impl<R: RecvHalf> Body for H3Body<R> {
                     }
                 },
                 State::Trailers => {
-                    let r = ready!(this.recv.poll_trailers(cx));
+                    let r = ready!(this
+                        .recv
+                        .as_mut()
+                        .expect("present until dropped")
+                        .poll_trailers(cx));
                     this.state = State::Done;
                     return Poll::Ready(match r {
                         Ok(Some(t)) => Some(Ok(Frame::trailers(t))),

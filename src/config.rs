@@ -246,6 +246,11 @@ pub struct Quic {
     /// quinn's congestion controller.
     #[serde(default)]
     pub congestion: Congestion,
+    /// UDP segmentation offload (GSO): send several datagrams per system call. Turn it off
+    /// when a peer reads with 1,500-byte buffers and drops batched packets (a stock Envoy
+    /// HTTP/3 listener without `prefer_gro: true`).
+    #[serde(default = "yes")]
+    pub segmentation_offload: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -280,6 +285,7 @@ impl Default for Quic {
             dead_peer_timeout: default_dead_peer(),
             fallback_retry: default_fallback_retry(),
             congestion: Congestion::default(),
+            segmentation_offload: true,
         }
     }
 }
@@ -619,6 +625,11 @@ pub struct Endpoint {
     /// Relative share of traffic.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// TLS server name (SNI) sent to this endpoint. Default: the trust domain. Set it when the
+    /// peer picks its certificate or filter chain by name (an Envoy/Istio listener with
+    /// `server_names`). quicar itself checks the SPIFFE ID, never the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 fn default_weight() -> u32 {

@@ -57,6 +57,7 @@ impl Source {
                     identity: config.expected_identity(svc, ep),
                     weight: ep.weight.max(1),
                     priority: 0,
+                    server_name: ep.server_name.clone(),
                 })
                 .collect(),
         )

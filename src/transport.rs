@@ -113,18 +113,9 @@ impl Clients {
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {
-        let (addr, id) = (ep.address, &ep.identity);
         match transport {
-            Transport::Quic => {
-                self.quic
-                    .exchange(addr, id, head, body, connect_timeout)
-                    .await
-            }
-            Transport::Tcp => {
-                self.tcp
-                    .exchange(addr, id, head, body, connect_timeout)
-                    .await
-            }
+            Transport::Quic => self.quic.exchange(ep, head, body, connect_timeout).await,
+            Transport::Tcp => self.tcp.exchange(ep, head, body, connect_timeout).await,
         }
     }
 

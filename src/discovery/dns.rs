@@ -63,6 +63,7 @@ pub fn endpoints_from_srv(
                 // RFC 2782: weight 0 means "very rarely", not never.
                 weight: u32::from(srv.weight).max(1),
                 priority: srv.priority,
+                server_name: None,
             });
         }
     }

@@ -16,6 +16,8 @@ pub struct Endpoint {
     /// Lower is preferred (SRV priority); endpoints of a higher priority are used only when
     /// none of a lower one can take traffic.
     pub priority: u16,
+    /// TLS server name to send (`None`: the trust domain).
+    pub server_name: Option<String>,
 }
 
 pub type Endpoints = Arc<Vec<Endpoint>>;

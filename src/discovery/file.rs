@@ -27,6 +27,7 @@ struct FileEndpoint {
     identity: Option<String>,
     #[serde(default = "one")]
     weight: u32,
+    server_name: Option<String>,
 }
 
 fn one() -> u32 {
@@ -115,6 +116,7 @@ fn parse(
                 identity,
                 weight: e.weight.max(1),
                 priority: 0,
+                server_name: e.server_name,
             })
         })
         .collect()

@@ -56,7 +56,7 @@ impl Fallback {
         {
             return;
         }
-        let this = self.clone();
+        let (this, ep) = (self.clone(), ep.clone());
         tokio::spawn(async move {
             let mut wait = this.first_wait;
             loop {
@@ -64,7 +64,7 @@ impl Fallback {
                     _ = this.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                if this.quic.reachable(key.0, &key.1, connect_timeout).await {
+                if this.quic.reachable(&ep, connect_timeout).await {
                     tracing::info!(endpoint = %key.0, "QUIC reachable again; leaving TCP");
                     this.on_tcp.lock().expect("not poisoned").remove(&key);
                     return;

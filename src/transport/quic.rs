@@ -23,6 +23,7 @@ use super::wire::{
 };
 use crate::body::{content_length, BodyError, H3Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
+use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Transport;
 use crate::headers::strip_hop_by_hop;
@@ -272,7 +273,7 @@ async fn request(
         );
         return respond(&mut send, e.into_response()).await;
     }
-    let body = H3Body::new(recv, content_length(req.headers())).boxed_unsync();
+    let body = H3Body::new(recv, content_length(req.headers()), true).boxed_unsync();
     let resp = inbound
         .settle_and_handle(req.map(|()| body), peer, Transport::Quic)
         .await;
@@ -431,14 +432,14 @@ impl Pool {
     /// the same peer wait for one handshake instead of racing several.
     async fn get(
         self: &Arc<Self>,
-        addr: SocketAddr,
-        expected: &PeerId,
+        ep: &Endpoint,
         connect_timeout: Duration,
     ) -> Result<PeerConn, ProxyError> {
-        let (this, id) = (self.clone(), expected.clone());
+        let (this, id, sni) = (self.clone(), ep.identity.clone(), server_name(ep));
+        let addr = ep.address;
         self.slots
-            .get(addr, expected, move || async move {
-                this.connect(addr, &id, connect_timeout).await
+            .get(addr, &ep.identity, move || async move {
+                this.connect(addr, &id, &sni, connect_timeout).await
             })
             .await
     }
@@ -446,11 +447,10 @@ impl Pool {
     /// Whether a QUIC handshake with the endpoint succeeds now (the `auto` fallback's probe).
     pub(crate) async fn reachable(
         self: &Arc<Self>,
-        addr: SocketAddr,
-        expected: &PeerId,
+        ep: &Endpoint,
         connect_timeout: Duration,
     ) -> bool {
-        self.get(addr, expected, connect_timeout).await.is_ok()
+        self.get(ep, connect_timeout).await.is_ok()
     }
 
     /// Forgets a connection that failed under a request, so the next request reconnects.
@@ -464,6 +464,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         expected: &PeerId,
+        sni: &str,
         connect_timeout: Duration,
     ) -> Result<PeerConn, ProxyError> {
         let mismatch = wire::Mismatch::default();
@@ -475,10 +476,10 @@ impl Pool {
             .map_err(|e| connect_failed(format!("cannot build QUIC config: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         client.transport_config(self.transport.clone());
-        // SNI carries the trust domain only: names are checked by SPIFFE ID, not DNS.
+        // Names are checked by SPIFFE ID, never DNS; SNI is for peers that route by it.
         let connecting = self
             .endpoint
-            .connect_with(client, addr, expected.trust_domain())
+            .connect_with(client, addr, sni)
             .map_err(|e| connect_failed(format!("cannot connect to peer {addr}: {e}")))?;
         let conn = match tokio::time::timeout(connect_timeout, connecting).await {
             Err(_) => {
@@ -549,19 +550,19 @@ impl Pool {
     /// never read is handed back so a retry can still send it.
     pub(crate) async fn exchange(
         self: &Arc<Self>,
-        addr: SocketAddr,
-        identity: &PeerId,
+        ep: &Endpoint,
         head: Request<()>,
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {
+        let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
         let mut body = Some(body);
         let unsent = |body: &mut Option<Upload>| body.take().and_then(Upload::unread);
         let mut attempt = 0;
         let (recv, in_flight, upload_guard, resp) = loop {
             attempt += 1;
-            let conn = match self.get(addr, identity, connect_timeout).await {
+            let conn = match self.get(ep, connect_timeout).await {
                 Ok(c) => c,
                 Err(e) => return Err(SendError::new(e, unsent(&mut body))),
             };
@@ -588,13 +589,19 @@ impl Pool {
                 }
             };
             let in_flight: InFlight = conn.usage.start();
+            let mut stream = stream;
+            if matches!(body, Some(Upload::Empty)) {
+                // A bodyless request ends with its HEADERS: FIN right away, in this task, so
+                // it almost always rides in the same STREAM frame (peers such as Envoy treat
+                // HEADERS without FIN as the start of a body).
+                let _ = stream.finish().await;
+                body = None;
+            }
             let (send, mut recv) = stream.split();
             let cancel_upload = CancellationToken::new();
-            tokio::spawn(upload(
-                send,
-                body.take().unwrap_or(Upload::Empty),
-                cancel_upload.clone(),
-            ));
+            if let Some(b) = body.take() {
+                tokio::spawn(upload(send, b, cancel_upload.clone()));
+            }
             // Cancels the upload if we give up on this exchange (timeout, reset) before the
             // response.
             let upload_guard = cancel_upload.drop_guard();
@@ -610,9 +617,16 @@ impl Pool {
         let (parts, ()) = resp.into_parts();
         let len = content_length(&parts.headers);
         Ok(wire::from_peer(parts, &method, move || {
-            H3Body::new(recv, len).hold(in_flight).boxed_unsync()
+            H3Body::new(recv, len, false).hold(in_flight).boxed_unsync()
         }))
     }
+}
+
+/// The TLS server name for an endpoint: its configured one, else the trust domain.
+pub(crate) fn server_name(ep: &Endpoint) -> String {
+    ep.server_name
+        .clone()
+        .unwrap_or_else(|| ep.identity.trust_domain().to_string())
 }
 
 /// What a stream that failed before its response tells about the request.

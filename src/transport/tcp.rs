@@ -27,6 +27,7 @@ use super::wire::{
 use crate::accept::Listener;
 use crate::body::{held, BodyError, ProxyBody};
 use crate::config::Quic as QuicConfig;
+use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Transport;
 use crate::identity::{peer_of, IdentityError, IdentityRx, Material, PeerId};
@@ -264,14 +265,18 @@ impl Pool {
     /// The live connection to `addr` proving `expected`, or a new one (one handshake at a time).
     async fn get(
         self: &Arc<Self>,
-        addr: SocketAddr,
-        expected: &PeerId,
+        ep: &Endpoint,
         connect_timeout: Duration,
     ) -> Result<H2Conn, ProxyError> {
-        let (this, id) = (self.clone(), expected.clone());
+        let (this, id, sni) = (
+            self.clone(),
+            ep.identity.clone(),
+            super::quic::server_name(ep),
+        );
+        let addr = ep.address;
         self.slots
-            .get(addr, expected, move || async move {
-                match tokio::time::timeout(connect_timeout, this.connect(addr, &id)).await {
+            .get(addr, &ep.identity, move || async move {
+                match tokio::time::timeout(connect_timeout, this.connect(addr, &id, &sni)).await {
                     Ok(r) => r,
                     Err(_) => {
                         this.tel
@@ -291,7 +296,12 @@ impl Pool {
         self.slots.evict(addr, expected, |c| !c.is_alive());
     }
 
-    async fn connect(&self, addr: SocketAddr, expected: &PeerId) -> Result<H2Conn, ProxyError> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: &PeerId,
+        sni: &str,
+    ) -> Result<H2Conn, ProxyError> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| connect_failed(format!("cannot connect to peer {addr} (TCP): {e}")))?;
@@ -301,8 +311,8 @@ impl Pool {
         let tls = material
             .client_config(expected.clone(), mismatch.clone(), vec![ALPN_H2.to_vec()])
             .map_err(|e| connect_failed(format!("cannot build TLS config: {e}")))?;
-        let name = ServerName::try_from(expected.trust_domain().to_string())
-            .map_err(|e| connect_failed(format!("bad trust domain for SNI: {e}")))?;
+        let name = ServerName::try_from(sni.to_string())
+            .map_err(|e| connect_failed(format!("bad server name `{sni}`: {e}")))?;
         let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(name, tcp)
             .await
@@ -395,14 +405,14 @@ impl Pool {
     /// comes back.
     pub(crate) async fn exchange(
         self: &Arc<Self>,
-        addr: SocketAddr,
-        identity: &PeerId,
+        ep: &Endpoint,
         head: Request<()>,
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {
+        let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
-        let conn = match self.get(addr, identity, connect_timeout).await {
+        let conn = match self.get(ep, connect_timeout).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::new(e, body.unread())),
         };
