@@ -51,6 +51,9 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    // UDP segmentation offload batches datagrams; a receiver reading with 1,500-byte buffers
+    // (Envoy without `prefer_gro`) drops the batches, so it can be turned off.
+    t.enable_segmentation_offload(cfg.segmentation_offload);
     let bidi = if server {
         cfg.max_concurrent_streams
     } else {
@@ -511,8 +514,11 @@ impl Pool {
             }
             Ok(Ok(conn)) => conn,
         };
+        // No GREASE frames on request streams: h3 writes one between a request's HEADERS and
+        // its FIN, so a bodyless request would not end with its HEADERS.
         let (mut driver, send) = h3::client::builder()
             .max_field_section_size(MAX_FIELD_SECTION)
+            .send_grease(false)
             .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
             .await
             .map_err(|e| connect_failed(format!("HTTP/3 setup with peer {addr} failed: {e}")))?;

@@ -9,6 +9,7 @@ mod config;
 mod dns;
 mod errors;
 mod faults;
+mod interop;
 mod mtls;
 mod process;
 mod resilience;
