@@ -106,6 +106,11 @@ impl LocalApp {
             PEER_IDENTITY,
             HeaderValue::from_str(peer.as_str()).expect("SPIFFE IDs are visible ASCII"),
         );
+        // We take response trailers and carry them on (hyper's server sends them only to a
+        // client that says so).
+        parts
+            .headers
+            .insert(http::header::TE, HeaderValue::from_static("trailers"));
         parts.headers.insert(
             http::header::HOST,
             HeaderValue::from_str(authority).expect("authority is a valid header value"),

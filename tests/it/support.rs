@@ -361,6 +361,28 @@ async fn upstream(
         });
         return Response::new(StreamBody::new(stream).boxed_unsync());
     }
+    if path == "/trailers" {
+        // Answers with the request's `x-req-trailer` trailer in the body, and a trailer of its
+        // own (announced in `Trailer`, as HTTP/1.1 wants).
+        let collected = body.collect().await.unwrap();
+        let got = collected
+            .trailers()
+            .and_then(|t| t.get("x-req-trailer"))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_else(|| "none".into());
+        record(0);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-resp-trailer", http::HeaderValue::from_static("done"));
+        let frames: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = vec![
+            Ok(Frame::data(Bytes::from(format!("trailer {got}")))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let mut resp =
+            Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync());
+        resp.headers_mut()
+            .insert("trailer", http::HeaderValue::from_static("x-resp-trailer"));
+        return resp;
+    }
     if path == "/echo" {
         let data = body
             .collect()

@@ -414,3 +414,37 @@ async fn auto_falls_back_to_tcp_when_udp_is_closed_and_returns_to_quic() {
             && client.connections_opened(Transport::Tcp) >= 1
     );
 }
+
+crate::over_transports! {
+    async fn trailers_pass_both_ways(t) {
+        use http_body_util::BodyExt;
+        let pair = Pair::over(t).await;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-req-trailer", http::HeaderValue::from_static("checksum-1"));
+        let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, Box<dyn std::error::Error + Send + Sync>>> = vec![
+            Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"payload"))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+        let req = http::Request::post("/trailers")
+            .header("host", "hello")
+            .header("te", "trailers")
+            .header("trailer", "x-req-trailer")
+            .body(body)
+            .unwrap();
+        let stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        let collected = resp.into_body().collect().await.unwrap();
+        let got_trailers = collected.trailers().cloned();
+        assert_eq!(&collected.to_bytes()[..], b"trailer checksum-1", "request trailer lost");
+        assert_eq!(
+            got_trailers.and_then(|t| t.get("x-resp-trailer").cloned()),
+            Some(http::HeaderValue::from_static("done")),
+            "response trailer lost"
+        );
+    }
+}
