@@ -386,3 +386,60 @@ async fn quicar_calls_envoy_over_http3() {
 async fn quicar_calls_envoy_over_http2() {
     quicar_calls_envoy("tcp").await
 }
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("QUICAR_PYTHON") {
+        return p.into();
+    }
+    PathBuf::from("/opt/quicar-ci/venv/bin/python")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs aioquic: pip install aioquic"]
+async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
+    let pki = Pki::new();
+    pki.identity("web");
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let dir = pki.path();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/aioquic_client.py");
+    let (host, port) = (server.inbound.ip().to_string(), server.inbound.port().to_string());
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.to_path_buf();
+        move || {
+            Command::new(python())
+                .arg(script)
+                .args([&host, &port])
+                .arg(dir.join("ca.crt"))
+                .arg(dir.join("web.crt"))
+                .arg(dir.join("web.key"))
+                .output()
+                .expect("python with aioquic (pip install aioquic; .ci/run installs it)")
+        }
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    println!("{v:#}");
+    assert_eq!(v["plain"]["status"], 200, "{v:#}");
+    assert_eq!(v["unknown_frame_first"]["status"], 200, "unknown frame types are ignored: {v:#}");
+    assert!(
+        v["data_before_headers"]["status"].is_null(),
+        "DATA before HEADERS is not a request: {v:#}"
+    );
+    assert_eq!(v["oversized_headers"]["status"], 431, "{v:#}");
+    assert_eq!(v["oversized_headers"]["error_kind"], "headers-too-large");
+    assert_eq!(v["reset_mid_body"]["status"], 200, "the connection survives a reset stream: {v:#}");
+    assert_eq!(v["still_healthy"]["status"], 200, "{v:#}");
+    assert!(
+        upstream
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.path != "/sink" || s.body_len < 1000),
+        "a body reset midway never reached the app whole"
+    );
+}
