@@ -403,7 +403,10 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
     let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
     let dir = pki.path();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/aioquic_client.py");
-    let (host, port) = (server.inbound.ip().to_string(), server.inbound.port().to_string());
+    let (host, port) = (
+        server.inbound.ip().to_string(),
+        server.inbound.port().to_string(),
+    );
     let out = tokio::task::spawn_blocking({
         let dir = dir.to_path_buf();
         move || {
@@ -420,18 +423,28 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     println!("{v:#}");
     assert_eq!(v["plain"]["status"], 200, "{v:#}");
-    assert_eq!(v["unknown_frame_first"]["status"], 200, "unknown frame types are ignored: {v:#}");
+    assert_eq!(
+        v["unknown_frame_first"]["status"], 200,
+        "unknown frame types are ignored: {v:#}"
+    );
     assert!(
         v["data_before_headers"]["status"].is_null(),
         "DATA before HEADERS is not a request: {v:#}"
     );
     assert_eq!(v["oversized_headers"]["status"], 431, "{v:#}");
     assert_eq!(v["oversized_headers"]["error_kind"], "headers-too-large");
-    assert_eq!(v["reset_mid_body"]["status"], 200, "the connection survives a reset stream: {v:#}");
+    assert_eq!(
+        v["reset_mid_body"]["status"], 200,
+        "the connection survives a reset stream: {v:#}"
+    );
     assert_eq!(v["still_healthy"]["status"], 200, "{v:#}");
     assert!(
         upstream
