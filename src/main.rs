@@ -106,6 +106,13 @@ enum Command {
     },
     /// Print the man page (roff): `quicar man > /usr/local/share/man/man1/quicar.1`.
     Man,
+    /// Exit 0 when a running sidecar's admin listener answers `/live` with 200 (a container
+    /// HEALTHCHECK that needs no curl).
+    Health {
+        /// The sidecar's admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
     /// A development CA and workload certificates (not for production).
     Certs {
         #[command(subcommand)]
@@ -156,6 +163,26 @@ enum CertsCommand {
         #[arg(long, default_value = "quicar.local")]
         trust_domain: String,
     },
+}
+
+/// `GET /live` on the admin listener, bounded to 2 s.
+fn health(admin: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let limit = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, limit)
+        .with_context(|| format!("admin listener {admin}"))?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
+    s.write_all(b"GET /live HTTP/1.1\r\nhost: quicar\r\nconnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{admin}/live answered {}",
+        String::from_utf8_lossy(&head)
+    );
+    println!("live");
+    Ok(())
 }
 
 /// What `run` would load besides the config itself: the identity files (certificate, key and
@@ -223,6 +250,7 @@ fn run() -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "quicar", &mut std::io::stdout());
             Ok(())
         }
+        Command::Health { admin } => health(admin),
         Command::Man => {
             use clap::CommandFactory;
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;

@@ -6,6 +6,7 @@
 mod cache;
 mod cli;
 mod config;
+mod deploy;
 mod dns;
 mod errors;
 mod faults;
