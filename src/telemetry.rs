@@ -40,6 +40,7 @@ pub struct Telemetry {
     live: Mutex<Live>,
     ready: AtomicBool,
     started: Instant,
+    started_at: SystemTime,
 }
 
 impl Telemetry {
@@ -79,6 +80,7 @@ impl Telemetry {
             live: Mutex::new(Live::default()),
             ready: AtomicBool::new(false),
             started: Instant::now(),
+            started_at: SystemTime::now(),
         }))
     }
 
@@ -173,7 +175,7 @@ impl Telemetry {
         self.live
             .lock()
             .expect("not poisoned")
-            .peer(peer, rtt, lost, sent);
+            .peer(peer, rtt, cwnd, lost, sent);
     }
 
     pub fn cache_bytes(&self, service: &str, bytes: u64) {
@@ -189,7 +191,12 @@ impl Telemetry {
 
     /// The series the dashboard draws, as JSON-ready data.
     pub fn dashboard_data(&self) -> DashboardData {
-        self.live.lock().expect("not poisoned").data()
+        let start_unix = self
+            .started_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.live.lock().expect("not poisoned").data(start_unix)
     }
 }
 

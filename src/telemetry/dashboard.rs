@@ -1,6 +1,6 @@
 //! The dashboard's series: per-second aggregates (request count, a log-scale latency
-//! histogram for p50/p99, errors by kind, cache hits, QUIC RTT/loss) kept for a bounded number
-//! of seconds, and the JSON the page polls.
+//! histogram for p50/p99, errors by kind, cache hits, QUIC RTT/congestion window/loss) kept
+//! for 15 minutes in a ring of fixed length (bounded memory), and the JSON the page polls.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -11,7 +11,37 @@ use super::metrics::Direction;
 use crate::error::ErrorKind;
 use crate::facts::{CacheOutcome, Transport};
 
-const LIVE_SECONDS: usize = 300;
+/// 15 minutes of per-second history.
+const LIVE_SECONDS: usize = 900;
+
+/// What one latency/rate series is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct SeriesKey {
+    direction: Direction,
+    service: String,
+    transport: Option<Transport>,
+}
+
+impl SeriesKey {
+    /// The series' name in words, for legends.
+    fn label(&self) -> String {
+        let over = |t: Transport| match t {
+            Transport::Quic => "over QUIC",
+            Transport::Tcp => "over TCP",
+        };
+        match (self.direction, self.transport) {
+            (Direction::Outbound, Some(t)) => format!("{} {}", self.service, over(t)),
+            (Direction::Outbound, None) if self.service == "-" => {
+                "requests for unknown services".to_string()
+            }
+            (Direction::Outbound, None) => {
+                format!("{}, answered here (cache or sidecar error)", self.service)
+            }
+            (Direction::Inbound, Some(t)) => format!("peers → {} {}", self.service, over(t)),
+            (Direction::Inbound, None) => format!("peers → {}", self.service),
+        }
+    }
+}
 
 #[derive(Default)]
 pub(super) struct Live {
@@ -31,18 +61,12 @@ impl Live {
         error: Option<ErrorKind>,
         cache: Option<CacheOutcome>,
     ) {
-        let series = match (direction, transport) {
-            (Direction::Inbound, t) => {
-                format!("inbound {service} · {}", t.map_or("-", Transport::as_str))
-            }
-            (Direction::Outbound, None) => format!("{service} · answered by the sidecar"),
-            (Direction::Outbound, Some(t)) => format!("{service} · {}", t.as_str()),
+        let key = SeriesKey {
+            direction,
+            service: service.to_string(),
+            transport,
         };
-        self.current
-            .series
-            .entry(series)
-            .or_default()
-            .record(elapsed);
+        self.current.series.entry(key).or_default().record(elapsed);
         if let Some(kind) = error {
             *self
                 .current
@@ -60,9 +84,10 @@ impl Live {
     }
 
     /// One QUIC path sample of a peer endpoint.
-    pub(super) fn peer(&mut self, peer: &str, rtt: Duration, lost: u64, sent: u64) {
+    pub(super) fn peer(&mut self, peer: &str, rtt: Duration, cwnd: u64, lost: u64, sent: u64) {
         let p = self.current_peers.entry(peer.to_string()).or_default();
         p.rtt_ms = rtt.as_secs_f64() * 1000.0;
+        p.cwnd = cwnd;
         p.lost += lost;
         p.sent += sent;
     }
@@ -77,16 +102,18 @@ impl Live {
         }
     }
 
-    /// The series the dashboard draws.
-    pub(super) fn data(&self) -> DashboardData {
+    /// The series the dashboard draws; `start_unix` is when second 0 was.
+    pub(super) fn data(&self, start_unix: u64) -> DashboardData {
         let t: Vec<u64> = self.seconds.iter().map(|(t, _, _)| *t).collect();
         let mut data = DashboardData {
             t,
+            start_unix,
             ..DashboardData::default()
         };
         let n = self.seconds.len();
         for (i, (_, sec, peers)) in self.seconds.iter().enumerate() {
-            for (series, agg) in &sec.series {
+            for (key, agg) in &sec.series {
+                let series = key.label();
                 let rate = data
                     .rate
                     .entry(series.clone())
@@ -102,6 +129,19 @@ impl Live {
                     .entry(series.clone())
                     .or_insert_with(|| vec![None; n]);
                 p99[i] = agg.quantile(0.99);
+                // QUIC and TCP side by side, per called service.
+                if let (Direction::Outbound, Some(t)) = (key.direction, key.transport) {
+                    let c = data
+                        .compare
+                        .entry(key.service.clone())
+                        .or_default()
+                        .entry(t.as_str().to_string())
+                        .or_insert_with(|| Compare::new(n));
+                    c.rate[i] = agg.count as f64;
+                    c.p50_ms[i] = agg.quantile(0.5);
+                    c.p99_ms[i] = agg.quantile(0.99);
+                    c.requests += agg.count;
+                }
             }
             for (kind, count) in &sec.errors {
                 let e = data
@@ -123,6 +163,15 @@ impl Live {
                     .entry(peer.clone())
                     .or_insert_with(|| vec![None; n]);
                 r[i] = Some(p.rtt_ms);
+                data.peers.insert(
+                    peer.clone(),
+                    PeerNow {
+                        rtt_ms: p.rtt_ms,
+                        cwnd_bytes: p.cwnd,
+                        loss_pct: (p.sent > 0).then(|| 100.0 * p.lost as f64 / p.sent as f64),
+                        seconds_ago: (n - 1 - i) as u64,
+                    },
+                );
                 let l = data
                     .quic_loss_pct
                     .entry(peer.clone())
@@ -136,7 +185,7 @@ impl Live {
 
 #[derive(Default)]
 struct Second {
-    series: HashMap<String, Agg>,
+    series: HashMap<SeriesKey, Agg>,
     errors: HashMap<String, u64>,
     cache: HashMap<String, (u64, u64)>,
 }
@@ -144,6 +193,7 @@ struct Second {
 #[derive(Default, Clone)]
 struct PeerSecond {
     rtt_ms: f64,
+    cwnd: u64,
     lost: u64,
     sent: u64,
 }
@@ -187,8 +237,10 @@ impl Agg {
 /// The dashboard's JSON: one value per second for each series.
 #[derive(Debug, Default, Serialize)]
 pub struct DashboardData {
+    /// Seconds since start of each point; `start_unix + t` is its wall-clock time.
     pub t: Vec<u64>,
-    /// Requests per second, by "service · transport" ("inbound …" for the inbound side).
+    pub start_unix: u64,
+    /// Requests per second, by series named in words ("hello over QUIC", "peers → hello…").
     pub rate: BTreeMap<String, Vec<f64>>,
     pub p50_ms: BTreeMap<String, Vec<Option<f64>>>,
     pub p99_ms: BTreeMap<String, Vec<Option<f64>>>,
@@ -197,6 +249,40 @@ pub struct DashboardData {
     pub quic_rtt_ms: BTreeMap<String, Vec<Option<f64>>>,
     pub quic_loss_pct: BTreeMap<String, Vec<Option<f64>>>,
     pub cache_hit_ratio: BTreeMap<String, Vec<Option<f64>>>,
+    /// Per called service, per transport ("quic", "tcp"): rate and latency side by side.
+    pub compare: BTreeMap<String, BTreeMap<String, Compare>>,
+    /// The latest path state of each QUIC peer endpoint.
+    pub peers: BTreeMap<String, PeerNow>,
+}
+
+/// One transport's share of a service's traffic.
+#[derive(Debug, Default, Serialize)]
+pub struct Compare {
+    pub rate: Vec<f64>,
+    pub p50_ms: Vec<Option<f64>>,
+    pub p99_ms: Vec<Option<f64>>,
+    /// Requests over the whole history.
+    pub requests: u64,
+}
+
+impl Compare {
+    fn new(n: usize) -> Self {
+        Self {
+            rate: vec![0.0; n],
+            p50_ms: vec![None; n],
+            p99_ms: vec![None; n],
+            requests: 0,
+        }
+    }
+}
+
+/// A QUIC peer endpoint's path, as last sampled.
+#[derive(Debug, Serialize)]
+pub struct PeerNow {
+    pub rtt_ms: f64,
+    pub cwnd_bytes: u64,
+    pub loss_pct: Option<f64>,
+    pub seconds_ago: u64,
 }
 
 #[cfg(test)]

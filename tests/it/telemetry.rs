@@ -368,12 +368,33 @@ async fn grafana_dashboard_references_only_exported_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs chromium: apt-get install chromium fonts-dejavu-core"]
 async fn dashboard_renders_live_charts_in_headless_chromium() {
-    let pair = Pair::start_with("cache = { max_bytes = \"1MiB\" }", "").await;
-    // Traffic for a few seconds (bounded): plain requests, cache hits, one error kind.
-    let out = pair.out();
+    // One service over QUIC and the same one over TCP, with a cache, so every panel has data.
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(
+        &pki,
+        &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
+            + &format!(
+                "[[local]]\nname = \"hello-tcp\"\naddress = \"{}\"\n",
+                upstream.addr
+            )),
+    )
+    .await;
+    let client = sidecar(
+        &pki,
+        &(client_toml(&pki, &[server.inbound], "cache = { max_bytes = \"1MiB\" }")
+            + &format!(
+                "[[service]]\nname = \"hello-tcp\"\ntransport = \"tcp\"\nendpoints = [{{ address = \"{}\", identity = \"spiffe://quicar.local/hello\" }}]\n",
+                server.inbound
+            )),
+    )
+    .await;
+    // Traffic for a few seconds (bounded): both transports, cache hits, one error kind.
+    let out = client.outbound;
     let traffic = tokio::spawn(async move {
         for i in 0..60 {
             get(out, "hello", "/").await;
+            get(out, "hello-tcp", "/").await;
             get(out, "hello", "/c/d?cc=max-age=60").await;
             if i % 10 == 0 {
                 get(out, "nowhere", "/").await;
@@ -383,7 +404,8 @@ async fn dashboard_renders_live_charts_in_headless_chromium() {
     });
     // The series need a couple of one-second ticks.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let url = format!("http://{}/dashboard", pair.client.admin);
+    let pair_admin = client.admin;
+    let url = format!("http://{pair_admin}/dashboard");
     let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let png = shots.join("dashboard.png");
     let profile = tempfile::tempdir().unwrap();
@@ -438,6 +460,39 @@ async fn dashboard_renders_live_charts_in_headless_chromium() {
         assert!(points(chart) > 0, "chart {chart} rendered no data");
     }
     assert!(dom.contains("<polyline"), "no lines drawn");
+    let rows = |id: &str| -> usize {
+        let at = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no table {id}"));
+        let tag = &dom[dom[..at].rfind('<').unwrap()..at + dom[at..].find('>').unwrap()];
+        let v = tag.split("data-rows=\"").nth(1).unwrap();
+        v[..v.find('"').unwrap()].parse().unwrap()
+    };
+    // QUIC and TCP side by side for the services that use them.
+    assert!(
+        dom.contains("data-service=\"hello\" data-transport=\"quic\""),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("data-service=\"hello-tcp\" data-transport=\"tcp\""),
+        "{dom}"
+    );
+    assert!(rows("endpoints") >= 2, "endpoints table");
+    assert!(rows("peers") >= 1, "peers table");
+    // Human units on the axes (no 1.66e+4), a time axis, legends in words.
+    assert!(
+        !dom.contains("e+") && !dom.contains("e-0"),
+        "raw numbers on an axis"
+    );
+    assert!(dom.contains("class=\"time\""), "no time axis");
+    assert!(
+        dom.contains("hello over QUIC") && dom.contains("hello-tcp over TCP"),
+        "legends"
+    );
+    assert!(
+        !dom.contains("answered by the sidecar ·"),
+        "old cryptic legend"
+    );
     let shot = shots.join("dashboard.png");
     let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     assert!(
@@ -446,6 +501,7 @@ async fn dashboard_renders_live_charts_in_headless_chromium() {
         shot.display()
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+    drop((client, server, upstream));
 }
 
 /// Waits for a child at most `limit`, killing it by PID after that; returns its stdout.
