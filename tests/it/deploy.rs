@@ -46,7 +46,7 @@ fn kubernetes_manifests_pass_the_kubernetes_schemas() {
         "configmap.yaml",
         "deployment.yaml",
         "service.yaml",
-        "certificate.yaml",
+        "secret.yaml",
     ];
     let (ok, text) = run(Command::new(tool("kubernetes-validate"))
         .arg("--strict")
