@@ -211,7 +211,7 @@ impl Cache {
         let Some(entry) = self.store.get(key) else {
             return Lookup::Miss;
         };
-        let req = &normalize::request(req);
+        let req = &*normalize::request(req);
         let now = self.clock.now();
         for v in &entry.variants {
             match v.policy.before_request(req, now) {
@@ -271,9 +271,22 @@ impl Cache {
             normalize::request(req),
             normalize::response(resp, &self.targeted),
         );
-        let policy =
-            CachePolicy::new_options(&req, &resp, self.clock.now(), CacheOptions::default());
-        policy.is_storable().then_some(policy)
+        let now = self.clock.now();
+        let policy = CachePolicy::new_options(&*req, &resp, now, CacheOptions::default());
+        if !policy.is_storable() {
+            return None;
+        }
+        // Stale at once and nothing to revalidate it with: every later request would go to the
+        // origin anyway, so storing it would only cost (an uncacheable API response, typically).
+        // It is kept when a stale copy may still answer (stale-if-error, outages).
+        let cc = cache_control(resp.headers.get_all(http::header::CACHE_CONTROL));
+        let useful = !policy.time_to_live(now).is_zero()
+            || resp.headers.contains_key(http::header::ETAG)
+            || resp.headers.contains_key(http::header::LAST_MODIFIED)
+            || cc.contains_key("stale-if-error")
+            || cc.contains_key("stale-while-revalidate")
+            || !self.stale_on_connect_failure.is_zero();
+        useful.then_some(policy)
     }
 
     /// Whether a body of this declared size is worth buffering.
@@ -296,10 +309,8 @@ impl Cache {
     ) {
         let now = self.clock.now();
         let status = resp.status;
-        let (req, resp) = (
-            &normalize::request(req),
-            &normalize::response(resp, &self.targeted),
-        );
+        let req = &*normalize::request(req);
+        let resp = &normalize::response(resp, &self.targeted);
         let res_cc = cache_control(resp.headers.get_all(http::header::CACHE_CONTROL));
         let revalidate_only = res_cc.contains_key("must-revalidate")
             || res_cc.contains_key("proxy-revalidate")
@@ -345,7 +356,7 @@ impl Cache {
         req: &http::request::Parts,
         resp: &http::response::Parts,
     ) -> Option<(http::response::Parts, Bytes)> {
-        let req = &normalize::request(req);
+        let req = &*normalize::request(req);
         let mut resp = normalize::response(resp, &self.targeted);
         if !is_conditional(req) {
             // The conditional request carried only our stored validators, so the 304 speaks of
@@ -392,7 +403,7 @@ impl Cache {
         let Some(mut entry) = self.store.get(key) else {
             return;
         };
-        let mut as_get = normalize::request(req);
+        let mut as_get = normalize::request(req).into_owned();
         as_get.method = Method::GET;
         let resp = normalize::response(resp, &self.targeted);
         let now = self.clock.now();

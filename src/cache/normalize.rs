@@ -173,7 +173,12 @@ pub(crate) fn response(
 
 /// The request head as cache matching should see it: directive names lower-cased, list-valued
 /// fields with their members trimmed and sorted.
-pub(crate) fn request(parts: &http::request::Parts) -> http::request::Parts {
+pub(crate) fn request(parts: &http::request::Parts) -> std::borrow::Cow<'_, http::request::Parts> {
+    // Most requests have nothing to normalise: no copy then (this runs on every cache lookup).
+    let h = &parts.headers;
+    if !h.contains_key(CACHE_CONTROL) && !LIST_FIELDS.iter().any(|f| h.contains_key(*f)) {
+        return std::borrow::Cow::Borrowed(parts);
+    }
     let mut out = http::Request::new(()).into_parts().0;
     out.method = parts.method.clone();
     out.uri = parts.uri.clone();
@@ -205,7 +210,7 @@ pub(crate) fn request(parts: &http::request::Parts) -> http::request::Parts {
             out.headers.insert(*name, v);
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 pub(crate) fn imf(t: std::time::SystemTime) -> HeaderValue {

@@ -88,9 +88,12 @@ impl LocalApp {
                 return Err(too_large(local, limit));
             }
         }
-        let Ok(Ok(slot)) =
-            tokio::time::timeout(QUEUE_WAIT, local.slots.clone().acquire_owned()).await
-        else {
+        // A free slot is taken without a timer (the common case); only a full one waits.
+        let slot = match local.slots.clone().try_acquire_owned() {
+            Ok(p) => Ok(Ok(p)),
+            Err(_) => tokio::time::timeout(QUEUE_WAIT, local.slots.clone().acquire_owned()).await,
+        };
+        let Ok(Ok(slot)) = slot else {
             return Err(ProxyError::new(
                 ErrorKind::Overloaded,
                 Side::LocalApp,
