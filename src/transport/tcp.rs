@@ -447,8 +447,14 @@ impl Pool {
                 let text = e.error().to_string();
                 let err = match conn.refusal(addr).await {
                     Some(r) => r,
+                    // Not sent: on a connection that never answered, the peer did not take
+                    // the connection at all (it refused us after the handshake).
                     None if unsent.is_some() || is_refused_stream(e.error()) => ProxyError::new(
-                        ErrorKind::PeerReset,
+                        if conn.never_answered() {
+                            ErrorKind::ConnectFailed
+                        } else {
+                            ErrorKind::PeerReset
+                        },
                         Side::Peer,
                         format!("peer {addr} did not take the request: {text}"),
                     )
