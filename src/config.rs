@@ -243,7 +243,8 @@ pub struct Quic {
     /// (doubling up to 60 s).
     #[serde(default = "default_fallback_retry", with = "humantime_serde")]
     pub fallback_retry: Duration,
-    /// quinn's congestion controller.
+    /// quinn's congestion controller (default BBR: every random loss shrinks Cubic's window,
+    /// so on a lossy link Cubic's latency collapses).
     #[serde(default)]
     pub congestion: Congestion,
     /// UDP segmentation offload (GSO): send several datagrams per system call. Turn it off
@@ -256,9 +257,10 @@ pub struct Quic {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
-    #[default]
     Cubic,
     Newreno,
+    /// The default: it holds under random loss, where Cubic collapses (BENCHMARKS.md).
+    #[default]
     Bbr,
 }
 
