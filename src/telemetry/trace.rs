@@ -48,25 +48,70 @@ pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> String {
 
 /// A new `traceparent` (version 00, sampled) with random trace and span ids.
 pub fn new_traceparent() -> String {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 24];
-    let rng = ring::rand::SystemRandom::new();
-    if rng.fill(&mut bytes).is_err() {
-        // Never seen on Linux; a time-derived id still joins the two sidecars' logs.
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        bytes[..16].copy_from_slice(&nanos.to_be_bytes());
-        bytes[16..].copy_from_slice(&(nanos as u64 | 1).to_le_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    // Trace and span ids need to be unique, not secret: a per-thread generator seeded once
+    // from the system RNG (a `getrandom` call per request cost ~4 % of a request).
+    let push = |out: &mut String, n: usize| {
+        let mut left = n;
+        while left > 0 {
+            let word = next_random();
+            for i in 0..8.min(left) {
+                let b = (word >> (i * 8)) as u8;
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 0xf)] as char);
+            }
+            left -= 8.min(left);
+        }
+    };
+    push(&mut out, 16);
+    out.push('-');
+    push(&mut out, 8);
+    out.push_str("-01");
+    out
+}
+
+/// xorshift64* per thread, seeded from the system RNG (or the clock if that ever fails).
+fn next_random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use ring::rand::SecureRandom;
+            let mut b = [0u8; 8];
+            if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+                let nanos = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos() as u64;
+                b = nanos.to_le_bytes();
+            }
+            u64::from_le_bytes(b) | 1
+        });
     }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{}-{}-01", &hex[..32], &hex[32..])
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_traceparents_are_valid_and_distinct() {
+        let a: std::collections::HashSet<String> = (0..1000).map(|_| new_traceparent()).collect();
+        assert_eq!(a.len(), 1000);
+        for tp in &a {
+            assert!(trace_id(tp).is_some(), "{tp}");
+            assert_eq!(tp.len(), 55);
+        }
+    }
 
     #[test]
     fn traceparent_validation() {
