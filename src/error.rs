@@ -7,7 +7,7 @@ use http::{HeaderValue, Response, StatusCode};
 use crate::body::{full, ProxyBody};
 
 /// The closed set of `quicar-error` kinds (the contract in DESIGN.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     BadRequest,
     HeadersTooLarge,

@@ -41,6 +41,28 @@ pub struct Telemetry {
     ready: AtomicBool,
     started: Instant,
     started_at: SystemTime,
+    /// Metric handles per label set, registered once: registering builds and hashes the
+    /// labels, which cost several allocations per request. Label values are bounded.
+    handles: Mutex<std::collections::HashMap<RequestKey, Arc<RequestHandles>>>,
+    in_flight: Mutex<std::collections::HashMap<(Direction, String), Gauge>>,
+}
+
+/// The labels of one request's metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RequestKey {
+    direction: Direction,
+    service: String,
+    transport: Option<Transport>,
+    class: &'static str,
+    kind: Option<ErrorKind>,
+}
+
+/// The handles a finished request updates.
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
 }
 
 impl Telemetry {
@@ -81,6 +103,8 @@ impl Telemetry {
             ready: AtomicBool::new(false),
             started: Instant::now(),
             started_at: SystemTime::now(),
+            handles: Mutex::default(),
+            in_flight: Mutex::default(),
         }))
     }
 
@@ -96,6 +120,58 @@ impl Telemetry {
     fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
         self.recorder
             .register_histogram(&key(name, labels), &METADATA)
+    }
+
+    fn request_handles(&self, key: RequestKey) -> Arc<RequestHandles> {
+        if let Some(h) = self.handles.lock().expect("not poisoned").get(&key) {
+            return h.clone();
+        }
+        let transport = key.transport.map_or("-", Transport::as_str);
+        let dir = key.direction.as_str();
+        let base = [
+            ("direction", dir.to_string()),
+            ("service", key.service.clone()),
+            ("transport", transport.to_string()),
+        ];
+        let h = Arc::new(RequestHandles {
+            requests: self.counter(
+                REQUESTS,
+                &[
+                    ("direction", dir.to_string()),
+                    ("service", key.service.clone()),
+                    ("transport", transport.to_string()),
+                    ("status_class", key.class.into()),
+                    (
+                        "error_kind",
+                        key.kind.map_or("none", ErrorKind::as_str).into(),
+                    ),
+                ],
+            ),
+            duration: self.histogram(REQUEST_DURATION, &base),
+            bytes_in: self.counter(REQUEST_BYTES, &base),
+            bytes_out: self.counter(RESPONSE_BYTES, &base),
+        });
+        self.handles
+            .lock()
+            .expect("not poisoned")
+            .insert(key, h.clone());
+        h
+    }
+
+    fn in_flight_gauge(&self, direction: Direction, service: &str) -> Gauge {
+        let mut map = self.in_flight.lock().expect("not poisoned");
+        if let Some(g) = map.get(&(direction, service.to_string())) {
+            return g.clone();
+        }
+        let g = self.gauge(
+            IN_FLIGHT,
+            &[
+                ("direction", direction.as_str().into()),
+                ("service", service.to_string()),
+            ],
+        );
+        map.insert((direction, service.to_string()), g.clone());
+        g
     }
 
     /// The Prometheus text exposition.
@@ -252,13 +328,9 @@ impl RequestGuard {
     /// Counts the request in flight for `service` from now until the guard drops.
     pub fn service(&mut self, service: &str) {
         self.facts.service = service.to_string();
-        let g = self.tel.gauge(
-            IN_FLIGHT,
-            &[
-                ("direction", self.facts.direction.as_str().into()),
-                ("service", service.to_string()),
-            ],
-        );
+        let g = self
+            .tel
+            .in_flight_gauge(self.facts.direction, &self.facts.service);
         g.increment(1.0);
         self.in_flight = Some(g);
     }
@@ -293,32 +365,20 @@ impl Drop for RequestGuard {
             500..=599 => "5xx",
             _ => "none",
         };
-        let kind = f.error_kind.map_or("none", ErrorKind::as_str);
-        let dir = f.direction.as_str().to_string();
-        let base = [
-            ("direction", dir.clone()),
-            ("service", service.clone()),
-            ("transport", transport.to_string()),
-        ];
-        self.tel
-            .counter(
-                REQUESTS,
-                &[
-                    ("direction", dir.clone()),
-                    ("service", service.clone()),
-                    ("transport", transport.to_string()),
-                    ("status_class", class.into()),
-                    ("error_kind", kind.into()),
-                ],
-            )
-            .increment(1);
-        self.tel
-            .histogram(REQUEST_DURATION, &base)
-            .record(elapsed.as_secs_f64());
+        let handles = self.tel.request_handles(RequestKey {
+            direction: f.direction,
+            service: service.clone(),
+            transport: f.transport,
+            class,
+            kind: f.error_kind,
+        });
+        handles.requests.increment(1);
+        handles.duration.record(elapsed.as_secs_f64());
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let bytes_out = self.bytes_out.load(Ordering::Relaxed);
-        self.tel.counter(REQUEST_BYTES, &base).increment(bytes_in);
-        self.tel.counter(RESPONSE_BYTES, &base).increment(bytes_out);
+        handles.bytes_in.increment(bytes_in);
+        handles.bytes_out.increment(bytes_out);
+        let dir = f.direction.as_str().to_string();
         if let (Some(cache), Direction::Outbound) = (&f.cache, f.direction) {
             self.tel
                 .counter(
