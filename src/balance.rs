@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::BreakerConfig;
 use crate::discovery::Endpoint;
 use crate::identity::PeerId;
+use crate::rng::random;
 
 /// Latency assumed for an endpoint we know nothing about yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
@@ -293,28 +294,6 @@ pub(crate) fn pick_p2c(costs: &[f64], weights: &[u32], r1: f64, r2: f64) -> usiz
     } else {
         a
     }
-}
-
-/// A uniform number in [0, 1): a per-thread xorshift64* seeded once from the system RNG (the
-/// balancer draws twice per request; a getrandom syscall each time showed in the request path).
-pub(crate) fn random() -> f64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            use ring::rand::SecureRandom;
-            let mut b = [0u8; 8];
-            let _ = ring::rand::SystemRandom::new().fill(&mut b);
-            u64::from_le_bytes(b) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    })
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@
 //! - [`telemetry`]: the recorder and per-request guard; `metrics` (every name and help),
 //!   `access_log`, `dashboard`, `trace`.
 //! - `admin`: the admin listener (`/metrics`, `/ready`, `/dashboard`…).
-//! - `accept`: the accept loop the three TCP listeners share.
+//! - `accept`: the accept loop the three TCP listeners share; `rng`: the per-thread fast
+//!   random generator (balancer draws, trace ids).
 //! - [`app`]: binds everything from a config and runs it until shutdown.
 //! - [`pki`]: a dev CA (`quicar certs`).
 //! - [`bench`]: `quicar bench`, the TCP-vs-QUIC comparison over an emulated link.
@@ -50,5 +51,6 @@ pub(crate) mod outbound;
 pub mod pki;
 pub(crate) mod policy;
 pub(crate) mod resilience;
+pub(crate) mod rng;
 pub mod telemetry;
 pub(crate) mod transport;

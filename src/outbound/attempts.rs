@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::route::Route;
-use crate::balance::{random, Pick};
+use crate::balance::Pick;
 use crate::body::{
     after_body, held, BodyError, BodyFailure, Counted, Expired, Progress, ProxyBody,
 };
@@ -22,6 +22,7 @@ use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Upstream;
 use crate::headers::DEADLINE;
 use crate::resilience::{backoff, is_retryable, Failure};
+use crate::rng::random;
 use crate::telemetry::{self, Telemetry};
 use crate::transport::wire::{SendError, Upload};
 use crate::transport::Clients;

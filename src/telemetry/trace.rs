@@ -1,8 +1,6 @@
 //! W3C trace context: validate a `traceparent`, start one when the app sent none, so the
 //! access logs of both sidecars join on the trace id.
 
-use std::time::SystemTime;
-
 /// W3C trace context: the trace id of a valid `traceparent`.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.trim().split('-');
@@ -56,7 +54,7 @@ pub fn new_traceparent() -> String {
     let push = |out: &mut String, n: usize| {
         let mut left = n;
         while left > 0 {
-            let word = next_random();
+            let word = crate::rng::random_u64();
             for i in 0..8.min(left) {
                 let b = (word >> (i * 8)) as u8;
                 out.push(HEX[usize::from(b >> 4)] as char);
@@ -70,33 +68,6 @@ pub fn new_traceparent() -> String {
     push(&mut out, 8);
     out.push_str("-01");
     out
-}
-
-/// xorshift64* per thread, seeded from the system RNG (or the clock if that ever fails).
-fn next_random() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            use ring::rand::SecureRandom;
-            let mut b = [0u8; 8];
-            if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
-                let nanos = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos() as u64;
-                b = nanos.to_le_bytes();
-            }
-            u64::from_le_bytes(b) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    })
 }
 
 #[cfg(test)]
