@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -113,15 +113,6 @@ fn configmap_toml() -> String {
         .join("\n")
 }
 
-struct Dns(Child);
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs dnsmasq: apt-get install dnsmasq-base"]
 async fn the_kubernetes_config_discovers_peers_from_headless_service_srv_records() {
@@ -144,41 +135,13 @@ async fn the_kubernetes_config_discovers_peers_from_headless_service_srv_records
     // A DNS server answering as CoreDNS does for a headless Service with a named UDP port:
     // SRV _quic._udp.orders.default.svc.cluster.local → <pod>.orders.default.svc.cluster.local.
     let pod = "10-0-0-7.orders.default.svc.cluster.local";
-    let mut dns = None;
-    for _ in 0..10 {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                &format!("--port={port}"),
-                &format!(
-                    "--srv-host=_quic._udp.orders.default.svc.cluster.local,{pod},{},0,50",
-                    orders.inbound.port()
-                ),
-                &format!("--host-record={pod},127.0.0.1"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq is installed (.ci/run installs dnsmasq-base)");
-        std::thread::sleep(Duration::from_millis(300));
-        if matches!(child.try_wait(), Ok(None)) {
-            dns = Some((Dns(child), port));
-            break;
-        }
-        let _ = child.wait();
-    }
-    let (_dns, port) = dns.expect("dnsmasq started");
+    let (_dns, port) = crate::dns::dnsmasq(
+        &format!(
+            "_quic._udp.orders.default.svc.cluster.local,{pod},{},0,50",
+            orders.inbound.port()
+        ),
+        &format!("{pod},127.0.0.1"),
+    );
     // The shipped config, with only what a test must change: the identity files, the
     // listeners on port 0, the node's resolver (here: our DNS server), and the local app.
     let dir = pki.path().display();

@@ -11,7 +11,7 @@ use http::StatusCode;
 use crate::support::*;
 
 /// A DNS server process, killed (by PID) when dropped.
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -47,6 +47,30 @@ fn start_dns(mut spawn: impl FnMut(u16) -> Child) -> (Server, u16) {
     panic!("the DNS server would not start on any port");
 }
 
+/// dnsmasq answering one SRV record (`--srv-host`) and the A record of its target
+/// (`--host-record`), on a port of its own; stopped when the `Server` drops.
+pub(crate) fn dnsmasq(srv_host: &str, host_record: &str) -> (Server, u16) {
+    start_dns(|port| {
+        Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--pid-file=",
+                &format!("--port={port}"),
+                &format!("--srv-host={srv_host}"),
+                &format!("--host-record={host_record}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq is installed (.ci/run installs dnsmasq-base)")
+    })
+}
+
 fn client_with_dns(pki: &Pki, dns: SocketAddr, name: &str) -> String {
     client_toml(
         pki,
@@ -75,28 +99,13 @@ async fn srv_records_from_dnsmasq_become_endpoints() {
     let pki = Pki::new();
     let app = Upstream::start().await;
     let server = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
-    let (dnsmasq, port) = start_dns(|port| {
-        Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                &format!("--port={port}"),
-                &format!(
-                    "--srv-host=_hello._udp.mesh.test,node-b.mesh.test,{},0,1",
-                    server.inbound.port()
-                ),
-                "--host-record=node-b.mesh.test,127.0.0.1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq is installed (.ci/run installs dnsmasq-base)")
-    });
+    let (dnsmasq, port) = dnsmasq(
+        &format!(
+            "_hello._udp.mesh.test,node-b.mesh.test,{},0,1",
+            server.inbound.port()
+        ),
+        "node-b.mesh.test,127.0.0.1",
+    );
     let dns: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = sidecar(&pki, &client_with_dns(&pki, dns, "_hello._udp.mesh.test.")).await;
     first_ok(client.outbound).await;
