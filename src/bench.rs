@@ -28,6 +28,9 @@ use load::{LoadResult, LoadSpec, Mode};
 pub struct Options {
     /// Two scenarios, short runs, one round: a smoke test (`cargo bench`).
     pub quick: bool,
+    /// Both sidecars, the backend and the load generator on loopback, with no link emulation:
+    /// the transports' own overhead, and no root needed.
+    pub loopback: bool,
     pub duration: Duration,
     pub warmup: Duration,
     pub rounds: usize,
@@ -117,6 +120,8 @@ pub struct Run {
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub command: String,
+    /// `emulated` (namespaces and the TUN forwarder) or `loopback` (no emulation).
+    pub network: &'static str,
     pub quic_congestion: &'static str,
     pub tcp_congestion: String,
     pub link_rate_bps: Option<u64>,
@@ -152,15 +157,74 @@ impl Drop for Proc {
     }
 }
 
-fn in_ns(ns: &str, exe: &Path, args: &[String]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(exe).args(args);
-    c
+/// Where the pair runs: across the emulated link (namespaces, root), or all on loopback.
+enum Net {
+    Emulated(Link),
+    Loopback,
 }
 
-/// Starts `quicar internal node` in a namespace and waits for its "ready" line.
-fn node(ns: &str, exe: &Path, args: &[String]) -> Result<Proc, String> {
-    let mut child = in_ns(ns, exe, args)
+/// Which end of the pair: A (the caller, its load generator) or B (the service, its backend).
+#[derive(Clone, Copy)]
+enum End {
+    A,
+    B,
+}
+
+impl Net {
+    /// `exe args`, run at `end` (inside its namespace when the link is emulated).
+    fn command(&self, end: End, exe: &Path, args: &[String]) -> Command {
+        match self {
+            Self::Emulated(link) => {
+                let ns = match end {
+                    End::A => &link.ns_a,
+                    End::B => &link.ns_b,
+                };
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe).args(args);
+                c
+            }
+            Self::Loopback => {
+                let mut c = Command::new(exe);
+                c.args(args);
+                c
+            }
+        }
+    }
+
+    fn set(&self, p: LinkParams) {
+        if let Self::Emulated(link) = self {
+            link.set(p);
+        }
+    }
+
+    fn take(&self) -> LinkReport {
+        match self {
+            Self::Emulated(link) => link.stats.take(),
+            Self::Loopback => LinkReport::default(),
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 for both TCP and UDP just now (the sidecar's inbound needs both).
+fn free_port() -> Result<u16, String> {
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free port on 127.0.0.1".into())
+}
+
+/// Starts `quicar internal node` at one end and waits for its "ready" line.
+fn node(net: &Net, end: End, exe: &Path, args: &[String]) -> Result<Proc, String> {
+    let ns = match end {
+        End::A => "side A",
+        End::B => "side B",
+    };
+    let mut child = net
+        .command(end, exe, args)
         .env("QUICAR_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -175,10 +239,13 @@ fn node(ns: &str, exe: &Path, args: &[String]) -> Result<Proc, String> {
     }
 }
 
-async fn load_in(ns: &str, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
+async fn load_in(net: &Net, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
     let json = serde_json::to_string(spec).expect("plain struct");
-    let mut cmd =
-        tokio::process::Command::from(in_ns(ns, exe, &["internal".into(), "load".into(), json]));
+    let mut cmd = tokio::process::Command::from(net.command(
+        End::A,
+        exe,
+        &["internal".into(), "load".into(), json],
+    ));
     let out = cmd
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -191,15 +258,19 @@ async fn load_in(ns: &str, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, St
     serde_json::from_slice(&out.stdout).map_err(|e| format!("load generator output: {e}"))
 }
 
-fn scenarios(quick: bool) -> Vec<Scenario> {
+fn scenarios(quick: bool, loopback: bool) -> Vec<Scenario> {
     let mut v = Vec::new();
-    let losses: &[f64] = if quick {
-        &[0.0, 0.02]
-    } else {
-        &[0.0, 0.005, 0.02]
+    let losses: &[f64] = match (loopback, quick) {
+        (true, _) => &[0.0],
+        (false, true) => &[0.0, 0.02],
+        (false, false) => &[0.0, 0.005, 0.02],
     };
-    let delays: &[u64] = if quick { &[25] } else { &[0, 25] };
-    let workloads: &[Workload] = if quick {
+    let delays: &[u64] = match (loopback, quick) {
+        (true, _) => &[0],
+        (false, true) => &[25],
+        (false, false) => &[0, 25],
+    };
+    let workloads: &[Workload] = if quick && !loopback {
         &[Workload::Concurrent]
     } else {
         &[Workload::Small, Workload::Concurrent]
@@ -236,54 +307,73 @@ const OUTBOUND_PORT: u16 = 4140;
 
 /// Runs the whole comparison and writes the report files. Returns the Markdown.
 pub async fn run(opts: Options, command: String) -> Result<String, String> {
-    if !is_root() {
+    if !opts.loopback && !is_root() {
         return Err(
             "quicar bench needs root: it creates two network namespaces and TUN devices \
-                    for the link emulation (this kernel has no netem). Run it as root. Where \
-                    `tc netem` exists you can instead shape a real link between two hosts and \
-                    run a sidecar pair across it."
+                    for the link emulation (this kernel has no netem). Run it as root, or run \
+                    `quicar bench --loopback` (no link emulation, no root) to compare the \
+                    transports' own overhead."
                 .into(),
         );
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     write_pki(dir.path())?;
-    let common = |name: &str, inbound: &str| {
+    // Addresses: each end in its namespace on fixed ports, or all on 127.0.0.1 on free ports
+    // (each sidecar's unused listener on port 0).
+    let (addr_a, addr_b, outbound_port, sidecar_port, backend_port) = if opts.loopback {
+        (
+            "127.0.0.1",
+            "127.0.0.1",
+            free_port()?,
+            free_port()?,
+            free_port()?,
+        )
+    } else {
+        (ADDR_A, ADDR_B, OUTBOUND_PORT, SIDECAR_PORT, BACKEND_PORT)
+    };
+    let (a_inbound, b_outbound) = if opts.loopback {
+        (0, 0)
+    } else {
+        (SIDECAR_PORT, OUTBOUND_PORT)
+    };
+    let common = |name: &str, outbound: u16, inbound: String| {
         format!(
             "[node]\nname = \"{name}\"\ndrain_timeout = \"1s\"\n\
              [identity]\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\nca = \"ca.crt\"\n\
-             [outbound]\nlisten = \"127.0.0.1:{OUTBOUND_PORT}\"\ntransport_header = true\n\
-             [inbound]\nlisten = \"{inbound}:{SIDECAR_PORT}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [outbound]\nlisten = \"127.0.0.1:{outbound}\"\ntransport_header = true\n\
+             [inbound]\nlisten = \"{inbound}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [quic]\ncongestion = \"{}\"\n",
             opts.congestion.as_str()
         )
     };
-    let b = common("hello", ADDR_B)
+    let b = common("hello", b_outbound, format!("{addr_b}:{sidecar_port}"))
         + &format!(
-            "[[local]]\nname = \"hello-quic\"\naddress = \"{ADDR_B}:{BACKEND_PORT}\"\n\
-             [[local]]\nname = \"hello-tcp\"\naddress = \"{ADDR_B}:{BACKEND_PORT}\"\n"
+            "[[local]]\nname = \"hello-quic\"\naddress = \"{addr_b}:{backend_port}\"\n\
+             [[local]]\nname = \"hello-tcp\"\naddress = \"{addr_b}:{backend_port}\"\n"
         );
-    let mut a = common("web", ADDR_A);
+    let mut a = common("web", outbound_port, format!("{addr_a}:{a_inbound}"));
     for t in [Transport::Quic, Transport::Tcp].map(Transport::as_str) {
         a += &format!(
             "[[service]]\nname = \"hello-{t}\"\ntransport = \"{t}\"\ntimeout = \"120s\"\nmax_concurrent = 100000\n\
              retry = {{ attempts = 1 }}\n\
-             endpoints = [{{ address = \"{ADDR_B}:{SIDECAR_PORT}\", identity = \"spiffe://quicar.local/hello\" }}]\n"
+             endpoints = [{{ address = \"{addr_b}:{sidecar_port}\", identity = \"spiffe://quicar.local/hello\" }}]\n"
         );
     }
     std::fs::write(dir.path().join("a.toml"), a).map_err(|e| e.to_string())?;
     std::fs::write(dir.path().join("b.toml"), b).map_err(|e| e.to_string())?;
 
-    let tag = format!("{}", std::process::id() % 100_000);
-    let link = Link::create(&tag)?;
-    let tcp_congestion = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &link.ns_a,
-            "sysctl",
-            "-n",
-            "net.ipv4.tcp_congestion_control",
-        ])
+    let net = if opts.loopback {
+        Net::Loopback
+    } else {
+        let tag = format!("{}", std::process::id() % 100_000);
+        Net::Emulated(Link::create(&tag)?)
+    };
+    let tcp_congestion = net
+        .command(
+            End::A,
+            Path::new("sysctl"),
+            &["-n".into(), "net.ipv4.tcp_congestion_control".into()],
+        )
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -292,7 +382,8 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
     let s = |x: &str| x.to_string();
     let cfg = |f: &str| dir.path().join(f).display().to_string();
     let _b = node(
-        &link.ns_b,
+        &net,
+        End::B,
         &opts.exe,
         &[
             s("internal"),
@@ -300,19 +391,20 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
             s("--config"),
             cfg("b.toml"),
             s("--backend"),
-            format!("{ADDR_B}:{BACKEND_PORT}"),
+            format!("{addr_b}:{backend_port}"),
         ],
     )?;
     let _a = node(
-        &link.ns_a,
+        &net,
+        End::A,
         &opts.exe,
         &[s("internal"), s("node"), s("--config"), cfg("a.toml")],
     )?;
 
     let mut runs = Vec::new();
     let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
-    for sc in scenarios(opts.quick) {
-        link.set(LinkParams {
+    for sc in scenarios(opts.quick, opts.loopback) {
+        net.set(LinkParams {
             delay: Duration::from_millis(sc.delay_ms),
             jitter: Duration::ZERO,
             loss: sc.loss,
@@ -323,11 +415,11 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
             for target in Target::ALL {
                 let (connect, host): (SocketAddr, String) = match target {
                     Target::Direct => (
-                        format!("{ADDR_B}:{BACKEND_PORT}").parse().expect("addr"),
+                        format!("{addr_b}:{backend_port}").parse().expect("addr"),
                         "backend".into(),
                     ),
                     Target::Via(t) => (
-                        format!("127.0.0.1:{OUTBOUND_PORT}").parse().expect("addr"),
+                        format!("127.0.0.1:{outbound_port}").parse().expect("addr"),
                         format!("hello-{}", t.as_str()),
                     ),
                 };
@@ -356,9 +448,9 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
                         request_size: opts.request_size,
                     },
                 };
-                let _ = link.stats.take();
-                let result = load_in(&link.ns_a, &opts.exe, &spec).await?;
-                let report = link.stats.take();
+                let _ = net.take();
+                let result = load_in(&net, &opts.exe, &spec).await?;
+                let report = net.take();
                 eprintln!(
                     "{:>30} loss {:>4.1}% delay {:>2} ms {:>6} round {}: p50 {:>8.2} ms p99 {:>8.2} ms {:>8.0} rps {} errors",
                     sc.workload.label(),
@@ -383,6 +475,11 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
     }
     let report = Report {
         command,
+        network: if opts.loopback {
+            "loopback"
+        } else {
+            "emulated"
+        },
         quic_congestion: opts.congestion.as_str(),
         tcp_congestion,
         link_rate_bps: opts.rate_limit_bps,
@@ -444,12 +541,16 @@ fn unique_scenarios(report: &Report) -> Vec<Scenario> {
 /// The Markdown table: one row per scenario and target, latencies in ms (means over rounds).
 pub fn markdown(report: &Report) -> String {
     let mut md = format!(
-        "Command: `{}`\n\nQUIC congestion control: {} (quinn) · TCP congestion control: {} (kernel, in the namespaces) · \
+        "Command: `{}`\n\nNetwork: {} · QUIC congestion control: {} (quinn) · TCP congestion control: {} (kernel) · \
          link rate: {} · {} s measured after {} s warm-up, {} round(s) interleaved (quic, tcp, direct, …); \
          values are means over rounds.\n\n\
          | workload | loss | one-way delay | target | p50 ms | p90 ms | p99 ms | p99.9 ms | rps | errors | link fwd / lost | link late p99 µs |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         report.command,
+        match report.network {
+            "loopback" => "loopback (no link emulation: the transports' own cost)",
+            _ => "two namespaces across an emulated link",
+        },
         report.quic_congestion,
         report.tcp_congestion,
         report.link_rate_bps.map_or("unlimited".into(), |r| format!("{} Mbit/s", r / 1_000_000)),

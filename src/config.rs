@@ -84,6 +84,17 @@ pub struct Node {
     /// How long a stopping sidecar lets in-flight requests finish.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads that run the sidecar's work (tokio workers). A sidecar shares its machine with
+    /// the app it serves; see `DEFAULT_WORKER_THREADS` for why the default is what it is.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+/// The default `node.worker_threads` (measured: BENCHMARKS.md, "Worker threads").
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+
+fn default_worker_threads() -> usize {
+    DEFAULT_WORKER_THREADS
 }
 
 impl Default for Node {
@@ -92,6 +103,7 @@ impl Default for Node {
             name: default_node_name(),
             trust_domain: default_trust_domain(),
             drain_timeout: default_drain_timeout(),
+            worker_threads: default_worker_threads(),
         }
     }
 }
@@ -752,6 +764,12 @@ impl Config {
             return Err((
                 "node.trust_domain".into(),
                 format!("`{td}` is not a trust domain name"),
+            ));
+        }
+        if !(1..=1024).contains(&self.node.worker_threads) {
+            return Err((
+                "node.worker_threads".into(),
+                "must be between 1 and 1024".into(),
             ));
         }
         if !self.inbound.quic && !self.inbound.tcp {

@@ -46,12 +46,16 @@ enum Command {
     },
     /// Compare the QUIC and TCP transports (and a direct baseline) over an emulated link:
     /// loss {0, 0.5 %, 2 %} × one-way delay {0, 25 ms} × two workloads, interleaved rounds.
-    /// Needs root (network namespaces, TUN devices). Writes results.md, results.json and
-    /// latency.svg to --out.
+    /// Needs root (network namespaces, TUN devices), except with --loopback. Writes
+    /// results.md, results.json and latency.svg to --out.
     Bench {
         /// A short smoke run: 2 scenarios, 1 round (what `cargo bench` runs).
         #[arg(long)]
         quick: bool,
+        /// Everything on loopback with no link emulation (no root needed): the transports'
+        /// own overhead, small requests and concurrent responses.
+        #[arg(long)]
+        loopback: bool,
         /// Measured time per run.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
@@ -258,7 +262,7 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            runtime()?.block_on(async move {
+            sidecar_runtime(&config)?.block_on(async move {
                 let bound = quicar::app::build(config).await?;
                 stop_signal().await?;
                 tracing::info!("stopping: draining in-flight requests");
@@ -268,6 +272,7 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Bench {
             quick,
+            loopback,
             duration,
             warmup,
             rounds,
@@ -298,6 +303,7 @@ fn run() -> anyhow::Result<()> {
             };
             let opts = quicar::bench::Options {
                 quick,
+                loopback,
                 duration,
                 warmup,
                 rounds,
@@ -333,7 +339,7 @@ fn run() -> anyhow::Result<()> {
         Command::Internal { command } => match command {
             InternalCommand::Node { config, backend } => {
                 let config = Config::load(&config)?;
-                runtime()?.block_on(async move {
+                sidecar_runtime(&config)?.block_on(async move {
                     if let Some(addr) = backend {
                         quicar::bench::serve_backend(addr).await?;
                     }
@@ -366,6 +372,15 @@ fn run() -> anyhow::Result<()> {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The runtime of a sidecar: `node.worker_threads` workers.
+fn sidecar_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.node.worker_threads)
+        .thread_name("quicar-worker")
         .enable_all()
         .build()?)
 }

@@ -48,7 +48,7 @@ pub struct LinkStats {
 }
 
 /// A snapshot of the link's counters for a report.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LinkReport {
     pub forwarded: u64,
     pub dropped_loss: u64,

@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub)] // test modules share items through `pub`, as tests do.
 
+mod bench;
 mod cache;
 mod cli;
 mod config;
