@@ -8,7 +8,8 @@
 //! the difference, the sidecars' own cost. Allocations are counted by a counting global
 //! allocator (all threads). Rounds are interleaved (direct, quic, tcp, direct, …) and the
 //! median round is reported. Environment: `REQUEST_COST_REQUESTS` (per round, default 20000),
-//! `REQUEST_COST_ROUNDS` (default 5), `REQUEST_COST_CONCURRENCY` (default 8).
+//! `REQUEST_COST_ROUNDS` (default 5), `REQUEST_COST_CONCURRENCY` (default 8), and
+//! `REQUEST_COST_ONLY=quic|tcp` to run one transport alone (for a profiler such as callgrind).
 
 use std::alloc::System;
 use std::net::SocketAddr;
@@ -189,6 +190,20 @@ fn main() {
             ("quic", out, "hello-quic"),
             ("tcp", out, "hello-tcp"),
         ];
+        if let Ok(only) = std::env::var("REQUEST_COST_ONLY") {
+            let (_, addr, host) = targets
+                .iter()
+                .find(|t| t.0 == only)
+                .expect("REQUEST_COST_ONLY is direct, quic or tcp");
+            let s = measure(*addr, host, requests, concurrency).await;
+            println!(
+                "{only}: {:.1} µs CPU, {:.0} allocations, {:.0} bytes per request",
+                s.cpu_ns / 1000.0,
+                s.allocs,
+                s.bytes
+            );
+            return;
+        }
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
         for _ in 0..rounds {
             for (i, (_, addr, host)) in targets.iter().enumerate() {
