@@ -21,19 +21,27 @@ pub(crate) const TRANSPORT: &str = "quicar-transport";
 pub(crate) const DEADLINE: &str = "quicar-deadline";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones proxies also drop.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
+}
 
 /// Drops hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no removals (each `remove` hashes).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -44,15 +52,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-    let proxy: Vec<HeaderName> = headers
+    let listed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
+        .filter(|k| is_hop_by_hop(k))
         .cloned()
         .collect();
-    for name in proxy {
+    for name in listed {
         headers.remove(name);
     }
 }
@@ -162,6 +167,34 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h.get_all("x-kept").iter().count(), 2);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_goes_even_without_connection() {
+        for name in [
+            "te",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+            "transfer-encoding",
+            "proxy-x",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+            assert!(h.contains_key("x-kept"));
+        }
+        let mut none = HeaderMap::new();
+        none.insert("x-a", HeaderValue::from_static("1"));
+        none.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut none);
+        assert_eq!(none.len(), 2);
     }
 
     #[test]
