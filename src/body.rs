@@ -214,6 +214,120 @@ impl<R: RecvHalf> Body for H3Body<R> {
     }
 }
 
+/// The receive half of an HTTP/2 stream as a body: data as it arrives, each chunk's flow-control
+/// window handed back only once the consumer took it (so backpressure reaches the peer), then
+/// the trailers. h2 checks the data against `content-length` itself.
+pub(crate) struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl H2Body {
+    pub(crate) fn new(recv: h2::RecvStream) -> Self {
+        Self {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+/// Sends `body` on an HTTP/2 stream: data as the body produces it (each chunk waits until the
+/// peer's window has room, so at most one chunk is buffered beyond it), then trailers or the
+/// end of the stream. A body that fails resets the stream (`INTERNAL_ERROR`) and `cancel`
+/// resets it (`CANCEL`), so the peer never takes a truncated body for a whole one; a peer that
+/// resets the stream stops the sending (and drops `body`). Returns whether the whole body was
+/// sent.
+pub(crate) async fn send_h2(
+    mut send: h2::SendStream<Bytes>,
+    mut body: ProxyBody,
+    cancel: Option<tokio_util::sync::CancellationToken>,
+) -> bool {
+    let cancelled = async {
+        match &cancel {
+            Some(c) => c.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(cancelled);
+    loop {
+        let frame = tokio::select! {
+            _ = &mut cancelled => {
+                send.send_reset(h2::Reason::CANCEL);
+                return false;
+            }
+            _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return false,
+            f = body.frame() => f,
+        };
+        match frame {
+            None => return send.send_data(Bytes::new(), true).is_ok(),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "body failed; resetting the HTTP/2 stream");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return false;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    send.reserve_capacity(1);
+                    loop {
+                        let capacity = tokio::select! {
+                            _ = &mut cancelled => {
+                                send.send_reset(h2::Reason::CANCEL);
+                                return false;
+                            }
+                            c = std::future::poll_fn(|cx| send.poll_capacity(cx)) => c,
+                        };
+                        match capacity {
+                            Some(Ok(0)) => continue,
+                            Some(Ok(_)) => break,
+                            _ => return false,
+                        }
+                    }
+                    if send.send_data(data, false).is_err() {
+                        return false;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        crate::headers::strip_hop_by_hop(&mut trailers);
+                        return send.send_trailers(trailers).is_ok();
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// The `content-length` of a header map, when there is exactly one valid value.
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();

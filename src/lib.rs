@@ -47,6 +47,7 @@ pub mod facts;
 pub(crate) mod headers;
 pub mod identity;
 pub(crate) mod inbound;
+pub(crate) mod interim;
 pub(crate) mod outbound;
 pub mod pki;
 pub(crate) mod policy;

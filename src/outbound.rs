@@ -5,11 +5,12 @@
 //! - `route`: a remote service as the path sees it.
 //! - `attempts`: the concurrency limit, the deadline, and attempts with retries.
 //! - `caching`: the cache step, given a `Fetch` to reach the service.
-//! - `parse_errors`: quicar's answers in place of hyper's to unparseable HTTP/1.1.
+//! - `app_io`: the app connection under hyper: quicar's answers in place of hyper's to
+//!   unparseable HTTP/1.1, and interim (1xx) responses written ahead of the final one.
 
+mod app_io;
 mod attempts;
 mod caching;
-mod parse_errors;
 mod route;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use crate::config::{Config, Outbound as OutboundConfig, TransportKind};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::{CacheOutcome, Transport, Upstream};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, write_facts};
+use crate::interim::Interim;
 use crate::telemetry::{ensure_traceparent, Direction, Telemetry};
 use crate::transport::Clients;
 use attempts::AppBody;
@@ -234,19 +236,24 @@ pub(crate) async fn serve(
             continue;
         };
         let state = state.clone();
-        // Responses our service produced on this connection, so that hyper's own answers to
-        // unparseable requests can be told apart and given a `quicar-error` (parse_errors).
-        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = served.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let (state, counter) = (state.clone(), counter.clone());
+        // Requests and responses of this connection, so that hyper's own answers to
+        // unparseable requests can be told apart and given a `quicar-error`, and interim
+        // responses written in the right place (app_io).
+        let shared = Arc::new(app_io::Shared::default());
+        let conn_shared = shared.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (state, shared) = (state.clone(), conn_shared.clone());
             async move {
-                let resp = handle(req, state).await;
-                counter.fetch_add(1, std::sync::atomic::Ordering::Release);
+                let seq = shared.start();
+                // RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
+                let interim =
+                    (req.version() == http::Version::HTTP_11).then(|| shared.interim_for(seq));
+                let resp = handle(req, state, interim).await;
+                shared.served();
                 Ok::<_, Infallible>(resp)
             }
         });
-        let io = parse_errors::ParseErrors::new(stream, served, cfg.max_header_bytes);
+        let io = app_io::AppIo::new(stream, shared, cfg.max_header_bytes);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(io), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -280,8 +287,15 @@ async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
 
 /// Telemetry around `forward`: trace context in, the route looked up once, the sidecar's facts
 /// written as headers on the way out (the edge), one record when the response ends.
-async fn handle(mut req: Request<Incoming>, state: Arc<Outbound>) -> Response<ProxyBody> {
+async fn handle(
+    mut req: Request<Incoming>,
+    state: Arc<Outbound>,
+    interim: Option<Interim>,
+) -> Response<ProxyBody> {
     let mut guard = state.tel.request(Direction::Outbound);
+    if let Some(interim) = interim {
+        req.extensions_mut().insert(interim);
+    }
     let trace = ensure_traceparent(req.headers_mut());
     guard.facts.trace_id = Some(trace);
     guard.facts.method = req.method().to_string();

@@ -20,6 +20,7 @@ use crate::body::{
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{strip_hop_by_hop, strip_quicar_from_response, PEER_IDENTITY};
 use crate::identity::PeerId;
+use crate::interim::Interim;
 
 /// How long an idle keep-alive connection to a local app is kept.
 const IDLE: Duration = Duration::from_secs(30);
@@ -128,7 +129,19 @@ impl LocalApp {
                 ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}"))
             })?;
         parts.version = http::Version::HTTP_11;
-        let call = self.client.request(Request::from_parts(parts, body));
+        let interim = parts.extensions.remove::<Interim>();
+        let mut req = Request::from_parts(parts, body);
+        if let Some(interim) = interim {
+            // The app's interim responses (103 Early Hints…) go on toward the caller as they
+            // arrive.
+            hyper::ext::on_informational(&mut req, move |r| {
+                let mut resp = Response::new(());
+                *resp.status_mut() = r.status();
+                *resp.headers_mut() = r.headers().clone();
+                interim.forward(resp);
+            });
+        }
+        let call = self.client.request(req);
         let limit = deadline.unwrap_or(local.timeout);
         // Dropping the call closes the connection to the app: it sees the cancellation.
         let result = after_body(&progress, limit, local.timeout, call)

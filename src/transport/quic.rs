@@ -29,6 +29,7 @@ use crate::facts::Transport;
 use crate::headers::strip_hop_by_hop;
 use crate::identity::{peer_of, IdentityError, IdentityRx, Material, PeerId};
 use crate::inbound::Inbound;
+use crate::interim::{self, Interim};
 use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
 const ALPN_H3: &[u8] = b"h3";
@@ -277,9 +278,26 @@ async fn request(
         return respond(&mut send, e.into_response()).await;
     }
     let body = H3Body::new(recv, content_length(req.headers()), true).boxed_unsync();
-    let resp = inbound
-        .settle_and_handle(req.map(|()| body), peer, Transport::Quic)
-        .await;
+    let (interim, mut interims) = interim::channel();
+    let mut req = req.map(|()| body);
+    req.extensions_mut().insert(interim);
+    let handled = inbound.settle_and_handle(req, peer, Transport::Quic);
+    tokio::pin!(handled);
+    // Interim responses (103…) go out on the stream as they arrive, ahead of the final one.
+    let resp = loop {
+        tokio::select! {
+            biased;
+            resp = &mut handled => break resp,
+            Some(info) = interims.recv() => {
+                if let Err(e) = send.send_response(info).await {
+                    tracing::debug!(error = %e, "could not send an interim response");
+                }
+            }
+        }
+    };
+    while let Ok(info) = interims.try_recv() {
+        let _ = send.send_response(info).await;
+    }
     respond(&mut send, resp).await;
 }
 
@@ -611,7 +629,7 @@ impl Pool {
             // Cancels the upload if we give up on this exchange (timeout, reset) before the
             // response.
             let upload_guard = cancel_upload.drop_guard();
-            match final_response(&mut recv).await {
+            match final_response(&mut recv, head.extensions().get::<Interim>()).await {
                 Ok(resp) => break (recv, in_flight, upload_guard, resp),
                 Err(e) => {
                     self.evict(addr, identity, &conn);
@@ -670,15 +688,19 @@ async fn stream_failure(
     }
 }
 
-/// The final response head, skipping interim ones (103 Early Hints…): HTTP/1.1 apps rarely
-/// want them and hyper cannot send them.
+/// The final response head; interim ones (103 Early Hints…) before it go to `interim`, when
+/// the caller can take them.
 async fn final_response(
     recv: &mut h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+    interim: Option<&Interim>,
 ) -> Result<http::Response<()>, h3::error::StreamError> {
     loop {
         let resp = recv.recv_response().await?;
         if !resp.status().is_informational() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(resp);
+        }
+        if let Some(interim) = interim {
+            interim.forward(resp);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! when idle, like the QUIC pool; one request exchange; h2 and rustls errors mapped to what
 //! the request path needs to know.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -25,13 +27,14 @@ use super::wire::{
     CONNECTION_WINDOW, MAX_FIELD_SECTION, STREAM_WINDOW, TLS_ACCEPT_TIMEOUT,
 };
 use crate::accept::Listener;
-use crate::body::{held, BodyError, ProxyBody};
+use crate::body::{held, send_h2, H2Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Transport;
 use crate::identity::{peer_of, IdentityError, IdentityRx, Material, PeerId};
 use crate::inbound::Inbound;
+use crate::interim::{self, Interim};
 use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
 const ALPN_H2: &[u8] = b"h2";
@@ -120,37 +123,84 @@ async fn connection(
     tracing::debug!(%remote, identity = %peer, "inbound TCP connection");
     let _open = tel.connection_opened(Direction::Inbound, Transport::Tcp);
     let peer = Arc::new(peer);
-    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let (inbound, peer) = (inbound.clone(), peer.clone());
-        async move {
-            let req = req.map(|b| b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync());
-            let resp = inbound.settle_and_handle(req, &peer, Transport::Tcp).await;
-            let (mut parts, body) = resp.into_parts();
-            crate::headers::write_error_kind(&mut parts);
-            Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
-        }
-    });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
+    let mut conn = match h2::server::Builder::new()
         .max_concurrent_streams(max_streams)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_header_list_size(MAX_FIELD_SECTION as u32);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%remote, error = %e, "inbound TCP connection ended");
-            }
+        .max_header_list_size(MAX_FIELD_SECTION as u32)
+        .handshake::<_, Bytes>(stream)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "HTTP/2 setup failed");
             return;
         }
-        _ = shutdown.cancelled() => {}
+    };
+    // `accept` also drives the connection: it runs until the connection ends, also while
+    // draining (GOAWAY sent, streams already accepted finish).
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            next = conn.accept() => next,
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                tokio::spawn(stream_request(req, respond, inbound.clone(), peer.clone()));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "inbound TCP connection ended");
+                return;
+            }
+            None => return,
+        }
     }
-    // GOAWAY; streams already accepted finish.
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+}
+
+/// One request stream: the request to the inbound path, its interim responses (103…) onto the
+/// stream as they arrive, then the response. A stream the peer resets drops the request (the
+/// local app's call is cancelled with it).
+async fn stream_request(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    inbound: Arc<Inbound>,
+    peer: Arc<PeerId>,
+) {
+    let (interim, mut interims) = interim::channel();
+    let mut req = req.map(|recv| H2Body::new(recv).boxed_unsync());
+    req.extensions_mut().insert(interim);
+    let handled = inbound.settle_and_handle(req, &peer, Transport::Tcp);
+    tokio::pin!(handled);
+    let resp = loop {
+        tokio::select! {
+            biased;
+            resp = &mut handled => break resp,
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+            Some(info) = interims.recv() => {
+                let _ = respond.send_informational(info);
+            }
+        }
+    };
+    while let Ok(info) = interims.try_recv() {
+        let _ = respond.send_informational(info);
+    }
+    let (mut parts, body) = resp.into_parts();
+    crate::headers::write_error_kind(&mut parts);
+    // HTTP/2 forbids connection-specific fields (RFC 9113 §8.2.2).
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    let end = body.is_end_stream();
+    match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(send) if !end => {
+            send_h2(send, body, None).await;
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "could not send response headers"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,7 +217,7 @@ struct Ended {
 /// A pooled HTTP/2 connection.
 #[derive(Clone)]
 struct H2Conn {
-    send: hyper::client::conn::http2::SendRequest<ProxyBody>,
+    send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
     ended: Arc<Mutex<Option<Ended>>>,
     usage: Arc<Usage>,
@@ -177,7 +227,7 @@ struct H2Conn {
 
 impl Pooled for H2Conn {
     fn is_alive(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && !self.send.is_closed()
+        !self.closed.load(Ordering::Acquire)
     }
 
     /// HTTP/2 closes a connection when its last sender is gone: dropping is closing.
@@ -190,6 +240,17 @@ impl H2Conn {
     /// True while no response has ever arrived on this connection.
     fn never_answered(&self) -> bool {
         !self.answered.load(Ordering::Relaxed)
+    }
+
+    /// The kind of a request this connection did not take: on a connection that never
+    /// answered, the peer did not take the connection at all (it refused us after the
+    /// handshake).
+    fn unsent_kind(&self) -> ErrorKind {
+        if self.never_answered() {
+            ErrorKind::ConnectFailed
+        } else {
+            ErrorKind::PeerReset
+        }
     }
 
     /// Waits (briefly) for the connection to end and returns why, if it did. Only called on an
@@ -337,41 +398,44 @@ impl Pool {
             inner: stream,
             seen: tls_error.clone(),
         };
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(self.keep_alive)
-            .keep_alive_timeout(self.dead_peer)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(MAX_FIELD_SECTION as u32);
-        let (send, conn) = builder
-            .handshake(TokioIo::new(stream))
+            .max_header_list_size(MAX_FIELD_SECTION as u32)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| connect_failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
+        let pings = conn.ping_pong().expect("taken once");
         let closed = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(Mutex::new(None));
         let open = self
             .tel
             .connection_opened(Direction::Outbound, Transport::Tcp);
+        let (keep_alive, dead_peer) = (self.keep_alive, self.dead_peer);
         {
             let (closed, ended) = (closed.clone(), ended.clone());
             tokio::spawn(async move {
-                let r = conn.await;
-                let end = match &r {
+                // The connection runs until it ends, or until the peer stops answering pings
+                // (then dropping it closes the socket and fails its streams).
+                let r = tokio::select! {
+                    r = &mut conn => r.map_err(|e| crate::error::source_chain(&e)),
+                    why = keep_alive_pings(pings, keep_alive, dead_peer) => Err(why),
+                };
+                drop(conn);
+                let end = match r {
                     Ok(()) => Ended {
                         refused: false,
                         text: "closed".into(),
                     },
                     // A TLS 1.3 server that refuses our certificate says so with an alert
                     // after our handshake finished.
-                    Err(e) => Ended {
+                    Err(text) => Ended {
                         refused: matches!(
                             *tls_error.lock().expect("not poisoned"),
                             Some(rustls::Error::AlertReceived(_))
                         ),
-                        text: crate::error::source_chain(e),
+                        text,
                     },
                 };
                 tracing::debug!(peer = %addr, reason = %end.text, "HTTP/2 connection closed");
@@ -417,44 +481,59 @@ impl Pool {
             Err(e) => return Err(SendError::new(e, body.unread())),
         };
         let in_flight = conn.usage.start();
-        let mut send = conn.send.clone();
-        if send.ready().await.is_err() {
+        let Ok(send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
             let e = match conn.refusal(addr).await {
                 Some(e) => e,
-                None => {
-                    let kind = if conn.never_answered() {
-                        ErrorKind::ConnectFailed
-                    } else {
-                        ErrorKind::PeerReset
-                    };
-                    ProxyError::new(
-                        kind,
-                        Side::Peer,
-                        format!("HTTP/2 connection to peer {addr} closed before the request"),
-                    )
-                    .never_sent()
-                }
+                None => ProxyError::new(
+                    conn.unsent_kind(),
+                    Side::Peer,
+                    format!("HTTP/2 connection to peer {addr} closed before the request"),
+                )
+                .never_sent(),
             };
             return Err(SendError::new(e, body.unread()));
-        }
-        let req = head.map(|()| body.into_body());
-        let resp = match send.try_send_request(req).await {
+        };
+        let interim = head.extensions().get::<Interim>().cloned();
+        let empty = matches!(body, Upload::Empty);
+        let (response, upload) = match send.clone().send_request(head, empty) {
             Ok(r) => r,
-            Err(mut e) => {
+            Err(e) => {
+                // Not sent: the connection is going away or gone.
                 self.evict(addr, identity);
-                let unsent = e.take_message().map(Request::into_body);
-                let text = e.error().to_string();
                 let err = match conn.refusal(addr).await {
                     Some(r) => r,
-                    // Not sent: on a connection that never answered, the peer did not take
-                    // the connection at all (it refused us after the handshake).
-                    None if unsent.is_some() || is_refused_stream(e.error()) => ProxyError::new(
-                        if conn.never_answered() {
-                            ErrorKind::ConnectFailed
-                        } else {
-                            ErrorKind::PeerReset
-                        },
+                    None => ProxyError::new(
+                        conn.unsent_kind(),
+                        Side::Peer,
+                        format!("peer {addr} did not take the request: {e}"),
+                    )
+                    .never_sent(),
+                };
+                return Err(SendError::new(err, body.unread()));
+            }
+        };
+        // The upload runs beside the response; giving up on the exchange stops it (resetting
+        // the stream, so the far app never takes a truncated body for a whole one).
+        let cancel_upload = CancellationToken::new();
+        if !empty {
+            tokio::spawn(send_h2(
+                upload,
+                body.into_body(),
+                Some(cancel_upload.clone()),
+            ));
+        }
+        let upload_guard = cancel_upload.drop_guard();
+        let resp = match final_response(response, interim.as_ref()).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.evict(addr, identity);
+                let text = crate::error::source_chain(&e);
+                let err = match conn.refusal(addr).await {
+                    Some(r) => r,
+                    // RFC 9113 §8.7: REFUSED_STREAM means the peer did not process it.
+                    None if e.reason() == Some(h2::Reason::REFUSED_STREAM) => ProxyError::new(
+                        conn.unsent_kind(),
                         Side::Peer,
                         format!("peer {addr} did not take the request: {text}"),
                     )
@@ -475,19 +554,58 @@ impl Pool {
                         format!("peer {addr} reset the request before responding: {text}"),
                     ),
                 };
-                return Err(SendError::new(err, unsent));
+                return Err(SendError::new(err, None));
             }
         };
+        upload_guard.disarm();
         conn.answered.store(true, Ordering::Relaxed);
-        let (parts, incoming) = resp.into_parts();
+        let (parts, recv) = resp.into_parts();
         Ok(wire::from_peer(parts, &method, move || {
-            held(
-                incoming
-                    .map_err(|e| -> BodyError { Box::new(e) })
-                    .boxed_unsync(),
-                in_flight,
-            )
+            held(H2Body::new(recv).boxed_unsync(), in_flight)
         }))
+    }
+}
+
+/// The final response; interim ones (103…) before it go to `interim`, when the caller can take
+/// them.
+async fn final_response(
+    mut response: h2::client::ResponseFuture,
+    interim: Option<&Interim>,
+) -> Result<Response<h2::RecvStream>, h2::Error> {
+    // h2 drops an interim response that `poll` finds first, so `poll` is called only once the
+    // next event is not one (or the stream failed).
+    std::future::poll_fn(|cx| loop {
+        match response.poll_informational(cx) {
+            Poll::Ready(Some(Ok(info))) => {
+                if let Some(interim) = interim {
+                    interim.forward(info);
+                }
+            }
+            Poll::Ready(Some(Err(_)) | None) => return Pin::new(&mut response).poll(cx),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer`.
+async fn keep_alive_pings(
+    mut pings: h2::PingPong,
+    interval: Duration,
+    dead_peer: Duration,
+) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(dead_peer, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
+            Err(_) => {
+                return format!(
+                    "the peer answered no keep-alive ping for {}",
+                    humantime::format_duration(dead_peer)
+                )
+            }
+        }
     }
 }
 
@@ -551,16 +669,4 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TlsErrors<S> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-}
-
-/// HTTP/2 REFUSED_STREAM: the server did not process the stream (RFC 9113 §8.7).
-fn is_refused_stream(e: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        cur = err.source();
-    }
-    false
 }

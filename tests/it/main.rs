@@ -3,7 +3,6 @@
 
 #![allow(unreachable_pub)] // test modules share items through `pub`, as tests do.
 
-mod bench;
 mod cache;
 mod cli;
 mod config;
@@ -11,6 +10,7 @@ mod deploy;
 mod dns;
 mod errors;
 mod faults;
+mod interim;
 mod interop;
 mod mtls;
 mod process;

@@ -1,12 +1,21 @@
 //! `quicar bench` as a user runs it: the loopback mode (no root) and the quick run over the
 //! emulated link (root, iproute2), each checked on the JSON report it writes.
+//!
+//! A test binary of its own (not a module of `tests/it`): cargo runs test binaries one after
+//! another, so these measurements never share the two cores with the rest of the suite, whose
+//! parallel tests would otherwise decide which transport looks faster.
 
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// One bench at a time: the two tests here would otherwise measure each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs `quicar bench ARGS --out DIR`, bounded in time (killed by PID past the bound), and
 /// returns the parsed results.json.
 fn bench(args: &[&str], bound: Duration) -> serde_json::Value {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_quicar"))
         .arg("bench")

@@ -1,0 +1,111 @@
+//! Interim (1xx) responses on their way from the responding app to the calling app, as they
+//! arrive: `103 Early Hints` lets the caller start fetching what the final response will need.
+//!
+//! Whoever can send interim responses on puts an `Interim` in the request's extensions: the
+//! outbound edge (onto the app's HTTP/1.1 connection, `outbound/app_io`) and each transport server (onto
+//! the HTTP/3 stream or HTTP/2 stream toward the calling sidecar). Whoever receives them passes
+//! them to it: the local-app client (hyper's `on_informational`) and each transport client.
+//! `100 Continue` stays hop-local (each hop answers `Expect` itself) and `101` is never
+//! forwarded (no upgrades); hop-by-hop and `quicar-*` fields are dropped, as on final responses.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use http::{Response, StatusCode};
+
+use crate::headers::{strip_hop_by_hop, strip_quicar};
+
+/// At most this many interim responses of one request are passed on; a peer or app that sends
+/// more only wastes its own effort.
+pub(crate) const MAX_PER_REQUEST: u32 = 16;
+
+type Sink = dyn Fn(Response<()>) + Send + Sync;
+
+/// Where the interim responses of one request go next.
+#[derive(Clone)]
+pub(crate) struct Interim {
+    sink: Arc<Sink>,
+    passed: Arc<AtomicU32>,
+}
+
+impl Interim {
+    pub(crate) fn new(sink: impl Fn(Response<()>) + Send + Sync + 'static) -> Self {
+        Self {
+            sink: Arc::new(sink),
+            passed: Arc::default(),
+        }
+    }
+
+    /// Passes `resp` on if it is an interim response to forward (and the request is under its
+    /// allowance), with hop-by-hop and `quicar-*` fields dropped.
+    pub(crate) fn forward(&self, mut resp: Response<()>) {
+        if !forwardable(resp.status()) {
+            return;
+        }
+        if self.passed.fetch_add(1, Ordering::Relaxed) >= MAX_PER_REQUEST {
+            return;
+        }
+        strip_hop_by_hop(resp.headers_mut());
+        strip_quicar(resp.headers_mut());
+        resp.extensions_mut().clear();
+        (self.sink)(resp);
+    }
+}
+
+/// 1xx other than 100 (hop-local) and 101 (no upgrades through the sidecar).
+pub(crate) fn forwardable(status: StatusCode) -> bool {
+    status.is_informational()
+        && status != StatusCode::CONTINUE
+        && status != StatusCode::SWITCHING_PROTOCOLS
+}
+
+/// A bounded queue between a request's receiver and the task that sends its interim responses
+/// on (the transport servers): the receiver never waits; past the bound they are dropped.
+pub(crate) fn channel() -> (Interim, tokio::sync::mpsc::Receiver<Response<()>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(MAX_PER_REQUEST as usize);
+    (
+        Interim::new(move |resp| {
+            let _ = tx.try_send(resp);
+        }),
+        rx,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn only_forwardable_interim_responses_pass_cleaned_and_bounded() {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let interim = Interim::new(move |r| g.lock().unwrap().push(r));
+        for status in [100, 101, 200, 404] {
+            interim.forward(Response::builder().status(status).body(()).expect("status"));
+        }
+        assert!(got.lock().unwrap().is_empty());
+        let hint = || {
+            Response::builder()
+                .status(103)
+                .header("link", "</a.css>; rel=preload")
+                .header("quicar-error", "denied")
+                .header("connection", "x-secret")
+                .header("x-secret", "1")
+                .body(())
+                .expect("head")
+        };
+        interim.forward(hint());
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), 1);
+            let h = got[0].headers();
+            assert_eq!(h.len(), 1, "{h:?}");
+            assert!(h.contains_key("link"));
+        }
+        for _ in 0..100 {
+            interim.forward(hint());
+        }
+        assert_eq!(got.lock().unwrap().len(), MAX_PER_REQUEST as usize);
+    }
+}
