@@ -31,15 +31,15 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// User plus system CPU time of this process so far.
-fn cpu_time() -> Duration {
+/// User and system CPU time of this process so far.
+fn cpu_time() -> (Duration, Duration) {
     let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = &stat[stat.rfind(')').expect("comm") + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
     // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+    let ticks = |i: usize| Duration::from_millis(f[i].parse::<u64>().expect("ticks") * 10);
+    (ticks(11), ticks(12))
 }
 
 fn free_port() -> u16 {
@@ -142,6 +142,8 @@ async fn load(addr: SocketAddr, host: &'static str, requests: usize, concurrency
 #[derive(Clone, Copy)]
 struct Sample {
     cpu_ns: f64,
+    /// The kernel's share of `cpu_ns` (sockets, wake-ups).
+    sys_ns: f64,
     wall_ns: f64,
     allocs: f64,
     bytes: f64,
@@ -156,13 +158,15 @@ async fn measure(
     // Warm-up: connections open, caches and pools filled.
     load(addr, host, requests / 10 + concurrency, concurrency).await;
     let region = Region::new(GLOBAL);
-    let (cpu0, t0) = (cpu_time(), Instant::now());
+    let ((user0, sys0), t0) = (cpu_time(), Instant::now());
     load(addr, host, requests, concurrency).await;
-    let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+    let ((user1, sys1), wall) = (cpu_time(), t0.elapsed());
+    let (cpu, sys) = ((user1 + sys1) - (user0 + sys0), sys1 - sys0);
     let stats = region.change();
     let n = requests as f64;
     Sample {
         cpu_ns: cpu.as_nanos() as f64 / n,
+        sys_ns: sys.as_nanos() as f64 / n,
         wall_ns: wall.as_nanos() as f64 / n,
         allocs: stats.allocations as f64 / n,
         bytes: stats.bytes_allocated as f64 / n,
@@ -216,12 +220,13 @@ fn main() {
              connections, {rounds} rounds interleaved, medians; one tokio thread holds the client, \
              both sidecars and the backend.\n"
         );
-        println!("| target | CPU µs/request | wall µs/request | allocations/request | bytes allocated/request |");
-        println!("|---|---|---|---|---|");
+        println!("| target | CPU µs/request | of which kernel | wall µs/request | allocations/request | bytes allocated/request |");
+        println!("|---|---|---|---|---|---|");
         for (i, (name, _, _)) in targets.iter().enumerate() {
             println!(
-                "| {name} | {:.1} | {:.1} | {:.0} | {:.0} |",
+                "| {name} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
                 med(i, |s| s.cpu_ns) / 1000.0,
+                med(i, |s| s.sys_ns) / 1000.0,
                 med(i, |s| s.wall_ns) / 1000.0,
                 med(i, |s| s.allocs),
                 med(i, |s| s.bytes)
@@ -229,8 +234,9 @@ fn main() {
         }
         for (i, name) in [(1, "quic"), (2, "tcp")] {
             println!(
-                "| {name} pair (− direct) | {:.1} | {:.1} | {:.0} | {:.0} |",
+                "| {name} pair (− direct) | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
                 (med(i, |s| s.cpu_ns) - med(0, |s| s.cpu_ns)) / 1000.0,
+                (med(i, |s| s.sys_ns) - med(0, |s| s.sys_ns)) / 1000.0,
                 (med(i, |s| s.wall_ns) - med(0, |s| s.wall_ns)) / 1000.0,
                 med(i, |s| s.allocs) - med(0, |s| s.allocs),
                 med(i, |s| s.bytes) - med(0, |s| s.bytes)

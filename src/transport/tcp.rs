@@ -27,11 +27,12 @@ use super::wire::{
     CONNECTION_WINDOW, MAX_FIELD_SECTION, STREAM_WINDOW, TLS_ACCEPT_TIMEOUT,
 };
 use crate::accept::Listener;
-use crate::body::{held, send_h2, H2Body, ProxyBody};
+use crate::body::{held, H2Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Transport;
+use crate::headers::strip_hop_by_hop;
 use crate::identity::{peer_of, IdentityError, IdentityRx, Material, PeerId};
 use crate::inbound::Inbound;
 use crate::interim::{self, Interim};
@@ -192,7 +193,7 @@ async fn stream_request(
     let (mut parts, body) = resp.into_parts();
     crate::headers::write_error_kind(&mut parts);
     // HTTP/2 forbids connection-specific fields (RFC 9113 §8.2.2).
-    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
     let end = body.is_end_stream();
     match respond.send_response(Response::from_parts(parts, ()), end) {
         Ok(send) if !end => {
@@ -586,6 +587,73 @@ async fn final_response(
         }
     })
     .await
+}
+
+/// Sends `body` on an HTTP/2 stream: data as the body produces it (each chunk waits until the
+/// peer's window has room, so at most one chunk is buffered beyond it), then trailers or the
+/// end of the stream. A body that fails resets the stream (`INTERNAL_ERROR`) and `cancel`
+/// resets it (`CANCEL`), so the peer never takes a truncated body for a whole one; a peer that
+/// resets the stream stops the sending (and drops `body`). Returns whether the whole body was
+/// sent.
+async fn send_h2(
+    mut send: h2::SendStream<Bytes>,
+    mut body: ProxyBody,
+    cancel: Option<tokio_util::sync::CancellationToken>,
+) -> bool {
+    let cancelled = async {
+        match &cancel {
+            Some(c) => c.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(cancelled);
+    loop {
+        let frame = tokio::select! {
+            _ = &mut cancelled => {
+                send.send_reset(h2::Reason::CANCEL);
+                return false;
+            }
+            _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return false,
+            f = body.frame() => f,
+        };
+        match frame {
+            None => return send.send_data(Bytes::new(), true).is_ok(),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "body failed; resetting the HTTP/2 stream");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return false;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    send.reserve_capacity(1);
+                    loop {
+                        let capacity = tokio::select! {
+                            _ = &mut cancelled => {
+                                send.send_reset(h2::Reason::CANCEL);
+                                return false;
+                            }
+                            c = std::future::poll_fn(|cx| send.poll_capacity(cx)) => c,
+                        };
+                        match capacity {
+                            Some(Ok(0)) => continue,
+                            Some(Ok(_)) => break,
+                            _ => return false,
+                        }
+                    }
+                    if send.send_data(data, false).is_err() {
+                        return false;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        strip_hop_by_hop(&mut trailers);
+                        return send.send_trailers(trailers).is_ok();
+                    }
+                }
+            },
+        }
+    }
 }
 
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer`.

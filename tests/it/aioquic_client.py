@@ -15,7 +15,7 @@ from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3_ALPN, H3Connection, Setting
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, StreamReset
+from aioquic.quic.events import ConnectionTerminated, StopSendingReceived, StreamReset
 
 HOST, PORT, CA, CERT, KEY = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
@@ -40,8 +40,11 @@ class Client(QuicConnectionProtocol):
         self.waiters = {}
         self.results = {}
         self.closed = None
+        self.stops = {}
 
     def quic_event_received(self, event):
+        if isinstance(event, StopSendingReceived):
+            self.stops.setdefault(event.stream_id, []).append(event.error_code)
         if isinstance(event, ConnectionTerminated):
             self.closed = event.error_code
             for w in self.waiters.values():
@@ -148,12 +151,35 @@ async def reset_mid_body(c):
     return await plain(c)
 
 
+async def sized_body_fin_later(c):
+    # A sized body whose FIN arrives after the body: the app has its content-length by then,
+    # and the sidecar must not stop the stream with STOP_SENDING code 0, which is not an
+    # HTTP/3 error code (RFC 9114 §8.1; Envoy drops the response when it gets one).
+    sid = c.stream()
+    hs = headers("/")
+    hs[0] = (b":method", b"POST")
+    c.h3.send_headers(sid, hs + [(b"content-length", b"5")], end_stream=False)
+    c.h3.send_data(sid, b"hello", end_stream=False)
+    c.transmit()
+    await asyncio.sleep(0.5)
+    try:
+        c._quic.send_stream_data(sid, b"", end_stream=True)
+    except ValueError:
+        pass  # aioquic already reset its side after a STOP_SENDING (recorded below)
+    c.transmit()
+    r = await c.wait(sid)
+    await asyncio.sleep(0.2)
+    r["stop_sending"] = c.stops.get(sid, [])
+    return r
+
+
 async def main():
     out = {}
     for name, body in [("plain", plain), ("unknown_frame_first", unknown_frame_first),
                        ("data_before_headers", data_before_headers),
                        ("oversized_headers", oversized_headers),
-                       ("reset_mid_body", reset_mid_body), ("still_healthy", plain)]:
+                       ("reset_mid_body", reset_mid_body),
+                       ("sized_body_fin_later", sized_body_fin_later), ("still_healthy", plain)]:
         try:
             out[name] = await asyncio.wait_for(case(name, body), 20)
         except Exception as e:  # the case's outcome, reported to the Rust test

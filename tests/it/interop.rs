@@ -445,6 +445,15 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
         v["reset_mid_body"]["status"], 200,
         "the connection survives a reset stream: {v:#}"
     );
+    assert_eq!(v["sized_body_fin_later"]["status"], 200, "{v:#}");
+    assert!(
+        v["sized_body_fin_later"]["stop_sending"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|code| code.as_u64().unwrap() >= 0x100),
+        "STOP_SENDING with a code outside the HTTP/3 space: {v:#}"
+    );
     assert_eq!(v["still_healthy"]["status"], 200, "{v:#}");
     assert!(
         upstream
