@@ -8,10 +8,12 @@
 //! `100 Continue` stays hop-local (each hop answers `Expect` itself) and `101` is never
 //! forwarded (no upgrades); hop-by-hop and `quicar-*` fields are dropped, as on final responses.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::{Response, StatusCode};
+use tokio::sync::Notify;
 
 use crate::headers::{strip_hop_by_hop, strip_quicar};
 
@@ -19,21 +21,21 @@ use crate::headers::{strip_hop_by_hop, strip_quicar};
 /// more only wastes its own effort.
 pub(crate) const MAX_PER_REQUEST: u32 = 16;
 
-type Sink = dyn Fn(Response<()>) + Send + Sync;
-
-/// Where the interim responses of one request go next.
-#[derive(Clone)]
-pub(crate) struct Interim {
-    sink: Arc<Sink>,
-    passed: Arc<AtomicU32>,
+struct Inner<F: ?Sized> {
+    passed: AtomicU32,
+    sink: F,
 }
+
+/// Where the interim responses of one request go next (one allocation per request).
+#[derive(Clone)]
+pub(crate) struct Interim(Arc<Inner<dyn Fn(Response<()>) + Send + Sync>>);
 
 impl Interim {
     pub(crate) fn new(sink: impl Fn(Response<()>) + Send + Sync + 'static) -> Self {
-        Self {
-            sink: Arc::new(sink),
-            passed: Arc::default(),
-        }
+        Self(Arc::new(Inner {
+            passed: AtomicU32::new(0),
+            sink,
+        }))
     }
 
     /// Passes `resp` on if it is an interim response to forward (and the request is under its
@@ -42,13 +44,13 @@ impl Interim {
         if !forwardable(resp.status()) {
             return;
         }
-        if self.passed.fetch_add(1, Ordering::Relaxed) >= MAX_PER_REQUEST {
+        if self.0.passed.fetch_add(1, Ordering::Relaxed) >= MAX_PER_REQUEST {
             return;
         }
         strip_hop_by_hop(resp.headers_mut());
         strip_quicar(resp.headers_mut());
         resp.extensions_mut().clear();
-        (self.sink)(resp);
+        (self.0.sink)(resp);
     }
 }
 
@@ -59,16 +61,40 @@ pub(crate) fn forwardable(status: StatusCode) -> bool {
         && status != StatusCode::SWITCHING_PROTOCOLS
 }
 
-/// A bounded queue between a request's receiver and the task that sends its interim responses
-/// on (the transport servers): the receiver never waits; past the bound they are dropped.
-pub(crate) fn channel() -> (Interim, tokio::sync::mpsc::Receiver<Response<()>>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(MAX_PER_REQUEST as usize);
-    (
-        Interim::new(move |resp| {
-            let _ = tx.try_send(resp);
-        }),
-        rx,
-    )
+/// The interim responses of one request, between the receiver (which never waits) and the
+/// task that sends them on (the transport servers). `Interim` bounds how many arrive.
+#[derive(Default)]
+pub(crate) struct Queue {
+    items: Mutex<VecDeque<Response<()>>>,
+    arrived: Notify,
+}
+
+impl Queue {
+    /// The next interim response, when one arrives.
+    pub(crate) async fn recv(&self) -> Response<()> {
+        loop {
+            if let Some(r) = self.try_recv() {
+                return r;
+            }
+            self.arrived.notified().await;
+        }
+    }
+
+    pub(crate) fn try_recv(&self) -> Option<Response<()>> {
+        self.items.lock().expect("not poisoned").pop_front()
+    }
+}
+
+/// An `Interim` feeding a new `Queue`.
+pub(crate) fn channel() -> (Interim, Arc<Queue>) {
+    let queue = Arc::new(Queue::default());
+    let q = queue.clone();
+    let interim = Interim::new(move |resp| {
+        q.items.lock().expect("not poisoned").push_back(resp);
+        // A permit is kept when nobody waits, so an arrival is never missed.
+        q.arrived.notify_one();
+    });
+    (interim, queue)
 }
 
 #[cfg(test)]

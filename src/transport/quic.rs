@@ -278,7 +278,7 @@ async fn request(
         return respond(&mut send, e.into_response()).await;
     }
     let body = H3Body::new(recv, content_length(req.headers()), true).boxed_unsync();
-    let (interim, mut interims) = interim::channel();
+    let (interim, interims) = interim::channel();
     let mut req = req.map(|()| body);
     req.extensions_mut().insert(interim);
     let handled = inbound.settle_and_handle(req, peer, Transport::Quic);
@@ -288,14 +288,14 @@ async fn request(
         tokio::select! {
             biased;
             resp = &mut handled => break resp,
-            Some(info) = interims.recv() => {
+            info = interims.recv() => {
                 if let Err(e) = send.send_response(info).await {
                     tracing::debug!(error = %e, "could not send an interim response");
                 }
             }
         }
     };
-    while let Ok(info) = interims.try_recv() {
+    while let Some(info) = interims.try_recv() {
         let _ = send.send_response(info).await;
     }
     respond(&mut send, resp).await;
@@ -581,6 +581,11 @@ impl Pool {
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
+        // h3 sends no extensions: the interim sink is taken out, so that each attempt's copy
+        // of the head allocates no extension map.
+        let interim = head.extensions().get::<Interim>().cloned();
+        let mut head = head;
+        *head.extensions_mut() = http::Extensions::new();
         let mut body = Some(body);
         let unsent = |body: &mut Option<Upload>| body.take().and_then(Upload::unread);
         let mut attempt = 0;
@@ -629,7 +634,7 @@ impl Pool {
             // Cancels the upload if we give up on this exchange (timeout, reset) before the
             // response.
             let upload_guard = cancel_upload.drop_guard();
-            match final_response(&mut recv, head.extensions().get::<Interim>()).await {
+            match final_response(&mut recv, interim.as_ref()).await {
                 Ok(resp) => break (recv, in_flight, upload_guard, resp),
                 Err(e) => {
                     self.evict(addr, identity, &conn);

@@ -172,7 +172,7 @@ async fn stream_request(
     inbound: Arc<Inbound>,
     peer: Arc<PeerId>,
 ) {
-    let (interim, mut interims) = interim::channel();
+    let (interim, interims) = interim::channel();
     let mut req = req.map(|recv| H2Body::new(recv).boxed_unsync());
     req.extensions_mut().insert(interim);
     let handled = inbound.settle_and_handle(req, &peer, Transport::Tcp);
@@ -182,12 +182,12 @@ async fn stream_request(
             biased;
             resp = &mut handled => break resp,
             _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
-            Some(info) = interims.recv() => {
+            info = interims.recv() => {
                 let _ = respond.send_informational(info);
             }
         }
     };
-    while let Ok(info) = interims.try_recv() {
+    while let Some(info) = interims.try_recv() {
         let _ = respond.send_informational(info);
     }
     let (mut parts, body) = resp.into_parts();
