@@ -263,6 +263,10 @@ impl Telemetry {
     pub fn tick(&self) {
         let t = self.started.elapsed().as_secs();
         self.live.lock().expect("not poisoned").tick(t);
+        // The exporter keeps every histogram sample in a queue until upkeep folds it into the
+        // buckets; it ran only when /metrics was scraped, so a sidecar nobody scraped grew by
+        // every request it served.
+        self.handle.run_upkeep();
     }
 
     /// The series the dashboard draws, as JSON-ready data.
