@@ -55,3 +55,13 @@ pub(crate) mod resilience;
 pub(crate) mod rng;
 pub mod telemetry;
 pub(crate) mod transport;
+
+/// The unit tests count allocations (`telemetry` checks that histogram samples are released).
+#[cfg(test)]
+mod test_alloc {
+    use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
+    use std::alloc::System;
+
+    #[global_allocator]
+    pub(crate) static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+}
