@@ -217,17 +217,49 @@ impl<R: RecvHalf> Body for H3Body<R> {
 /// The receive half of an HTTP/2 stream as a body: data as it arrives, each chunk's flow-control
 /// window handed back only once the consumer took it (so backpressure reaches the peer), then
 /// the trailers. h2 checks the data against `content-length` itself.
+///
+/// Dropped before the end of the stream (HTTP/1.1 stops at a sized body's last byte, which can
+/// come before the frame with END_STREAM), it keeps reading in the background, bounded like
+/// `H3Body`'s drain: h2 would otherwise reset the stream, and counts such resets against the
+/// connection (1,024 and it sends GOAWAY `too_many_internal_resets`).
 pub(crate) struct H2Body {
-    recv: h2::RecvStream,
+    /// `None` only once dropped (handed to the drain task).
+    recv: Option<h2::RecvStream>,
     data_done: bool,
 }
 
 impl H2Body {
     pub(crate) fn new(recv: h2::RecvStream) -> Self {
         Self {
-            recv,
+            recv: Some(recv),
             data_done: false,
         }
+    }
+}
+
+impl Drop for H2Body {
+    fn drop(&mut self) {
+        let (Some(mut recv), Ok(rt)) = (self.recv.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if recv.is_end_stream() {
+            return;
+        }
+        let mut left = DRAIN_BYTES;
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                while let Some(Ok(data)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    left = left.saturating_sub(data.len() as u64);
+                    if left == 0 {
+                        return;
+                    }
+                }
+                let _ = recv.trailers().await;
+            })
+            .await;
+        });
     }
 }
 
@@ -239,17 +271,19 @@ impl Body for H2Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
+        let this = &mut *self;
+        let recv = this.recv.as_mut().expect("present until dropped");
+        if !this.data_done {
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
-                None => self.data_done = true,
+                None => this.data_done = true,
             }
         }
-        match ready!(self.recv.poll_trailers(cx)) {
+        match ready!(recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
@@ -257,7 +291,7 @@ impl Body for H2Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.recv.as_ref().is_none_or(h2::RecvStream::is_end_stream)
     }
 }
 

@@ -641,8 +641,15 @@ async fn send_h2(
                             _ => return false,
                         }
                     }
-                    if send.send_data(data, false).is_err() {
+                    // END_STREAM rides on the last data frame when the body knows it is
+                    // the last (a sized body): a receiver that stops at the last byte then
+                    // never sees a stream still open.
+                    let end = body.is_end_stream();
+                    if send.send_data(data, end).is_err() {
                         return false;
+                    }
+                    if end {
+                        return true;
                     }
                 }
                 Err(frame) => {

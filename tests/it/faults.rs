@@ -243,6 +243,33 @@ async fn post(out: std::net::SocketAddr, path: &str, body: Body) -> Got {
 }
 
 crate::over_transports! {
+    async fn thousands_of_requests_on_one_connection_keep_it_healthy(t) {
+        // More than the 1,024 stream resets h2 lets a library make on a connection before it
+        // sends GOAWAY (`too_many_internal_resets`): a sized response ends its stream with its
+        // last data frame (HTTP/1.1 on the caller's side stops reading at the last byte), and a
+        // request body the far side refused (413) unread is read to its end, not reset.
+        let pair = Pair::over_with(t, "", "max_request_body = \"1000\"").await;
+        let out = pair.out();
+        let workers: Vec<_> = (0..32)
+            .map(|_| {
+                tokio::spawn(async move {
+                    for _ in 0..40 {
+                        let got = get(out, "hello", "/bytes/40000").await;
+                        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+                        assert_eq!(got.body.len(), 40000);
+                        let refused = post(out, "/sink", body(pattern(100_000), true)).await;
+                        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE, "{refused:?}");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        assert_eq!(pair.upstream.count(), 1280);
+        assert_eq!(pair.client.connections_opened(wire(t)), 1);
+    }
+
     async fn bodies_over_the_service_limit_get_413_and_never_arrive_whole(t) {
         let pair = Pair::over_with(t, "max_request_body = \"1000\"", "").await;
         let got = post(pair.out(), "/sink", body(pattern(1500), true)).await;
