@@ -395,7 +395,9 @@ impl Pool {
         // h2 keeps only the kind and text of an I/O error, so the typed TLS error is recorded
         // on its way up, below h2.
         let tls_error = Arc::new(Mutex::new(None));
+        let heard = Heard::new();
         let stream = TlsErrors {
+            heard: heard.clone(),
             inner: stream,
             seen: tls_error.clone(),
         };
@@ -421,7 +423,7 @@ impl Pool {
                 // (then dropping it closes the socket and fails its streams).
                 let r = tokio::select! {
                     r = &mut conn => r.map_err(|e| crate::error::source_chain(&e)),
-                    why = keep_alive_pings(pings, keep_alive, dead_peer) => Err(why),
+                    why = keep_alive_pings(pings, &heard, keep_alive, dead_peer) => Err(why),
                 };
                 drop(conn);
                 let end = match r {
@@ -666,28 +668,72 @@ async fn send_h2(
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer`.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
+    heard: &Heard,
     interval: Duration,
     dead_peer: Duration,
 ) -> String {
     loop {
         tokio::time::sleep(interval).await;
-        match tokio::time::timeout(dead_peer, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
-            Err(_) => {
-                return format!(
-                    "the peer answered no keep-alive ping for {}",
-                    humantime::format_duration(dead_peer)
-                )
+        // Bytes arriving prove the peer alive; only a quiet connection is pinged.
+        if heard.quiet_for() < interval {
+            continue;
+        }
+        // The peer is dead when nothing at all arrives for `dead_peer`: a pong stuck behind
+        // retransmissions on a lossy path, while data still flows, is not death (the rule
+        // QUIC's idle timeout follows).
+        let ping = pings.ping(h2::Ping::opaque());
+        tokio::pin!(ping);
+        loop {
+            tokio::select! {
+                r = &mut ping => match r {
+                    Ok(_pong) => break,
+                    Err(e) => return format!("keep-alive ping failed: {e}"),
+                },
+                _ = tokio::time::sleep(interval.min(dead_peer) / 4) => {
+                    if heard.quiet_for() >= dead_peer {
+                        return format!(
+                            "nothing arrived from the peer for {}, keep-alive ping unanswered",
+                            humantime::format_duration(dead_peer)
+                        );
+                    }
+                }
             }
         }
     }
 }
 
-/// A TLS stream that keeps the last rustls error it reported (as an I/O error) in `seen`.
+/// When a connection last received bytes, for the keep-alive: milliseconds since `start`.
+struct Heard {
+    start: std::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last arrived.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// A TLS stream that keeps the last rustls error it reported (as an I/O error) in `seen`, and
+/// notes in `heard` when bytes arrive.
 struct TlsErrors<S> {
     inner: S,
     seen: Arc<Mutex<Option<rustls::Error>>>,
+    heard: Arc<Heard>,
 }
 
 impl<S> TlsErrors<S> {
@@ -707,7 +753,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for TlsErrors<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.now();
+        }
         self.record(r)
     }
 }

@@ -150,6 +150,30 @@ crate::over_transports! {
         }
     }
 
+    async fn a_frozen_peer_fails_requests_after_the_dead_peer_timeout_not_the_service_timeout(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let server = process::run(&pki, "server", &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""));
+        let client = sidecar(
+            &pki,
+            &client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\"\ntimeout = \"60s\"")),
+        )
+        .await;
+        assert_eq!(get(client.outbound, "hello", "/").await.status, StatusCode::OK);
+        // SIGSTOP: the process and its sockets stay, nothing answers (a hung host, a partition).
+        // Over TCP the kernel still acknowledges what we send, so only the keep-alive tells.
+        let pid = server.child.id().to_string();
+        let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
+        assert!(signal("-STOP").success());
+        let got = get(client.outbound, "hello", "/").await;
+        signal("-CONT");
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        let kind = got.error_kind().unwrap_or("none");
+        // Not `timeout` (the 60 s service timeout): the dead peer is noticed in seconds.
+        assert!(kind == "peer-reset" || kind == "connect-failed", "{got:?}");
+    }
+
     async fn a_peer_killed_and_not_restarted_fails_requests_instead_of_holding_them(t) {
         init_tracing();
         let pki = Pki::new();
