@@ -46,6 +46,33 @@ async fn admin_get(url: &str) -> String {
     String::from_utf8_lossy(&got.body).into_owned()
 }
 
+/// A far sidecar as its own `quicar run` process (so a test can stop or kill it) and an
+/// in-process caller over transport `t` with a 60 s service timeout; one request has crossed.
+async fn peer_process(t: &str) -> (Pki, Upstream, process::Sidecar, quicar::app::Bound) {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = process::run(
+        &pki,
+        "server",
+        &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""),
+    );
+    let client = sidecar(
+        &pki,
+        &client_toml(
+            &pki,
+            &[server.inbound],
+            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+        ),
+    )
+    .await;
+    assert_eq!(
+        get(client.outbound, "hello", "/").await.status,
+        StatusCode::OK
+    );
+    (pki, upstream, server, client)
+}
+
 crate::over_transports! {
     async fn the_apps_own_errors_never_eject_its_endpoint(t) {
         // The most trigger-happy breaker, panic routing off: any counted failure would eject
@@ -151,16 +178,7 @@ crate::over_transports! {
     }
 
     async fn a_frozen_peer_fails_requests_after_the_dead_peer_timeout_not_the_service_timeout(t) {
-        init_tracing();
-        let pki = Pki::new();
-        let upstream = Upstream::start().await;
-        let server = process::run(&pki, "server", &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""));
-        let client = sidecar(
-            &pki,
-            &client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\"\ntimeout = \"60s\"")),
-        )
-        .await;
-        assert_eq!(get(client.outbound, "hello", "/").await.status, StatusCode::OK);
+        let (_pki, _upstream, server, client) = peer_process(t).await;
         // SIGSTOP: the process and its sockets stay, nothing answers (a hung host, a partition).
         // Over TCP the kernel still acknowledges what we send, so only the keep-alive tells.
         let pid = server.child.id().to_string();
@@ -175,16 +193,7 @@ crate::over_transports! {
     }
 
     async fn a_peer_killed_and_not_restarted_fails_requests_instead_of_holding_them(t) {
-        init_tracing();
-        let pki = Pki::new();
-        let upstream = Upstream::start().await;
-        let mut server = process::run(&pki, "server", &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""));
-        let client = sidecar(
-            &pki,
-            &client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\"\ntimeout = \"60s\"")),
-        )
-        .await;
-        assert_eq!(get(client.outbound, "hello", "/").await.status, StatusCode::OK);
+        let (_pki, _upstream, mut server, client) = peer_process(t).await;
         server.child.kill().unwrap(); // SIGKILL: no GOAWAY, no CONNECTION_CLOSE, no restart.
         server.child.wait().unwrap();
         let out = client.outbound;
