@@ -395,7 +395,7 @@ impl Pool {
         // h2 keeps only the kind and text of an I/O error, so the typed TLS error is recorded
         // on its way up, below h2.
         let tls_error = Arc::new(Mutex::new(None));
-        let heard = Heard::new();
+        let heard = Arc::new(AtomicBool::new(false));
         let stream = TlsErrors {
             heard: heard.clone(),
             inner: stream,
@@ -668,29 +668,38 @@ async fn send_h2(
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer`.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
-    heard: &Heard,
+    heard: &AtomicBool,
     interval: Duration,
     dead_peer: Duration,
 ) -> String {
+    let step = interval.min(dead_peer) / 4;
     loop {
         tokio::time::sleep(interval).await;
         // Bytes arriving prove the peer alive; only a quiet connection is pinged.
-        if heard.quiet_for() < interval {
+        if heard.swap(false, Ordering::Relaxed) {
             continue;
         }
         // The peer is dead when nothing at all arrives for `dead_peer`: a pong stuck behind
         // retransmissions on a lossy path, while data still flows, is not death (the rule
         // QUIC's idle timeout follows).
+        let now = tokio::time::Instant::now();
+        let mut quiet_since = now.checked_sub(interval).unwrap_or(now);
         let ping = pings.ping(h2::Ping::opaque());
         tokio::pin!(ping);
         loop {
             tokio::select! {
                 r = &mut ping => match r {
-                    Ok(_pong) => break,
+                    Ok(_pong) => {
+                        // The pong's own bytes say nothing about the next interval.
+                        heard.store(false, Ordering::Relaxed);
+                        break;
+                    }
                     Err(e) => return format!("keep-alive ping failed: {e}"),
                 },
-                _ = tokio::time::sleep(interval.min(dead_peer) / 4) => {
-                    if heard.quiet_for() >= dead_peer {
+                _ = tokio::time::sleep(step) => {
+                    if heard.swap(false, Ordering::Relaxed) {
+                        quiet_since = tokio::time::Instant::now();
+                    } else if quiet_since.elapsed() >= dead_peer {
                         return format!(
                             "nothing arrived from the peer for {}, keep-alive ping unanswered",
                             humantime::format_duration(dead_peer)
@@ -702,38 +711,12 @@ async fn keep_alive_pings(
     }
 }
 
-/// When a connection last received bytes, for the keep-alive: milliseconds since `start`.
-struct Heard {
-    start: std::time::Instant,
-    last_ms: AtomicU64,
-}
-
-impl Heard {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            start: std::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
-    }
-
-    fn now(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// How long since bytes last arrived.
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-}
-
 /// A TLS stream that keeps the last rustls error it reported (as an I/O error) in `seen`, and
-/// notes in `heard` when bytes arrive.
+/// sets `heard` when bytes arrive (the keep-alive clears it).
 struct TlsErrors<S> {
     inner: S,
     seen: Arc<Mutex<Option<rustls::Error>>>,
-    heard: Arc<Heard>,
+    heard: Arc<AtomicBool>,
 }
 
 impl<S> TlsErrors<S> {
@@ -756,7 +739,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for TlsErrors<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.heard.now();
+            self.heard.store(true, Ordering::Relaxed);
         }
         self.record(r)
     }
