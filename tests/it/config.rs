@@ -54,6 +54,14 @@ fn errors_name_the_file_and_the_key() {
 
     let e = err("[outbound]\nlisten = \"127.0.0.1:1\"\n");
     assert!(e.contains("identity"), "{e}");
+
+    for bad in ["0", "100000"] {
+        let e = err(&format!("{ID}[node]\nworker_threads = {bad}\n"));
+        assert!(
+            e.contains("node.toml") && e.contains("node.worker_threads"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -184,12 +184,21 @@ crate::over_transports! {
         let pid = server.child.id().to_string();
         let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
         assert!(signal("-STOP").success());
-        let got = get(client.outbound, "hello", "/").await;
+        let out = client.outbound;
+        let calls: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+            .collect();
+        let mut got = Vec::new();
+        for c in calls {
+            got.push(c.await.unwrap());
+        }
         signal("-CONT");
-        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
-        let kind = got.error_kind().unwrap_or("none");
-        // Not `timeout` (the 60 s service timeout): the dead peer is noticed in seconds.
-        assert!(kind == "peer-reset" || kind == "connect-failed", "{got:?}");
+        for got in got {
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+            let kind = got.error_kind().unwrap_or("none");
+            // Not `timeout` (the 60 s service timeout): the dead peer is noticed in seconds.
+            assert!(kind == "peer-reset" || kind == "connect-failed", "{got:?}");
+        }
     }
 
     async fn a_peer_killed_and_not_restarted_fails_requests_instead_of_holding_them(t) {

@@ -34,6 +34,12 @@ impl App {
                     let mut buf = Vec::new();
                     while let Some(head) = read_head(&mut s, &mut buf).await {
                         let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                        if path == "/hint-then-die" {
+                            // The app crashes after its hint: no final response.
+                            let hint = "HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n";
+                            let _ = s.write_all(hint.as_bytes()).await;
+                            return;
+                        }
                         let interim = if path == "/flood" {
                             "HTTP/1.1 103 Early Hints\r\nlink: </x.css>; rel=preload\r\n\r\n"
                                 .repeat(1000)
@@ -139,6 +145,49 @@ crate::over_transports! {
             .unwrap();
         let first = read_head(&mut s, &mut buf).await.expect("a head");
         assert!(first.starts_with("HTTP/1.0 200 ") || first.starts_with("HTTP/1.1 200 "), "{first}");
+    }
+
+    async fn an_app_that_dies_after_its_hint_leaves_the_caller_a_clean_error(t) {
+        let app = App::start().await;
+        let (_pki, client, _server) = pair_over(t, &app).await;
+        let mut s = TcpStream::connect(client.outbound).await.unwrap();
+        let mut buf = Vec::new();
+        s.write_all(b"GET /hint-then-die HTTP/1.1\r\nhost: hello\r\n\r\n")
+            .await
+            .unwrap();
+        // The hint (one per attempt, if the sidecar retried) and then a final error response,
+        // well-framed: never a hang, never a hint after the final head.
+        let fin = loop {
+            let head = read_head(&mut s, &mut buf).await.expect("a head");
+            if !head.starts_with("HTTP/1.1 103 ") {
+                break head;
+            }
+        };
+        assert!(fin.starts_with("HTTP/1.1 502 "), "{fin}");
+        assert!(fin.to_ascii_lowercase().contains("quicar-error: "), "{fin}");
+        // The caller's connection is still usable for the next request.
+        app.release.add_permits(1);
+        let len: usize = fin
+            .to_ascii_lowercase()
+            .split("content-length: ")
+            .nth(1)
+            .and_then(|v| v.split("\r\n").next())
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a sized error body");
+        while buf.len() < len {
+            let mut chunk = [0u8; 1024];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.drain(..len);
+        s.write_all(b"GET /hints HTTP/1.1\r\nhost: hello\r\n\r\n")
+            .await
+            .unwrap();
+        let hint = read_head(&mut s, &mut buf).await.expect("a head");
+        assert!(hint.starts_with("HTTP/1.1 103 "), "{hint}");
+        let fin = read_head(&mut s, &mut buf).await.expect("a head");
+        assert!(fin.starts_with("HTTP/1.1 200 "), "{fin}");
     }
 
     async fn a_flood_of_interim_responses_is_cut_to_a_few(t) {
