@@ -376,13 +376,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// The runtime of a sidecar: `node.worker_threads` workers.
+/// The runtime of a sidecar: `node.worker_threads` workers. One worker is tokio's
+/// current-thread scheduler on the main thread: no second thread, no work-stealing queues,
+/// no cross-thread wake-ups (BENCHMARKS.md, "Worker threads").
 fn sidecar_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.node.worker_threads)
-        .thread_name("quicar-worker")
-        .enable_all()
-        .build()?)
+    let mut builder = match config.node.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n).thread_name("quicar-worker");
+            b
+        }
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 async fn stop_signal() -> anyhow::Result<()> {
