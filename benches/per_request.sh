@@ -2,7 +2,8 @@
 # Instructions per request through a sidecar pair, counted by callgrind (the same on a busy or
 # an idle machine): `quicar demo` under valgrind, `wrk -t1 -c8 -d20s` against its outbound
 # listener, total instructions ÷ requests answered (start-up included, so compare binaries with
-# the same duration). Needs valgrind, wrk and curl.
+# the same duration, or run twice with PER_REQUEST_SECONDS=4 and 20 and divide the differences).
+# Needs valgrind, wrk and curl.
 #   benches/per_request.sh target/release/quicar
 set -euo pipefail
 bin=${1:?usage: per_request.sh QUICAR_BINARY}
@@ -15,7 +16,7 @@ for _ in $(seq 120); do
   curl -s -o /dev/null -H 'Host: hello' http://127.0.0.1:34140/ && break
   sleep 1
 done
-n=$(wrk -t1 -c8 -d20s -H 'Host: hello' http://127.0.0.1:34140/ | awk '/requests in/ {print $1}')
+n=$(wrk -t1 -c8 -d${PER_REQUEST_SECONDS:-20}s -H 'Host: hello' http://127.0.0.1:34140/ | awk '/requests in/ {print $1}')
 kill -INT $pid
 wait $pid 2>/dev/null || true
 trap - EXIT

@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand};
 use quicar::config::Config;
 use quicar::pki::Ca;
 
+/// mimalloc instead of glibc's malloc: a request allocates a few hundred small blocks across
+/// hyper, h3 and quinn, and glibc's malloc and free were 18 % of a request's instructions
+/// (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "quicar",
