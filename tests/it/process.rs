@@ -186,3 +186,70 @@ async fn a_peer_killed_and_restarted_resets_the_old_connection_at_once() {
     assert_eq!(client.connections_opened(Transport::Quic), 2);
     assert_eq!(upstream.count(), 2);
 }
+
+/// SIGTERM, then the exit status, waited for at most 20 s.
+fn stop(mut s: Sidecar) -> std::process::ExitStatus {
+    let pid = s.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sidecar {pid} did not stop on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_runtimes_serve_concurrent_requests_and_stop_on_sigterm() {
+    // `node.worker_threads = 1` (the default) runs tokio's current-thread scheduler, more runs
+    // the multi-thread one: each kind as the calling and as the serving side, over both wires.
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let threads = |toml: String, n: usize| {
+        toml.replace("[node]\n", &format!("[node]\nworker_threads = {n}\n"))
+    };
+    let server_toml = || server_toml(&pki, upstream.addr, "127.0.0.1:0", "");
+    let multi_server = run(&pki, "multi-server", &threads(server_toml(), 2));
+    let single_server = run(&pki, "single-server", &threads(server_toml(), 1));
+    let single_client = run(
+        &pki,
+        "single-client",
+        &threads(
+            client_toml(&pki, &[multi_server.inbound], "transport = \"quic\""),
+            1,
+        ),
+    );
+    let multi_client = run(
+        &pki,
+        "multi-client",
+        &threads(
+            client_toml(&pki, &[single_server.inbound], "transport = \"tcp\""),
+            2,
+        ),
+    );
+    for client in [&single_client, &multi_client] {
+        let got = futures_util::future::join_all((0..50).map(|i| {
+            get(
+                client.outbound,
+                "hello",
+                if i % 2 == 0 { "/" } else { "/stream/100000" },
+            )
+        }))
+        .await;
+        for g in &got {
+            assert_eq!(g.status, StatusCode::OK, "{g:?}");
+        }
+        assert!(got.iter().any(|g| g.body.len() == 100_000));
+    }
+    assert_eq!(upstream.count(), 100);
+    for s in [single_client, multi_client, multi_server, single_server] {
+        let status = stop(s);
+        assert!(status.success(), "sidecar exited with {status}");
+    }
+}
