@@ -516,14 +516,15 @@ pub(crate) enum Expired {
 /// Runs `work` with `timeout` counted from the end of the request body, and gives up if the
 /// body stops moving for `idle` before it ends: an upload that keeps moving is never cut by
 /// the response timeout, and one that stalls is not held forever.
-pub(crate) async fn after_body<T>(
+/// `work` is pinned by the caller: an async fn's argument is stored in its future beside the
+/// local it is moved to, and a request's attempts future is kilobytes, copied on every move.
+pub(crate) async fn after_body<F: std::future::Future>(
     progress: &Progress,
     timeout: std::time::Duration,
     idle: std::time::Duration,
-    work: impl std::future::Future<Output = T>,
-) -> Result<T, Expired> {
+    mut work: Pin<&mut F>,
+) -> Result<F::Output, Expired> {
     let mut state = progress.state.subscribe();
-    tokio::pin!(work);
     loop {
         if let Some(end) = progress.ended_at() {
             return tokio::time::timeout_at((end + timeout).into(), work)
@@ -532,7 +533,7 @@ pub(crate) async fn after_body<T>(
         }
         let stall = *progress.last_moved.lock().expect("not poisoned") + idle;
         tokio::select! {
-            r = &mut work => return Ok(r),
+            r = work.as_mut() => return Ok(r),
             _ = state.changed() => {}
             _ = tokio::time::sleep_until(stall.into()) => {
                 let last = *progress.last_moved.lock().expect("not poisoned");

@@ -145,7 +145,7 @@ impl Inbound {
 
     /// One request from a peer: telemetry around route (once) → authorize → local app. The
     /// record is written when the returned response's body ends.
-    async fn handle(
+    pub(crate) async fn handle(
         &self,
         req: Request<ProxyBody>,
         peer: &PeerId,

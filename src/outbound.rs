@@ -509,3 +509,33 @@ fn same_service_path(reference: &str, service: &str) -> Option<String> {
 fn path_of(uri: &Uri) -> &str {
     uri.path_and_query().map_or("/", |p| p.as_str())
 }
+
+#[cfg(test)]
+mod future_sizes {
+    /// The size of the future an async fn returns, without calling it.
+    fn of3<A, B, C, F>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    fn of4<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A request's future is moved whole several times (into hyper's connection state, into
+    /// each enclosing future when it starts), so its size is paid in copies on every request:
+    /// 15.6 KB before the exchange was boxed and the deadline took its work pinned
+    /// (BENCHMARKS.md, "Future sizes"). The bounds leave room for compiler changes.
+    #[test]
+    fn request_futures_stay_small() {
+        let outbound = of3(super::handle);
+        let inbound = of4(crate::inbound::Inbound::handle);
+        eprintln!("outbound request future {outbound} bytes, inbound {inbound} bytes");
+        assert!(
+            outbound <= 8 * 1024,
+            "outbound request future is {outbound} bytes"
+        );
+        assert!(
+            inbound <= 4 * 1024,
+            "inbound request future is {inbound} bytes"
+        );
+    }
+}

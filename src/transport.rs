@@ -113,9 +113,12 @@ impl Clients {
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {
+        // Boxed: an exchange's future is kilobytes, and every future it is nested in (the
+        // attempts, the deadline, the outbound handler) would otherwise carry it and be
+        // copied whole each time one of them is moved (BENCHMARKS.md, "Future sizes").
         match transport {
-            Transport::Quic => self.quic.exchange(ep, head, body, connect_timeout).await,
-            Transport::Tcp => self.tcp.exchange(ep, head, body, connect_timeout).await,
+            Transport::Quic => Box::pin(self.quic.exchange(ep, head, body, connect_timeout)).await,
+            Transport::Tcp => Box::pin(self.tcp.exchange(ep, head, body, connect_timeout)).await,
         }
     }
 

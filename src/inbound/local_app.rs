@@ -141,7 +141,7 @@ impl LocalApp {
                 interim.forward(resp);
             });
         }
-        let call = self.client.request(req);
+        let call = std::pin::pin!(self.client.request(req));
         let limit = deadline.unwrap_or(local.timeout);
         // Dropping the call closes the connection to the app: it sees the cancellation.
         let result = after_body(&progress, limit, local.timeout, call)

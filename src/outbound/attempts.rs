@@ -57,7 +57,7 @@ pub(crate) async fn fetch(
         }
         _ => (None, Progress::ended()),
     };
-    let work = attempts(route, clients, tel, head, body, &progress, permit);
+    let work = std::pin::pin!(attempts(route, clients, tel, head, body, &progress, permit));
     match after_body(&progress, route.timeout, route.body_idle_timeout, work).await {
         Ok(r) => r,
         Err(Expired::Timeout) => Err(ProxyError::new(
