@@ -130,9 +130,10 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         match crate::body::settle(body).await {
+            // Boxed: the transports spawn a task per request around this future, and a
+            // spawned future is copied whole several times (BENCHMARKS.md, "Future sizes").
             Ok(body) => {
-                self.handle(Request::from_parts(parts, body), peer, transport)
-                    .await
+                Box::pin(self.handle(Request::from_parts(parts, body), peer, transport)).await
             }
             Err(e) => ProxyError::new(
                 ErrorKind::PeerReset,

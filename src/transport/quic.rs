@@ -230,7 +230,11 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
                     let (inbound, peer) = (inbound.clone(), peer.clone());
                     requests.spawn(async move {
                         match resolver.resolve_request().await {
-                            Ok((req, stream)) => request(req, stream, &inbound, &peer).await,
+                            // Boxed, so the spawned task stays small (it is copied whole
+                            // as it is spawned and as it ends).
+                            Ok((req, stream)) => {
+                                Box::pin(request(req, stream, &inbound, &peer)).await
+                            }
                             Err(e) => tracing::debug!(%remote, error = %e, "bad request stream"),
                         }
                     });

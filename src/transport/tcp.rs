@@ -152,7 +152,14 @@ async fn connection(
         };
         match next {
             Some(Ok((req, respond))) => {
-                tokio::spawn(stream_request(req, respond, inbound.clone(), peer.clone()));
+                // Boxed, so the spawned task stays small (it is copied whole as it is
+                // spawned and as it ends).
+                tokio::spawn(Box::pin(stream_request(
+                    req,
+                    respond,
+                    inbound.clone(),
+                    peer.clone(),
+                )));
             }
             Some(Err(e)) => {
                 tracing::debug!(%remote, error = %e, "inbound TCP connection ended");
