@@ -425,24 +425,24 @@ async fn forward(
     parts.headers.remove(http::header::HOST);
     // 100-continue was answered on this hop (hyper sends it when the body is first read).
     parts.headers.remove(http::header::EXPECT);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let uri = Uri::builder()
-        .scheme("https")
-        .authority(authority.as_str())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| {
-            ProxyError::new(
-                ErrorKind::BadRequest,
-                Side::Downstream,
-                format!("bad target: {e}"),
-            )
-        })?;
-    parts.uri = uri;
+    // The request's own path (parsed once by hyper) under the service's authority.
+    let bad_target = |e: &dyn std::fmt::Display| {
+        ProxyError::new(
+            ErrorKind::BadRequest,
+            Side::Downstream,
+            format!("bad target: {e}"),
+        )
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(http::uri::Scheme::HTTPS);
+    uri.authority = Some(
+        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority))
+            .map_err(|e| bad_target(&e))?,
+    );
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(&e))?;
     let (head, ()) = Request::from_parts(parts, ()).into_parts();
 
     if let Some(cache) = &route.cache {

@@ -36,6 +36,9 @@ const QUEUE_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct Local {
     pub(crate) name: String,
     pub(crate) address: SocketAddr,
+    /// `address` as a URI authority, made once rather than per request (`None` for an
+    /// address no URI can hold, such as an IPv6 one with a zone).
+    authority: Option<http::uri::Authority>,
     pub(crate) allow: Option<Vec<String>>,
     /// The app's deadline when the caller sent none, from the end of the request body.
     pub(crate) timeout: Duration,
@@ -50,6 +53,7 @@ impl Local {
         Self {
             name: cfg.name.clone(),
             address: cfg.address,
+            authority: http::uri::Authority::try_from(cfg.address.to_string()).ok(),
             allow: cfg.allow.clone(),
             timeout: cfg.timeout,
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
@@ -119,15 +123,16 @@ impl LocalApp {
             http::header::HOST,
             HeaderValue::from_str(authority).expect("authority is a valid header value"),
         );
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(local.address.to_string())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| {
-                ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}"))
-            })?;
+        // The request's own path, parsed once already, under the app's address.
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = local.authority.clone();
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = Uri::from_parts(uri).map_err(|e| {
+            ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}"))
+        })?;
         parts.version = http::Version::HTTP_11;
         let interim = parts.extensions.remove::<Interim>();
         let mut req = Request::from_parts(parts, body);
