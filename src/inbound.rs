@@ -131,7 +131,7 @@ impl Inbound {
         let (parts, body) = req.into_parts();
         match crate::body::settle(body).await {
             // Boxed: the transports spawn a task per request around this future, and a
-            // spawned future is copied whole several times (BENCHMARKS.md, "Future sizes").
+            // spawned future is copied whole several times (BENCHMARKS.md, "Later in round 2").
             Ok(body) => {
                 Box::pin(self.handle(Request::from_parts(parts, body), peer, transport)).await
             }

@@ -11,7 +11,7 @@ use quicar::pki::Ca;
 
 /// mimalloc instead of glibc's malloc: a request allocates a few hundred small blocks across
 /// hyper, h3 and quinn, and glibc's malloc and free were 18 % of a request's instructions
-/// (BENCHMARKS.md, "Allocator").
+/// (BENCHMARKS.md, "Later in round 2").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

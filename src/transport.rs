@@ -115,7 +115,7 @@ impl Clients {
     ) -> Result<Response<ProxyBody>, SendError> {
         // Boxed: an exchange's future is kilobytes, and every future it is nested in (the
         // attempts, the deadline, the outbound handler) would otherwise carry it and be
-        // copied whole each time one of them is moved (BENCHMARKS.md, "Future sizes").
+        // copied whole each time one of them is moved (BENCHMARKS.md, "Later in round 2").
         match transport {
             Transport::Quic => Box::pin(self.quic.exchange(ep, head, body, connect_timeout)).await,
             Transport::Tcp => Box::pin(self.tcp.exchange(ep, head, body, connect_timeout)).await,
