@@ -62,12 +62,12 @@ enum Command {
         /// own overhead, small requests and concurrent responses.
         #[arg(long)]
         loopback: bool,
-        /// Measured time per run.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        /// Unmeasured time at the start of each run.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        warmup: std::time::Duration,
+        /// Measured time per run [default: 10s, 2s with --quick].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Unmeasured time at the start of each run [default: 2s, 500ms with --quick].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        warmup: Option<std::time::Duration>,
         /// Rounds per scenario (targets interleaved within each).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
@@ -301,11 +301,14 @@ fn run() -> anyhow::Result<()> {
             };
             let (duration, warmup) = if quick {
                 (
-                    std::time::Duration::from_secs(2),
-                    std::time::Duration::from_millis(500),
+                    duration.unwrap_or(std::time::Duration::from_secs(2)),
+                    warmup.unwrap_or(std::time::Duration::from_millis(500)),
                 )
             } else {
-                (duration, warmup)
+                (
+                    duration.unwrap_or(std::time::Duration::from_secs(10)),
+                    warmup.unwrap_or(std::time::Duration::from_secs(2)),
+                )
             };
             let opts = quicar::bench::Options {
                 quick,
