@@ -281,6 +281,15 @@ impl H2Conn {
             .filter(|r| r.refused)
             .map(|r| connect_failed(format!("peer {addr} refused the handshake: {}", r.text)))
     }
+
+    /// Why this connection did not take a request: the peer's refusal when that is how the
+    /// connection ended, else `what`, never sent (so it may go again elsewhere).
+    async fn not_taken(&self, addr: SocketAddr, what: String) -> ProxyError {
+        match self.refusal(addr).await {
+            Some(e) => e,
+            None => ProxyError::new(self.unsent_kind(), Side::Peer, what).never_sent(),
+        }
+    }
 }
 
 /// HTTP/2-over-TLS connections to peer sidecars, one per (address, identity).
@@ -493,15 +502,12 @@ impl Pool {
         let in_flight = conn.usage.start();
         let Ok(send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
-            let e = match conn.refusal(addr).await {
-                Some(e) => e,
-                None => ProxyError::new(
-                    conn.unsent_kind(),
-                    Side::Peer,
+            let e = conn
+                .not_taken(
+                    addr,
                     format!("HTTP/2 connection to peer {addr} closed before the request"),
                 )
-                .never_sent(),
-            };
+                .await;
             return Err(SendError::new(e, body.unread()));
         };
         let interim = head.extensions().get::<Interim>().cloned();
@@ -511,15 +517,9 @@ impl Pool {
             Err(e) => {
                 // Not sent: the connection is going away or gone.
                 self.evict(addr, identity);
-                let err = match conn.refusal(addr).await {
-                    Some(r) => r,
-                    None => ProxyError::new(
-                        conn.unsent_kind(),
-                        Side::Peer,
-                        format!("peer {addr} did not take the request: {e}"),
-                    )
-                    .never_sent(),
-                };
+                let err = conn
+                    .not_taken(addr, format!("peer {addr} did not take the request: {e}"))
+                    .await;
                 return Err(SendError::new(err, body.unread()));
             }
         };
