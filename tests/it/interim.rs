@@ -92,13 +92,42 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
 
 /// Reads the 2-byte body of the final response.
 async fn read_body(s: &mut TcpStream, buf: &mut Vec<u8>) -> String {
-    while buf.len() < 2 {
-        let mut chunk = [0u8; 64];
+    String::from_utf8(read_bytes(s, buf, 2).await).unwrap()
+}
+
+/// Reads the next `len` bytes (a sized body).
+async fn read_bytes(s: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> Vec<u8> {
+    while buf.len() < len {
+        let mut chunk = [0u8; 1024];
         let n = s.read(&mut chunk).await.unwrap();
         assert!(n > 0, "connection closed before the body");
         buf.extend_from_slice(&chunk[..n]);
     }
-    String::from_utf8(buf.drain(..2).collect()).unwrap()
+    buf.drain(..len).collect()
+}
+
+/// The interim heads skipped (counted), then the first other head.
+async fn after_hints(s: &mut TcpStream, buf: &mut Vec<u8>) -> (usize, String) {
+    let mut hints = 0;
+    loop {
+        let head = read_head(s, buf).await.expect("a head");
+        if !head.starts_with("HTTP/1.1 103 ") {
+            return (hints, head);
+        }
+        hints += 1;
+    }
+}
+
+/// The connection still serves a request with its hint and its final response.
+async fn still_serves_hints(app: &App, s: &mut TcpStream, buf: &mut Vec<u8>) {
+    app.release.add_permits(1);
+    s.write_all(b"GET /hints HTTP/1.1\r\nhost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let hint = read_head(s, buf).await.expect("a head");
+    assert!(hint.starts_with("HTTP/1.1 103 "), "{hint}");
+    let fin = read_head(s, buf).await.expect("a head");
+    assert!(fin.starts_with("HTTP/1.1 200 "), "{fin}");
 }
 
 async fn pair_over(t: &str, app: &App) -> (Pki, quicar::app::Bound, quicar::app::Bound) {
@@ -157,16 +186,10 @@ crate::over_transports! {
             .unwrap();
         // The hint (one per attempt, if the sidecar retried) and then a final error response,
         // well-framed: never a hang, never a hint after the final head.
-        let fin = loop {
-            let head = read_head(&mut s, &mut buf).await.expect("a head");
-            if !head.starts_with("HTTP/1.1 103 ") {
-                break head;
-            }
-        };
+        let (_, fin) = after_hints(&mut s, &mut buf).await;
         assert!(fin.starts_with("HTTP/1.1 502 "), "{fin}");
         assert!(fin.to_ascii_lowercase().contains("quicar-error: "), "{fin}");
         // The caller's connection is still usable for the next request.
-        app.release.add_permits(1);
         let len: usize = fin
             .to_ascii_lowercase()
             .split("content-length: ")
@@ -174,20 +197,8 @@ crate::over_transports! {
             .and_then(|v| v.split("\r\n").next())
             .and_then(|v| v.trim().parse().ok())
             .expect("a sized error body");
-        while buf.len() < len {
-            let mut chunk = [0u8; 1024];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        buf.drain(..len);
-        s.write_all(b"GET /hints HTTP/1.1\r\nhost: hello\r\n\r\n")
-            .await
-            .unwrap();
-        let hint = read_head(&mut s, &mut buf).await.expect("a head");
-        assert!(hint.starts_with("HTTP/1.1 103 "), "{hint}");
-        let fin = read_head(&mut s, &mut buf).await.expect("a head");
-        assert!(fin.starts_with("HTTP/1.1 200 "), "{fin}");
+        read_bytes(&mut s, &mut buf, len).await;
+        still_serves_hints(&app, &mut s, &mut buf).await;
     }
 
     async fn a_flood_of_interim_responses_is_cut_to_a_few(t) {
@@ -198,30 +209,15 @@ crate::over_transports! {
         s.write_all(b"GET /flood HTTP/1.1\r\nhost: hello\r\n\r\n")
             .await
             .unwrap();
-        let mut hints = 0;
-        loop {
-            let head = read_head(&mut s, &mut buf).await.expect("a head");
-            if head.starts_with("HTTP/1.1 103 ") {
-                hints += 1;
-                continue;
-            }
-            assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-            break;
-        }
+        let (hints, head) = after_hints(&mut s, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
         assert_eq!(read_body(&mut s, &mut buf).await, "ok");
         assert!(
             (1..=quicar_interim_limit()).contains(&hints),
             "{hints} interim responses passed of 1,000"
         );
         // The connection is still usable.
-        app.release.add_permits(1);
-        s.write_all(b"GET /hints HTTP/1.1\r\nhost: hello\r\n\r\n")
-            .await
-            .unwrap();
-        let hint = read_head(&mut s, &mut buf).await.expect("a head");
-        assert!(hint.starts_with("HTTP/1.1 103 "), "{hint}");
-        let fin = read_head(&mut s, &mut buf).await.expect("a head");
-        assert!(fin.starts_with("HTTP/1.1 200 "), "{fin}");
+        still_serves_hints(&app, &mut s, &mut buf).await;
     }
 }
 
