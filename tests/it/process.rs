@@ -253,3 +253,43 @@ async fn both_runtimes_serve_concurrent_requests_and_stop_on_sigterm() {
         assert!(status.success(), "sidecar exited with {status}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_thread_caller_fails_concurrent_requests_to_a_dead_endpoint_together() {
+    // The shipped runtime (one worker, current-thread) as the calling side, its peer gone:
+    // 100 requests at once each get `connect-failed` after the connect timeout, none waits for
+    // the 60 s service timeout and none is lost, over both wires.
+    init_tracing();
+    let pki = Pki::new();
+    // Nothing listens on this port (UDP nor TCP): the socket is bound, then closed.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for t in ["quic", "tcp"] {
+        let client = run(
+            &pki,
+            &format!("client-{t}"),
+            &client_toml(
+                &pki,
+                &[dead],
+                &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+            ),
+        );
+        let out = client.outbound;
+        let calls: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+            .collect();
+        let mut kinds = std::collections::BTreeMap::new();
+        for c in calls {
+            let got = c.await.unwrap();
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{t}: {got:?}");
+            *kinds
+                .entry(got.error_kind().unwrap_or("none").to_string())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(kinds.get("connect-failed"), Some(&100), "{t}: {kinds:?}");
+        let status = stop(client);
+        assert!(status.success(), "{t}: sidecar exited with {status}");
+    }
+}
