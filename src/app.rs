@@ -168,13 +168,14 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         tracker.spawn(tcp::serve(
             Listener::new(listener, "inbound TCP"),
             id_rx.clone(),
-            inbound,
+            inbound.clone(),
             config.quic.max_concurrent_streams,
             shutdown.clone(),
             tracker.clone(),
         ));
     }
-    // Once a second: QUIC path stats and cache sizes into metrics, and the dashboard's series.
+    // Once a second: QUIC path stats and cache sizes into metrics, the dashboard's series,
+    // and idle connections to the local apps closed.
     {
         let (tel, clients, outbound, shutdown) = (
             tel.clone(),
@@ -196,6 +197,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                     tel.cache_bytes(&service, bytes);
                 }
                 tel.tick();
+                inbound.reap_idle();
             }
         });
     }

@@ -22,7 +22,7 @@ use crate::facts::Transport;
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, DEADLINE};
 use crate::identity::{IdentityError, PeerId};
 use crate::policy::authorize;
-use crate::telemetry::{trace_id, Direction, HandshakeFailure, Telemetry};
+use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 use local_app::{Local, LocalApp};
 
 /// Everything the inbound path needs, shared by all peer connections.
@@ -62,7 +62,10 @@ impl Inbound {
         let locals = config
             .local
             .iter()
-            .map(|l| (l.name.to_ascii_lowercase(), Local::new(l)))
+            .map(|l| {
+                let tel = tel.service(Direction::Inbound, &l.name);
+                (l.name.to_ascii_lowercase(), Local::new(l, tel))
+            })
             .collect();
         Self {
             tel,
@@ -78,6 +81,11 @@ impl Inbound {
 
     pub(crate) fn telemetry(&self) -> &Arc<Telemetry> {
         &self.tel
+    }
+
+    /// Closes connections to the local apps that have been idle too long (once a second).
+    pub(crate) fn reap_idle(&self) {
+        self.locals.values().for_each(Local::reap_idle);
     }
 
     /// Whether a peer that finished its handshake may send requests: it must prove a SPIFFE
@@ -125,7 +133,7 @@ impl Inbound {
     pub(crate) async fn settle_and_handle(
         &self,
         req: Request<ProxyBody>,
-        peer: &PeerId,
+        peer: &Arc<PeerId>,
         transport: Transport,
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
@@ -149,7 +157,7 @@ impl Inbound {
     pub(crate) async fn handle(
         &self,
         req: Request<ProxyBody>,
-        peer: &PeerId,
+        peer: &Arc<PeerId>,
         transport: Transport,
     ) -> Response<ProxyBody> {
         let mut guard = self.tel.request(Direction::Inbound);
@@ -170,24 +178,19 @@ impl Inbound {
         {
             let f = &mut guard.facts;
             f.transport = Some(transport);
-            f.method = req.method().to_string();
-            f.path = req.uri().path().to_string();
+            f.method = Some(req.method().clone());
+            f.path = req.uri().path_and_query().cloned();
             f.authority = req
                 .uri()
                 .authority()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            f.peer_identity = Some(peer.to_string());
-            f.trace_id = req
-                .headers()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .and_then(trace_id)
-                .map(str::to_string);
+            f.peer_identity = Some(peer.clone());
+            f.traceparent = req.headers().get("traceparent").cloned();
         }
         let local = service_of_authority(&guard.facts.authority).and_then(|n| self.locals.get(&n));
         if let Some(local) = local {
-            guard.service(&local.name);
+            guard.service(&local.tel);
         }
         let (parts, body) = req.into_parts();
         let body = Counted::new(body, guard.bytes_in()).boxed_unsync();

@@ -64,7 +64,8 @@ impl Outbound {
             .service
             .iter()
             .map(|svc| {
-                let route = Route::new(config, svc, clock, tracker, shutdown.clone());
+                let tel = tel.service(Direction::Outbound, &svc.name);
+                let route = Route::new(config, svc, clock, tel, tracker, shutdown.clone());
                 (svc.name.to_ascii_lowercase(), Arc::new(route))
             })
             .collect();
@@ -248,7 +249,9 @@ pub(crate) async fn serve(
                 // RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
                 let interim =
                     (req.version() == http::Version::HTTP_11).then(|| shared.interim_for(seq));
-                let resp = handle(req, state, interim).await;
+                // Boxed: hyper moves the service's future into place for every request,
+                // and the request path's future is several KB.
+                let resp = Box::pin(handle(req, state, interim)).await;
                 shared.served();
                 Ok::<_, Infallible>(resp)
             }
@@ -296,10 +299,9 @@ async fn handle(
     if let Some(interim) = interim {
         req.extensions_mut().insert(interim);
     }
-    let trace = ensure_traceparent(req.headers_mut());
-    guard.facts.trace_id = Some(trace);
-    guard.facts.method = req.method().to_string();
-    guard.facts.path = req.uri().path().to_string();
+    guard.facts.traceparent = Some(ensure_traceparent(req.headers_mut()));
+    guard.facts.method = Some(req.method().clone());
+    guard.facts.path = req.uri().path_and_query().cloned();
     let target = target(&req);
     let route = target
         .as_ref()
@@ -307,7 +309,7 @@ async fn handle(
         .and_then(|a| service_of_authority(a))
         .and_then(|n| state.routes.get(&n));
     if let Some(route) = route {
-        guard.service(&route.name);
+        guard.service(&route.tel);
     }
     if let Ok(authority) = &target {
         guard.facts.authority = authority.clone();

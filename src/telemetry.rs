@@ -22,6 +22,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 use crate::config::AccessLogConfig;
 use crate::error::ErrorKind;
 use crate::facts::{CacheOutcome, Transport};
+use crate::identity::PeerId;
 use access_log::{AccessLine, AccessLog};
 pub use dashboard::DashboardData;
 use dashboard::Live;
@@ -41,21 +42,25 @@ pub struct Telemetry {
     ready: AtomicBool,
     started: Instant,
     started_at: SystemTime,
-    /// Metric handles per label set, registered once: registering builds and hashes the
-    /// labels, which cost several allocations per request. Label values are bounded.
-    handles: Mutex<std::collections::HashMap<RequestKey, Arc<RequestHandles>>>,
-    in_flight: Mutex<std::collections::HashMap<(Direction, String), Gauge>>,
+    /// The records of requests for no configured service ("-"): inbound, outbound.
+    unknown: [Arc<ServiceTel>; 2],
 }
 
-/// The labels of one request's metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct RequestKey {
+/// One service's request telemetry, made once when its route (outbound) or local service
+/// (inbound) is built, so a request finds its metric handles without hashing its labels or
+/// allocating them: registering a handle builds and hashes the labels.
+pub struct ServiceTel {
     direction: Direction,
-    service: String,
-    transport: Option<Transport>,
-    class: &'static str,
-    kind: Option<ErrorKind>,
+    name: Arc<str>,
+    /// Requests in flight for this service (none for "-").
+    in_flight: Option<Gauge>,
+    /// Handles per (transport, status class, error kind), registered on first use. A handful
+    /// per service, so a scan, not a map.
+    handles: Mutex<Vec<(HandleKey, Arc<RequestHandles>)>>,
 }
+
+/// The labels of one request's metrics beyond direction and service.
+type HandleKey = (Option<Transport>, &'static str, Option<ErrorKind>);
 
 /// The handles a finished request updates.
 struct RequestHandles {
@@ -103,8 +108,14 @@ impl Telemetry {
             ready: AtomicBool::new(false),
             started: Instant::now(),
             started_at: SystemTime::now(),
-            handles: Mutex::default(),
-            in_flight: Mutex::default(),
+            unknown: [Direction::Inbound, Direction::Outbound].map(|d| {
+                Arc::new(ServiceTel {
+                    direction: d,
+                    name: "-".into(),
+                    in_flight: None,
+                    handles: Mutex::default(),
+                })
+            }),
         }))
     }
 
@@ -122,15 +133,34 @@ impl Telemetry {
             .register_histogram(&key(name, labels), &METADATA)
     }
 
-    fn request_handles(&self, key: RequestKey) -> Arc<RequestHandles> {
-        if let Some(h) = self.handles.lock().expect("not poisoned").get(&key) {
+    /// The request telemetry of a configured service, made once per route or local service.
+    pub fn service(&self, direction: Direction, name: &str) -> Arc<ServiceTel> {
+        let in_flight = self.gauge(
+            IN_FLIGHT,
+            &[
+                ("direction", direction.as_str().into()),
+                ("service", name.to_string()),
+            ],
+        );
+        Arc::new(ServiceTel {
+            direction,
+            name: name.into(),
+            in_flight: Some(in_flight),
+            handles: Mutex::default(),
+        })
+    }
+
+    fn request_handles(&self, svc: &ServiceTel, key: HandleKey) -> Arc<RequestHandles> {
+        let mut handles = svc.handles.lock().expect("not poisoned");
+        if let Some((_, h)) = handles.iter().find(|(k, _)| *k == key) {
             return h.clone();
         }
-        let transport = key.transport.map_or("-", Transport::as_str);
-        let dir = key.direction.as_str();
+        let (transport, class, kind) = key;
+        let transport = transport.map_or("-", Transport::as_str);
+        let dir = svc.direction.as_str();
         let base = [
             ("direction", dir.to_string()),
-            ("service", key.service.clone()),
+            ("service", svc.name.to_string()),
             ("transport", transport.to_string()),
         ];
         let h = Arc::new(RequestHandles {
@@ -138,40 +168,18 @@ impl Telemetry {
                 REQUESTS,
                 &[
                     ("direction", dir.to_string()),
-                    ("service", key.service.clone()),
+                    ("service", svc.name.to_string()),
                     ("transport", transport.to_string()),
-                    ("status_class", key.class.into()),
-                    (
-                        "error_kind",
-                        key.kind.map_or("none", ErrorKind::as_str).into(),
-                    ),
+                    ("status_class", class.into()),
+                    ("error_kind", kind.map_or("none", ErrorKind::as_str).into()),
                 ],
             ),
             duration: self.histogram(REQUEST_DURATION, &base),
             bytes_in: self.counter(REQUEST_BYTES, &base),
             bytes_out: self.counter(RESPONSE_BYTES, &base),
         });
-        self.handles
-            .lock()
-            .expect("not poisoned")
-            .insert(key, h.clone());
+        handles.push((key, h.clone()));
         h
-    }
-
-    fn in_flight_gauge(&self, direction: Direction, service: &str) -> Gauge {
-        let mut map = self.in_flight.lock().expect("not poisoned");
-        if let Some(g) = map.get(&(direction, service.to_string())) {
-            return g.clone();
-        }
-        let g = self.gauge(
-            IN_FLIGHT,
-            &[
-                ("direction", direction.as_str().into()),
-                ("service", service.to_string()),
-            ],
-        );
-        map.insert((direction, service.to_string()), g.clone());
-        g
     }
 
     /// The Prometheus text exposition.
@@ -198,9 +206,12 @@ impl Telemetry {
                 direction,
                 ..Facts::default()
             },
+            service: match direction {
+                Direction::Inbound => self.unknown[0].clone(),
+                Direction::Outbound => self.unknown[1].clone(),
+            },
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: Arc::new(AtomicU64::new(0)),
-            in_flight: None,
         }
     }
 
@@ -299,21 +310,24 @@ impl Drop for ConnectionGuard {
 
 /// What is known about a request by the time it ends. Label values are bounded: `service` is a
 /// configured name or "-", never what a client typed.
+///
+/// What only the access log reads is kept as the request's own values (cheap to clone) and
+/// turned into text only when a line is written.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
     pub direction: Direction,
-    pub service: String,
     pub transport: Option<Transport>,
-    pub method: String,
+    pub method: Option<http::Method>,
     pub authority: String,
-    pub path: String,
+    pub path: Option<http::uri::PathAndQuery>,
     pub status: u16,
     pub error_kind: Option<ErrorKind>,
-    pub peer_identity: Option<String>,
+    pub peer_identity: Option<Arc<PeerId>>,
     pub endpoint: Option<SocketAddr>,
     pub attempts: u32,
     pub cache: Option<CacheOutcome>,
-    pub trace_id: Option<String>,
+    /// The request's `traceparent` as it went on (validated, or made by this sidecar).
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 /// Records metrics, the dashboard series and the access log line once, when dropped (after
@@ -323,20 +337,19 @@ pub struct RequestGuard {
     start: Instant,
     time: SystemTime,
     pub facts: Facts,
+    /// The service's telemetry ("-" until `service`).
+    service: Arc<ServiceTel>,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
-    in_flight: Option<Gauge>,
 }
 
 impl RequestGuard {
     /// Counts the request in flight for `service` from now until the guard drops.
-    pub fn service(&mut self, service: &str) {
-        self.facts.service = service.to_string();
-        let g = self
-            .tel
-            .in_flight_gauge(self.facts.direction, &self.facts.service);
-        g.increment(1.0);
-        self.in_flight = Some(g);
+    pub fn service(&mut self, service: &Arc<ServiceTel>) {
+        if let Some(g) = &service.in_flight {
+            g.increment(1.0);
+        }
+        self.service = service.clone();
     }
 
     pub fn bytes_in(&self) -> Arc<AtomicU64> {
@@ -350,17 +363,12 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        if let Some(g) = self.in_flight.take() {
+        let svc = &self.service;
+        if let Some(g) = &svc.in_flight {
             g.decrement(1.0);
         }
         let f = &self.facts;
         let elapsed = self.start.elapsed();
-        let service = if f.service.is_empty() {
-            "-".to_string()
-        } else {
-            f.service.clone()
-        };
-        let transport = f.transport.map_or("-", Transport::as_str);
         let class = match f.status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -369,26 +377,21 @@ impl Drop for RequestGuard {
             500..=599 => "5xx",
             _ => "none",
         };
-        let handles = self.tel.request_handles(RequestKey {
-            direction: f.direction,
-            service: service.clone(),
-            transport: f.transport,
-            class,
-            kind: f.error_kind,
-        });
+        let handles = self
+            .tel
+            .request_handles(svc, (f.transport, class, f.error_kind));
         handles.requests.increment(1);
         handles.duration.record(elapsed.as_secs_f64());
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let bytes_out = self.bytes_out.load(Ordering::Relaxed);
         handles.bytes_in.increment(bytes_in);
         handles.bytes_out.increment(bytes_out);
-        let dir = f.direction.as_str().to_string();
         if let (Some(cache), Direction::Outbound) = (&f.cache, f.direction) {
             self.tel
                 .counter(
                     CACHE_REQUESTS,
                     &[
-                        ("service", service.clone()),
+                        ("service", svc.name.to_string()),
                         ("result", cache.as_str().into()),
                     ],
                 )
@@ -396,7 +399,7 @@ impl Drop for RequestGuard {
         }
         self.tel.live.lock().expect("not poisoned").request(
             f.direction,
-            &service,
+            &svc.name,
             f.transport,
             elapsed,
             f.error_kind,
@@ -405,22 +408,27 @@ impl Drop for RequestGuard {
         if let Some(log) = &self.tel.access {
             let line = AccessLine {
                 time: humantime::format_rfc3339_millis(self.time).to_string(),
-                direction: dir,
-                service,
-                method: f.method.clone(),
+                direction: f.direction.as_str().to_string(),
+                service: svc.name.to_string(),
+                method: f.method.as_ref().map_or("", |m| m.as_str()).to_string(),
                 authority: f.authority.clone(),
-                path: f.path.clone(),
+                path: f.path.as_ref().map_or("", |p| p.path()).to_string(),
                 status: f.status,
                 duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
                 bytes_in,
                 bytes_out,
-                transport: transport.to_string(),
-                peer_identity: f.peer_identity.clone(),
+                transport: f.transport.map_or("-", Transport::as_str).to_string(),
+                peer_identity: f.peer_identity.as_ref().map(|p| p.to_string()),
                 endpoint: f.endpoint.map(|e| e.to_string()),
                 attempts: f.attempts,
                 cache: f.cache.map(|c| c.as_str().to_string()),
                 error_kind: f.error_kind.map(|k| k.as_str().to_string()),
-                trace_id: f.trace_id.clone(),
+                trace_id: f
+                    .traceparent
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(trace_id)
+                    .map(str::to_string),
             };
             if !log.send(&line) {
                 self.tel.counter(ACCESS_LOG_DROPPED, &[]).increment(1);

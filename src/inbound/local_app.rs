@@ -2,31 +2,40 @@
 //! enforced (dropping the call closes the app's connection, so it sees the cancellation), and
 //! the edge where the peer's identity becomes `quicar-peer-identity` and the app's own
 //! `quicar-*` response headers are dropped.
+//!
+//! The pool is quicar's own, one per local service (one address): idle connections on a stack,
+//! taken newest first, given back when a response body has been read to its end. A connection
+//! whose response was dropped early is not reused (hyper closes it); one the app closed while
+//! idle is found closed, or hands the request back unsent and the next connection is tried.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::BodyExt;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::Semaphore;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{
-    after_body, content_length, held, BodyError, BodyFailure, Expired, Progress, ProxyBody,
+    after_body, content_length, BodyError, BodyFailure, Expired, Progress, ProxyBody,
 };
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers::{strip_hop_by_hop, strip_quicar_from_response, PEER_IDENTITY};
 use crate::identity::PeerId;
 use crate::interim::Interim;
+use crate::telemetry::ServiceTel;
 
 /// How long an idle keep-alive connection to a local app is kept.
 const IDLE: Duration = Duration::from_secs(30);
 
 pub(crate) struct LocalApp {
-    client: Client<HttpConnector, ProxyBody>,
+    connect_timeout: Duration,
 }
 
 /// How long a request waits for a free slot to the app before `503 overloaded`.
@@ -36,9 +45,6 @@ const QUEUE_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct Local {
     pub(crate) name: String,
     pub(crate) address: SocketAddr,
-    /// `address` as a URI authority, made once rather than per request (`None` for an
-    /// address no URI can hold, such as an IPv6 one with a zone).
-    authority: Option<http::uri::Authority>,
     pub(crate) allow: Option<Vec<String>>,
     /// The app's deadline when the caller sent none, from the end of the request body.
     pub(crate) timeout: Duration,
@@ -46,33 +52,154 @@ pub(crate) struct Local {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) max_concurrent: usize,
     pub(crate) max_request_body: Option<u64>,
+    pub(crate) tel: Arc<ServiceTel>,
+    /// Idle keep-alive connections to `address`.
+    idle: Arc<Idle>,
+}
+
+/// Idle connections to one app, oldest first. At most `max_concurrent` are kept: no more are
+/// ever open at once.
+struct Idle {
+    conns: Mutex<Vec<(Conn, Instant)>>,
+    max: usize,
+    /// Signalled when a connection is put back.
+    returned: tokio::sync::Notify,
+}
+
+/// A connection to an app, as the requests see it.
+type Conn = http1::SendRequest<ProxyBody>;
+
+impl Idle {
+    /// The newest idle connection that can take a request now. Closed and expired ones are
+    /// dropped on the way; one still finishing its last exchange is left for later.
+    fn take(&self) -> Option<Conn> {
+        let mut conns = self.conns.lock().expect("not poisoned");
+        let mut i = conns.len();
+        while i > 0 {
+            i -= 1;
+            let (conn, since) = &conns[i];
+            if conn.is_closed() || since.elapsed() >= IDLE {
+                conns.remove(i);
+            } else if conn.is_ready() {
+                return Some(conns.remove(i).0);
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut conns = self.conns.lock().expect("not poisoned");
+        if conns.len() >= self.max {
+            conns.remove(0);
+        }
+        conns.push((conn, Instant::now()));
+        drop(conns);
+        self.returned.notify_one();
+    }
+
+    /// Closes connections idle for longer than `IDLE` (dropping the sender ends hyper's
+    /// connection task, which closes the socket).
+    fn reap(&self) {
+        self.conns
+            .lock()
+            .expect("not poisoned")
+            .retain(|(c, since)| !c.is_closed() && since.elapsed() < IDLE);
+    }
 }
 
 impl Local {
-    pub(crate) fn new(cfg: &crate::config::Local) -> Self {
+    pub(crate) fn new(cfg: &crate::config::Local, tel: Arc<ServiceTel>) -> Self {
         Self {
+            tel,
             name: cfg.name.clone(),
             address: cfg.address,
-            authority: http::uri::Authority::try_from(cfg.address.to_string()).ok(),
             allow: cfg.allow.clone(),
             timeout: cfg.timeout,
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             max_concurrent: cfg.max_concurrent,
             max_request_body: cfg.max_request_body.map(|b| b.0),
+            idle: Arc::new(Idle {
+                conns: Mutex::default(),
+                max: cfg.max_concurrent,
+                returned: tokio::sync::Notify::new(),
+            }),
         }
+    }
+
+    /// Closes the connections to the app idle for longer than `IDLE`.
+    pub(crate) fn reap_idle(&self) {
+        self.idle.reap();
     }
 }
 
 impl LocalApp {
     pub(crate) fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Self { client }
+        Self { connect_timeout }
+    }
+
+    /// Starts a connection to the app in its own task. Whoever still waits gets it; if nobody
+    /// does (an idle connection came back first, or the caller gave up), it joins the pool.
+    fn connect(&self, local: &Local) -> tokio::sync::oneshot::Receiver<Result<Conn, AppError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (address, timeout, idle) = (local.address, self.connect_timeout, local.idle.clone());
+        tokio::spawn(async move {
+            let made = async {
+                let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
+                    .await
+                    .map_err(|_| AppError::Connect(None))?
+                    .map_err(|e| AppError::Connect(Some(e)))?;
+                let _ = stream.set_nodelay(true);
+                let (send, conn) = http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(AppError::Http)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "local app connection ended with an error");
+                    }
+                });
+                Ok(send)
+            }
+            .await;
+            if let Err(Ok(conn)) = tx.send(made) {
+                idle.put(conn);
+            }
+        });
+        rx
+    }
+
+    /// Sends `req` on an idle connection, else on a new one, whichever is ready first: under a
+    /// burst, connections coming back serve requests while new ones are still being accepted
+    /// (a connect can wait for the app's accept queue). A request an idle connection hands
+    /// back unsent (the app closed it meanwhile) goes to the next; a new connection's failure
+    /// is final.
+    async fn send(
+        &self,
+        local: &Local,
+        mut req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Conn), AppError> {
+        let mut connecting = None;
+        loop {
+            let returned = local.idle.returned.notified();
+            while let Some(mut conn) = local.idle.take() {
+                match conn.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, conn)),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(AppError::Http(e.into_error())),
+                    },
+                }
+            }
+            let new = connecting.get_or_insert_with(|| self.connect(local));
+            tokio::select! {
+                biased;
+                made = new => {
+                    let mut conn = made.unwrap_or(Err(AppError::Connect(None)))?;
+                    let resp = conn.send_request(req).await.map_err(AppError::Http)?;
+                    return Ok((resp, conn));
+                }
+                () = returned => {}
+            }
+        }
     }
 
     /// Sends an authorized request to `local`: Host is the service name, the caller's identity
@@ -123,16 +250,11 @@ impl LocalApp {
             http::header::HOST,
             HeaderValue::from_str(authority).expect("authority is a valid header value"),
         );
-        // The request's own path, parsed once already, under the app's address.
-        let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = local.authority.clone();
-        if uri.path_and_query.is_none() {
-            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        parts.uri = Uri::from_parts(uri).map_err(|e| {
-            ProxyError::new(ErrorKind::BadRequest, Side::Peer, format!("bad path: {e}"))
-        })?;
+        // The request's own path, parsed once already, in origin form (RFC 9112 §3.2.1).
+        parts.uri = match std::mem::take(&mut parts.uri).into_parts().path_and_query {
+            Some(p) => p.into(),
+            None => http::Uri::from_static("/"),
+        };
         parts.version = http::Version::HTTP_11;
         let interim = parts.extensions.remove::<Interim>();
         let mut req = Request::from_parts(parts, body);
@@ -146,7 +268,7 @@ impl LocalApp {
                 interim.forward(resp);
             });
         }
-        let call = std::pin::pin!(self.client.request(req));
+        let call = std::pin::pin!(self.send(local, req));
         let limit = deadline.unwrap_or(local.timeout);
         // Dropping the call closes the connection to the app: it sees the cancellation.
         let result = after_body(&progress, limit, local.timeout, call)
@@ -162,16 +284,24 @@ impl LocalApp {
                     format!("{what} local service `{}` answered", local.name),
                 )
             })?;
-        let mut resp = result.map_err(|e| {
+        let (mut resp, conn) = result.map_err(|e| {
             if let Some(BodyFailure::TooLarge(limit)) = progress.failure() {
                 too_large(local, limit)
-            } else if e.is_connect() {
+            } else if let AppError::Connect(why) = &e {
                 ProxyError::new(
                     ErrorKind::ConnectFailed,
                     Side::LocalApp,
                     format!(
-                        "cannot connect to local service `{}` at {}",
-                        local.name, local.address
+                        "cannot connect to local service `{}` at {}: {}",
+                        local.name,
+                        local.address,
+                        why.as_ref().map_or_else(
+                            || format!(
+                                "no connection within {:?} (inbound.connect_timeout)",
+                                self.connect_timeout
+                            ),
+                            ToString::to_string
+                        )
                     ),
                 )
             } else {
@@ -182,7 +312,10 @@ impl LocalApp {
                         "local service `{}` at {} failed: {}",
                         local.name,
                         local.address,
-                        crate::error::source_chain(&e)
+                        match &e {
+                            AppError::Http(e) => crate::error::source_chain(e),
+                            AppError::Connect(_) => String::new(),
+                        }
                     ),
                 )
             }
@@ -191,13 +324,71 @@ impl LocalApp {
         // Only the sidecars speak for themselves: an app cannot forge error kinds, cache
         // outcomes or identities toward the caller.
         strip_quicar_from_response(resp.headers_mut());
-        // The slot to the app is held until its response body ends.
-        Ok(resp.map(|b| {
-            held(
-                b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync(),
-                slot,
-            )
+        // The slot to the app is held until its response body ends, and the connection goes
+        // back to the pool then.
+        Ok(resp.map(|body| {
+            let mut r = Reuse {
+                body,
+                conn: Some(conn),
+                idle: local.idle.clone(),
+                _slot: slot,
+            };
+            r.ended_if_done();
+            ProxyBody::new(r)
         }))
+    }
+}
+
+/// Why a request did not get a response from the app.
+enum AppError {
+    /// No connection within the connect timeout (`None`), or refused.
+    Connect(Option<std::io::Error>),
+    Http(hyper::Error),
+}
+
+/// The app's response body: the connection goes back to the pool when it has been read to its
+/// end (dropped early, it is closed by hyper and not reused), and the slot is held until then.
+struct Reuse {
+    body: Incoming,
+    conn: Option<Conn>,
+    idle: Arc<Idle>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Reuse {
+    fn ended_if_done(&mut self) {
+        if self.body.is_end_stream() {
+            if let Some(conn) = self.conn.take() {
+                self.idle.put(conn);
+            }
+        }
+    }
+}
+
+impl Body for Reuse {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.ended_if_done(),
+            Poll::Ready(Some(Ok(_))) => self.ended_if_done(),
+            Poll::Ready(Some(Err(_))) => self.conn = None,
+            Poll::Pending => {}
+        }
+        r.map_err(|e| -> BodyError { Box::new(e) })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

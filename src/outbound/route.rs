@@ -14,9 +14,11 @@ use crate::cache::{Cache, Clock};
 use crate::config::{BreakerConfig, Config, RetryConfig, Service, TransportKind};
 use crate::discovery::{Endpoints, Source};
 use crate::resilience::RetryBudget;
+use crate::telemetry::ServiceTel;
 
 pub(crate) struct Route {
     pub(crate) name: String,
+    pub(crate) tel: Arc<ServiceTel>,
     pub(crate) cache: Option<Arc<Cache>>,
     pub(crate) timeout: Duration,
     pub(crate) body_idle_timeout: Duration,
@@ -39,6 +41,7 @@ impl Route {
         config: &Config,
         svc: &Service,
         clock: &Arc<Clock>,
+        tel: Arc<ServiceTel>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
@@ -63,6 +66,7 @@ impl Route {
         });
         Self {
             name: svc.name.clone(),
+            tel,
             cache,
             timeout: svc.timeout,
             body_idle_timeout: svc.body_idle_timeout,

@@ -3,6 +3,7 @@
 //! for 15 minutes in a ring of fixed length (bounded memory), and the JSON the page polls.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -18,7 +19,8 @@ const LIVE_SECONDS: usize = 900;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct SeriesKey {
     direction: Direction,
-    service: String,
+    /// Shared with the service's telemetry: a request's key costs no allocation.
+    service: Arc<str>,
     transport: Option<Transport>,
 }
 
@@ -31,7 +33,7 @@ impl SeriesKey {
         };
         match (self.direction, self.transport) {
             (Direction::Outbound, Some(t)) => format!("{} {}", self.service, over(t)),
-            (Direction::Outbound, None) if self.service == "-" => {
+            (Direction::Outbound, None) if &*self.service == "-" => {
                 "requests for unknown services".to_string()
             }
             (Direction::Outbound, None) => {
@@ -55,7 +57,7 @@ impl Live {
     pub(super) fn request(
         &mut self,
         direction: Direction,
-        service: &str,
+        service: &Arc<str>,
         transport: Option<Transport>,
         elapsed: Duration,
         error: Option<ErrorKind>,
@@ -63,7 +65,7 @@ impl Live {
     ) {
         let key = SeriesKey {
             direction,
-            service: service.to_string(),
+            service: service.clone(),
             transport,
         };
         self.current.series.entry(key).or_default().record(elapsed);
@@ -133,7 +135,7 @@ impl Live {
                 if let (Direction::Outbound, Some(t)) = (key.direction, key.transport) {
                     let c = data
                         .compare
-                        .entry(key.service.clone())
+                        .entry(key.service.to_string())
                         .or_default()
                         .entry(t.as_str().to_string())
                         .or_insert_with(|| Compare::new(n));

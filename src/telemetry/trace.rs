@@ -23,25 +23,18 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 }
 
 /// Keeps a valid W3C `traceparent` (and its `tracestate`) or starts a trace, so the logs of
-/// both sidecars join on the trace id. Returns the trace id.
-pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> String {
-    let valid = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(trace_id)
-        .map(str::to_string);
-    if let Some(id) = valid {
-        return id;
+/// both sidecars join on the trace id. Returns the `traceparent` that goes on.
+pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> http::HeaderValue {
+    if let Some(v) = headers.get("traceparent") {
+        if v.to_str().ok().and_then(trace_id).is_some() {
+            return v.clone();
+        }
     }
     // An invalid traceparent restarts the trace; tracestate without it means nothing.
     headers.remove("tracestate");
-    let tp = new_traceparent();
-    let id = trace_id(&tp).expect("we made it valid").to_string();
-    headers.insert(
-        "traceparent",
-        http::HeaderValue::from_str(&tp).expect("hex"),
-    );
-    id
+    let tp = http::HeaderValue::from_str(&new_traceparent()).expect("hex");
+    headers.insert("traceparent", tp.clone());
+    tp
 }
 
 /// A new `traceparent` (version 00, sampled) with random trace and span ids.

@@ -228,16 +228,14 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
             r = h3.accept() => match r {
                 Ok(Some(resolver)) => {
                     let (inbound, peer) = (inbound.clone(), peer.clone());
-                    requests.spawn(async move {
+                    // Boxed whole: tokio copies a task's future as it spawns it and as it
+                    // ends (the stage is the future's size), so the task holds a pointer.
+                    requests.spawn(Box::pin(async move {
                         match resolver.resolve_request().await {
-                            // Boxed, so the spawned task stays small (it is copied whole
-                            // as it is spawned and as it ends).
-                            Ok((req, stream)) => {
-                                Box::pin(request(req, stream, &inbound, &peer)).await
-                            }
+                            Ok((req, stream)) => request(req, stream, &inbound, &peer).await,
                             Err(e) => tracing::debug!(%remote, error = %e, "bad request stream"),
                         }
-                    });
+                    }));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -264,7 +262,7 @@ async fn request(
     req: Request<()>,
     stream: ServerStream<h3_quinn::BidiStream<Bytes>>,
     inbound: &Inbound,
-    peer: &PeerId,
+    peer: &Arc<PeerId>,
 ) {
     let (mut send, recv) = stream.split();
     // Counted as RFC 9114 §4.2.2 counts a field section: name + value + 32 per field.

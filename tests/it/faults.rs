@@ -561,3 +561,139 @@ async fn an_origin_that_closes_its_connections_never_ejects_its_endpoint() {
     assert_eq!(v[0]["endpoints"][0]["breaker"], "closed");
     origin.abort();
 }
+
+/// An HTTP/1.1 app written by hand, so the test controls its connections: it counts them,
+/// answers `/big` with 8 MiB and anything else with `ok`, and (when told) closes each
+/// connection after its response, as an app with a short keep-alive timeout does.
+struct RawApp {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    close_after_response: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawApp {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let close_after_response = Arc::new(AtomicBool::new(false));
+        let (n, close) = (connections.clone(), close_after_response.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                n.fetch_add(1, Ordering::SeqCst);
+                let close = close.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request head (the tests send no bodies).
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let big = head.starts_with("GET /big ");
+                        let body = if big {
+                            vec![b'x'; 8 << 20]
+                        } else {
+                            b"ok".to_vec()
+                        };
+                        let resp =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if s.write_all(resp.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                        if close.load(Ordering::SeqCst) {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            close_after_response,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_connections_are_reused_and_a_closed_or_abandoned_one_is_never_used_again() {
+    use std::sync::atomic::Ordering;
+    let app = RawApp::start().await;
+    let pki = Pki::new();
+    let server = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], "")).await;
+    let ok = |got: &Got| got.status == StatusCode::OK && &got.body[..] == b"ok";
+
+    // Sequential requests share one keep-alive connection to the app.
+    for _ in 0..5 {
+        let got = get(client.outbound, "hello", "/").await;
+        assert!(ok(&got), "{got:?}");
+    }
+    assert_eq!(app.connections(), 1, "one connection reused");
+
+    // An app that closes each connection once it has answered (a short keep-alive timeout):
+    // every request still succeeds, on a new connection each time.
+    app.close_after_response.store(true, Ordering::SeqCst);
+    for i in 0..5 {
+        let got = get(client.outbound, "hello", &format!("/closing/{i}")).await;
+        assert!(
+            ok(&got),
+            "request {i} after the app closed its connection: {got:?}"
+        );
+        // Give the close time to arrive, so that the next request meets a closed
+        // connection in the pool (not one still open).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(app.connections() >= 5, "{} connections", app.connections());
+    app.close_after_response.store(false, Ordering::SeqCst);
+
+    // A caller that abandons a large response mid-body: the app connection is left with
+    // unread bytes and must not serve the next request (it would read them as its response).
+    for _ in 0..3 {
+        let stream = tokio::net::TcpStream::connect(client.outbound)
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get("/big")
+            .header("host", "hello")
+            .body(full(bytes::Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = http_body_util::BodyExt::frame(&mut body).await;
+        assert!(first.is_some());
+        drop((body, sender));
+        conn.abort();
+        for _ in 0..5 {
+            let got = get(client.outbound, "hello", "/").await;
+            assert!(ok(&got), "after an abandoned response: {got:?}");
+        }
+    }
+    app.task.abort();
+}
