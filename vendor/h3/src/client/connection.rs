@@ -186,7 +186,8 @@ where
         //# ([COOKIES]) MAY be split into separate field lines, each with one or
         //# more cookie-pairs, before compression.
 
-        let mut block = BytesMut::new();
+        // quicar: room for a typical field section up front, not grown as it is written.
+        let mut block = BytesMut::with_capacity(256);
         let mem_size = qpack::encode_stateless(&mut block, headers).map_err(|_e| {
             self.handle_connection_error_on_stream(InternalConnectionError {
                 code: Code::H3_INTERNAL_ERROR,

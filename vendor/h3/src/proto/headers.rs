@@ -153,6 +153,14 @@ pub struct HeaderIter {
     fields: header::IntoIter<HeaderValue>,
 }
 
+/// quicar: a pseudo-header field with its name borrowed, not copied.
+fn pseudo_field(name: &'static [u8], value: &[u8]) -> HeaderField {
+    HeaderField {
+        name: std::borrow::Cow::Borrowed(name),
+        value: std::borrow::Cow::Owned(value.to_vec()),
+    }
+}
+
 impl Iterator for HeaderIter {
     type Item = HeaderField;
 
@@ -162,27 +170,27 @@ impl Iterator for HeaderIter {
         //# regular header fields.
         if let Some(ref mut pseudo) = self.pseudo {
             if let Some(method) = pseudo.method.take() {
-                return Some((":method", method.as_str()).into());
+                return Some(pseudo_field(b":method", method.as_str().as_bytes()));
             }
 
             if let Some(scheme) = pseudo.scheme.take() {
-                return Some((":scheme", scheme.as_str().as_bytes()).into());
+                return Some(pseudo_field(b":scheme", scheme.as_str().as_bytes()));
             }
 
             if let Some(authority) = pseudo.authority.take() {
-                return Some((":authority", authority.as_str().as_bytes()).into());
+                return Some(pseudo_field(b":authority", authority.as_str().as_bytes()));
             }
 
             if let Some(path) = pseudo.path.take() {
-                return Some((":path", path.as_str().as_bytes()).into());
+                return Some(pseudo_field(b":path", path.as_str().as_bytes()));
             }
 
             if let Some(status) = pseudo.status.take() {
-                return Some((":status", status.as_str()).into());
+                return Some(pseudo_field(b":status", status.as_str().as_bytes()));
             }
 
             if let Some(protocol) = pseudo.protocol.take() {
-                return Some((":protocol", protocol.as_str().as_bytes()).into());
+                return Some(pseudo_field(b":protocol", protocol.as_str().as_bytes()));
             }
         }
 

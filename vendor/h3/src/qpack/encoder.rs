@@ -201,12 +201,16 @@ where
     for field in fields {
         let field = field.as_ref();
 
+        // quicar: the same representations as `LiteralWithNameRef::Static` and `Literal`
+        // encode, written from the field's bytes instead of copies of them.
         if let Some(index) = StaticTable::find(field) {
             Indexed::Static(index).encode(block);
         } else if let Some(index) = StaticTable::find_name(&field.name) {
-            LiteralWithNameRef::new_static(index, field.value.clone()).encode(block)?;
+            super::prefix_int::encode(4, 0b0101, index as u64, block);
+            super::prefix_string::encode(8, 0, &field.value, block)?;
         } else {
-            Literal::new(field.name.clone(), field.value.clone()).encode(block)?;
+            super::prefix_string::encode(4, 0b0010, &field.name, block)?;
+            super::prefix_string::encode(8, 0, &field.value, block)?;
         }
 
         size += field.mem_size() as u64;

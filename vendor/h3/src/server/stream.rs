@@ -123,7 +123,8 @@ where
         } = parts;
         let headers = Header::response(status, headers);
 
-        let mut block = BytesMut::new();
+        // quicar: room for a typical field section up front, not grown as it is written.
+        let mut block = BytesMut::with_capacity(256);
         let mem_size = qpack::encode_stateless(&mut block, headers).map_err(|_e| {
             self.handle_connection_error_on_stream(InternalConnectionError {
                 code: Code::H3_INTERNAL_ERROR,
