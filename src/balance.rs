@@ -2,7 +2,7 @@
 //! requests (the Finagle/Linkerd algorithm), honouring endpoint weights and SRV priorities, and
 //! skipping endpoints whose circuit breaker is open.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,7 +186,8 @@ pub(crate) enum Pick {
 /// identity).
 #[derive(Default)]
 pub(crate) struct Balancer {
-    states: Mutex<HashMap<(SocketAddr, PeerId), Arc<EndpointState>>>,
+    /// Fx-hashed: the keys are endpoints from config or discovery, never client input.
+    states: Mutex<FxHashMap<(SocketAddr, PeerId), Arc<EndpointState>>>,
 }
 
 impl Balancer {

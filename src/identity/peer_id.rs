@@ -14,9 +14,10 @@ pub enum PeerIdError {
     BadCertificate(String),
 }
 
-/// A SPIFFE ID, `spiffe://<trust-domain>/<path>`, parsed once and compared as a whole.
+/// A SPIFFE ID, `spiffe://<trust-domain>/<path>`, parsed once and compared as a whole. Shared,
+/// so a copy (a pool or balancer key, a request's record) costs no allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerId(String);
+pub struct PeerId(std::sync::Arc<str>);
 
 impl PeerId {
     pub fn parse(s: &str) -> Result<Self, PeerIdError> {
@@ -36,7 +37,7 @@ impl PeerId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b));
         if td_ok && path_ok {
-            Ok(Self(s.to_string()))
+            Ok(Self(s.into()))
         } else {
             Err(PeerIdError::NotSpiffe(s.into()))
         }
@@ -44,7 +45,7 @@ impl PeerId {
 
     /// The conventional identity of a sidecar fronting `service`.
     pub fn for_service(trust_domain: &str, service: &str) -> Self {
-        Self(format!("spiffe://{trust_domain}/{service}"))
+        Self(format!("spiffe://{trust_domain}/{service}").into())
     }
 
     pub fn trust_domain(&self) -> &str {

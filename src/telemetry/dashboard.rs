@@ -187,7 +187,8 @@ impl Live {
 
 #[derive(Default)]
 struct Second {
-    series: HashMap<SeriesKey, Agg>,
+    /// Fx-hashed: keyed by configured service names (or "-"), never client input.
+    series: rustc_hash::FxHashMap<SeriesKey, Agg>,
     errors: HashMap<String, u64>,
     cache: HashMap<String, (u64, u64)>,
 }

@@ -2,7 +2,7 @@
 //! holding at most one connection, a per-connection count of requests in flight, and the idle
 //! sweep.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -80,14 +80,15 @@ type Slot<C> = Arc<Mutex<State<C>>>;
 
 /// The slots of one pool.
 pub(crate) struct Slots<C> {
-    map: Mutex<HashMap<(SocketAddr, PeerId), Slot<C>>>,
+    /// Fx-hashed: the keys are endpoints from config or discovery, never client input.
+    map: Mutex<FxHashMap<(SocketAddr, PeerId), Slot<C>>>,
     handshakes: AtomicU64,
 }
 
 impl<C> Default for Slots<C> {
     fn default() -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::default(),
             handshakes: AtomicU64::new(0),
         }
     }
