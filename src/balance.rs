@@ -221,23 +221,17 @@ impl Balancer {
                 }
             }
         }
-        let usable = |fresh_only: bool| -> Vec<usize> {
-            let open: Vec<usize> = (0..eps.len())
-                .filter(|&i| admits[i] != Admit::No)
-                .filter(|&i| !fresh_only || !tried.contains(&eps[i].address))
-                .collect();
-            let best = open.iter().map(|&i| eps[i].priority).min();
-            open.into_iter()
-                .filter(|&i| Some(eps[i].priority) == best)
-                .collect()
-        };
-        let mut candidates = usable(true);
-        if candidates.is_empty() {
-            candidates = usable(false);
-        }
-        if candidates.is_empty() {
+        // The admitting endpoints of the best priority, not yet tried if there are such.
+        let admitting = |i: &usize| admits[*i] != Admit::No;
+        let fresh = |i: &usize| !tried.contains(&eps[*i].address);
+        let any_fresh = (0..eps.len()).any(|i| admitting(&i) && fresh(&i));
+        let usable = |i: &usize| admitting(i) && (!any_fresh || fresh(i));
+        let Some(best) = (0..eps.len()).filter(usable).map(|i| eps[i].priority).min() else {
             return Pick::AllOpen;
-        }
+        };
+        let candidates: Vec<usize> = (0..eps.len())
+            .filter(|i| usable(i) && eps[*i].priority == best)
+            .collect();
         // A half-open endpoint is tried with one probe before anything else is decided.
         let i = match candidates.iter().find(|&&i| admits[i] == Admit::Probe) {
             Some(&i) => {
@@ -248,6 +242,7 @@ impl Balancer {
                     .claim_probe();
                 i
             }
+            None if candidates.len() == 1 => candidates[0],
             None => {
                 let costs: Vec<f64> = candidates.iter().map(|&i| states[i].cost()).collect();
                 let weights: Vec<u32> = candidates.iter().map(|&i| eps[i].weight).collect();

@@ -307,10 +307,11 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// A body that counts the data bytes passing through it, and can keep a guard alive until it
 /// is dropped (the request's telemetry record is written then).
-pub(crate) struct Counted<B> {
+pub(crate) struct Counted<B, G = ()> {
     inner: B,
     count: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    _hold: Option<Box<dyn Send>>,
+    /// Kept alive as long as the body (held inline, not boxed).
+    _hold: G,
 }
 
 impl<B> Counted<B> {
@@ -318,17 +319,20 @@ impl<B> Counted<B> {
         Self {
             inner,
             count,
-            _hold: None,
+            _hold: (),
         }
     }
 
-    pub(crate) fn hold(mut self, guard: impl Send + 'static) -> Self {
-        self._hold = Some(Box::new(guard));
-        self
+    pub(crate) fn hold<G: Send + 'static>(self, guard: G) -> Counted<B, G> {
+        Counted {
+            inner: self.inner,
+            count: self.count,
+            _hold: guard,
+        }
     }
 }
 
-impl<B> Body for Counted<B>
+impl<B, G: Unpin> Body for Counted<B, G>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -408,10 +412,39 @@ impl Body for Prefixed {
 }
 
 /// Keeps `guard` alive until `body` is done or dropped (counts nothing).
-pub(crate) fn held(body: ProxyBody, guard: impl Send + 'static) -> ProxyBody {
-    Counted::new(body, std::sync::Arc::default())
-        .hold(guard)
-        .boxed_unsync()
+pub(crate) fn held(body: ProxyBody, guard: impl Send + Unpin + 'static) -> ProxyBody {
+    Held {
+        inner: body,
+        _guard: guard,
+    }
+    .boxed_unsync()
+}
+
+/// A body and what must live as long as it (one allocation, where a counted body with a
+/// boxed guard took three).
+struct Held<G> {
+    inner: ProxyBody,
+    _guard: G,
+}
+
+impl<G: Unpin> Body for Held<G> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Where a request body is as it streams: still coming, finished (and when), or failed (and

@@ -217,6 +217,14 @@ impl TryFrom<Vec<HeaderField>> for Header {
 
         for field in headers.into_iter() {
             let (name, value) = field.into_inner();
+            // quicar: a regular field's value becomes the HeaderValue without a copy (the
+            // decoder's buffer is handed over); names and pseudo-headers parse as before.
+            if name.first().is_some_and(|b| *b != b':') {
+                let n = HeaderName::from_lowercase(&name)
+                    .map_err(|_| HeaderError::invalid_name(&name))?;
+                fields.append(n, owned_value(&name, value)?);
+                continue;
+            }
             match Field::parse(name, value)? {
                 Field::Method(m) => {
                     pseudo.method = Some(m);
@@ -250,6 +258,19 @@ impl TryFrom<Vec<HeaderField>> for Header {
 
         Ok(Header { pseudo, fields })
     }
+}
+
+/// quicar: the value as a `HeaderValue` sharing the decoded bytes, after the same check
+/// `HeaderValue::from_bytes` makes (visible ASCII, obs-text, space and tab).
+fn owned_value(name: &[u8], value: std::borrow::Cow<'static, [u8]>) -> Result<HeaderValue, HeaderError> {
+    if !value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t') {
+        return Err(HeaderError::invalid_value(name, &value));
+    }
+    let bytes = match value {
+        std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
+        std::borrow::Cow::Borrowed(s) => bytes::Bytes::from_static(s),
+    };
+    HeaderValue::from_maybe_shared(bytes).map_err(|_| HeaderError::invalid_value(name, b""))
 }
 
 enum Field {
