@@ -57,8 +57,8 @@ pub(crate) struct Local {
     idle: Arc<Idle>,
 }
 
-/// Idle connections to one app, oldest first. At most `max_concurrent` are kept: no more are
-/// ever open at once.
+/// Idle connections to one app, oldest first. At most `max_concurrent` are kept (the requests
+/// the app gets at once), the oldest going first.
 struct Idle {
     conns: Mutex<Vec<(Conn, Instant)>>,
     max: usize,
