@@ -356,11 +356,16 @@ struct Reuse {
 }
 
 impl Reuse {
+    fn ended(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.idle.put(conn);
+        }
+    }
+
+    /// A sized body is over with its last byte; a chunked one only when it says so (`None`).
     fn ended_if_done(&mut self) {
         if self.body.is_end_stream() {
-            if let Some(conn) = self.conn.take() {
-                self.idle.put(conn);
-            }
+            self.ended();
         }
     }
 }
@@ -375,7 +380,7 @@ impl Body for Reuse {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let r = Pin::new(&mut self.body).poll_frame(cx);
         match &r {
-            Poll::Ready(None) => self.ended_if_done(),
+            Poll::Ready(None) => self.ended(),
             Poll::Ready(Some(Ok(_))) => self.ended_if_done(),
             Poll::Ready(Some(Err(_))) => self.conn = None,
             Poll::Pending => {}

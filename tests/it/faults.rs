@@ -563,8 +563,9 @@ async fn an_origin_that_closes_its_connections_never_ejects_its_endpoint() {
 }
 
 /// An HTTP/1.1 app written by hand, so the test controls its connections: it counts them,
-/// answers `/big` with 8 MiB and anything else with `ok`, and (when told) closes each
-/// connection after its response, as an app with a short keep-alive timeout does.
+/// answers `/big` with 8 MiB, `/chunked` with `ok` in chunked encoding and anything else with
+/// `ok`, and (when told) closes each connection after its response, as an app with a short
+/// keep-alive timeout does.
 struct RawApp {
     addr: std::net::SocketAddr,
     connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -602,14 +603,22 @@ impl RawApp {
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                         buf.drain(..end);
-                        let big = head.starts_with("GET /big ");
-                        let body = if big {
-                            vec![b'x'; 8 << 20]
+                        let (resp, body) = if head.starts_with("GET /chunked ") {
+                            let chunked =
+                                "transfer-encoding: chunked\r\n\r\n1\r\no\r\n1\r\nk\r\n0\r\n\r\n";
+                            (format!("HTTP/1.1 200 OK\r\n{chunked}"), Vec::new())
                         } else {
-                            b"ok".to_vec()
+                            let body = if head.starts_with("GET /big ") {
+                                vec![b'x'; 8 << 20]
+                            } else {
+                                b"ok".to_vec()
+                            };
+                            let len = body.len();
+                            (
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n"),
+                                body,
+                            )
                         };
-                        let resp =
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
                         if s.write_all(resp.as_bytes()).await.is_err()
                             || s.write_all(&body).await.is_err()
                         {
@@ -645,10 +654,11 @@ async fn app_connections_are_reused_and_a_closed_or_abandoned_one_is_never_used_
     let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], "")).await;
     let ok = |got: &Got| got.status == StatusCode::OK && &got.body[..] == b"ok";
 
-    // Sequential requests share one keep-alive connection to the app.
-    for _ in 0..5 {
-        let got = get(client.outbound, "hello", "/").await;
-        assert!(ok(&got), "{got:?}");
+    // Sequential requests share one keep-alive connection to the app, whether its responses
+    // are sized or chunked (a chunked body ends only with its last chunk).
+    for path in ["/", "/chunked", "/", "/chunked", "/chunked", "/"] {
+        let got = get(client.outbound, "hello", path).await;
+        assert!(ok(&got), "{path}: {got:?}");
     }
     assert_eq!(app.connections(), 1, "one connection reused");
 
