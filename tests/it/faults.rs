@@ -707,3 +707,32 @@ async fn app_connections_are_reused_and_a_closed_or_abandoned_one_is_never_used_
     }
     app.task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_app_gone_fails_100_concurrent_requests_at_once_with_connect_failed() {
+    use std::sync::atomic::Ordering;
+    let app = RawApp::start().await;
+    let pki = Pki::new();
+    let server = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], "")).await;
+    // The pool holds connections the app has since closed; then the app is gone.
+    app.close_after_response.store(true, Ordering::SeqCst);
+    let warm: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { get(client.outbound, "hello", "/").await.status }))
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap(), StatusCode::OK);
+    }
+    app.task.abort();
+    let _ = app.task.await;
+    let tasks: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(async move { get(client.outbound, "hello", "/").await }))
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains(&app.addr.to_string()), "{text}");
+    }
+}
