@@ -309,7 +309,8 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// is dropped (the request's telemetry record is written then).
 pub(crate) struct Counted<B, G = ()> {
     inner: B,
-    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// `None` for a body that only holds its guard (`held`).
+    count: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// Kept alive as long as the body (held inline, not boxed).
     _hold: G,
 }
@@ -318,7 +319,7 @@ impl<B> Counted<B> {
     pub(crate) fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
         Self {
             inner,
-            count,
+            count: Some(count),
             _hold: (),
         }
     }
@@ -344,10 +345,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r {
+        if let (Poll::Ready(Some(Ok(frame))), Some(count)) = (&r, &self.count) {
             if let Some(d) = frame.data_ref() {
-                self.count
-                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                count.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
         r
@@ -411,40 +411,14 @@ impl Body for Prefixed {
     }
 }
 
-/// Keeps `guard` alive until `body` is done or dropped (counts nothing).
+/// Keeps `guard` alive until `body` is done or dropped (counts nothing; one allocation).
 pub(crate) fn held(body: ProxyBody, guard: impl Send + Unpin + 'static) -> ProxyBody {
-    Held {
+    Counted {
         inner: body,
-        _guard: guard,
+        count: None,
+        _hold: guard,
     }
     .boxed_unsync()
-}
-
-/// A body and what must live as long as it (one allocation, where a counted body with a
-/// boxed guard took three).
-struct Held<G> {
-    inner: ProxyBody,
-    _guard: G,
-}
-
-impl<G: Unpin> Body for Held<G> {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// Where a request body is as it streams: still coming, finished (and when), or failed (and
