@@ -78,7 +78,7 @@ impl Idle {
         while i > 0 {
             i -= 1;
             let (conn, since) = &conns[i];
-            if conn.is_closed() || since.elapsed() >= IDLE {
+            if stale(conn, *since) {
                 conns.remove(i);
             } else if conn.is_ready() {
                 return Some(conns.remove(i).0);
@@ -103,8 +103,13 @@ impl Idle {
         self.conns
             .lock()
             .expect("not poisoned")
-            .retain(|(c, since)| !c.is_closed() && since.elapsed() < IDLE);
+            .retain(|(c, since)| !stale(c, *since));
     }
+}
+
+/// A pooled connection never to be used again: the app closed it, or it has been idle too long.
+fn stale(conn: &Conn, since: Instant) -> bool {
+    conn.is_closed() || since.elapsed() >= IDLE
 }
 
 impl Local {
@@ -284,41 +289,34 @@ impl LocalApp {
                     format!("{what} local service `{}` answered", local.name),
                 )
             })?;
-        let (mut resp, conn) = result.map_err(|e| {
-            if let Some(BodyFailure::TooLarge(limit)) = progress.failure() {
-                too_large(local, limit)
-            } else if let AppError::Connect(why) = &e {
-                ProxyError::new(
-                    ErrorKind::ConnectFailed,
-                    Side::LocalApp,
-                    format!(
-                        "cannot connect to local service `{}` at {}: {}",
-                        local.name,
-                        local.address,
-                        why.as_ref().map_or_else(
-                            || format!(
-                                "no connection within {:?} (inbound.connect_timeout)",
-                                self.connect_timeout
-                            ),
-                            ToString::to_string
-                        )
-                    ),
-                )
-            } else {
-                ProxyError::new(
-                    ErrorKind::PeerReset,
-                    Side::LocalApp,
-                    format!(
-                        "local service `{}` at {} failed: {}",
-                        local.name,
-                        local.address,
-                        match &e {
-                            AppError::Http(e) => crate::error::source_chain(e),
-                            AppError::Connect(_) => String::new(),
-                        }
-                    ),
-                )
-            }
+        let (mut resp, conn) = result.map_err(|e| match (progress.failure(), e) {
+            (Some(BodyFailure::TooLarge(limit)), _) => too_large(local, limit),
+            (_, AppError::Connect(why)) => ProxyError::new(
+                ErrorKind::ConnectFailed,
+                Side::LocalApp,
+                format!(
+                    "cannot connect to local service `{}` at {}: {}",
+                    local.name,
+                    local.address,
+                    why.as_ref().map_or_else(
+                        || format!(
+                            "no connection within {:?} (inbound.connect_timeout)",
+                            self.connect_timeout
+                        ),
+                        ToString::to_string
+                    )
+                ),
+            ),
+            (_, AppError::Http(e)) => ProxyError::new(
+                ErrorKind::PeerReset,
+                Side::LocalApp,
+                format!(
+                    "local service `{}` at {} failed: {}",
+                    local.name,
+                    local.address,
+                    crate::error::source_chain(&e)
+                ),
+            ),
         })?;
         strip_hop_by_hop(resp.headers_mut());
         // Only the sidecars speak for themselves: an app cannot forge error kinds, cache
