@@ -173,13 +173,25 @@ async def sized_body_fin_later(c):
     return r
 
 
+async def bad_header_value(c):
+    # A field value with a control character is a malformed request (RFC 9114 §4.1.2): refused,
+    # never forwarded, and the connection keeps serving.
+    sid = c.stream()
+    c.h3.send_headers(sid, headers("/bad", [(b"x-bad", b"a\x01b")]), end_stream=True)
+    c.transmit()
+    r = await c.wait(sid, timeout=5)
+    r["after"] = await plain(c)
+    return r
+
+
 async def main():
     out = {}
     for name, body in [("plain", plain), ("unknown_frame_first", unknown_frame_first),
                        ("data_before_headers", data_before_headers),
                        ("oversized_headers", oversized_headers),
                        ("reset_mid_body", reset_mid_body),
-                       ("sized_body_fin_later", sized_body_fin_later), ("still_healthy", plain)]:
+                       ("sized_body_fin_later", sized_body_fin_later),
+                       ("bad_header_value", bad_header_value), ("still_healthy", plain)]:
         try:
             out[name] = await asyncio.wait_for(case(name, body), 20)
         except Exception as e:  # the case's outcome, reported to the Rust test

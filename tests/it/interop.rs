@@ -454,6 +454,18 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
             .all(|code| code.as_u64().unwrap() >= 0x100),
         "STOP_SENDING with a code outside the HTTP/3 space: {v:#}"
     );
+    assert!(
+        v["bad_header_value"]["status"].is_null(),
+        "a control character in a field value is malformed: {v:#}"
+    );
+    assert_eq!(
+        v["bad_header_value"]["reset"], 0x10E,
+        "reset with H3_MESSAGE_ERROR: {v:#}"
+    );
+    assert_eq!(
+        v["bad_header_value"]["after"]["status"], 200,
+        "the connection survives a malformed request: {v:#}"
+    );
     assert_eq!(v["still_healthy"]["status"], 200, "{v:#}");
     assert!(
         upstream
@@ -463,5 +475,10 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
             .iter()
             .all(|s| s.path != "/sink" || s.body_len < 1000),
         "a body reset midway never reached the app whole"
+    );
+    assert_eq!(
+        upstream.count_of("/bad"),
+        0,
+        "a malformed request never reaches the app"
     );
 }
