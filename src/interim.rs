@@ -4,7 +4,7 @@
 //! Whoever can send interim responses on puts an `Interim` in the request's extensions: the
 //! outbound edge (onto the app's HTTP/1.1 connection, `outbound/app_io`) and each transport server (onto
 //! the HTTP/3 stream or HTTP/2 stream toward the calling sidecar). Whoever receives them passes
-//! them to it: the local-app client (hyper's `on_informational`) and each transport client.
+//! them to it: the local-app client (`inbound/local_app/h1`) and each transport client.
 //! `100 Continue` stays hop-local (each hop answers `Expect` itself) and `101` is never
 //! forwarded (no upgrades); hop-by-hop and `quicar-*` fields are dropped, as on final responses.
 

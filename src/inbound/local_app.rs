@@ -5,8 +5,11 @@
 //!
 //! The pool is quicar's own, one per local service (one address): idle connections on a stack,
 //! taken newest first, given back when a response body has been read to its end. A connection
-//! whose response was dropped early is not reused (hyper closes it); one the app closed while
-//! idle is found closed, or hands the request back unsent and the next connection is tried.
+//! whose response was dropped early is closed, never reused; one the app closed while idle is
+//! found closed, or refuses the request's first bytes, and the next connection is tried. The
+//! HTTP/1.1 itself is `h1`, spoken by the request's own task.
+
+mod h1;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,11 +18,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{
@@ -66,22 +66,17 @@ struct Idle {
     returned: tokio::sync::Notify,
 }
 
-/// A connection to an app, as the requests see it.
-type Conn = http1::SendRequest<ProxyBody>;
+/// An idle connection to an app.
+type Conn = h1::Wire;
 
 impl Idle {
-    /// The newest idle connection that can take a request now. Closed and expired ones are
-    /// dropped on the way; one still finishing its last exchange is left for later.
+    /// The newest idle connection that can take a request. Closed and expired ones are
+    /// dropped on the way.
     fn take(&self) -> Option<Conn> {
         let mut conns = self.conns.lock().expect("not poisoned");
-        let mut i = conns.len();
-        while i > 0 {
-            i -= 1;
-            let (conn, since) = &conns[i];
-            if stale(conn, *since) {
-                conns.remove(i);
-            } else if conn.is_ready() {
-                return Some(conns.remove(i).0);
+        while let Some((conn, since)) = conns.pop() {
+            if !stale(&conn, since) {
+                return Some(conn);
             }
         }
         None
@@ -97,8 +92,7 @@ impl Idle {
         self.returned.notify_one();
     }
 
-    /// Closes connections idle for longer than `IDLE` (dropping the sender ends hyper's
-    /// connection task, which closes the socket).
+    /// Closes connections idle for longer than `IDLE`, and those the app closed.
     fn reap(&self) {
         self.conns
             .lock()
@@ -154,15 +148,7 @@ impl LocalApp {
                     .map_err(|_| AppError::Connect(None))?
                     .map_err(|e| AppError::Connect(Some(e)))?;
                 let _ = stream.set_nodelay(true);
-                let (send, conn) = http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(AppError::Http)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "local app connection ended with an error");
-                    }
-                });
-                Ok(send)
+                Ok(h1::Wire::new(stream))
             }
             .await;
             if let Err(Ok(conn)) = tx.send(made) {
@@ -172,39 +158,44 @@ impl LocalApp {
         rx
     }
 
-    /// Sends `req` on an idle connection, else on a new one, whichever is ready first: under a
-    /// burst, connections coming back serve requests while new ones are still being accepted
-    /// (a connect can wait for the app's accept queue). A request an idle connection hands
-    /// back unsent (the app closed it meanwhile) goes to the next; a new connection's failure
-    /// is final.
+    /// Sends the request on an idle connection, else on a new one, whichever is ready first:
+    /// under a burst, connections coming back serve requests while new ones are still being
+    /// accepted (a connect can wait for the app's accept queue). An idle connection that
+    /// refuses the request's first bytes (the app closed it meanwhile) passes it to the next;
+    /// a new connection's failure is final.
     async fn send(
         &self,
         local: &Local,
-        mut req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Conn), AppError> {
+        parts: http::request::Parts,
+        body: ProxyBody,
+        interim: Option<Interim>,
+    ) -> Result<Response<h1::AppBody>, AppError> {
+        let (head, framing) = h1::encode_head(&parts, &body);
+        let head_request = parts.method == http::Method::HEAD;
         let mut connecting = None;
-        loop {
+        let exchange = 'found: loop {
             let returned = local.idle.returned.notified();
-            while let Some(mut conn) = local.idle.take() {
-                match conn.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, conn)),
-                    Err(mut e) => match e.take_message() {
-                        Some(back) => req = back,
-                        None => return Err(AppError::Http(e.into_error())),
-                    },
+            while let Some(conn) = local.idle.take() {
+                if let Ok(ex) = conn.begin(head.clone()) {
+                    break 'found ex;
                 }
             }
             let new = connecting.get_or_insert_with(|| self.connect(local));
             tokio::select! {
                 biased;
                 made = new => {
-                    let mut conn = made.unwrap_or(Err(AppError::Connect(None)))?;
-                    let resp = conn.send_request(req).await.map_err(AppError::Http)?;
-                    return Ok((resp, conn));
+                    let conn = made.unwrap_or(Err(AppError::Connect(None)))?;
+                    break 'found conn.begin(head).map_err(|_| {
+                        AppError::Http(h1::WireError::Closed)
+                    })?;
                 }
                 () = returned => {}
             }
-        }
+        };
+        exchange
+            .response(framing, body, head_request, interim)
+            .await
+            .map_err(AppError::Http)
     }
 
     /// Sends an authorized request to `local`: Host is the service name, the caller's identity
@@ -261,19 +252,9 @@ impl LocalApp {
             None => http::Uri::from_static("/"),
         };
         parts.version = http::Version::HTTP_11;
+        // The app's interim responses (103 Early Hints…) go on toward the caller as they arrive.
         let interim = parts.extensions.remove::<Interim>();
-        let mut req = Request::from_parts(parts, body);
-        if let Some(interim) = interim {
-            // The app's interim responses (103 Early Hints…) go on toward the caller as they
-            // arrive.
-            hyper::ext::on_informational(&mut req, move |r| {
-                let mut resp = Response::new(());
-                *resp.status_mut() = r.status();
-                *resp.headers_mut() = r.headers().clone();
-                interim.forward(resp);
-            });
-        }
-        let call = std::pin::pin!(self.send(local, req));
+        let call = std::pin::pin!(self.send(local, parts, body, interim));
         let limit = deadline.unwrap_or(local.timeout);
         // Dropping the call closes the connection to the app: it sees the cancellation.
         let result = after_body(&progress, limit, local.timeout, call)
@@ -289,7 +270,7 @@ impl LocalApp {
                     format!("{what} local service `{}` answered", local.name),
                 )
             })?;
-        let (mut resp, conn) = result.map_err(|e| match (progress.failure(), e) {
+        let mut resp = result.map_err(|e| match (progress.failure(), e) {
             (Some(BodyFailure::TooLarge(limit)), _) => too_large(local, limit),
             (_, AppError::Connect(why)) => ProxyError::new(
                 ErrorKind::ConnectFailed,
@@ -327,7 +308,6 @@ impl LocalApp {
         Ok(resp.map(|body| {
             let mut r = Reuse {
                 body,
-                conn: Some(conn),
                 idle: local.idle.clone(),
                 _slot: slot,
             };
@@ -341,29 +321,24 @@ impl LocalApp {
 enum AppError {
     /// No connection within the connect timeout (`None`), or refused.
     Connect(Option<std::io::Error>),
-    Http(hyper::Error),
+    Http(h1::WireError),
 }
 
 /// The app's response body: the connection goes back to the pool when it has been read to its
-/// end (dropped early, it is closed by hyper and not reused), and the slot is held until then.
+/// end (dropped early, it is closed and not reused), and the slot is held until then.
 struct Reuse {
-    body: Incoming,
-    conn: Option<Conn>,
+    body: h1::AppBody,
     idle: Arc<Idle>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Reuse {
-    fn ended(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.idle.put(conn);
-        }
-    }
-
-    /// A sized body is over with its last byte; a chunked one only when it says so (`None`).
+    /// Gives the connection back if the exchange is over and it can carry another.
     fn ended_if_done(&mut self) {
         if self.body.is_end_stream() {
-            self.ended();
+            if let Some(conn) = self.body.reusable() {
+                self.idle.put(conn);
+            }
         }
     }
 }
@@ -377,13 +352,10 @@ impl Body for Reuse {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let r = Pin::new(&mut self.body).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => self.ended(),
-            Poll::Ready(Some(Ok(_))) => self.ended_if_done(),
-            Poll::Ready(Some(Err(_))) => self.conn = None,
-            Poll::Pending => {}
+        if matches!(r, Poll::Ready(None | Some(Ok(_)))) {
+            self.ended_if_done();
         }
-        r.map_err(|e| -> BodyError { Box::new(e) })
+        r
     }
 
     fn is_end_stream(&self) -> bool {

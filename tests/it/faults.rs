@@ -736,3 +736,138 @@ async fn a_local_app_gone_fails_100_concurrent_requests_at_once_with_connect_fai
         assert!(text.contains(&app.addr.to_string()), "{text}");
     }
 }
+
+/// An app that answers each path with the canned bytes in `replies` (and `ok` to anything
+/// else), keeping its connection open after a reply whatever it was.
+async fn canned_app(
+    replies: &'static [(&'static str, String)],
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let reply = replies.iter().find(|(p, _)| *p == path).map_or_else(
+                        || "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
+                        |(_, r)| r.clone(),
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_dropped() {
+    static REPLIES: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
+    let replies = REPLIES.get_or_init(|| {
+        vec![
+            (
+                "/both",
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".into(),
+            ),
+            (
+                "/huge-head",
+                format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(70 << 10)),
+            ),
+            (
+                "/switch",
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: evil\r\nconnection: upgrade\r\n\r\n".into(),
+            ),
+            ("/garbage", "SSH-2.0-OpenSSH_9.2\r\n\r\n".into()),
+            ("/bad-length", "HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nok".into()),
+            (
+                "/smuggle",
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged".into(),
+            ),
+            (
+                "/early",
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!".into(),
+            ),
+            (
+                "/bad-chunk",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n".into(),
+            ),
+        ]
+    });
+    let (app, task) = canned_app(replies).await;
+    let pki = Pki::new();
+    let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", "")).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], "")).await;
+    let ok = |got: &Got| got.status == StatusCode::OK && &got.body[..] == b"ok";
+    for (path, reason) in [
+        ("/both", "both Transfer-Encoding and Content-Length"),
+        ("/huge-head", "response head over"),
+        ("/switch", "101"),
+        ("/garbage", "response head"),
+        ("/bad-length", "invalid Content-Length"),
+    ] {
+        let got = get(client.outbound, "hello", path).await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{path}: {got:?}");
+        assert_eq!(got.error_kind(), Some("peer-reset"), "{path}: {got:?}");
+        let body = String::from_utf8_lossy(&got.body);
+        assert!(body.contains(reason), "{path}: {body}");
+        // The sidecar goes on serving, on a connection that is not the broken one.
+        let got = get(client.outbound, "hello", "/").await;
+        assert!(ok(&got), "after {path}: {got:?}");
+    }
+    // Bytes past a response are never read as the next response.
+    for _ in 0..3 {
+        let got = get(client.outbound, "hello", "/smuggle").await;
+        assert!(ok(&got), "{got:?}");
+        let got = get(client.outbound, "hello", "/").await;
+        assert!(ok(&got), "the smuggled response was served: {got:?}");
+    }
+    // An app that answers an upload before it has read it: its answer reaches the caller while
+    // the upload is still coming, and that connection, its request unfinished, is not reused.
+    let got = post(
+        client.outbound,
+        "/early",
+        trickle(20, 1024, Duration::from_millis(20)),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "{got:?}");
+    assert_eq!(&got.body[..], b"big!");
+    let got = get(client.outbound, "hello", "/").await;
+    assert!(ok(&got), "after an early answer: {got:?}");
+    // A chunked body that breaks after its head: the caller sees an error (a 502 if the reset
+    // overtook the head, else the body cut with no last chunk), never a whole response.
+    let cut = raw(
+        client.outbound,
+        b"GET /bad-chunk HTTP/1.1\r\nhost: hello\r\nconnection: close\r\n\r\n",
+        false,
+    )
+    .await;
+    if cut.starts_with("HTTP/1.1 502 ") {
+        assert!(cut.contains("quicar-error: peer-reset"), "{cut}");
+    } else {
+        assert!(cut.starts_with("HTTP/1.1 200 "), "{cut}");
+        assert!(
+            !cut.ends_with("0\r\n\r\n"),
+            "a cut body looked whole: {cut:?}"
+        );
+    }
+    let got = get(client.outbound, "hello", "/").await;
+    assert!(ok(&got), "after a broken chunked body: {got:?}");
+    task.abort();
+}

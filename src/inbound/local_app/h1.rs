@@ -1,0 +1,762 @@
+//! HTTP/1.1 to a local app, spoken by the request's own task on a connection it holds: the head
+//! goes out, the request body streams while the response head is awaited (and on, while the
+//! response body is read, for an app that answers before it has read the whole upload), and
+//! the response body is read straight from the socket as the caller asks for it. No
+//! connection task, no channel between the request and its connection: each hop between tasks
+//! was a wake-up and a handful of allocations per request.
+//!
+//! What it accepts from the app is what RFC 9112 allows and no more: a response head within
+//! `MAX_HEAD` bytes and `MAX_HEADERS` fields, interim (1xx) responses before the final one,
+//! and a body framed by `Transfer-Encoding: chunked` (with trailers), `Content-Length`, or the
+//! end of the connection. Anything else fails the exchange with a reason, and the connection
+//! is never used again.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use crate::body::{BodyError, ProxyBody};
+use crate::interim::Interim;
+
+/// The largest response head (and interim head, and trailer section) taken from an app: with
+/// `MAX_HEADERS` fields' overhead it stays within the field section a peer sidecar takes
+/// (`MAX_FIELD_SECTION`, 64 KiB), so an app's head is refused here with a reason, not by the
+/// HTTP/3 stack on the way out.
+const MAX_HEAD: usize = 48 * 1024;
+/// The most fields in one response head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// What one read from the app asks for at most.
+const READ: usize = 16 * 1024;
+/// The longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// One connection to an app: the socket and what was read past the last message.
+pub(crate) struct Wire {
+    io: TcpStream,
+    read: BytesMut,
+}
+
+/// Why an exchange with the app failed.
+#[derive(Debug)]
+pub(crate) enum WireError {
+    /// Reading or writing the socket failed.
+    Io(io::Error),
+    /// The app closed the connection before its response head was whole.
+    Closed,
+    /// The app's response broke the protocol.
+    Malformed(String),
+    /// The request body failed (its error, as the body said).
+    Body(BodyError),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Closed => f.write_str("the connection closed before a response"),
+            Self::Malformed(why) => write!(f, "malformed response: {why}"),
+            Self::Body(e) => write!(f, "the request body failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+impl Wire {
+    pub(crate) fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            read: BytesMut::new(),
+        }
+    }
+
+    /// An idle connection the app has closed (or written to unasked) cannot take a request.
+    /// Costs a system call only when the socket has been readable since it was last read dry.
+    pub(crate) fn is_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Writes what it can of `head` now, without waiting. `Err` means the app has closed the
+    /// connection: nothing of the request reached it, it can go on another connection.
+    pub(crate) fn begin(self, mut head: Bytes) -> Result<Started, Self> {
+        match self.io.try_write(&head) {
+            Ok(n) => head.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(self),
+        }
+        Ok(Started { wire: self, head })
+    }
+}
+
+/// A request whose head is (partly) on its way: the rest of the head in `head`.
+pub(crate) struct Started {
+    wire: Wire,
+    head: Bytes,
+}
+
+/// A request's head in HTTP/1.1 bytes, framing chosen from its body: its size (exact, or as
+/// the caller declared it, and then held to it) as `Content-Length`, else chunked. The
+/// caller's own framing fields are replaced.
+pub(crate) fn encode_head(parts: &http::request::Parts, body: &ProxyBody) -> (Bytes, Framing) {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(128 + parts.headers.len() * 32);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let declared = crate::body::content_length(&parts.headers);
+    let known = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+    let framing = match known.or(declared) {
+        // An empty body the caller did not size goes without a framing field (hyper's rule).
+        Some(0) if declared.is_none() => Framing::Sized(0),
+        Some(n) => {
+            use std::io::Write as _;
+            write!(head, "content-length: {n}\r\n").expect("writing to a Vec never fails");
+            Framing::Sized(n)
+        }
+        None => {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
+    };
+    head.extend_from_slice(b"\r\n");
+    (Bytes::from(head), framing)
+}
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy)]
+pub(crate) enum Framing {
+    Sized(u64),
+    Chunked,
+}
+
+/// The request side of an exchange: what is still to be written.
+enum Out {
+    Body(ProxyBody),
+    /// A chunk (with its framing) being written, then the body continues.
+    Chunk(Vec<Bytes>, ProxyBody),
+    /// The last bytes (chunked terminator or trailers), then done.
+    Last(Vec<Bytes>),
+    Done,
+    /// Writing failed or the body broke: the connection is not reusable.
+    Broken,
+}
+
+/// One request on a connection, from its head being written to its response head.
+pub(crate) struct Exchange {
+    wire: Wire,
+    out: Out,
+    /// Bytes a sized request body still owes (`None`: the body is chunked).
+    left: Option<u64>,
+    /// Why writing stopped, kept to explain a response that then never came.
+    write_failed: Option<WireError>,
+}
+
+impl Started {
+    /// Sends the request body (after the head) while reading the response head; interim
+    /// responses go to `interim`. The body keeps streaming inside the response body if the app
+    /// answers before it has all of it.
+    pub(crate) async fn response(
+        self,
+        framing: Framing,
+        body: ProxyBody,
+        head_request: bool,
+        interim: Option<Interim>,
+    ) -> Result<Response<AppBody>, WireError> {
+        let mut ex = Exchange {
+            wire: self.wire,
+            out: Out::Chunk(vec![self.head], body),
+            left: match framing {
+                Framing::Sized(n) => Some(n),
+                Framing::Chunked => None,
+            },
+            write_failed: None,
+        };
+        let (status, headers, reusable_head) =
+            std::future::poll_fn(|cx| ex.poll_head(cx, interim.as_ref())).await?;
+        let kind = body_kind(head_request, status, &headers)?;
+        let reusable = reusable_head && !matches!(kind, Kind::Close);
+        let mut resp = Response::new(AppBody {
+            ex: Some(ex),
+            kind,
+            reusable,
+        });
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        Ok(resp)
+    }
+}
+
+impl Exchange {
+    /// Moves the request along as far as it goes now. A write error stops the writing (the
+    /// connection is then not reusable) and is kept: a response may still come. A request body
+    /// that breaks ends the exchange (`Err`): the app must not take a part for the whole.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), WireError> {
+        self.poll_send_inner(cx);
+        match self.write_failed.take() {
+            Some(WireError::Io(e)) => {
+                self.write_failed = Some(WireError::Io(e));
+                Ok(())
+            }
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn poll_send_inner(&mut self, cx: &mut Context<'_>) {
+        loop {
+            match std::mem::replace(&mut self.out, Out::Broken) {
+                Out::Done => {
+                    self.out = Out::Done;
+                    return;
+                }
+                Out::Broken => return,
+                Out::Chunk(mut bufs, body) => match self.poll_write_all(cx, &mut bufs) {
+                    Poll::Ready(Ok(())) => self.out = Out::Body(body),
+                    Poll::Ready(Err(e)) => return self.fail(WireError::Io(e)),
+                    Poll::Pending => {
+                        self.out = Out::Chunk(bufs, body);
+                        return;
+                    }
+                },
+                Out::Last(mut bufs) => match self.poll_write_all(cx, &mut bufs) {
+                    Poll::Ready(Ok(())) => self.out = Out::Done,
+                    Poll::Ready(Err(e)) => return self.fail(WireError::Io(e)),
+                    Poll::Pending => {
+                        self.out = Out::Last(bufs);
+                        return;
+                    }
+                },
+                Out::Body(mut body) => match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Pending => {
+                        self.out = Out::Body(body);
+                        return;
+                    }
+                    Poll::Ready(Some(Err(e))) => return self.fail(WireError::Body(e)),
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => match self.frame_data(data) {
+                            Ok(bufs) => self.out = Out::Chunk(bufs, body),
+                            Err(e) => return self.fail(e),
+                        },
+                        Err(frame) => {
+                            // Trailers: the end of the body.
+                            let trailers = frame.into_trailers().unwrap_or_default();
+                            match self.finish(Some(&trailers)) {
+                                Ok(bufs) => self.out = Out::Last(bufs),
+                                Err(e) => return self.fail(e),
+                            }
+                        }
+                    },
+                    Poll::Ready(None) => match self.finish(None) {
+                        Ok(bufs) => self.out = Out::Last(bufs),
+                        Err(e) => return self.fail(e),
+                    },
+                },
+            }
+        }
+    }
+
+    fn fail(&mut self, e: WireError) {
+        self.out = Out::Broken;
+        self.write_failed.get_or_insert(e);
+    }
+
+    /// One data frame as it goes on the wire.
+    fn frame_data(&mut self, data: Bytes) -> Result<Vec<Bytes>, WireError> {
+        if let Some(left) = &mut self.left {
+            let n = data.len() as u64;
+            if n > *left {
+                return Err(WireError::Body(
+                    "the request body is longer than its length".into(),
+                ));
+            }
+            *left -= n;
+            return Ok(vec![data]);
+        }
+        if data.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![
+            Bytes::from(format!("{:x}\r\n", data.len())),
+            data,
+            Bytes::from_static(b"\r\n"),
+        ])
+    }
+
+    /// The end of the body: the chunked terminator with any trailers, or a check that a sized
+    /// body was whole.
+    fn finish(&mut self, trailers: Option<&HeaderMap>) -> Result<Vec<Bytes>, WireError> {
+        if let Some(left) = self.left {
+            if left > 0 {
+                return Err(WireError::Body(
+                    format!("the request body ended {left} bytes short of its length").into(),
+                ));
+            }
+            return Ok(Vec::new());
+        }
+        let mut last = b"0\r\n".to_vec();
+        for (name, value) in trailers.into_iter().flatten() {
+            last.extend_from_slice(name.as_str().as_bytes());
+            last.extend_from_slice(b": ");
+            last.extend_from_slice(value.as_bytes());
+            last.extend_from_slice(b"\r\n");
+        }
+        last.extend_from_slice(b"\r\n");
+        Ok(vec![Bytes::from(last)])
+    }
+
+    /// Writes `bufs` (at most a chunk's three pieces at a time), taking off what went out.
+    fn poll_write_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &mut Vec<Bytes>,
+    ) -> Poll<io::Result<()>> {
+        bufs.retain(|b| !b.is_empty());
+        while !bufs.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); 3];
+            for (slice, buf) in slices.iter_mut().zip(bufs.iter()) {
+                *slice = io::IoSlice::new(buf);
+            }
+            let count = bufs.len().min(slices.len());
+            let mut n =
+                ready!(Pin::new(&mut self.wire.io).poll_write_vectored(cx, &slices[..count]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            while n > 0 {
+                let first = &mut bufs[0];
+                let k = n.min(first.len());
+                first.advance(k);
+                n -= k;
+                if first.is_empty() {
+                    bufs.remove(0);
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads until a read gives more bytes (`Ok(true)`) or the app closed (`Ok(false)`).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        self.wire.read.reserve(READ);
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.wire.io),
+            cx,
+            &mut self.wire.read
+        ))?;
+        Poll::Ready(Ok(n > 0))
+    }
+
+    /// The final response head; interim ones on the way go to `interim`.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        interim: Option<&Interim>,
+    ) -> Poll<Result<(StatusCode, HeaderMap, bool), WireError>> {
+        self.poll_send(cx)?;
+        loop {
+            if !self.wire.read.is_empty() {
+                if let Some(head) = parse_head(&mut self.wire.read)? {
+                    let (status, headers, reusable) = head;
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Poll::Ready(Err(WireError::Malformed(
+                            "101 Switching Protocols to a request that asked for no upgrade".into(),
+                        )));
+                    }
+                    if status.is_informational() {
+                        if let Some(interim) = interim {
+                            let mut r = Response::new(());
+                            *r.status_mut() = status;
+                            *r.headers_mut() = headers;
+                            interim.forward(r);
+                        }
+                        continue;
+                    }
+                    return Poll::Ready(Ok((status, headers, reusable)));
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Poll::Ready(Err(match self.write_failed.take() {
+                        Some(e) if !self.wire.read.is_empty() => e,
+                        _ if !self.wire.read.is_empty() => WireError::Malformed(
+                            "the connection closed inside the response head".into(),
+                        ),
+                        Some(e) => e,
+                        None => WireError::Closed,
+                    }))
+                }
+                Err(e) => {
+                    return Poll::Ready(Err(self.write_failed.take().unwrap_or(WireError::Io(e))))
+                }
+            }
+        }
+    }
+}
+
+/// A whole response head at the front of `read`, taken off it: status, fields, and whether
+/// the connection may carry another request after this response. `None` while incomplete.
+fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, HeaderMap, bool)>, WireError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(read) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(WireError::Malformed(format!(
+                "response head over {MAX_HEAD} bytes"
+            )))
+        }
+        Ok(httparse::Status::Partial) if read.len() > MAX_HEAD => {
+            return Err(WireError::Malformed(format!(
+                "response head over {MAX_HEAD} bytes"
+            )))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(WireError::Malformed(format!("response head: {e}"))),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| WireError::Malformed("no valid status code".into()))?;
+    let mut keep_alive = resp.version == Some(1);
+    let base = read.as_ptr() as usize;
+    let mut named = Vec::with_capacity(resp.headers.len());
+    for f in resp.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| WireError::Malformed(format!("invalid field name {:?}", f.name)))?;
+        let start = f.value.as_ptr() as usize - base;
+        named.push((name, start, start + f.value.len()));
+    }
+    let head = read.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(named.len());
+    for (name, start, end) in named {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| WireError::Malformed(format!("invalid value of field {name}")))?;
+        if name == http::header::CONNECTION && has_token(&value, "close") {
+            keep_alive = false;
+        }
+        headers.append(name, value);
+    }
+    Ok(Some((status, headers, keep_alive)))
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// How a response body is framed.
+enum Kind {
+    /// `left` bytes to go.
+    Sized(u64),
+    Chunked(Chunk),
+    /// Until the app closes the connection.
+    Close,
+    Done,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Clone, Copy)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// The response body's framing (RFC 9112 §6.3).
+fn body_kind(
+    head_request: bool,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<Kind, WireError> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Kind::Done);
+    }
+    if let Some(te) = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let last_is_chunked = te
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        // Chunked and a length besides is a smuggling shape: read it chunked, and never reuse
+        // the connection (`Close` is never reused; a chunked body with a length is refused).
+        if headers.contains_key(http::header::CONTENT_LENGTH) {
+            return Err(WireError::Malformed(
+                "both Transfer-Encoding and Content-Length".into(),
+            ));
+        }
+        return Ok(if last_is_chunked {
+            Kind::Chunked(Chunk::Size)
+        } else {
+            Kind::Close
+        });
+    }
+    let mut length = None;
+    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let part = part.trim();
+            let n: u64 = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse().ok())
+                .flatten()
+                .ok_or_else(|| WireError::Malformed(format!("invalid Content-Length {part:?}")))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::Malformed(
+                    "conflicting Content-Length values".into(),
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Kind::Done,
+        Some(n) => Kind::Sized(n),
+        None => Kind::Close,
+    })
+}
+
+/// The app's response body, read from the connection as it is asked for; the request body
+/// keeps streaming meanwhile if it has not ended. `finish` hands the connection back once both
+/// ended cleanly.
+pub(crate) struct AppBody {
+    /// `None` once the connection went back to the pool.
+    ex: Option<Exchange>,
+    kind: Kind,
+    reusable: bool,
+}
+
+impl AppBody {
+    /// The connection, if this exchange is over and it can carry another: the response read to
+    /// its end, the request written whole, and nothing from the app past the response.
+    pub(crate) fn reusable(&mut self) -> Option<Wire> {
+        let over = matches!(self.kind, Kind::Done) && self.reusable;
+        let ex = self
+            .ex
+            .take_if(|ex| over && matches!(ex.out, Out::Done) && ex.wire.read.is_empty())?;
+        Some(ex.wire)
+    }
+}
+
+impl Body for AppBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let Some(ex) = &mut this.ex else {
+            return Poll::Ready(None);
+        };
+        let r = match ex.poll_send(cx) {
+            Ok(()) => this.poll_body(cx),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        };
+        if let Poll::Ready(Some(Err(_))) = &r {
+            this.reusable = false;
+            this.kind = Kind::Done;
+        }
+        r.map(|o| o.map(|r| r.map_err(|e| -> BodyError { Box::new(e) })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, Kind::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            Kind::Done => SizeHint::with_exact(0),
+            Kind::Sized(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl AppBody {
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        let Some(ex) = &mut self.ex else {
+            return Poll::Ready(None);
+        };
+        loop {
+            let read = &mut ex.wire.read;
+            match &mut self.kind {
+                Kind::Done => return Poll::Ready(None),
+                Kind::Sized(left) => {
+                    if !read.is_empty() {
+                        let n = (*left).min(read.len() as u64) as usize;
+                        *left -= n as u64;
+                        let data = read.split_to(n).freeze();
+                        if *left == 0 {
+                            self.kind = Kind::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let left = *left;
+                    if !ready!(ex.poll_fill(cx)).map_err(WireError::Io)? {
+                        return Poll::Ready(Some(Err(WireError::Malformed(format!(
+                            "the connection closed {left} bytes before the end of the response body"
+                        )))));
+                    }
+                }
+                Kind::Close => {
+                    if !read.is_empty() {
+                        let data = read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if !ready!(ex.poll_fill(cx)).map_err(WireError::Io)? {
+                        self.kind = Kind::Done;
+                        return Poll::Ready(None);
+                    }
+                }
+                Kind::Chunked(state) => {
+                    match step_chunked(state, read)? {
+                        Step::Frame(f) => {
+                            if f.is_trailers() {
+                                self.kind = Kind::Done;
+                            }
+                            return Poll::Ready(Some(Ok(f)));
+                        }
+                        Step::Again => continue,
+                        Step::End => {
+                            self.kind = Kind::Done;
+                            return Poll::Ready(None);
+                        }
+                        Step::More => {}
+                    }
+                    if !ready!(ex.poll_fill(cx)).map_err(WireError::Io)? {
+                        return Poll::Ready(Some(Err(WireError::Malformed(
+                            "the connection closed inside a chunked response body".into(),
+                        ))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the chunked reader made of the bytes it had.
+enum Step {
+    Frame(Frame<Bytes>),
+    /// Moved to another state: look again.
+    Again,
+    /// The body ended without trailers.
+    End,
+    /// Needs more bytes.
+    More,
+}
+
+fn step_chunked(state: &mut Chunk, read: &mut BytesMut) -> Result<Step, WireError> {
+    match *state {
+        Chunk::Size => {
+            let Some(eol) = read.iter().position(|&b| b == b'\n') else {
+                return if read.len() > MAX_CHUNK_LINE {
+                    Err(WireError::Malformed("chunk size line too long".into()))
+                } else {
+                    Ok(Step::More)
+                };
+            };
+            let line = read.split_to(eol + 1);
+            let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+            let rest = &line[digits..];
+            let rest_ok = rest.ends_with(b"\r\n")
+                && matches!(rest.first(), Some(b';' | b' ' | b'\t' | b'\r'));
+            if digits == 0 || digits > 15 || !rest_ok {
+                return Err(WireError::Malformed("invalid chunk size line".into()));
+            }
+            let size = u64::from_str_radix(
+                std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII"),
+                16,
+            )
+            .expect("at most 15 hex digits fit");
+            *state = if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            };
+            Ok(Step::Again)
+        }
+        Chunk::Data(left) => {
+            if read.is_empty() {
+                return Ok(Step::More);
+            }
+            let n = left.min(read.len() as u64) as usize;
+            let data = read.split_to(n).freeze();
+            *state = match left - n as u64 {
+                0 => Chunk::DataEnd,
+                rest => Chunk::Data(rest),
+            };
+            Ok(Step::Frame(Frame::data(data)))
+        }
+        Chunk::DataEnd => {
+            if read.len() < 2 {
+                return Ok(Step::More);
+            }
+            if &read[..2] != b"\r\n" {
+                return Err(WireError::Malformed(
+                    "chunk data longer than its size".into(),
+                ));
+            }
+            read.advance(2);
+            *state = Chunk::Size;
+            Ok(Step::Again)
+        }
+        Chunk::Trailers => {
+            if read.starts_with(b"\r\n") {
+                read.advance(2);
+                return Ok(Step::End);
+            }
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let (len, trailers) = match httparse::parse_headers(read, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let mut map = HeaderMap::with_capacity(fields.len());
+                    for f in fields {
+                        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| {
+                            WireError::Malformed(format!("invalid trailer name {:?}", f.name))
+                        })?;
+                        let value = HeaderValue::from_bytes(f.value).map_err(|_| {
+                            WireError::Malformed(format!("invalid value of trailer {name}"))
+                        })?;
+                        map.append(name, value);
+                    }
+                    (len, map)
+                }
+                Ok(httparse::Status::Partial) if read.len() > MAX_HEAD => {
+                    return Err(WireError::Malformed(format!(
+                        "trailer section over {MAX_HEAD} bytes"
+                    )))
+                }
+                Ok(httparse::Status::Partial) => return Ok(Step::More),
+                Err(e) => return Err(WireError::Malformed(format!("trailers: {e}"))),
+            };
+            read.advance(len);
+            Ok(Step::Frame(Frame::trailers(trailers)))
+        }
+    }
+}
