@@ -1059,7 +1059,7 @@ where
         let mut block = BytesMut::with_capacity(256);
 
         let mem_size =
-            qpack::encode_stateless(&mut block, Header::trailer(trailers)).map_err(|_e| {
+            Header::trailer(trailers).encode(&mut block).map_err(|_e| {
                 self.handle_connection_error_on_stream(InternalConnectionError {
                     code: Code::H3_INTERNAL_ERROR,
                     message: "Failed to encode trailers".to_string(),

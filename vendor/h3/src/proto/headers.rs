@@ -121,6 +121,41 @@ impl Header {
         self.fields
     }
 
+    // quicar: the field section written straight from the pseudo-headers and the map, in
+    // `HeaderIter`'s order, without a `HeaderField` (two copies) per field. Returns its size
+    // as RFC 9114 §4.2.2 counts it.
+    pub fn encode<W: bytes::BufMut>(
+        &self,
+        block: &mut W,
+    ) -> Result<u64, crate::qpack::EncoderError> {
+        use crate::qpack::encoder::{encode_field, encode_prefix};
+        encode_prefix(block);
+        let p = &self.pseudo;
+        let mut size = 0;
+        if let Some(method) = &p.method {
+            size += encode_field(block, b":method", method.as_str().as_bytes())?;
+        }
+        if let Some(scheme) = &p.scheme {
+            size += encode_field(block, b":scheme", scheme.as_str().as_bytes())?;
+        }
+        if let Some(authority) = &p.authority {
+            size += encode_field(block, b":authority", authority.as_str().as_bytes())?;
+        }
+        if let Some(path) = &p.path {
+            size += encode_field(block, b":path", path.as_str().as_bytes())?;
+        }
+        if let Some(status) = &p.status {
+            size += encode_field(block, b":status", status.as_str().as_bytes())?;
+        }
+        if let Some(protocol) = &p.protocol {
+            size += encode_field(block, b":protocol", protocol.as_str().as_bytes())?;
+        }
+        for (name, value) in &self.fields {
+            size += encode_field(block, name.as_str().as_bytes(), value.as_bytes())?;
+        }
+        Ok(size)
+    }
+
     pub fn len(&self) -> usize {
         self.pseudo.len() + self.fields.len()
     }

@@ -197,25 +197,38 @@ where
 {
     let mut size = 0;
 
-    HeaderPrefix::new(0, 0, 0, 0).encode(block);
+    encode_prefix(block);
     for field in fields {
         let field = field.as_ref();
-
-        // quicar: the same representations as `LiteralWithNameRef::Static` and `Literal`
-        // encode, written from the field's bytes instead of copies of them.
-        if let Some(index) = StaticTable::find(field) {
-            Indexed::Static(index).encode(block);
-        } else if let Some(index) = StaticTable::find_name(&field.name) {
-            super::prefix_int::encode(4, 0b0101, index as u64, block);
-            super::prefix_string::encode(8, 0, &field.value, block)?;
-        } else {
-            super::prefix_string::encode(4, 0b0010, &field.name, block)?;
-            super::prefix_string::encode(8, 0, &field.value, block)?;
-        }
-
-        size += field.mem_size() as u64;
+        size += encode_field(block, &field.name, &field.value)?;
     }
     Ok(size)
+}
+
+// quicar: a stateless field section written field by field from borrowed bytes
+// (`Header::encode`): the prefix, then each field.
+pub(crate) fn encode_prefix<W: BufMut>(block: &mut W) {
+    HeaderPrefix::new(0, 0, 0, 0).encode(block);
+}
+
+// quicar: the same representations as `LiteralWithNameRef::Static` and `Literal` encode,
+// written from the field's bytes instead of copies of them. Returns the field's size as
+// RFC 9114 §4.2.2 counts it.
+pub(crate) fn encode_field<W: BufMut>(
+    block: &mut W,
+    name: &[u8],
+    value: &[u8],
+) -> Result<u64, EncoderError> {
+    if let Some(index) = StaticTable::find_pair(name, value) {
+        Indexed::Static(index).encode(block);
+    } else if let Some(index) = StaticTable::find_name(name) {
+        super::prefix_int::encode(4, 0b0101, index as u64, block);
+        super::prefix_string::encode(8, 0, value, block)?;
+    } else {
+        super::prefix_string::encode(4, 0b0010, name, block)?;
+        super::prefix_string::encode(8, 0, value, block)?;
+    }
+    Ok((name.len() + value.len() + super::field::ESTIMATED_OVERHEAD_BYTES) as u64)
 }
 
 #[cfg(test)]

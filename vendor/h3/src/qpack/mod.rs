@@ -13,7 +13,7 @@ mod stream;
 mod vas;
 
 mod decoder;
-mod encoder;
+pub(crate) mod encoder;
 
 mod prefix_int;
 mod prefix_string;

@@ -125,7 +125,7 @@ where
 
         // quicar: room for a typical field section up front, not grown as it is written.
         let mut block = BytesMut::with_capacity(256);
-        let mem_size = qpack::encode_stateless(&mut block, headers).map_err(|_e| {
+        let mem_size = headers.encode(&mut block).map_err(|_e| {
             self.handle_connection_error_on_stream(InternalConnectionError {
                 code: Code::H3_INTERNAL_ERROR,
                 message: "Failed to encode headers".to_string(),
