@@ -74,7 +74,7 @@ impl Clients {
         &self,
         kind: TransportKind,
         ep: &Endpoint,
-        head: Request<()>,
+        head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
     ) -> (Result<Response<ProxyBody>, SendError>, Transport) {
@@ -87,7 +87,7 @@ impl Clients {
         }
         let replay = body.replay();
         match self
-            .send_on(Transport::Quic, ep, head.clone(), body, connect_timeout)
+            .send_on(Transport::Quic, ep, head, body, connect_timeout)
             .await
         {
             Err(e) if e.error.kind == ErrorKind::ConnectFailed && e.error.never_sent => {
@@ -109,7 +109,7 @@ impl Clients {
         &self,
         transport: Transport,
         ep: &Endpoint,
-        head: Request<()>,
+        head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {

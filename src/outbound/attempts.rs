@@ -202,7 +202,7 @@ async fn attempts(
     route: &Route,
     clients: &Clients,
     tel: &Telemetry,
-    head: Request<()>,
+    mut head: Request<()>,
     body: Option<ProxyBody>,
     progress: &Progress,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -245,7 +245,6 @@ async fn attempts(
         tried.push(ep.address);
         let outstanding = st.start();
         let started = Instant::now();
-        let mut head = head.clone();
         // The far app gets what is left of the deadline after the request body ends (all of
         // it while the body is still streaming).
         let left = progress.ended_at().map_or(route.timeout, |end| {
@@ -257,7 +256,7 @@ async fn attempts(
             .send(
                 route.transport,
                 &ep,
-                head,
+                &head,
                 body.for_attempt(),
                 route.connect_timeout,
             )

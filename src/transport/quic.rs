@@ -581,17 +581,13 @@ impl Pool {
     pub(crate) async fn exchange(
         self: &Arc<Self>,
         ep: &Endpoint,
-        head: Request<()>,
+        head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
-        // h3 sends no extensions: the interim sink is taken out, so that each attempt's copy
-        // of the head allocates no extension map.
         let interim = head.extensions().get::<Interim>().cloned();
-        let mut head = head;
-        *head.extensions_mut() = http::Extensions::new();
         let mut body = Some(body);
         let unsent = |body: &mut Option<Upload>| body.take().and_then(Upload::unread);
         let mut attempt = 0;
@@ -601,7 +597,9 @@ impl Pool {
                 Ok(c) => c,
                 Err(e) => return Err(SendError::new(e, unsent(&mut body))),
             };
-            let stream = match conn.send.clone().send_request(head.clone()).await {
+            // By reference: the head stays with the caller for a reconnect or a retry, never
+            // copied.
+            let stream = match conn.send.clone().send_request_ref(head).await {
                 Ok(stream) => stream,
                 Err(e) => {
                     // The connection was going away (GOAWAY, closed): the stream was never

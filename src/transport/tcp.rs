@@ -489,7 +489,7 @@ impl Pool {
     pub(crate) async fn exchange(
         self: &Arc<Self>,
         ep: &Endpoint,
-        head: Request<()>,
+        head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, SendError> {
@@ -512,7 +512,8 @@ impl Pool {
         };
         let interim = head.extensions().get::<Interim>().cloned();
         let empty = matches!(body, Upload::Empty);
-        let (response, upload) = match send.clone().send_request(head, empty) {
+        // h2 takes the request by value: the caller keeps its own for a retry.
+        let (response, upload) = match send.clone().send_request(head.clone(), empty) {
             Ok(r) => r,
             Err(e) => {
                 // Not sent: the connection is going away or gone.

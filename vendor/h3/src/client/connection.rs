@@ -148,22 +148,26 @@ where
         &mut self,
         req: http::Request<()>,
     ) -> Result<RequestStream<T::BidiStream, B>, StreamError> {
+        self.send_request_ref(&req).await
+    }
+
+    // quicar: the request by reference, so a caller that may send it again (on a new
+    // connection) keeps it without a copy of its head per attempt.
+    /// Send an HTTP/3 request to the server, the request borrowed
+    pub async fn send_request_ref(
+        &mut self,
+        req: &http::Request<()>,
+    ) -> Result<RequestStream<T::BidiStream, B>, StreamError> {
         if let Some(error) = self.check_peer_connection_closing() {
             return Err(error);
         };
 
-        let (parts, _) = req.into_parts();
-        let request::Parts {
-            method,
-            uri,
-            headers,
-            extensions,
-            ..
-        } = parts;
-        let headers = Header::request(method, uri, headers, extensions).map_err(|_e| {
+        // quicar: room for a typical field section up front, not grown as it is written.
+        let mut block = BytesMut::with_capacity(256);
+        let mem_size = Header::encode_request(&mut block, req).map_err(|message| {
             self.handle_connection_error_on_stream(InternalConnectionError {
                 code: Code::H3_INTERNAL_ERROR,
-                message: "Failed to build request headers".to_string(),
+                message: message.to_string(),
             })
         })?;
 
@@ -186,14 +190,6 @@ where
         //# ([COOKIES]) MAY be split into separate field lines, each with one or
         //# more cookie-pairs, before compression.
 
-        // quicar: room for a typical field section up front, not grown as it is written.
-        let mut block = BytesMut::with_capacity(256);
-        let mem_size = headers.encode(&mut block).map_err(|_e| {
-            self.handle_connection_error_on_stream(InternalConnectionError {
-                code: Code::H3_INTERNAL_ERROR,
-                message: "Failed to encode headers".to_string(),
-            })
-        })?;
 
         //= https://www.rfc-editor.org/rfc/rfc9114#section-4.2.2
         //# An implementation that

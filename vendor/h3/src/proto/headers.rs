@@ -121,6 +121,51 @@ impl Header {
         self.fields
     }
 
+    // quicar: a request's field section written from the request by reference, with the
+    // pseudo-headers `Header::request` would make (scheme `https` by default, path `/` when
+    // empty but for OPTIONS, `:protocol` only on CONNECT) and its authority check.
+    pub fn encode_request<W: bytes::BufMut>(
+        block: &mut W,
+        req: &http::Request<()>,
+    ) -> Result<u64, &'static str> {
+        use crate::qpack::encoder::{encode_field, encode_prefix};
+        let uri = req.uri();
+        let fields = req.headers();
+        match (uri.authority(), fields.get("host")) {
+            (None, None) => return Err("Failed to build request headers: no authority"),
+            (Some(a), Some(h)) if a.as_str() != h => {
+                return Err("Failed to build request headers: authority contradicts host")
+            }
+            _ => {}
+        }
+        let failed = |_| "Failed to encode headers";
+        encode_prefix(block);
+        let method = req.method();
+        let mut size = encode_field(block, b":method", method.as_str().as_bytes()).map_err(failed)?;
+        let scheme = uri.scheme_str().unwrap_or("https");
+        size += encode_field(block, b":scheme", scheme.as_bytes()).map_err(failed)?;
+        if let Some(authority) = uri.authority() {
+            size += encode_field(block, b":authority", authority.as_str().as_bytes())
+                .map_err(failed)?;
+        }
+        let path = match uri.path_and_query() {
+            Some(p) if !p.path().is_empty() || method == Method::OPTIONS => p.as_str(),
+            _ => "/",
+        };
+        size += encode_field(block, b":path", path.as_bytes()).map_err(failed)?;
+        if method == Method::CONNECT {
+            if let Some(protocol) = req.extensions().get::<Protocol>() {
+                size += encode_field(block, b":protocol", protocol.as_str().as_bytes())
+                    .map_err(failed)?;
+            }
+        }
+        for (name, value) in fields {
+            size += encode_field(block, name.as_str().as_bytes(), value.as_bytes())
+                .map_err(failed)?;
+        }
+        Ok(size)
+    }
+
     // quicar: the field section written straight from the pseudo-headers and the map, in
     // `HeaderIter`'s order, without a `HeaderField` (two copies) per field. Returns its size
     // as RFC 9114 §4.2.2 counts it.
