@@ -7,18 +7,24 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::error::ErrorKind;
 use crate::facts::{CacheOutcome, Upstream};
 
+// Names as `HeaderName` constants: a `&str` name is parsed and validated on every lookup.
+
 /// On every response the sidecar generates itself.
-pub(crate) const QUICAR_ERROR: &str = "quicar-error";
+pub(crate) const QUICAR_ERROR: HeaderName = HeaderName::from_static("quicar-error");
 /// Set by the inbound sidecar for its app: the caller's SPIFFE ID, from its certificate.
-pub(crate) const PEER_IDENTITY: &str = "quicar-peer-identity";
+pub(crate) const PEER_IDENTITY: HeaderName = HeaderName::from_static("quicar-peer-identity");
 
 /// To the calling app: how the response cache answered.
-pub(crate) const CACHE: &str = "quicar-cache";
+pub(crate) const CACHE: HeaderName = HeaderName::from_static("quicar-cache");
 /// To the calling app: the transport its request crossed (`quic` or `tcp`).
-pub(crate) const TRANSPORT: &str = "quicar-transport";
+pub(crate) const TRANSPORT: HeaderName = HeaderName::from_static("quicar-transport");
 /// From the outbound to the inbound sidecar: milliseconds left of the caller's deadline. The
 /// inbound sidecar gives the local app no longer than that.
-pub(crate) const DEADLINE: &str = "quicar-deadline";
+pub(crate) const DEADLINE: HeaderName = HeaderName::from_static("quicar-deadline");
+/// Set on every response to the calling app (`outbound`).
+pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones proxies also drop.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -101,7 +107,7 @@ pub(crate) fn write_error_kind(parts: &mut http::response::Parts) {
 /// transport stripped what the peer sent.
 pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: bool) {
     // Meant for quicar caches only (the cache step has read it).
-    parts.headers.remove(CACHE_CONTROL_TARGETED);
+    parts.headers.remove(CACHE_CONTROL_TARGETED_NAME);
     write_error_kind(parts);
     if let Some(how) = parts.extensions.get::<CacheOutcome>() {
         parts
@@ -120,6 +126,7 @@ pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: b
 /// The one `quicar-*` field an app may send on a response: its targeted cache directive for
 /// quicar caches (RFC 9213). It crosses both sidecars and is removed at the calling app's edge.
 pub(crate) const CACHE_CONTROL_TARGETED: &str = "quicar-cache-control";
+const CACHE_CONTROL_TARGETED_NAME: HeaderName = HeaderName::from_static(CACHE_CONTROL_TARGETED);
 
 /// Like `strip_quicar`, for responses: keeps the app's targeted cache directive.
 pub(crate) fn strip_quicar_from_response(headers: &mut HeaderMap) {
@@ -135,7 +142,7 @@ pub(crate) fn strip_quicar_from_response(headers: &mut HeaderMap) {
 
 /// The service an authority names: the host without port, lower-cased. `None` when it is not a
 /// plausible host name (the caller answers 400).
-pub(crate) fn service_of_authority(authority: &str) -> Option<String> {
+pub(crate) fn service_of_authority(authority: &str) -> Option<std::borrow::Cow<'_, str>> {
     let host = match authority.rsplit_once(':') {
         Some((h, port)) if !h.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => authority,
@@ -146,7 +153,14 @@ pub(crate) fn service_of_authority(authority: &str) -> Option<String> {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-    ok.then(|| host.to_ascii_lowercase())
+    // Borrowed when it is lower-case already (nearly always): no allocation per request.
+    ok.then(|| {
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(host)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -186,9 +186,10 @@ impl Inbound {
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             f.peer_identity = Some(peer.clone());
-            f.traceparent = req.headers().get("traceparent").cloned();
+            f.traceparent = req.headers().get(crate::headers::TRACEPARENT).cloned();
         }
-        let local = service_of_authority(&guard.facts.authority).and_then(|n| self.locals.get(&n));
+        let local =
+            service_of_authority(&guard.facts.authority).and_then(|n| self.locals.get(n.as_ref()));
         if let Some(local) = local {
             guard.service(&local.tel);
         }

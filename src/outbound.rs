@@ -307,7 +307,7 @@ async fn handle(
         .as_ref()
         .ok()
         .and_then(|a| service_of_authority(a))
-        .and_then(|n| state.routes.get(&n));
+        .and_then(|n| state.routes.get(n.as_ref()));
     if let Some(route) = route {
         guard.service(&route.tel);
     }
@@ -333,7 +333,9 @@ async fn handle(
         f.transport = Some(up.transport);
     }
     write_facts(&mut parts, state.transport_header);
-    parts.headers.insert("keep-alive", state.keep_alive.clone());
+    parts
+        .headers
+        .insert(crate::headers::KEEP_ALIVE, state.keep_alive.clone());
     let bytes_out = guard.bytes_out();
     Response::from_parts(
         parts,

@@ -25,15 +25,15 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 /// Keeps a valid W3C `traceparent` (and its `tracestate`) or starts a trace, so the logs of
 /// both sidecars join on the trace id. Returns the `traceparent` that goes on.
 pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> http::HeaderValue {
-    if let Some(v) = headers.get("traceparent") {
+    if let Some(v) = headers.get(crate::headers::TRACEPARENT) {
         if v.to_str().ok().and_then(trace_id).is_some() {
             return v.clone();
         }
     }
     // An invalid traceparent restarts the trace; tracestate without it means nothing.
-    headers.remove("tracestate");
+    headers.remove(crate::headers::TRACESTATE);
     let tp = http::HeaderValue::from_str(&new_traceparent()).expect("hex");
-    headers.insert("traceparent", tp.clone());
+    headers.insert(crate::headers::TRACEPARENT, tp.clone());
     tp
 }
 

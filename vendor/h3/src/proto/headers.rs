@@ -80,7 +80,7 @@ impl Header {
         //# If the scheme does not have a mandatory authority component and none
         //# is provided in the request target, the request MUST NOT contain the
         //# :authority pseudo-header or Host header fields.
-        match (self.pseudo.authority, self.fields.get("host")) {
+        match (self.pseudo.authority, self.fields.get(header::HOST)) {
             (None, None) => return Err(HeaderError::MissingAuthority),
             (Some(a), None) => uri = uri.authority(a.as_str().as_bytes()),
             (None, Some(h)) => uri = uri.authority(h.as_bytes()),
@@ -131,7 +131,7 @@ impl Header {
         use crate::qpack::encoder::{encode_field, encode_prefix};
         let uri = req.uri();
         let fields = req.headers();
-        match (uri.authority(), fields.get("host")) {
+        match (uri.authority(), fields.get(header::HOST)) {
             (None, None) => return Err("Failed to build request headers: no authority"),
             (Some(a), Some(h)) if a.as_str() != h => {
                 return Err("Failed to build request headers: authority contradicts host")
