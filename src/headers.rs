@@ -38,7 +38,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::UPGRADE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
@@ -73,6 +73,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Drops every `quicar-*` header, so that no app can forge identity or control headers.
 pub(crate) fn strip_quicar(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().starts_with("quicar-")) {
+        return;
+    }
     let ours: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("quicar-"))
@@ -130,6 +133,9 @@ const CACHE_CONTROL_TARGETED_NAME: HeaderName = HeaderName::from_static(CACHE_CO
 
 /// Like `strip_quicar`, for responses: keeps the app's targeted cache directive.
 pub(crate) fn strip_quicar_from_response(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().starts_with("quicar-")) {
+        return;
+    }
     let ours: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("quicar-") && k.as_str() != CACHE_CONTROL_TARGETED)

@@ -257,7 +257,8 @@ impl Inbound {
         // The caller's remaining budget: the app gets no longer than that.
         let deadline = parts
             .headers
-            .get(DEADLINE)
+            .remove(DEADLINE)
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);

@@ -801,6 +801,10 @@ async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_d
                 "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged".into(),
             ),
             (
+                "/hop",
+                "HTTP/1.1 200 OK\r\nconnection: x-secret, keep-alive\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nproxy-foo: 1\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok".into(),
+            ),
+            (
                 "/early",
                 "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!".into(),
             ),
@@ -831,6 +835,18 @@ async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_d
         let got = get(client.outbound, "hello", "/").await;
         assert!(ok(&got), "after {path}: {got:?}");
     }
+    // Hop-by-hop fields, and those the app's Connection names, stay on the app's hop.
+    let got = get(client.outbound, "hello", "/hop").await;
+    assert!(ok(&got), "{got:?}");
+    assert_eq!(values(&got.headers, "x-kept"), vec!["1"], "{got:?}");
+    for gone in ["x-secret", "proxy-foo"] {
+        assert!(!got.headers.contains_key(gone), "{gone} passed: {got:?}");
+    }
+    assert_ne!(
+        values(&got.headers, "keep-alive"),
+        vec!["timeout=5"],
+        "{got:?}"
+    );
     // Bytes past a response are never read as the next response.
     for _ in 0..3 {
         let got = get(client.outbound, "hello", "/smuggle").await;

@@ -192,10 +192,12 @@ impl Started {
             },
             write_failed: None,
         };
-        let (status, headers, reusable_head) =
-            std::future::poll_fn(|cx| ex.poll_head(cx, interim.as_ref())).await?;
-        let kind = body_kind(head_request, status, &headers)?;
-        let reusable = reusable_head && !matches!(kind, Kind::Close);
+        let head = std::future::poll_fn(|cx| ex.poll_head(cx, interim.as_ref())).await?;
+        let kind = body_kind(head_request, &head)?;
+        let reusable = head.keep_alive && !matches!(kind, Kind::Close);
+        let Head {
+            status, headers, ..
+        } = head;
         let mut resp = Response::new(AppBody {
             ex: Some(ex),
             kind,
@@ -372,27 +374,26 @@ impl Exchange {
         &mut self,
         cx: &mut Context<'_>,
         interim: Option<&Interim>,
-    ) -> Poll<Result<(StatusCode, HeaderMap, bool), WireError>> {
+    ) -> Poll<Result<Head, WireError>> {
         self.poll_send(cx)?;
         loop {
             if !self.wire.read.is_empty() {
                 if let Some(head) = parse_head(&mut self.wire.read)? {
-                    let (status, headers, reusable) = head;
-                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Poll::Ready(Err(WireError::Malformed(
                             "101 Switching Protocols to a request that asked for no upgrade".into(),
                         )));
                     }
-                    if status.is_informational() {
+                    if head.status.is_informational() {
                         if let Some(interim) = interim {
                             let mut r = Response::new(());
-                            *r.status_mut() = status;
-                            *r.headers_mut() = headers;
+                            *r.status_mut() = head.status;
+                            *r.headers_mut() = head.headers;
                             interim.forward(r);
                         }
                         continue;
                     }
-                    return Poll::Ready(Ok((status, headers, reusable)));
+                    return Poll::Ready(Ok(head));
                 }
             }
             match ready!(self.poll_fill(cx)) {
@@ -415,9 +416,22 @@ impl Exchange {
     }
 }
 
-/// A whole response head at the front of `read`, taken off it: status, fields, and whether
-/// the connection may carry another request after this response. `None` while incomplete.
-fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, HeaderMap, bool)>, WireError> {
+/// A response head as the app sent it, hop-by-hop fields taken out.
+struct Head {
+    status: StatusCode,
+    /// The end-to-end fields: no hop-by-hop ones (RFC 9110 §7.6.1), none named by
+    /// `Connection`.
+    headers: HeaderMap,
+    /// Whether the connection may carry another request after this response.
+    keep_alive: bool,
+    /// The last `Transfer-Encoding` field, for the framing.
+    transfer_encoding: Option<HeaderValue>,
+}
+
+/// A whole response head at the front of `read`, taken off it. `None` while incomplete.
+/// Hop-by-hop fields are read here (framing, keep-alive) and dropped, so the response leaves
+/// with its end-to-end fields only.
+fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(read) {
@@ -439,7 +453,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, HeaderMap, bool
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| WireError::Malformed("no valid status code".into()))?;
-    let mut keep_alive = resp.version == Some(1);
+    let keep_alive = resp.version == Some(1);
     let base = read.as_ptr() as usize;
     let mut named = Vec::with_capacity(resp.headers.len());
     for f in resp.headers.iter() {
@@ -448,23 +462,37 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, HeaderMap, bool
         let start = f.value.as_ptr() as usize - base;
         named.push((name, start, start + f.value.len()));
     }
-    let head = read.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(named.len());
+    let bytes = read.split_to(len).freeze();
+    let mut head = Head {
+        status,
+        headers: HeaderMap::with_capacity(named.len()),
+        keep_alive,
+        transfer_encoding: None,
+    };
+    let mut dropped_by_connection = Vec::new();
     for (name, start, end) in named {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
             .map_err(|_| WireError::Malformed(format!("invalid value of field {name}")))?;
-        if name == http::header::CONNECTION && has_token(&value, "close") {
-            keep_alive = false;
+        if !crate::headers::is_hop_by_hop(&name) {
+            head.headers.append(name, value);
+        } else if name == http::header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    head.keep_alive = false;
+                } else if !token.eq_ignore_ascii_case("keep-alive") {
+                    if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                        dropped_by_connection.push(n);
+                    }
+                }
+            }
+        } else if name == http::header::TRANSFER_ENCODING {
+            head.transfer_encoding = Some(value);
         }
-        headers.append(name, value);
     }
-    Ok(Some((status, headers, keep_alive)))
-}
-
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    for name in dropped_by_connection {
+        head.headers.remove(name);
+    }
+    Ok(Some(head))
 }
 
 /// How a response body is framed.
@@ -487,26 +515,18 @@ enum Chunk {
 }
 
 /// The response body's framing (RFC 9112 §6.3).
-fn body_kind(
-    head_request: bool,
-    status: StatusCode,
-    headers: &HeaderMap,
-) -> Result<Kind, WireError> {
+fn body_kind(head_request: bool, head: &Head) -> Result<Kind, WireError> {
+    let (status, headers) = (head.status, &head.headers);
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Kind::Done);
     }
-    if let Some(te) = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
+    if let Some(te) = &head.transfer_encoding {
         let last_is_chunked = te
             .to_str()
             .ok()
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        // Chunked and a length besides is a smuggling shape: read it chunked, and never reuse
-        // the connection (`Close` is never reused; a chunked body with a length is refused).
+        // Chunked and a length besides is a request-smuggling shape (RFC 9112 §6.3): refused.
         if headers.contains_key(http::header::CONTENT_LENGTH) {
             return Err(WireError::Malformed(
                 "both Transfer-Encoding and Content-Length".into(),
