@@ -228,18 +228,11 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
             r = h3.accept() => match r {
                 Ok(Some(resolver)) => {
                     let (inbound, peer) = (inbound.clone(), peer.clone());
-                    // Boxed twice: tokio copies a task's future as it spawns it and as it
-                    // ends (the stage is the future's size), so the task holds a pointer; and
-                    // the request's own future (3.4 KB) is made in its box once rather than
-                    // moved into this one as it starts.
-                    requests.spawn(Box::pin(async move {
-                        match resolver.resolve_request().await {
-                            Ok((req, stream)) => {
-                                Box::pin(request(req, stream, &inbound, &peer)).await
-                            }
-                            Err(e) => tracing::debug!(%remote, error = %e, "bad request stream"),
-                        }
-                    }));
+                    // Boxed: tokio copies a task's future as it spawns it and as it ends (the
+                    // stage is the future's size), so the task holds a pointer. One future
+                    // for the whole stream, resolving included, so that nothing kilobytes
+                    // large is made and then moved into place.
+                    requests.spawn(Box::pin(stream_request(resolver, inbound, peer, remote)));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -262,13 +255,19 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
 
 type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
 
-async fn request(
-    req: Request<()>,
-    stream: ServerStream<h3_quinn::BidiStream<Bytes>>,
-    inbound: &Inbound,
-    peer: &Arc<PeerId>,
+/// One request stream: its head resolved, then served.
+async fn stream_request(
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    inbound: Arc<Inbound>,
+    peer: Arc<PeerId>,
+    remote: SocketAddr,
 ) {
+    let (req, stream) = match resolver.resolve_request().await {
+        Ok(r) => r,
+        Err(e) => return tracing::debug!(%remote, error = %e, "bad request stream"),
+    };
     let (mut send, recv) = stream.split();
+    let (inbound, peer) = (&*inbound, &peer);
     // Counted as RFC 9114 §4.2.2 counts a field section: name + value + 32 per field.
     let size: u64 = req
         .headers()
@@ -462,11 +461,12 @@ impl Pool {
         ep: &Endpoint,
         connect_timeout: Duration,
     ) -> Result<PeerConn, ProxyError> {
-        let (this, id, sni) = (self.clone(), ep.identity.clone(), server_name(ep));
         let addr = ep.address;
+        // What a handshake needs is copied only when one starts, not on every request.
         self.slots
-            .get(addr, &ep.identity, move || async move {
-                this.connect(addr, &id, &sni, connect_timeout).await
+            .get(addr, &ep.identity, || {
+                let (this, id, sni) = (self.clone(), ep.identity.clone(), server_name(ep));
+                async move { this.connect(addr, &id, &sni, connect_timeout).await }
             })
             .await
     }

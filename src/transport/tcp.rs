@@ -346,23 +346,27 @@ impl Pool {
         ep: &Endpoint,
         connect_timeout: Duration,
     ) -> Result<H2Conn, ProxyError> {
-        let (this, id, sni) = (
-            self.clone(),
-            ep.identity.clone(),
-            super::quic::server_name(ep),
-        );
         let addr = ep.address;
+        // What a handshake needs is copied only when one starts, not on every request.
         self.slots
-            .get(addr, &ep.identity, move || async move {
-                match tokio::time::timeout(connect_timeout, this.connect(addr, &id, &sni)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        this.tel
-                            .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
-                        Err(connect_failed(format!(
-                            "no TLS handshake with peer {addr} (TCP) within {}",
-                            humantime::format_duration(connect_timeout)
-                        )))
+            .get(addr, &ep.identity, || {
+                let (this, id, sni) = (
+                    self.clone(),
+                    ep.identity.clone(),
+                    super::quic::server_name(ep),
+                );
+                async move {
+                    match tokio::time::timeout(connect_timeout, this.connect(addr, &id, &sni)).await
+                    {
+                        Ok(r) => r,
+                        Err(_) => {
+                            this.tel
+                                .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                            Err(connect_failed(format!(
+                                "no TLS handshake with peer {addr} (TCP) within {}",
+                                humantime::format_duration(connect_timeout)
+                            )))
+                        }
                     }
                 }
             })
