@@ -456,13 +456,6 @@ impl Progress {
         })
     }
 
-    /// A body with nothing (more) to send.
-    pub(crate) fn ended() -> std::sync::Arc<Self> {
-        let p = Self::new();
-        p.end();
-        p
-    }
-
     fn end(&self) {
         self.ended
             .lock()

@@ -231,14 +231,19 @@ impl LocalApp {
                 ),
             ));
         };
-        let progress = Progress::new();
-        let body = progress.track(body, local.max_request_body);
+        // A body still to come is tracked (the deadline runs from its end, a stalled one is
+        // cut); a request without one (most) needs none of that.
+        let progress = (!body.is_end_stream()).then(Progress::new);
+        let body = match &progress {
+            Some(p) => p.track(body, local.max_request_body),
+            None => body,
+        };
         parts.headers.insert(
             PEER_IDENTITY,
             HeaderValue::from_str(peer.as_str()).expect("SPIFFE IDs are visible ASCII"),
         );
-        // We take response trailers and carry them on (hyper's server sends them only to a
-        // client that says so).
+        // We take response trailers and carry them on (an app on hyper, for one, sends them
+        // only to a client that says so).
         parts
             .headers
             .insert(http::header::TE, HeaderValue::from_static("trailers"));
@@ -257,20 +262,24 @@ impl LocalApp {
         let call = std::pin::pin!(self.send(local, parts, body, interim));
         let limit = deadline.unwrap_or(local.timeout);
         // Dropping the call closes the connection to the app: it sees the cancellation.
-        let result = after_body(&progress, limit, local.timeout, call)
-            .await
-            .map_err(|why| {
-                let what = match why {
-                    Expired::Timeout => "the caller's deadline passed before",
-                    Expired::Stalled => "the request body stopped moving before",
-                };
-                ProxyError::new(
-                    ErrorKind::Timeout,
-                    Side::LocalApp,
-                    format!("{what} local service `{}` answered", local.name),
-                )
-            })?;
-        let mut resp = result.map_err(|e| match (progress.failure(), e) {
+        let result = match &progress {
+            Some(p) => after_body(p, limit, local.timeout, call).await,
+            None => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| Expired::Timeout),
+        };
+        let result = result.map_err(|why| {
+            let what = match why {
+                Expired::Timeout => "the caller's deadline passed before",
+                Expired::Stalled => "the request body stopped moving before",
+            };
+            ProxyError::new(
+                ErrorKind::Timeout,
+                Side::LocalApp,
+                format!("{what} local service `{}` answered", local.name),
+            )
+        })?;
+        let mut resp = result.map_err(|e| match (progress.and_then(|p| p.failure()), e) {
             (Some(BodyFailure::TooLarge(limit)), _) => too_large(local, limit),
             (_, AppError::Connect(why)) => ProxyError::new(
                 ErrorKind::ConnectFailed,

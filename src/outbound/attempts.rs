@@ -53,12 +53,30 @@ pub(crate) async fn fetch(
         Some(b) if !http_body::Body::is_end_stream(&b) => {
             let progress = Progress::new();
             let b = b.map_err(|e| -> BodyError { Box::new(e) }).boxed_unsync();
-            (Some(progress.track(b, route.max_request_body)), progress)
+            (
+                Some(progress.track(b, route.max_request_body)),
+                Some(progress),
+            )
         }
-        _ => (None, Progress::ended()),
+        // No body to wait for (most requests): the deadline runs from now, untracked.
+        _ => (None, None),
     };
-    let work = std::pin::pin!(attempts(route, clients, tel, head, body, &progress, permit));
-    match after_body(&progress, route.timeout, route.body_idle_timeout, work).await {
+    let work = std::pin::pin!(attempts(
+        route,
+        clients,
+        tel,
+        head,
+        body,
+        progress.as_deref(),
+        permit
+    ));
+    let done = match &progress {
+        Some(p) => after_body(p, route.timeout, route.body_idle_timeout, work).await,
+        None => tokio::time::timeout(route.timeout, work)
+            .await
+            .map_err(|_| Expired::Timeout),
+    };
+    match done {
         Ok(r) => r,
         Err(Expired::Timeout) => Err(ProxyError::new(
             ErrorKind::Timeout,
@@ -108,7 +126,7 @@ impl ReqBody {
     async fn prepare(
         body: Option<ProxyBody>,
         max: u64,
-        progress: &Progress,
+        progress: Option<&Progress>,
     ) -> Result<Self, ProxyError> {
         let Some(body) = body else {
             return Ok(Self::Empty);
@@ -121,7 +139,7 @@ impl ReqBody {
                 let collected = body.collect().await.map_err(|e| {
                     body_error(
                         progress
-                            .failure()
+                            .and_then(Progress::failure)
                             .unwrap_or_else(|| BodyFailure::Broken(e.to_string())),
                     )
                 })?;
@@ -204,9 +222,11 @@ async fn attempts(
     tel: &Telemetry,
     mut head: Request<()>,
     body: Option<ProxyBody>,
-    progress: &Progress,
+    progress: Option<&Progress>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // Without a tracked body, the body "ended" as the attempts began.
+    let began = Instant::now();
     route.budget.request();
     let method = head.method().clone();
     let mut body = ReqBody::prepare(body, route.retry.max_body.0, progress).await?;
@@ -247,7 +267,8 @@ async fn attempts(
         let started = Instant::now();
         // The far app gets what is left of the deadline after the request body ends (all of
         // it while the body is still streaming).
-        let left = progress.ended_at().map_or(route.timeout, |end| {
+        let ended = progress.map_or(Some(began), Progress::ended_at);
+        let left = ended.map_or(route.timeout, |end| {
             (end + route.timeout).saturating_duration_since(Instant::now())
         });
         head.headers_mut()
@@ -264,7 +285,7 @@ async fn attempts(
         // The app's own request body broke off (client gone, malformed chunking) or crossed
         // its limit: whatever the peer made of the truncated request (its stream was reset),
         // it is the caller's doing, not the path's.
-        let result = match (progress.failure(), result) {
+        let result = match (progress.and_then(Progress::failure), result) {
             (Some(why), Err(_)) => Err(SendError::new(body_error(why), None)),
             (Some(why), Ok(resp)) if resp.extensions().get::<ErrorKind>().is_some() => {
                 Err(SendError::new(body_error(why), None))
