@@ -195,7 +195,10 @@ impl Inbound {
         }
         let (parts, body) = req.into_parts();
         let body = Counted::new(body, guard.bytes_in()).boxed_unsync();
-        let resp = match self.to_app(parts, body, local, peer).await {
+        let resp = match self
+            .to_app(parts, body, &guard.facts.authority, local, peer)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(kind = e.kind.as_str(), error = %e.message, "inbound request failed");
@@ -217,21 +220,18 @@ impl Inbound {
         &self,
         mut parts: http::request::Parts,
         body: ProxyBody,
+        authority: &str,
         local: Option<&Local>,
         peer: &PeerId,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .ok_or_else(|| {
-                ProxyError::new(
-                    ErrorKind::BadRequest,
-                    Side::Peer,
-                    "request without :authority",
-                )
-            })?;
-        let name = service_of_authority(&authority).ok_or_else(|| {
+        if authority.is_empty() {
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Peer,
+                "request without :authority",
+            ));
+        }
+        let name = service_of_authority(authority).ok_or_else(|| {
             ProxyError::new(
                 ErrorKind::BadRequest,
                 Side::Peer,

@@ -53,6 +53,8 @@ pub(crate) struct Local {
     pub(crate) max_concurrent: usize,
     pub(crate) max_request_body: Option<u64>,
     pub(crate) tel: Arc<ServiceTel>,
+    /// `Host` for a request that named the service as configured (nearly all): made once.
+    host: Option<HeaderValue>,
     /// Idle keep-alive connections to `address`.
     idle: Arc<Idle>,
 }
@@ -117,6 +119,7 @@ impl Local {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             max_concurrent: cfg.max_concurrent,
             max_request_body: cfg.max_request_body.map(|b| b.0),
+            host: HeaderValue::from_str(&cfg.name).ok(),
             idle: Arc::new(Idle {
                 conns: Mutex::default(),
                 max: cfg.max_concurrent,
@@ -247,10 +250,11 @@ impl LocalApp {
         parts
             .headers
             .insert(http::header::TE, HeaderValue::from_static("trailers"));
-        parts.headers.insert(
-            http::header::HOST,
-            HeaderValue::from_str(authority).expect("authority is a valid header value"),
-        );
+        let host = match &local.host {
+            Some(h) if h.as_bytes() == authority.as_bytes() => h.clone(),
+            _ => HeaderValue::from_str(authority).expect("authority is a valid header value"),
+        };
+        parts.headers.insert(http::header::HOST, host);
         // The request's own path, parsed once already, in origin form (RFC 9112 §3.2.1).
         parts.uri = match std::mem::take(&mut parts.uri).into_parts().path_and_query {
             Some(p) => p.into(),
