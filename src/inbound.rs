@@ -265,7 +265,7 @@ impl Inbound {
         // Only this sidecar speaks for the caller: drop anything that claims to.
         strip_quicar(&mut parts.headers);
         self.app
-            .call(local, &authority, peer, deadline, parts, body)
+            .call(local, authority, peer, deadline, parts, body)
             .await
     }
 }
