@@ -31,8 +31,10 @@ use crate::interim::Interim;
 const MAX_HEAD: usize = 48 * 1024;
 /// The most fields in one response head (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// What one read from the app asks for at most.
+/// A new read buffer's size.
 const READ: usize = 16 * 1024;
+/// The least room a read is given.
+const MIN_READ: usize = 4 * 1024;
 /// The longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -360,7 +362,12 @@ impl Exchange {
 
     /// Reads until a read gives more bytes (`Ok(true)`) or the app closed (`Ok(false)`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        self.wire.read.reserve(READ);
+        // What was read before went on as shared `Bytes`, so growing the buffer means a new
+        // one: the rest of the current one is used first, down to `MIN_READ`.
+        let read = &mut self.wire.read;
+        if read.capacity() - read.len() < MIN_READ {
+            read.reserve(READ);
+        }
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.wire.io),
             cx,
