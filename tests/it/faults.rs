@@ -562,6 +562,23 @@ async fn an_origin_that_closes_its_connections_never_ejects_its_endpoint() {
     origin.abort();
 }
 
+/// The next request head on an app's connection, taken off `buf` (`None` once it closes).
+async fn next_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    Some(head)
+}
+
 /// An HTTP/1.1 app written by hand, so the test controls its connections: it counts them,
 /// answers `/big` with 8 MiB, `/chunked` with `ok` in chunked encoding and anything else with
 /// `ok`, and (when told) closes each connection after its response, as an app with a short
@@ -589,20 +606,8 @@ impl RawApp {
                 let close = close.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    loop {
-                        // One request head (the tests send no bodies).
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
+                    // One request head at a time (the tests send no bodies).
+                    while let Some(head) = next_head(&mut s, &mut buf).await {
                         let (resp, body) = if head.starts_with("GET /chunked ") {
                             let chunked =
                                 "transfer-encoding: chunked\r\n\r\n1\r\no\r\n1\r\nk\r\n0\r\n\r\n";
@@ -749,19 +754,8 @@ async fn canned_app(
             let (mut s, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end);
+                // Request heads only: what follows one (an upload) is read as the next.
+                while let Some(head) = next_head(&mut s, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
                     let reply = replies.iter().find(|(p, _)| *p == path).map_or_else(
                         || "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
