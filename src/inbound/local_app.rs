@@ -26,7 +26,7 @@ use crate::body::{
     after_body, content_length, BodyError, BodyFailure, Expired, Progress, ProxyBody,
 };
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{strip_hop_by_hop, strip_quicar_from_response, PEER_IDENTITY};
+use crate::headers::{strip_quicar_from_response, PEER_IDENTITY};
 use crate::identity::PeerId;
 use crate::interim::Interim;
 use crate::telemetry::ServiceTel;
@@ -312,7 +312,7 @@ impl LocalApp {
                 ),
             ),
         })?;
-        strip_hop_by_hop(resp.headers_mut());
+        // Hop-by-hop fields never got into the response: `h1` drops them as it parses.
         // Only the sidecars speak for themselves: an app cannot forge error kinds, cache
         // outcomes or identities toward the caller.
         strip_quicar_from_response(resp.headers_mut());

@@ -187,7 +187,12 @@ impl Started {
     ) -> Result<Response<AppBody>, WireError> {
         let mut ex = Exchange {
             wire: self.wire,
-            out: Out::Chunk(vec![self.head], body),
+            // The head went whole in `begin` (nearly always): nothing queued before the body.
+            out: if self.head.is_empty() {
+                Out::Body(body)
+            } else {
+                Out::Chunk(vec![self.head], body)
+            },
             left: match framing {
                 Framing::Sized(n) => Some(n),
                 Framing::Chunked => None,
