@@ -8,6 +8,7 @@
 //! - `pool`: the slot map, in-flight counts and idle sweep both client pools use.
 //! - `wire`: what both wires share: limits, uploads, failures, handshake reasons.
 
+pub(crate) mod bbr;
 pub(crate) mod fallback;
 pub(crate) mod pool;
 pub(crate) mod quic;

@@ -70,7 +70,7 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
             t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
         }
         crate::config::Congestion::Bbr => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+            t.congestion_controller_factory(Arc::new(super::bbr::BbrConfig::default()))
         }
     };
     t

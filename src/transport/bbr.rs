@@ -1,0 +1,827 @@
+//! BBR for quinn, with a minimum RTT that can grow back.
+//!
+//! This is quinn-proto 0.11.19's `congestion::bbr` (MIT OR Apache-2.0, itself a port of
+//! quiche's `bbr_sender.cc`) with one change of model. quinn's BBR takes its minimum RTT from
+//! `RttEstimator::min()`, the connection's lifetime minimum, so its ten-second expiry re-reads
+//! the same value: after the path delay grows (a route change, a link that was idle at 0 ms and
+//! is now 25 ms away) the bandwidth-delay product, and the window with it, stay a few packets
+//! for the connection's whole life. Here the minimum is a filter of this controller's own
+//! samples (ack time − send time of each newly acknowledged packet, the least of one ACK frame
+//! being the RTT sample), as in quiche and Linux: a lower sample replaces it at once, and after
+//! `MIN_RTT_EXPIRY` without one the next sample replaces it whatever its value. ProbeRTT is
+//! entered on that expiry when the sender is not application-limited (an application-limited
+//! sender sees queue-free RTTs already), and the filter is restamped when ProbeRTT ends, as
+//! quiche does. quinn's version also entered ProbeRTT on the first non-app-limited ACK of a
+//! connection (its "last probe" began as `None`, which counted as expired); this one does not.
+//!
+//! The rest (startup, drain, the gain cycle, recovery, ACK aggregation) is quinn's, unchanged
+//! but for its random generator (the sidecar's own, `crate::rng`).
+
+use std::any::Any;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
+use quinn_proto::RttEstimator;
+
+use bw_estimation::BandwidthEstimation;
+use min_max::MinMax;
+
+mod bw_estimation;
+mod min_max;
+
+/// The smallest datagram QUIC allows (RFC 9000 §14); quinn's initial windows count in it.
+const BASE_DATAGRAM_SIZE: u64 = 1200;
+
+/// How long a minimum RTT stands without a sample as low (quiche's and Linux's ten seconds).
+const MIN_RTT_EXPIRY: Duration = Duration::from_secs(10);
+
+/// BBR (v1, after quiche) with a windowed minimum RTT; see the module documentation.
+#[derive(Debug, Clone)]
+pub(crate) struct Bbr {
+    config: Arc<BbrConfig>,
+    current_mtu: u64,
+    max_bandwidth: BandwidthEstimation,
+    acked_bytes: u64,
+    mode: Mode,
+    loss_state: LossState,
+    recovery_state: RecoveryState,
+    recovery_window: u64,
+    is_at_full_bandwidth: bool,
+    pacing_gain: f32,
+    high_gain: f32,
+    drain_gain: f32,
+    cwnd_gain: f32,
+    high_cwnd_gain: f32,
+    last_cycle_start: Option<Instant>,
+    current_cycle_offset: u8,
+    init_cwnd: u64,
+    min_cwnd: u64,
+    prev_in_flight_count: u64,
+    exit_probe_rtt_at: Option<Instant>,
+    min_rtt: Duration,
+    /// When `min_rtt` was last taken (or confirmed by ProbeRTT); `None` before the first sample.
+    min_rtt_stamp: Option<Instant>,
+    /// The least RTT sample of the ACK frame being processed.
+    sample_min_rtt: Option<Duration>,
+    exiting_quiescence: bool,
+    pacing_rate: u64,
+    max_acked_packet_number: u64,
+    max_sent_packet_number: u64,
+    end_recovery_at_packet_number: u64,
+    cwnd: u64,
+    current_round_trip_end_packet_number: u64,
+    round_count: u64,
+    bw_at_last_round: u64,
+    round_wo_bw_gain: u64,
+    ack_aggregation: AckAggregationState,
+}
+
+impl Bbr {
+    /// Construct a state using the given `config` and current time `now`
+    pub(crate) fn new(config: Arc<BbrConfig>, current_mtu: u16) -> Self {
+        let initial_window = config.initial_window;
+        Self {
+            config,
+            current_mtu: current_mtu as u64,
+            max_bandwidth: BandwidthEstimation::default(),
+            acked_bytes: 0,
+            mode: Mode::Startup,
+            loss_state: Default::default(),
+            recovery_state: RecoveryState::NotInRecovery,
+            recovery_window: 0,
+            is_at_full_bandwidth: false,
+            pacing_gain: K_DEFAULT_HIGH_GAIN,
+            high_gain: K_DEFAULT_HIGH_GAIN,
+            drain_gain: 1.0 / K_DEFAULT_HIGH_GAIN,
+            cwnd_gain: K_DEFAULT_HIGH_GAIN,
+            high_cwnd_gain: K_DEFAULT_HIGH_GAIN,
+            last_cycle_start: None,
+            current_cycle_offset: 0,
+            init_cwnd: initial_window,
+            min_cwnd: calculate_min_window(current_mtu as u64),
+            prev_in_flight_count: 0,
+            exit_probe_rtt_at: None,
+            min_rtt: Default::default(),
+            min_rtt_stamp: None,
+            sample_min_rtt: None,
+            exiting_quiescence: false,
+            pacing_rate: 0,
+            max_acked_packet_number: 0,
+            max_sent_packet_number: 0,
+            end_recovery_at_packet_number: 0,
+            cwnd: initial_window,
+            current_round_trip_end_packet_number: 0,
+            round_count: 0,
+            bw_at_last_round: 0,
+            round_wo_bw_gain: 0,
+            ack_aggregation: AckAggregationState::default(),
+        }
+    }
+
+    fn enter_startup_mode(&mut self) {
+        self.mode = Mode::Startup;
+        self.pacing_gain = self.high_gain;
+        self.cwnd_gain = self.high_cwnd_gain;
+    }
+
+    fn enter_probe_bandwidth_mode(&mut self, now: Instant) {
+        self.mode = Mode::ProbeBw;
+        self.cwnd_gain = K_DERIVED_HIGH_CWNDGAIN;
+        self.last_cycle_start = Some(now);
+        // Pick a random offset for the gain cycle out of {0, 2..7} range. 1 is
+        // excluded because in that case increased gain and decreased gain would not
+        // follow each other.
+        let mut rand_index = (crate::rng::random_u64() % (K_PACING_GAIN.len() as u64 - 1)) as u8;
+        if rand_index >= 1 {
+            rand_index += 1;
+        }
+        self.current_cycle_offset = rand_index;
+        self.pacing_gain = K_PACING_GAIN[rand_index as usize];
+    }
+
+    fn update_recovery_state(&mut self, is_round_start: bool) {
+        // Exit recovery when there are no losses for a round.
+        if self.loss_state.has_losses() {
+            self.end_recovery_at_packet_number = self.max_sent_packet_number;
+        }
+        match self.recovery_state {
+            // Enter conservation on the first loss.
+            RecoveryState::NotInRecovery if self.loss_state.has_losses() => {
+                self.recovery_state = RecoveryState::Conservation;
+                // This will cause the |recovery_window| to be set to the
+                // correct value in CalculateRecoveryWindow().
+                self.recovery_window = 0;
+                // Since the conservation phase is meant to be lasting for a whole
+                // round, extend the current round as if it were started right now.
+                self.current_round_trip_end_packet_number = self.max_sent_packet_number;
+            }
+            RecoveryState::Growth | RecoveryState::Conservation => {
+                if self.recovery_state == RecoveryState::Conservation && is_round_start {
+                    self.recovery_state = RecoveryState::Growth;
+                }
+                // Exit recovery if appropriate.
+                if !self.loss_state.has_losses()
+                    && self.max_acked_packet_number > self.end_recovery_at_packet_number
+                {
+                    self.recovery_state = RecoveryState::NotInRecovery;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn update_gain_cycle_phase(&mut self, now: Instant, in_flight: u64) {
+        // In most cases, the cycle is advanced after an RTT passes.
+        let mut should_advance_gain_cycling = self
+            .last_cycle_start
+            .map(|last_cycle_start| now.duration_since(last_cycle_start) > self.min_rtt)
+            .unwrap_or(false);
+        // If the pacing gain is above 1.0, the connection is trying to probe the
+        // bandwidth by increasing the number of bytes in flight to at least
+        // pacing_gain * BDP.  Make sure that it actually reaches the target, as
+        // long as there are no losses suggesting that the buffers are not able to
+        // hold that much.
+        if self.pacing_gain > 1.0
+            && !self.loss_state.has_losses()
+            && self.prev_in_flight_count < self.get_target_cwnd(self.pacing_gain)
+        {
+            should_advance_gain_cycling = false;
+        }
+
+        // If pacing gain is below 1.0, the connection is trying to drain the extra
+        // queue which could have been incurred by probing prior to it.  If the
+        // number of bytes in flight falls down to the estimated BDP value earlier,
+        // conclude that the queue has been successfully drained and exit this cycle
+        // early.
+        if self.pacing_gain < 1.0 && in_flight <= self.get_target_cwnd(1.0) {
+            should_advance_gain_cycling = true;
+        }
+
+        if should_advance_gain_cycling {
+            self.current_cycle_offset = (self.current_cycle_offset + 1) % K_PACING_GAIN.len() as u8;
+            self.last_cycle_start = Some(now);
+            // Stay in low gain mode until the target BDP is hit.  Low gain mode
+            // will be exited immediately when the target BDP is achieved.
+            if DRAIN_TO_TARGET
+                && self.pacing_gain < 1.0
+                && (K_PACING_GAIN[self.current_cycle_offset as usize] - 1.0).abs() < f32::EPSILON
+                && in_flight > self.get_target_cwnd(1.0)
+            {
+                return;
+            }
+            self.pacing_gain = K_PACING_GAIN[self.current_cycle_offset as usize];
+        }
+    }
+
+    fn maybe_exit_startup_or_drain(&mut self, now: Instant, in_flight: u64) {
+        if self.mode == Mode::Startup && self.is_at_full_bandwidth {
+            self.mode = Mode::Drain;
+            self.pacing_gain = self.drain_gain;
+            self.cwnd_gain = self.high_cwnd_gain;
+        }
+        if self.mode == Mode::Drain && in_flight <= self.get_target_cwnd(1.0) {
+            self.enter_probe_bandwidth_mode(now);
+        }
+    }
+
+    /// Takes the ACK frame's RTT sample into the minimum-RTT filter; returns whether the
+    /// minimum had expired (it is then replaced by this sample, whatever its value).
+    fn update_min_rtt(&mut self, now: Instant) -> bool {
+        let Some(sample) = self.sample_min_rtt.take() else {
+            return false;
+        };
+        let expired = self
+            .min_rtt_stamp
+            .is_some_and(|stamp| now.saturating_duration_since(stamp) > MIN_RTT_EXPIRY);
+        if expired || self.min_rtt.is_zero() || sample < self.min_rtt {
+            self.min_rtt = sample;
+            self.min_rtt_stamp = Some(now);
+        }
+        expired
+    }
+
+    /// The minimum RTT the model uses (zero before the first sample).
+    #[cfg(test)]
+    pub(crate) fn min_rtt(&self) -> Duration {
+        self.min_rtt
+    }
+
+    fn maybe_enter_or_exit_probe_rtt(
+        &mut self,
+        now: Instant,
+        is_round_start: bool,
+        bytes_in_flight: u64,
+        min_rtt_expired: bool,
+    ) {
+        if min_rtt_expired && !self.exiting_quiescence && self.mode != Mode::ProbeRtt {
+            self.mode = Mode::ProbeRtt;
+            self.pacing_gain = 1.0;
+            // Do not decide on the time to exit ProbeRtt until the
+            // |bytes_in_flight| is at the target small value.
+            self.exit_probe_rtt_at = None;
+        }
+
+        if self.mode == Mode::ProbeRtt {
+            match self.exit_probe_rtt_at {
+                None => {
+                    // If the window has reached the appropriate size, schedule exiting
+                    // ProbeRtt.  The CWND during ProbeRtt is
+                    // kMinimumCongestionWindow, but we allow an extra packet since QUIC
+                    // checks CWND before sending a packet.
+                    if bytes_in_flight < self.get_probe_rtt_cwnd() + self.current_mtu {
+                        const K_PROBE_RTT_TIME: Duration = Duration::from_millis(200);
+                        self.exit_probe_rtt_at = Some(now + K_PROBE_RTT_TIME);
+                    }
+                }
+                Some(exit_time) if is_round_start && now >= exit_time => {
+                    // The samples taken with the queue drained confirm the minimum.
+                    self.min_rtt_stamp = Some(now);
+                    if !self.is_at_full_bandwidth {
+                        self.enter_startup_mode();
+                    } else {
+                        self.enter_probe_bandwidth_mode(now);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+
+        self.exiting_quiescence = false;
+    }
+
+    fn get_target_cwnd(&self, gain: f32) -> u64 {
+        let bw = self.max_bandwidth.get_estimate();
+        let bdp = self.min_rtt.as_micros() as u64 * bw;
+        let bdpf = bdp as f64;
+        let cwnd = ((gain as f64 * bdpf) / 1_000_000f64) as u64;
+        // BDP estimate will be zero if no bandwidth samples are available yet.
+        if cwnd == 0 {
+            return self.init_cwnd;
+        }
+        cwnd.max(self.min_cwnd)
+    }
+
+    fn get_probe_rtt_cwnd(&self) -> u64 {
+        const K_MODERATE_PROBE_RTT_MULTIPLIER: f32 = 0.75;
+        if PROBE_RTT_BASED_ON_BDP {
+            return self.get_target_cwnd(K_MODERATE_PROBE_RTT_MULTIPLIER);
+        }
+        self.min_cwnd
+    }
+
+    fn calculate_pacing_rate(&mut self) {
+        let bw = self.max_bandwidth.get_estimate();
+        if bw == 0 {
+            return;
+        }
+        let target_rate = (bw as f64 * self.pacing_gain as f64) as u64;
+        if self.is_at_full_bandwidth {
+            self.pacing_rate = target_rate;
+            return;
+        }
+
+        // Pace at the rate of initial_window / RTT as soon as RTT measurements are
+        // available.
+        if self.pacing_rate == 0 && self.min_rtt.as_nanos() != 0 {
+            self.pacing_rate =
+                BandwidthEstimation::bw_from_delta(self.init_cwnd, self.min_rtt).unwrap();
+            return;
+        }
+
+        // Do not decrease the pacing rate during startup.
+        if self.pacing_rate < target_rate {
+            self.pacing_rate = target_rate;
+        }
+    }
+
+    fn calculate_cwnd(&mut self, bytes_acked: u64, excess_acked: u64) {
+        if self.mode == Mode::ProbeRtt {
+            return;
+        }
+        let mut target_window = self.get_target_cwnd(self.cwnd_gain);
+        if self.is_at_full_bandwidth {
+            // Add the max recently measured ack aggregation to CWND.
+            target_window += self.ack_aggregation.max_ack_height.get();
+        } else {
+            // Add the most recent excess acked.  Because CWND never decreases in
+            // STARTUP, this will automatically create a very localized max filter.
+            target_window += excess_acked;
+        }
+        // Instead of immediately setting the target CWND as the new one, BBR grows
+        // the CWND towards |target_window| by only increasing it |bytes_acked| at a
+        // time.
+        if self.is_at_full_bandwidth {
+            self.cwnd = target_window.min(self.cwnd + bytes_acked);
+        } else if (self.cwnd_gain < target_window as f32) || (self.acked_bytes < self.init_cwnd) {
+            // If the connection is not yet out of startup phase, do not decrease
+            // the window.
+            self.cwnd += bytes_acked;
+        }
+
+        // Enforce the limits on the congestion window.
+        if self.cwnd < self.min_cwnd {
+            self.cwnd = self.min_cwnd;
+        }
+    }
+
+    fn calculate_recovery_window(&mut self, bytes_acked: u64, bytes_lost: u64, in_flight: u64) {
+        if !self.recovery_state.in_recovery() {
+            return;
+        }
+        // Set up the initial recovery window.
+        if self.recovery_window == 0 {
+            self.recovery_window = self.min_cwnd.max(in_flight + bytes_acked);
+            return;
+        }
+
+        // Remove losses from the recovery window, while accounting for a potential
+        // integer underflow.
+        if self.recovery_window >= bytes_lost {
+            self.recovery_window -= bytes_lost;
+        } else {
+            // k_max_segment_size = current_mtu
+            self.recovery_window = self.current_mtu;
+        }
+        // In CONSERVATION mode, just subtracting losses is sufficient.  In GROWTH,
+        // release additional |bytes_acked| to achieve a slow-start-like behavior.
+        if self.recovery_state == RecoveryState::Growth {
+            self.recovery_window += bytes_acked;
+        }
+
+        // Sanity checks.  Ensure that we always allow to send at least an MSS or
+        // |bytes_acked| in response, whichever is larger.
+        self.recovery_window = self
+            .recovery_window
+            .max(in_flight + bytes_acked)
+            .max(self.min_cwnd);
+    }
+
+    /// One newly acknowledged packet (quinn's `on_ack` without the estimator, which this
+    /// controller does not read).
+    fn on_packet_acked(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool) {
+        self.max_bandwidth
+            .on_ack(now, sent, bytes, self.round_count, app_limited);
+        self.acked_bytes += bytes;
+        let sample = now.saturating_duration_since(sent);
+        if !sample.is_zero() && self.sample_min_rtt.is_none_or(|least| sample < least) {
+            self.sample_min_rtt = Some(sample);
+        }
+    }
+
+    /// <https://datatracker.ietf.org/doc/html/draft-cardwell-iccrg-bbr-congestion-control#section-4.3.2.2>
+    fn check_if_full_bw_reached(&mut self, app_limited: bool) {
+        if app_limited {
+            return;
+        }
+        let target = (self.bw_at_last_round as f64 * K_STARTUP_GROWTH_TARGET as f64) as u64;
+        let bw = self.max_bandwidth.get_estimate();
+        if bw >= target {
+            self.bw_at_last_round = bw;
+            self.round_wo_bw_gain = 0;
+            self.ack_aggregation.max_ack_height.reset();
+            return;
+        }
+
+        self.round_wo_bw_gain += 1;
+        if self.round_wo_bw_gain >= K_ROUND_TRIPS_WITHOUT_GROWTH_BEFORE_EXITING_STARTUP as u64
+            || (self.recovery_state.in_recovery())
+        {
+            self.is_at_full_bandwidth = true;
+        }
+    }
+}
+
+impl Controller for Bbr {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.max_sent_packet_number = last_packet_number;
+        self.max_bandwidth.on_sent(now, bytes);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        _rtt: &RttEstimator,
+    ) {
+        self.on_packet_acked(now, sent, bytes, app_limited);
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        let bytes_acked = self.max_bandwidth.bytes_acked_this_window();
+        let excess_acked = self.ack_aggregation.update_ack_aggregation_bytes(
+            bytes_acked,
+            now,
+            self.round_count,
+            self.max_bandwidth.get_estimate(),
+        );
+        self.max_bandwidth.end_acks(self.round_count, app_limited);
+        if let Some(largest_acked_packet) = largest_packet_num_acked {
+            self.max_acked_packet_number = largest_acked_packet;
+        }
+
+        let min_rtt_expired = self.update_min_rtt(now);
+
+        let mut is_round_start = false;
+        if bytes_acked > 0 {
+            is_round_start =
+                self.max_acked_packet_number > self.current_round_trip_end_packet_number;
+            if is_round_start {
+                self.current_round_trip_end_packet_number = self.max_sent_packet_number;
+                self.round_count += 1;
+            }
+        }
+
+        self.update_recovery_state(is_round_start);
+
+        if self.mode == Mode::ProbeBw {
+            self.update_gain_cycle_phase(now, in_flight);
+        }
+
+        if is_round_start && !self.is_at_full_bandwidth {
+            self.check_if_full_bw_reached(app_limited);
+        }
+
+        self.maybe_exit_startup_or_drain(now, in_flight);
+
+        // An application-limited sender's samples are queue-free already: no need to drain.
+        self.maybe_enter_or_exit_probe_rtt(
+            now,
+            is_round_start,
+            in_flight,
+            min_rtt_expired && !app_limited,
+        );
+
+        // After the model is updated, recalculate the pacing rate and congestion window.
+        self.calculate_pacing_rate();
+        self.calculate_cwnd(bytes_acked, excess_acked);
+        self.calculate_recovery_window(bytes_acked, self.loss_state.lost_bytes, in_flight);
+
+        self.prev_in_flight_count = in_flight;
+        self.loss_state.reset();
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        _now: Instant,
+        _sent: Instant,
+        _is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        self.loss_state.lost_bytes += lost_bytes;
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.current_mtu = new_mtu as u64;
+        self.min_cwnd = calculate_min_window(self.current_mtu);
+        self.init_cwnd = self.config.initial_window.max(self.min_cwnd);
+        self.cwnd = self.cwnd.max(self.min_cwnd);
+    }
+
+    fn window(&self) -> u64 {
+        if self.mode == Mode::ProbeRtt {
+            return self.get_probe_rtt_cwnd();
+        } else if self.recovery_state.in_recovery() && self.mode != Mode::Startup {
+            return self.cwnd.min(self.recovery_window);
+        }
+        self.cwnd
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        let mut metrics = ControllerMetrics::default();
+        metrics.congestion_window = self.window();
+        metrics.pacing_rate = Some(self.pacing_rate * 8);
+        metrics
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(self.clone())
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.config.initial_window
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+/// Configuration for the [`Bbr`] congestion controller
+#[derive(Debug, Clone)]
+pub(crate) struct BbrConfig {
+    initial_window: u64,
+}
+
+impl Default for BbrConfig {
+    fn default() -> Self {
+        Self {
+            initial_window: K_MAX_INITIAL_CONGESTION_WINDOW * BASE_DATAGRAM_SIZE,
+        }
+    }
+}
+
+impl ControllerFactory for BbrConfig {
+    fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(Bbr::new(self, current_mtu))
+    }
+}
+
+#[derive(Debug, Default, Copy, Clone)]
+struct AckAggregationState {
+    max_ack_height: MinMax,
+    aggregation_epoch_start_time: Option<Instant>,
+    aggregation_epoch_bytes: u64,
+}
+
+impl AckAggregationState {
+    fn update_ack_aggregation_bytes(
+        &mut self,
+        newly_acked_bytes: u64,
+        now: Instant,
+        round: u64,
+        max_bandwidth: u64,
+    ) -> u64 {
+        // Compute how many bytes are expected to be delivered, assuming max
+        // bandwidth is correct.
+        let expected_bytes_acked = max_bandwidth
+            * now
+                .saturating_duration_since(self.aggregation_epoch_start_time.unwrap_or(now))
+                .as_micros() as u64
+            / 1_000_000;
+
+        // Reset the current aggregation epoch as soon as the ack arrival rate is
+        // less than or equal to the max bandwidth.
+        if self.aggregation_epoch_bytes <= expected_bytes_acked {
+            // Reset to start measuring a new aggregation epoch.
+            self.aggregation_epoch_bytes = newly_acked_bytes;
+            self.aggregation_epoch_start_time = Some(now);
+            return 0;
+        }
+
+        // Compute how many extra bytes were delivered vs max bandwidth.
+        // Include the bytes most recently acknowledged to account for stretch acks.
+        self.aggregation_epoch_bytes += newly_acked_bytes;
+        let diff = self.aggregation_epoch_bytes - expected_bytes_acked;
+        self.max_ack_height.update_max(round, diff);
+        diff
+    }
+}
+
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Mode {
+    // Startup phase of the connection.
+    Startup,
+    // After achieving the highest possible bandwidth during the startup, lower
+    // the pacing rate in order to drain the queue.
+    Drain,
+    // Cruising mode.
+    ProbeBw,
+    // Temporarily slow down sending in order to empty the buffer and measure
+    // the real minimum RTT.
+    ProbeRtt,
+}
+
+// Indicates how the congestion control limits the amount of bytes in flight.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum RecoveryState {
+    // Do not limit.
+    NotInRecovery,
+    // Allow an extra outstanding byte for each byte acknowledged.
+    Conservation,
+    // Allow two extra outstanding bytes for each byte acknowledged (slow
+    // start).
+    Growth,
+}
+
+impl RecoveryState {
+    pub(super) fn in_recovery(&self) -> bool {
+        !matches!(self, Self::NotInRecovery)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct LossState {
+    lost_bytes: u64,
+}
+
+impl LossState {
+    pub(super) fn reset(&mut self) {
+        self.lost_bytes = 0;
+    }
+
+    pub(super) fn has_losses(&self) -> bool {
+        self.lost_bytes != 0
+    }
+}
+
+fn calculate_min_window(current_mtu: u64) -> u64 {
+    4 * current_mtu
+}
+
+// The gain used for the STARTUP, equal to 2/ln(2).
+const K_DEFAULT_HIGH_GAIN: f32 = 2.885;
+// The newly derived CWND gain for STARTUP, 2.
+const K_DERIVED_HIGH_CWNDGAIN: f32 = 2.0;
+// The cycle of gains used during the ProbeBw stage.
+const K_PACING_GAIN: [f32; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+
+const K_STARTUP_GROWTH_TARGET: f32 = 1.25;
+const K_ROUND_TRIPS_WITHOUT_GROWTH_BEFORE_EXITING_STARTUP: u8 = 3;
+
+// Do not allow initial congestion window to be greater than 200 packets.
+const K_MAX_INITIAL_CONGESTION_WINDOW: u64 = 200;
+
+const PROBE_RTT_BASED_ON_BDP: bool = true;
+const DRAIN_TO_TARGET: bool = true;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MTU: u16 = 1452;
+
+    /// A sender on a path of round-trip time `rtt`: each round sends `packets` full datagrams
+    /// and has them all acknowledged one RTT later in one ACK frame. Returns the time after.
+    fn rounds(
+        bbr: &mut Bbr,
+        mut now: Instant,
+        rtt: Duration,
+        until: Instant,
+        app_limited: bool,
+        pn: &mut u64,
+    ) -> Instant {
+        let bytes = u64::from(MTU);
+        while now < until {
+            let sent = now;
+            for _ in 0..8 {
+                *pn += 1;
+                bbr.on_sent(sent, bytes, *pn);
+            }
+            now += rtt;
+            for _ in 0..8 {
+                bbr.on_packet_acked(now, sent, bytes, app_limited);
+            }
+            bbr.on_end_acks(now, 0, app_limited, Some(*pn));
+        }
+        now
+    }
+
+    fn bbr() -> Bbr {
+        Bbr::new(Arc::new(BbrConfig::default()), MTU)
+    }
+
+    #[test]
+    fn the_minimum_rtt_grows_back_after_the_path_delay_jumps_but_not_before_it_expires() {
+        for app_limited in [false, true] {
+            let mut bbr = bbr();
+            let mut pn = 0;
+            let t0 = Instant::now();
+            let fast = Duration::from_millis(1);
+            let slow = Duration::from_millis(50);
+            let now = rounds(
+                &mut bbr,
+                t0,
+                fast,
+                t0 + Duration::from_secs(2),
+                app_limited,
+                &mut pn,
+            );
+            assert_eq!(bbr.min_rtt(), fast, "app-limited {app_limited}");
+            // The delay jumps: nine seconds on, the old minimum still stands (a queue that
+            // builds for a while must not raise it)...
+            let now = rounds(
+                &mut bbr,
+                now,
+                slow,
+                t0 + Duration::from_secs(9),
+                app_limited,
+                &mut pn,
+            );
+            assert_eq!(bbr.min_rtt(), fast, "app-limited {app_limited}");
+            // ...and once ten seconds pass without a sample as low, the path's RTT replaces it
+            // (quinn's BBR kept the connection's lifetime minimum, 1 ms, for ever).
+            let now = rounds(
+                &mut bbr,
+                now,
+                slow,
+                t0 + Duration::from_secs(11),
+                app_limited,
+                &mut pn,
+            );
+            assert_eq!(bbr.min_rtt(), slow, "app-limited {app_limited}");
+            // A lower sample is taken at once.
+            rounds(&mut bbr, now, fast, now + fast, app_limited, &mut pn);
+            assert_eq!(bbr.min_rtt(), fast, "app-limited {app_limited}");
+        }
+    }
+
+    #[test]
+    fn the_window_follows_the_new_bandwidth_delay_product_after_a_delay_jump() {
+        let mut bbr = bbr();
+        let mut pn = 0;
+        let t0 = Instant::now();
+        let now = rounds(
+            &mut bbr,
+            t0,
+            Duration::from_millis(1),
+            t0 + Duration::from_secs(2),
+            false,
+            &mut pn,
+        );
+        let slow = Duration::from_millis(50);
+        let before = bbr.get_target_cwnd(1.0);
+        rounds(
+            &mut bbr,
+            now,
+            slow,
+            t0 + Duration::from_secs(13),
+            false,
+            &mut pn,
+        );
+        // Same bandwidth estimate (eight datagrams a round), fifty times the RTT: the
+        // bandwidth-delay product is no longer the 1 ms one.
+        assert!(
+            bbr.get_target_cwnd(1.0) > before,
+            "target window {} after the jump, {before} before",
+            bbr.get_target_cwnd(1.0)
+        );
+    }
+
+    #[test]
+    fn a_new_connection_does_not_start_in_probe_rtt() {
+        let mut bbr = bbr();
+        let mut pn = 0;
+        let t0 = Instant::now();
+        let rtt = Duration::from_millis(20);
+        rounds(&mut bbr, t0, rtt, t0 + rtt * 3, false, &mut pn);
+        assert_eq!(bbr.mode, Mode::Startup);
+        assert!(bbr.window() >= bbr.init_cwnd);
+    }
+
+    #[test]
+    fn probe_rtt_is_entered_when_the_minimum_expires_and_only_for_a_sender_that_fills_the_pipe() {
+        for (app_limited, probes) in [(false, true), (true, false)] {
+            let mut bbr = bbr();
+            let mut pn = 0;
+            let t0 = Instant::now();
+            let rtt = Duration::from_millis(20);
+            let mut now = t0;
+            let mut seen = false;
+            while now < t0 + Duration::from_secs(12) {
+                now = rounds(&mut bbr, now, rtt, now + rtt, app_limited, &mut pn);
+                seen |= bbr.mode == Mode::ProbeRtt;
+            }
+            assert_eq!(seen, probes, "app-limited {app_limited}");
+        }
+    }
+}
