@@ -255,8 +255,8 @@ pub struct Quic {
     /// (doubling up to 60 s).
     #[serde(default = "default_fallback_retry", with = "humantime_serde")]
     pub fallback_retry: Duration,
-    /// quinn's congestion controller (default BBR: every random loss shrinks Cubic's window,
-    /// so on a lossy link Cubic's latency collapses).
+    /// The QUIC congestion controller (default BBR, our own over quinn's trait: every random
+    /// loss shrinks Cubic's window, so on a lossy link Cubic's latency collapses).
     #[serde(default)]
     pub congestion: Congestion,
     /// UDP segmentation offload (GSO): send several datagrams per system call. Turn it off
