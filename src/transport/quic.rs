@@ -641,8 +641,17 @@ impl Pool {
             match final_response(&mut recv, interim.as_ref()).await {
                 Ok(resp) => break (recv, in_flight, upload_guard, resp),
                 Err(e) => {
-                    self.evict(addr, identity, &conn);
-                    return Err(SendError::new(stream_failure(&conn, addr, &e).await, None));
+                    // One stream's own failure (the peer reset or finished it, sent a bad
+                    // head) leaves the connection serving the others: only a connection that
+                    // failed is evicted and asked why.
+                    let connection_failed =
+                        matches!(e, h3::error::StreamError::ConnectionError { .. })
+                            || conn.conn.close_reason().is_some();
+                    if connection_failed {
+                        self.evict(addr, identity, &conn);
+                    }
+                    let why = stream_failure(connection_failed.then_some(&conn), addr, &e).await;
+                    return Err(SendError::new(why, None));
                 }
             }
         };
@@ -662,9 +671,10 @@ pub(crate) fn server_name(ep: &Endpoint) -> String {
         .unwrap_or_else(|| ep.identity.trust_domain().to_string())
 }
 
-/// What a stream that failed before its response tells about the request.
+/// What a stream that failed before its response tells about the request; `failed` is its
+/// connection when that failed too.
 async fn stream_failure(
-    conn: &PeerConn,
+    failed: Option<&PeerConn>,
     addr: SocketAddr,
     e: &h3::error::StreamError,
 ) -> ProxyError {
@@ -679,7 +689,11 @@ async fn stream_failure(
         )
         .never_sent();
     }
-    match verdict(conn, addr).await {
+    let verdict = match failed {
+        Some(conn) => verdict(conn, addr).await,
+        None => Verdict::Unknown,
+    };
+    match verdict {
         Verdict::Refused(refused) => refused,
         // A stateless reset: the peer restarted and has no memory of this connection, so the
         // request never reached its app.

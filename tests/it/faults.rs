@@ -881,3 +881,116 @@ async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_d
     assert!(ok(&got), "after a broken chunked body: {got:?}");
     task.abort();
 }
+
+/// A hand-written HTTP/3 peer with the `hello` identity: `/drop` finishes its stream without
+/// a response (what a peer whose handler is dropped sends: quinn finishes a dropped stream),
+/// `/reset` resets it, anything else answers 200 `slow` after 300 ms. Returns its address and its connection count.
+async fn h3_peer_that_drops_streams(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    pki.identity("hello");
+    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
+        cert: pki.path().join("hello.crt"),
+        key: pki.path().join("hello.key"),
+        ca: pki.path().join("ca.crt"),
+        reload_interval: Duration::from_secs(60),
+    })
+    .unwrap();
+    let tls = material.server_config(vec![b"h3".to_vec()]).unwrap();
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut h3) =
+                    h3::server::Connection::<_, bytes::Bytes>::new(h3_quinn::Connection::new(conn))
+                        .await
+                else {
+                    return;
+                };
+                while let Ok(Some(resolver)) = h3.accept().await {
+                    tokio::spawn(async move {
+                        let Ok((req, mut stream)) = resolver.resolve_request().await else {
+                            return;
+                        };
+                        match req.uri().path() {
+                            "/drop" => return drop(stream),
+                            "/reset" => {
+                                stream.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                                return;
+                            }
+                            _ => {}
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let resp = http::Response::builder().status(200).body(()).unwrap();
+                        if stream.send_response(resp).await.is_ok()
+                            && stream
+                                .send_data(bytes::Bytes::from_static(b"slow"))
+                                .await
+                                .is_ok()
+                        {
+                            let _ = stream.finish().await;
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, conns, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_finishes_a_stream_without_a_response_fails_that_request_alone() {
+    // h3 used to close the whole connection ("stream finished without receiving response
+    // headers", a connection error) and with it every request in flight to that peer; and a
+    // stream the peer reset made quicar drop the pooled connection for a new handshake.
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, conns, task) = h3_peer_that_drops_streams(&pki).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[peer], "")).await;
+    let out = client.outbound;
+    // Warm the connection, then put 20 slow requests in flight beside the bad ones.
+    assert_eq!(get(out, "hello", "/warm").await.status, StatusCode::OK);
+    let slow: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/slow/{i}")).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let bad: Vec<_> = ["/drop", "/reset"]
+        .iter()
+        .cycle()
+        .take(6)
+        .map(|path| tokio::spawn(async move { get(out, "hello", path).await }))
+        .collect();
+    for b in bad {
+        let got = b.await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        assert_eq!(got.error_kind(), Some("peer-reset"), "{got:?}");
+    }
+    for s in slow {
+        let got = s.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.body.as_ref(), b"slow");
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the connection to the peer was never closed"
+    );
+    client.shutdown().await;
+    task.abort();
+}

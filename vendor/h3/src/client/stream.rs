@@ -100,14 +100,14 @@ where
         let mut frame = future::poll_fn(|cx| self.inner.stream.poll_next(cx))
             .await
             .map_err(|e| self.handle_frame_stream_error_on_request_stream(e))?
-            .ok_or_else(|| {
-                //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1
-                //# Receipt of an invalid sequence of frames MUST be treated as a
-                //# connection error of type H3_FRAME_UNEXPECTED.
-                self.handle_connection_error_on_stream(InternalConnectionError::new(
-                    Code::H3_FRAME_UNEXPECTED,
-                    "Stream finished without receiving response headers".to_string(),
-                ))
+            // quicar: a stream that ends before a response head is an incomplete message on
+            // that stream (RFC 9114 §4.1.2, a stream error of type H3_MESSAGE_ERROR), as the
+            // server side treats a request stream ending without headers, not a connection
+            // error: h3 closed the whole connection, failing every request on it, when one
+            // stream was finished early (a peer's handler dropped, say).
+            .ok_or_else(|| StreamError::StreamError {
+                code: Code::H3_MESSAGE_ERROR,
+                reason: "stream finished without response headers".to_string(),
             })?;
 
         //= https://www.rfc-editor.org/rfc/rfc9114#section-7.2.5
