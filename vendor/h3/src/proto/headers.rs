@@ -61,12 +61,14 @@ impl Header {
     ) -> Result<(Method, Uri, Option<Protocol>, HeaderMap), HeaderError> {
         let mut uri = Uri::builder();
 
+        // quicar: the parsed pseudo-header values go in as they are (h3 made each a string
+        // again, for the builder to copy and parse a second time).
         if let Some(path) = self.pseudo.path {
-            uri = uri.path_and_query(path.as_str().as_bytes());
+            uri = uri.path_and_query(path);
         }
 
         if let Some(scheme) = self.pseudo.scheme {
-            uri = uri.scheme(scheme.as_str().as_bytes());
+            uri = uri.scheme(scheme);
         }
 
         //= https://www.rfc-editor.org/rfc/rfc9114#section-4.3.1
@@ -82,14 +84,14 @@ impl Header {
         //# :authority pseudo-header or Host header fields.
         match (self.pseudo.authority, self.fields.get(header::HOST)) {
             (None, None) => return Err(HeaderError::MissingAuthority),
-            (Some(a), None) => uri = uri.authority(a.as_str().as_bytes()),
+            (Some(a), None) => uri = uri.authority(a),
             (None, Some(h)) => uri = uri.authority(h.as_bytes()),
             //= https://www.rfc-editor.org/rfc/rfc9114#section-4.3.1
             //# If both fields are present, they MUST contain the same value.
             (Some(a), Some(h)) if a.as_str() != h => {
                 return Err(HeaderError::ContradictedAuthority)
             }
-            (Some(_), Some(h)) => uri = uri.authority(h.as_bytes()),
+            (Some(a), Some(_)) => uri = uri.authority(a),
         }
 
         Ok((
@@ -305,6 +307,24 @@ impl TryFrom<Vec<HeaderField>> for Header {
                 fields.append(n, owned_value(&name, value)?);
                 continue;
             }
+            // quicar: :path and :authority keep the decoded bytes (the parse is the one
+            // `from_str` makes, without the copy).
+            if &name[..] == b":path" {
+                pseudo.path = Some(
+                    PathAndQuery::from_maybe_shared(shared(value))
+                        .map_err(|_| HeaderError::invalid_value(&name, b""))?,
+                );
+                pseudo.len += 1;
+                continue;
+            }
+            if &name[..] == b":authority" {
+                pseudo.authority = Some(
+                    Authority::from_maybe_shared(shared(value))
+                        .map_err(|_| HeaderError::invalid_value(&name, b""))?,
+                );
+                pseudo.len += 1;
+                continue;
+            }
             match Field::parse(name, value)? {
                 Field::Method(m) => {
                     pseudo.method = Some(m);
@@ -340,17 +360,18 @@ impl TryFrom<Vec<HeaderField>> for Header {
     }
 }
 
-/// quicar: the value as a `HeaderValue` sharing the decoded bytes, after the same check
-/// `HeaderValue::from_bytes` makes (visible ASCII, obs-text, space and tab).
+/// quicar: the value as a `HeaderValue` sharing the decoded bytes; `from_maybe_shared` makes
+/// the check `HeaderValue::from_bytes` makes (visible ASCII, obs-text, space and tab), once.
 fn owned_value(name: &[u8], value: std::borrow::Cow<'static, [u8]>) -> Result<HeaderValue, HeaderError> {
-    if !value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t') {
-        return Err(HeaderError::invalid_value(name, &value));
-    }
-    let bytes = match value {
+    HeaderValue::from_maybe_shared(shared(value)).map_err(|_| HeaderError::invalid_value(name, b""))
+}
+
+/// quicar: decoded bytes as `Bytes`, without a copy.
+fn shared(value: std::borrow::Cow<'static, [u8]>) -> bytes::Bytes {
+    match value {
         std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
         std::borrow::Cow::Borrowed(s) => bytes::Bytes::from_static(s),
-    };
-    HeaderValue::from_maybe_shared(bytes).map_err(|_| HeaderError::invalid_value(name, b""))
+    }
 }
 
 enum Field {
