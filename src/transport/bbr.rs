@@ -8,11 +8,18 @@
 //! for the connection's whole life. Here the minimum is a filter of this controller's own
 //! samples (ack time − send time of each newly acknowledged packet, the least of one ACK frame
 //! being the RTT sample), as in quiche and Linux: a lower sample replaces it at once, and after
-//! `MIN_RTT_EXPIRY` without one the next sample replaces it whatever its value. ProbeRTT is
-//! entered on that expiry when the sender is not application-limited (an application-limited
-//! sender sees queue-free RTTs already), and the filter is restamped when ProbeRTT ends, as
-//! quiche does. quinn's version also entered ProbeRTT on the first non-app-limited ACK of a
-//! connection (its "last probe" began as `None`, which counted as expired); this one does not.
+//! `MIN_RTT_EXPIRY` without one the next sample replaces it whatever its value, whether or not
+//! the sender is application-limited (a request/response sender nearly always is). When
+//! ProbeRTT runs is quinn's, unchanged: on the first ACK of a sender that fills its window, then
+//! ten seconds after the last one began, never while application-limited. That first ProbeRTT
+//! matters more than it looks: quinn's STARTUP grows the window by every byte acknowledged with
+//! no bound while the sender is application-limited (its port compares the gain, not the
+//! window, with the target: `cwnd_gain < target_window`, where quiche has `congestion_window_ <
+//! target_window`), and it is the early ProbeRTT, with its small window, that makes the sender
+//! window-limited long enough to find its full bandwidth and leave STARTUP. A first version of
+//! this file skipped it: on a fresh connection, 32 concurrent 16 KiB responses over a 50 ms
+//! path went from one RTT to two or three (`quicar bench --quick`, p50 55-61 ms against 111-173
+//! ms), its window grown to megabytes and its bursts lost. Left as quinn has it.
 //!
 //! The rest (startup, drain, the gain cycle, recovery, ACK aggregation) is quinn's, unchanged
 //! but for its random generator (the sidecar's own, `crate::rng`).
@@ -60,6 +67,7 @@ pub(crate) struct Bbr {
     min_cwnd: u64,
     prev_in_flight_count: u64,
     exit_probe_rtt_at: Option<Instant>,
+    probe_rtt_last_started_at: Option<Instant>,
     min_rtt: Duration,
     /// When `min_rtt` was last taken (or confirmed by ProbeRTT); `None` before the first sample.
     min_rtt_stamp: Option<Instant>,
@@ -103,6 +111,7 @@ impl Bbr {
             min_cwnd: calculate_min_window(current_mtu as u64),
             prev_in_flight_count: 0,
             exit_probe_rtt_at: None,
+            probe_rtt_last_started_at: None,
             min_rtt: Default::default(),
             min_rtt_stamp: None,
             sample_min_rtt: None,
@@ -226,11 +235,11 @@ impl Bbr {
         }
     }
 
-    /// Takes the ACK frame's RTT sample into the minimum-RTT filter; returns whether the
-    /// minimum had expired (it is then replaced by this sample, whatever its value).
-    fn update_min_rtt(&mut self, now: Instant) -> bool {
+    /// Takes the ACK frame's RTT sample into the minimum-RTT filter: a lower sample replaces
+    /// the minimum, and so does any sample once the minimum is `MIN_RTT_EXPIRY` old.
+    fn update_min_rtt(&mut self, now: Instant) {
         let Some(sample) = self.sample_min_rtt.take() else {
-            return false;
+            return;
         };
         let expired = self
             .min_rtt_stamp
@@ -239,7 +248,15 @@ impl Bbr {
             self.min_rtt = sample;
             self.min_rtt_stamp = Some(now);
         }
-        expired
+    }
+
+    /// quinn's ProbeRTT schedule, unchanged: on the first ACK of a sender that fills its window,
+    /// then ten seconds after the last ProbeRTT began (never while application-limited).
+    fn is_probe_rtt_due(&self, now: Instant, app_limited: bool) -> bool {
+        !app_limited
+            && self
+                .probe_rtt_last_started_at
+                .is_none_or(|last| now.saturating_duration_since(last) > MIN_RTT_EXPIRY)
     }
 
     /// The minimum RTT the model uses (zero before the first sample).
@@ -253,14 +270,18 @@ impl Bbr {
         now: Instant,
         is_round_start: bool,
         bytes_in_flight: u64,
-        min_rtt_expired: bool,
+        app_limited: bool,
     ) {
-        if min_rtt_expired && !self.exiting_quiescence && self.mode != Mode::ProbeRtt {
+        if self.is_probe_rtt_due(now, app_limited)
+            && !self.exiting_quiescence
+            && self.mode != Mode::ProbeRtt
+        {
             self.mode = Mode::ProbeRtt;
             self.pacing_gain = 1.0;
             // Do not decide on the time to exit ProbeRtt until the
             // |bytes_in_flight| is at the target small value.
             self.exit_probe_rtt_at = None;
+            self.probe_rtt_last_started_at = Some(now);
         }
 
         if self.mode == Mode::ProbeRtt {
@@ -469,7 +490,7 @@ impl Controller for Bbr {
             self.max_acked_packet_number = largest_acked_packet;
         }
 
-        let min_rtt_expired = self.update_min_rtt(now);
+        self.update_min_rtt(now);
 
         let mut is_round_start = false;
         if bytes_acked > 0 {
@@ -493,13 +514,7 @@ impl Controller for Bbr {
 
         self.maybe_exit_startup_or_drain(now, in_flight);
 
-        // An application-limited sender's samples are queue-free already: no need to drain.
-        self.maybe_enter_or_exit_probe_rtt(
-            now,
-            is_round_start,
-            in_flight,
-            min_rtt_expired && !app_limited,
-        );
+        self.maybe_enter_or_exit_probe_rtt(now, is_round_start, in_flight, app_limited);
 
         // After the model is updated, recalculate the pacing rate and congestion window.
         self.calculate_pacing_rate();
@@ -798,18 +813,21 @@ mod tests {
     }
 
     #[test]
-    fn a_new_connection_does_not_start_in_probe_rtt() {
+    fn probe_rtt_runs_on_quinns_schedule_and_does_not_reset_the_minimum() {
+        // Window-limited from the first ACK: ProbeRTT at once (what gets a fresh connection out
+        // of STARTUP, see the module documentation), and the minimum stays the path's.
         let mut bbr = bbr();
         let mut pn = 0;
         let t0 = Instant::now();
         let rtt = Duration::from_millis(20);
-        rounds(&mut bbr, t0, rtt, t0 + rtt * 3, false, &mut pn);
-        assert_eq!(bbr.mode, Mode::Startup);
-        assert!(bbr.window() >= bbr.init_cwnd);
+        rounds(&mut bbr, t0, rtt, t0 + rtt, false, &mut pn);
+        assert_eq!(bbr.mode, Mode::ProbeRtt);
+        assert_eq!(bbr.min_rtt(), rtt);
+        assert_eq!(bbr.probe_rtt_last_started_at, Some(t0 + rtt));
     }
 
     #[test]
-    fn probe_rtt_is_entered_when_the_minimum_expires_and_only_for_a_sender_that_fills_the_pipe() {
+    fn probe_rtt_is_entered_only_by_a_sender_that_fills_its_window() {
         for (app_limited, probes) in [(false, true), (true, false)] {
             let mut bbr = bbr();
             let mut pn = 0;
