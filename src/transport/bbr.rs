@@ -707,110 +707,88 @@ mod tests {
 
     const MTU: u16 = 1452;
 
-    /// A sender on a path of round-trip time `rtt`: each round sends `packets` full datagrams
-    /// and has them all acknowledged one RTT later in one ACK frame. Returns the time after.
-    fn rounds(
-        bbr: &mut Bbr,
-        mut now: Instant,
-        rtt: Duration,
-        until: Instant,
+    /// A sender on a path whose round-trip time the test sets: each round sends eight full
+    /// datagrams and has them all acknowledged one RTT later in one ACK frame.
+    struct Sender {
+        bbr: Bbr,
+        t0: Instant,
+        now: Instant,
+        pn: u64,
         app_limited: bool,
-        pn: &mut u64,
-    ) -> Instant {
-        let bytes = u64::from(MTU);
-        while now < until {
-            let sent = now;
-            for _ in 0..8 {
-                *pn += 1;
-                bbr.on_sent(sent, bytes, *pn);
-            }
-            now += rtt;
-            for _ in 0..8 {
-                bbr.on_packet_acked(now, sent, bytes, app_limited);
-            }
-            bbr.on_end_acks(now, 0, app_limited, Some(*pn));
-        }
-        now
     }
 
-    fn bbr() -> Bbr {
-        Bbr::new(Arc::new(BbrConfig::default()), MTU)
+    impl Sender {
+        fn new(app_limited: bool) -> Self {
+            let t0 = Instant::now();
+            Self {
+                bbr: Bbr::new(Arc::new(BbrConfig::default()), MTU),
+                t0,
+                now: t0,
+                pn: 0,
+                app_limited,
+            }
+        }
+
+        /// Rounds of `rtt` until `until` after the start (at least one).
+        fn rounds(&mut self, rtt: Duration, until: Duration) -> &Bbr {
+            let bytes = u64::from(MTU);
+            loop {
+                let sent = self.now;
+                for _ in 0..8 {
+                    self.pn += 1;
+                    self.bbr.on_sent(sent, bytes, self.pn);
+                }
+                self.now += rtt;
+                for _ in 0..8 {
+                    self.bbr
+                        .on_packet_acked(self.now, sent, bytes, self.app_limited);
+                }
+                self.bbr
+                    .on_end_acks(self.now, 0, self.app_limited, Some(self.pn));
+                if self.now >= self.t0 + until {
+                    return &self.bbr;
+                }
+            }
+        }
+    }
+
+    const FAST: Duration = Duration::from_millis(1);
+    const SLOW: Duration = Duration::from_millis(50);
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
     }
 
     #[test]
     fn the_minimum_rtt_grows_back_after_the_path_delay_jumps_but_not_before_it_expires() {
         for app_limited in [false, true] {
-            let mut bbr = bbr();
-            let mut pn = 0;
-            let t0 = Instant::now();
-            let fast = Duration::from_millis(1);
-            let slow = Duration::from_millis(50);
-            let now = rounds(
-                &mut bbr,
-                t0,
-                fast,
-                t0 + Duration::from_secs(2),
-                app_limited,
-                &mut pn,
-            );
-            assert_eq!(bbr.min_rtt(), fast, "app-limited {app_limited}");
+            let mut path = Sender::new(app_limited);
+            assert_eq!(path.rounds(FAST, secs(2)).min_rtt(), FAST, "{app_limited}");
             // The delay jumps: nine seconds on, the old minimum still stands (a queue that
             // builds for a while must not raise it)...
-            let now = rounds(
-                &mut bbr,
-                now,
-                slow,
-                t0 + Duration::from_secs(9),
-                app_limited,
-                &mut pn,
-            );
-            assert_eq!(bbr.min_rtt(), fast, "app-limited {app_limited}");
+            assert_eq!(path.rounds(SLOW, secs(9)).min_rtt(), FAST, "{app_limited}");
             // ...and once ten seconds pass without a sample as low, the path's RTT replaces it
             // (quinn's BBR kept the connection's lifetime minimum, 1 ms, for ever).
-            let now = rounds(
-                &mut bbr,
-                now,
-                slow,
-                t0 + Duration::from_secs(11),
-                app_limited,
-                &mut pn,
-            );
-            assert_eq!(bbr.min_rtt(), slow, "app-limited {app_limited}");
+            assert_eq!(path.rounds(SLOW, secs(11)).min_rtt(), SLOW, "{app_limited}");
             // A lower sample is taken at once.
-            rounds(&mut bbr, now, fast, now + fast, app_limited, &mut pn);
-            assert_eq!(bbr.min_rtt(), fast, "app-limited {app_limited}");
+            assert_eq!(
+                path.rounds(FAST, Duration::ZERO).min_rtt(),
+                FAST,
+                "{app_limited}"
+            );
         }
     }
 
     #[test]
     fn the_window_follows_the_new_bandwidth_delay_product_after_a_delay_jump() {
-        let mut bbr = bbr();
-        let mut pn = 0;
-        let t0 = Instant::now();
-        let now = rounds(
-            &mut bbr,
-            t0,
-            Duration::from_millis(1),
-            t0 + Duration::from_secs(2),
-            false,
-            &mut pn,
-        );
-        let slow = Duration::from_millis(50);
-        let before = bbr.get_target_cwnd(1.0);
-        rounds(
-            &mut bbr,
-            now,
-            slow,
-            t0 + Duration::from_secs(13),
-            false,
-            &mut pn,
-        );
+        let mut path = Sender::new(false);
+        let before = path.rounds(FAST, secs(2)).get_target_cwnd(1.0);
+        let after = path.rounds(SLOW, secs(13)).get_target_cwnd(1.0);
         // Same bandwidth estimate (eight datagrams a round), fifty times the RTT: the
         // bandwidth-delay product is no longer the 1 ms one.
         assert!(
-            bbr.get_target_cwnd(1.0) > before,
-            "target window {} after the jump, {before} before",
-            bbr.get_target_cwnd(1.0)
+            after > before,
+            "target window {after} after the jump, {before} before"
         );
     }
 
@@ -818,11 +796,10 @@ mod tests {
     fn probe_rtt_runs_on_quinns_schedule_and_does_not_reset_the_minimum() {
         // Window-limited from the first ACK: ProbeRTT at once (what gets a fresh connection out
         // of STARTUP, see the module documentation), and the minimum stays the path's.
-        let mut bbr = bbr();
-        let mut pn = 0;
-        let t0 = Instant::now();
         let rtt = Duration::from_millis(20);
-        rounds(&mut bbr, t0, rtt, t0 + rtt, false, &mut pn);
+        let mut path = Sender::new(false);
+        let t0 = path.t0;
+        let bbr = path.rounds(rtt, Duration::ZERO);
         assert_eq!(bbr.mode, Mode::ProbeRtt);
         assert_eq!(bbr.min_rtt(), rtt);
         assert_eq!(bbr.probe_rtt_last_started_at, Some(t0 + rtt));
@@ -831,15 +808,11 @@ mod tests {
     #[test]
     fn probe_rtt_is_entered_only_by_a_sender_that_fills_its_window() {
         for (app_limited, probes) in [(false, true), (true, false)] {
-            let mut bbr = bbr();
-            let mut pn = 0;
-            let t0 = Instant::now();
+            let mut path = Sender::new(app_limited);
             let rtt = Duration::from_millis(20);
-            let mut now = t0;
             let mut seen = false;
-            while now < t0 + Duration::from_secs(12) {
-                now = rounds(&mut bbr, now, rtt, now + rtt, app_limited, &mut pn);
-                seen |= bbr.mode == Mode::ProbeRtt;
+            for round in 1..=600 {
+                seen |= path.rounds(rtt, rtt * round).mode == Mode::ProbeRtt;
             }
             assert_eq!(seen, probes, "app-limited {app_limited}");
         }
