@@ -544,7 +544,17 @@ impl Pool {
             Err(e) => {
                 self.evict(addr, identity);
                 let text = crate::error::source_chain(&e);
-                let err = match conn.refusal(addr).await {
+                // The peer reset this stream on a connection that has answered before and lives
+                // on: that says nothing of a handshake refusal, so no wait for the connection's
+                // end (up to 300 ms) before answering.
+                let stream_only =
+                    e.is_reset() && e.is_remote() && !conn.never_answered() && conn.is_alive();
+                let refusal = if stream_only {
+                    None
+                } else {
+                    conn.refusal(addr).await
+                };
+                let err = match refusal {
                     Some(r) => r,
                     // RFC 9113 §8.7: REFUSED_STREAM means the peer did not process it.
                     None if e.reason() == Some(h2::Reason::REFUSED_STREAM) => ProxyError::new(

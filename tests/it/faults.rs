@@ -994,3 +994,93 @@ async fn a_peer_that_finishes_a_stream_without_a_response_fails_that_request_alo
     client.shutdown().await;
     task.abort();
 }
+
+/// The TCP wire's counterpart of `h3_peer_that_drops_streams`: an HTTP/2-over-TLS peer with the
+/// `hello` identity that resets `/reset` (RST_STREAM) and answers anything else 200 `slow`
+/// after 300 ms. Returns its address and its connection count.
+async fn h2_peer_that_resets_streams(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    pki.identity("hello");
+    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
+        cert: pki.path().join("hello.crt"),
+        key: pki.path().join("hello.key"),
+        ca: pki.path().join("ca.crt"),
+        reload_interval: Duration::from_secs(60),
+    })
+    .unwrap();
+    let tls = material.server_config(vec![b"h2".to_vec()]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut h2) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = h2.accept().await {
+                    tokio::spawn(async move {
+                        if req.uri().path() == "/reset" {
+                            return respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let resp = http::Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut body) = respond.send_response(resp, false) {
+                            let _ = body.send_data(bytes::Bytes::from_static(b"slow"), true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, conns, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, conns, task) = h2_peer_that_resets_streams(&pki).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[peer], "transport = \"tcp\"")).await;
+    let out = client.outbound;
+    assert_eq!(get(out, "hello", "/warm").await.status, StatusCode::OK);
+    let slow: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/slow/{i}")).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let bad: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(async move { get(out, "hello", "/reset").await }))
+        .collect();
+    for b in bad {
+        let got = b.await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        assert_eq!(got.error_kind(), Some("peer-reset"), "{got:?}");
+    }
+    for s in slow {
+        let got = s.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.body.as_ref(), b"slow");
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the connection to the peer was never closed"
+    );
+    client.shutdown().await;
+    task.abort();
+}
