@@ -402,7 +402,7 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
     )?;
 
     let mut runs = Vec::new();
-    let rounds = if opts.quick { 1 } else { opts.rounds.max(1) };
+    let rounds = opts.rounds.max(1);
     for sc in scenarios(opts.quick, opts.loopback) {
         net.set(LinkParams {
             delay: Duration::from_millis(sc.delay_ms),

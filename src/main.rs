@@ -55,7 +55,8 @@ enum Command {
     /// Needs root (network namespaces, TUN devices), except with --loopback. Writes
     /// results.md, results.json and latency.svg to --out.
     Bench {
-        /// A short smoke run: 2 scenarios, 1 round (what `cargo bench` runs).
+        /// A short smoke run: 2 scenarios, 1 round unless --rounds says otherwise (what `cargo bench`
+        /// runs).
         #[arg(long)]
         quick: bool,
         /// Everything on loopback with no link emulation (no root needed): the transports'
@@ -68,9 +69,9 @@ enum Command {
         /// Unmeasured time at the start of each run [default: 2s, 500ms with --quick].
         #[arg(long, value_parser = humantime::parse_duration)]
         warmup: Option<std::time::Duration>,
-        /// Rounds per scenario (targets interleaved within each).
-        #[arg(long, default_value_t = 2)]
-        rounds: usize,
+        /// Rounds per scenario (targets interleaved within each) [default: 2, 1 with --quick].
+        #[arg(long)]
+        rounds: Option<usize>,
         /// Directory for results.md, results.json and latency.svg.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
@@ -310,6 +311,7 @@ fn run() -> anyhow::Result<()> {
                     warmup.unwrap_or(std::time::Duration::from_secs(2)),
                 )
             };
+            let rounds = rounds.unwrap_or(if quick { 1 } else { 2 });
             let opts = quicar::bench::Options {
                 quick,
                 loopback,
