@@ -882,27 +882,64 @@ async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_d
     task.abort();
 }
 
-/// A hand-written HTTP/3 peer with the `hello` identity: `/drop` finishes its stream without
-/// a response (what a peer whose handler is dropped sends: quinn finishes a dropped stream),
-/// `/reset` resets it, anything else answers 200 `slow` after 300 ms. Returns its address and its connection count.
-async fn h3_peer_that_drops_streams(
-    pki: &Pki,
-) -> (
+/// A hand-written peer: its address, how many connections it accepted, its accept task.
+type HandPeer = (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     tokio::task::JoinHandle<()>,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+);
+
+/// The `hello` identity, for a hand-written peer.
+fn hello_material(pki: &Pki) -> quicar::identity::Material {
     pki.identity("hello");
-    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
+    quicar::identity::Material::load(&quicar::config::IdentityFiles {
         cert: pki.path().join("hello.crt"),
         key: pki.path().join("hello.key"),
         ca: pki.path().join("ca.crt"),
         reload_interval: Duration::from_secs(60),
     })
-    .unwrap();
-    let tls = material.server_config(vec![b"h3".to_vec()]).unwrap();
+    .unwrap()
+}
+
+/// With 20 slow requests in flight to a hand-written peer, each of `bad` fails alone
+/// (`502 peer-reset`), the slow ones are answered, and the peer saw one connection.
+async fn bad_streams_fail_alone(out: std::net::SocketAddr, bad: &[&'static str], peer: &HandPeer) {
+    // Warm the connection, then put 20 slow requests in flight beside the bad ones.
+    assert_eq!(get(out, "hello", "/warm").await.status, StatusCode::OK);
+    let slow: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/slow/{i}")).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let bad: Vec<_> = bad
+        .iter()
+        .map(|&path| tokio::spawn(async move { get(out, "hello", path).await }))
+        .collect();
+    for b in bad {
+        let got = b.await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+        assert_eq!(got.error_kind(), Some("peer-reset"), "{got:?}");
+    }
+    for s in slow {
+        let got = s.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.body.as_ref(), b"slow");
+    }
+    assert_eq!(
+        peer.1.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the connection to the peer was never closed"
+    );
+}
+
+/// A hand-written HTTP/3 peer with the `hello` identity: `/drop` finishes its stream without
+/// a response (what a peer whose handler is dropped sends: quinn finishes a dropped stream),
+/// `/reset` resets it, anything else answers 200 `slow` after 300 ms.
+async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tls = hello_material(pki)
+        .server_config(vec![b"h3".to_vec()])
+        .unwrap();
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
     let endpoint = quinn::Endpoint::server(
         quinn::ServerConfig::with_crypto(Arc::new(quic)),
@@ -961,61 +998,23 @@ async fn a_peer_that_finishes_a_stream_without_a_response_fails_that_request_alo
     // stream the peer reset made quicar drop the pooled connection for a new handshake.
     init_tracing();
     let pki = Pki::new();
-    let (peer, conns, task) = h3_peer_that_drops_streams(&pki).await;
-    let client = sidecar(&pki, &client_toml(&pki, &[peer], "")).await;
-    let out = client.outbound;
-    // Warm the connection, then put 20 slow requests in flight beside the bad ones.
-    assert_eq!(get(out, "hello", "/warm").await.status, StatusCode::OK);
-    let slow: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/slow/{i}")).await }))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let bad: Vec<_> = ["/drop", "/reset"]
-        .iter()
-        .cycle()
-        .take(6)
-        .map(|path| tokio::spawn(async move { get(out, "hello", path).await }))
-        .collect();
-    for b in bad {
-        let got = b.await.unwrap();
-        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
-        assert_eq!(got.error_kind(), Some("peer-reset"), "{got:?}");
-    }
-    for s in slow {
-        let got = s.await.unwrap();
-        assert_eq!(got.status, StatusCode::OK, "{got:?}");
-        assert_eq!(got.body.as_ref(), b"slow");
-    }
-    assert_eq!(
-        conns.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "the connection to the peer was never closed"
-    );
+    let peer = h3_peer_that_drops_streams(&pki).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[peer.0], "")).await;
+    let bad = ["/drop", "/reset", "/drop", "/reset", "/drop", "/reset"];
+    bad_streams_fail_alone(client.outbound, &bad, &peer).await;
     client.shutdown().await;
-    task.abort();
+    peer.2.abort();
 }
 
 /// The TCP wire's counterpart of `h3_peer_that_drops_streams`: an HTTP/2-over-TLS peer with the
 /// `hello` identity that resets `/reset` (RST_STREAM) and answers anything else 200 `slow`
-/// after 300 ms. Returns its address and its connection count.
-async fn h2_peer_that_resets_streams(
-    pki: &Pki,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    tokio::task::JoinHandle<()>,
-) {
+/// after 300 ms.
+async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    pki.identity("hello");
-    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
-        cert: pki.path().join("hello.crt"),
-        key: pki.path().join("hello.key"),
-        ca: pki.path().join("ca.crt"),
-        reload_interval: Duration::from_secs(60),
-    })
-    .unwrap();
-    let tls = material.server_config(vec![b"h2".to_vec()]).unwrap();
+    let tls = hello_material(pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1055,32 +1054,9 @@ async fn h2_peer_that_resets_streams(
 async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     init_tracing();
     let pki = Pki::new();
-    let (peer, conns, task) = h2_peer_that_resets_streams(&pki).await;
-    let client = sidecar(&pki, &client_toml(&pki, &[peer], "transport = \"tcp\"")).await;
-    let out = client.outbound;
-    assert_eq!(get(out, "hello", "/warm").await.status, StatusCode::OK);
-    let slow: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/slow/{i}")).await }))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let bad: Vec<_> = (0..5)
-        .map(|_| tokio::spawn(async move { get(out, "hello", "/reset").await }))
-        .collect();
-    for b in bad {
-        let got = b.await.unwrap();
-        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
-        assert_eq!(got.error_kind(), Some("peer-reset"), "{got:?}");
-    }
-    for s in slow {
-        let got = s.await.unwrap();
-        assert_eq!(got.status, StatusCode::OK, "{got:?}");
-        assert_eq!(got.body.as_ref(), b"slow");
-    }
-    assert_eq!(
-        conns.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "the connection to the peer was never closed"
-    );
+    let peer = h2_peer_that_resets_streams(&pki).await;
+    let client = sidecar(&pki, &client_toml(&pki, &[peer.0], "transport = \"tcp\"")).await;
+    bad_streams_fail_alone(client.outbound, &["/reset"; 5], &peer).await;
     client.shutdown().await;
-    task.abort();
+    peer.2.abort();
 }
