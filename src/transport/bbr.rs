@@ -261,12 +261,6 @@ impl Bbr {
                 .is_none_or(|last| now.saturating_duration_since(last) > MIN_RTT_EXPIRY)
     }
 
-    /// The minimum RTT the model uses (zero before the first sample).
-    #[cfg(test)]
-    pub(crate) fn min_rtt(&self) -> Duration {
-        self.min_rtt
-    }
-
     fn maybe_enter_or_exit_probe_rtt(
         &mut self,
         now: Instant,
@@ -763,16 +757,16 @@ mod tests {
     fn the_minimum_rtt_grows_back_after_the_path_delay_jumps_but_not_before_it_expires() {
         for app_limited in [false, true] {
             let mut path = Sender::new(app_limited);
-            assert_eq!(path.rounds(FAST, secs(2)).min_rtt(), FAST, "{app_limited}");
+            assert_eq!(path.rounds(FAST, secs(2)).min_rtt, FAST, "{app_limited}");
             // The delay jumps: nine seconds on, the old minimum still stands (a queue that
             // builds for a while must not raise it)...
-            assert_eq!(path.rounds(SLOW, secs(9)).min_rtt(), FAST, "{app_limited}");
+            assert_eq!(path.rounds(SLOW, secs(9)).min_rtt, FAST, "{app_limited}");
             // ...and once ten seconds pass without a sample as low, the path's RTT replaces it
             // (quinn's BBR kept the connection's lifetime minimum, 1 ms, for ever).
-            assert_eq!(path.rounds(SLOW, secs(11)).min_rtt(), SLOW, "{app_limited}");
+            assert_eq!(path.rounds(SLOW, secs(11)).min_rtt, SLOW, "{app_limited}");
             // A lower sample is taken at once.
             assert_eq!(
-                path.rounds(FAST, Duration::ZERO).min_rtt(),
+                path.rounds(FAST, Duration::ZERO).min_rtt,
                 FAST,
                 "{app_limited}"
             );
@@ -801,7 +795,7 @@ mod tests {
         let t0 = path.t0;
         let bbr = path.rounds(rtt, Duration::ZERO);
         assert_eq!(bbr.mode, Mode::ProbeRtt);
-        assert_eq!(bbr.min_rtt(), rtt);
+        assert_eq!(bbr.min_rtt, rtt);
         assert_eq!(bbr.probe_rtt_last_started_at, Some(t0 + rtt));
     }
 
