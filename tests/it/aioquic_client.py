@@ -184,6 +184,21 @@ async def bad_header_value(c):
     return r
 
 
+async def bad_pseudo_headers(c):
+    # A `:path` or `:authority` that is not a valid URI part is a malformed request: refused
+    # with H3_MESSAGE_ERROR, never forwarded, and the connection keeps serving.
+    out = {}
+    for name, hs in [("path", headers("/bad path")),
+                     ("authority", [(k, b"hel lo" if k == b":authority" else v)
+                                    for k, v in headers("/bad-authority")])]:
+        sid = c.stream()
+        c.h3.send_headers(sid, hs, end_stream=True)
+        c.transmit()
+        out[name] = await c.wait(sid, timeout=5)
+    out["after"] = await plain(c)
+    return out
+
+
 async def main():
     out = {}
     for name, body in [("plain", plain), ("unknown_frame_first", unknown_frame_first),
@@ -191,7 +206,8 @@ async def main():
                        ("oversized_headers", oversized_headers),
                        ("reset_mid_body", reset_mid_body),
                        ("sized_body_fin_later", sized_body_fin_later),
-                       ("bad_header_value", bad_header_value), ("still_healthy", plain)]:
+                       ("bad_header_value", bad_header_value),
+                       ("bad_pseudo_headers", bad_pseudo_headers), ("still_healthy", plain)]:
         try:
             out[name] = await asyncio.wait_for(case(name, body), 20)
         except Exception as e:  # the case's outcome, reported to the Rust test

@@ -466,6 +466,15 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
         v["bad_header_value"]["after"]["status"], 200,
         "the connection survives a malformed request: {v:#}"
     );
+    for part in ["path", "authority"] {
+        let got = &v["bad_pseudo_headers"][part];
+        assert!(got["status"].is_null(), "a bad :{part} is malformed: {v:#}");
+        assert_eq!(got["reset"], 0x10E, "reset with H3_MESSAGE_ERROR: {v:#}");
+    }
+    assert_eq!(
+        v["bad_pseudo_headers"]["after"]["status"], 200,
+        "the connection survives malformed pseudo-headers: {v:#}"
+    );
     assert_eq!(v["still_healthy"]["status"], 200, "{v:#}");
     assert!(
         upstream
