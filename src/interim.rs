@@ -2,7 +2,7 @@
 //! arrive: `103 Early Hints` lets the caller start fetching what the final response will need.
 //!
 //! Whoever can send interim responses on puts an `Interim` in the request's extensions: the
-//! outbound edge (onto the app's HTTP/1.1 connection, `outbound/app_io`) and each transport server (onto
+//! outbound edge (onto the app's HTTP/1.1 connection, `outbound/app_conn`) and each transport server (onto
 //! the HTTP/3 stream or HTTP/2 stream toward the calling sidecar). Whoever receives them passes
 //! them to it: the local-app client (`inbound/local_app/h1`) and each transport client.
 //! `100 Continue` stays hop-local (each hop answers `Expect` itself) and `101` is never

@@ -44,6 +44,7 @@ pub mod demo;
 pub mod discovery;
 pub(crate) mod error;
 pub mod facts;
+pub(crate) mod h1;
 pub(crate) mod headers;
 pub mod identity;
 pub(crate) mod inbound;

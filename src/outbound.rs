@@ -5,23 +5,20 @@
 //! - `route`: a remote service as the path sees it.
 //! - `attempts`: the concurrency limit, the deadline, and attempts with retries.
 //! - `caching`: the cache step, given a `Fetch` to reach the service.
-//! - `app_io`: the app connection under hyper: quicar's answers in place of hyper's to
-//!   unparseable HTTP/1.1, and interim (1xx) responses written ahead of the final one.
+//! - `app_conn`: the app's HTTP/1.1 connection (quicar's own server): heads read and checked,
+//!   request bodies streamed, interim (1xx) responses written ahead of the final one.
 
-mod app_io;
+mod app_conn;
 mod attempts;
 mod caching;
 mod route;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -224,49 +221,27 @@ pub(crate) async fn serve(
     cfg: OutboundConfig,
     shutdown: CancellationToken,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .keep_alive(true)
-        .max_buf_size(cfg.max_header_bytes)
-        .header_read_timeout(cfg.header_read_timeout);
+    let settings = app_conn::Settings {
+        max_header_bytes: cfg.max_header_bytes,
+        header_read_timeout: cfg.header_read_timeout,
+    };
     let connections = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let tracker = TaskTracker::new();
     while let Some((stream, remote)) = listener.accept(&shutdown).await {
         let Ok(open) = connections.clone().try_acquire_owned() else {
             tokio::spawn(refuse(stream, cfg.max_connections));
             continue;
         };
-        let state = state.clone();
-        // Requests and responses of this connection, so that hyper's own answers to
-        // unparseable requests can be told apart and given a `quicar-error`, and interim
-        // responses written in the right place (app_io).
-        let shared = Arc::new(app_io::Shared::default());
-        let conn_shared = shared.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (state, shared) = (state.clone(), conn_shared.clone());
-            async move {
-                let seq = shared.start();
-                // RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
-                let interim =
-                    (req.version() == http::Version::HTTP_11).then(|| shared.interim_for(seq));
-                // Boxed: hyper moves the service's future into place for every request,
-                // and the request path's future is several KB.
-                let resp = Box::pin(handle(req, state, interim)).await;
-                shared.served();
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let io = app_io::AppIo::new(stream, shared, cfg.max_header_bytes);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(io), svc));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%remote, error = %e, "app connection ended with an error");
-            }
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            app_conn::serve(stream, remote, state, settings, shutdown).await;
             drop(open);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Idle connections close at once; busy ones after the response in progress.
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// A clean refusal for a connection over `outbound.max_connections`: `503 overloaded` with
@@ -291,7 +266,7 @@ async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
 /// Telemetry around `forward`: trace context in, the route looked up once, the sidecar's facts
 /// written as headers on the way out (the edge), one record when the response ends.
 async fn handle(
-    mut req: Request<Incoming>,
+    mut req: Request<app_conn::RequestBody>,
     state: Arc<Outbound>,
     interim: Option<Interim>,
 ) -> Response<ProxyBody> {

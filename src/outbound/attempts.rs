@@ -10,7 +10,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::route::Route;
 use crate::balance::Pick;
@@ -28,7 +27,7 @@ use crate::transport::wire::{SendError, Upload};
 use crate::transport::Clients;
 
 /// The app's request body, with its bytes counted for telemetry.
-pub(crate) type AppBody = Counted<Incoming>;
+pub(crate) type AppBody = Counted<super::app_conn::RequestBody>;
 
 /// The concurrency permit, then attempts (with retries) under the service's deadline, which
 /// runs from the end of the request body (a body that stalls for `body_idle_timeout` is cut).

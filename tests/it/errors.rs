@@ -50,8 +50,8 @@ async fn malformed_requests_get_400_with_a_reason() {
     // A Host that cannot be a service name.
     let got = get(pair.out(), "bad!host", "/").await;
     assert_eq!(got.error_kind(), Some("bad-request"));
-    // Smuggling shape: both Content-Length and Transfer-Encoding. hyper refuses it before
-    // routing; the connection is answered 400 and closed, and nothing reaches the app.
+    // Smuggling shape: two different Content-Lengths. It is refused before routing; the
+    // connection is answered 400 and closed, and nothing reaches the app.
     let before = pair.upstream.count();
     let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
     stream
@@ -62,7 +62,7 @@ async fn malformed_requests_get_400_with_a_reason() {
     let _ = stream.read_to_string(&mut resp).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert!(
-        resp.contains("quicar-error: bad-request") && resp.contains("not valid HTTP/1.1"),
+        resp.contains("quicar-error: bad-request") && resp.contains("conflicting Content-Length"),
         "{resp}"
     );
     assert_eq!(pair.upstream.count(), before);
@@ -100,6 +100,206 @@ async fn malformed_requests_get_400_with_a_reason() {
         "an app's own 400 is not rewritten"
     );
     assert_eq!(pair.upstream.count(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_that_could_be_read_two_ways_is_refused_with_its_reason() {
+    let pair = Pair::start().await;
+    let before = pair.upstream.count();
+    let many_fields = format!(
+        "GET / HTTP/1.1\r\nHost: hello\r\n{}\r\n",
+        "x-a: 1\r\n".repeat(101)
+    );
+    let cases: [(&str, &str, &str); 8] = [
+        (
+            "POST /echo HTTP/1.1\r\nHost: hello\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "400",
+            "read two ways",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: hello\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "501",
+            "only chunked",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: hello\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "501",
+            "only chunked",
+        ),
+        (
+            "POST /echo HTTP/1.0\r\nHost: hello\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "400",
+            "HTTP/1.0",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: hello\r\nContent-Length: 5, 6\r\n\r\nhello",
+            "400",
+            "conflicting Content-Length",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: hello\r\nContent-Length: +5\r\n\r\nhello",
+            "400",
+            "invalid Content-Length",
+        ),
+        (&many_fields, "431", "over 100 header fields"),
+        ("GET / HTTP/2.0\r\nHost: hello\r\n\r\n", "400", "not HTTP/1.1"),
+    ];
+    for (request, status, reason) in cases {
+        let answer = raw(pair.out(), request.as_bytes(), false).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{request:?}: {answer}"
+        );
+        assert!(
+            answer.contains("quicar-error: ")
+                && answer.contains(reason)
+                && answer.contains("connection: close"),
+            "{request:?}: {answer}"
+        );
+    }
+    assert_eq!(
+        pair.upstream.count(),
+        before,
+        "a refused request reached the app"
+    );
+    // The same listener still serves.
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let toml = client_toml(&pki, &[server.inbound], "").replace(
+        "[outbound]\nlisten = \"127.0.0.1:0\"",
+        "[outbound]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"500ms\"",
+    );
+    let client = sidecar(&pki, &toml).await;
+    // Half a head: 408 with its kind and the setting named, then the close.
+    let mut s = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: hel").await.unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_string(&mut resp),
+    )
+    .await
+    .expect("the connection was closed")
+    .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 408 "), "{resp}");
+    assert!(
+        resp.contains("quicar-error: timeout") && resp.contains("outbound.header_read_timeout"),
+        "{resp}"
+    );
+    // After a response, a connection that sends nothing more is closed without a word.
+    let mut s = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_string(&mut resp),
+    )
+    .await
+    .expect("the idle connection was closed")
+    .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
+    assert_eq!(upstream.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_10_clients_get_close_delimited_or_kept_alive_responses() {
+    let pair = Pair::start().await;
+    // No keep-alive asked, a body of unknown length: no chunked coding (HTTP/1.0 has none),
+    // the body ends with the connection.
+    let answer = raw(
+        pair.out(),
+        b"GET /chunked/100 HTTP/1.0\r\nHost: hello\r\n\r\n",
+        false,
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        head.contains("connection: close") && !head.contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body, String::from_utf8_lossy(&pattern(100)), "{answer}");
+    // Keep-alive asked: both pipelined requests are answered on one connection, in order,
+    // and the one without keep-alive ends it.
+    let answer = raw(
+        pair.out(),
+        b"GET /bytes/10 HTTP/1.0\r\nHost: hello\r\nConnection: keep-alive\r\n\r\nGET /bytes/20 HTTP/1.0\r\nHost: hello\r\n\r\n",
+        false,
+    )
+    .await;
+    let heads: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(heads.len(), 2, "{answer}");
+    assert!(
+        heads[0].contains("connection: keep-alive") && heads[0].contains("content-length: 10"),
+        "{answer}"
+    );
+    assert!(
+        heads[1].contains("connection: close") && heads[1].contains("content-length: 20"),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_hangs_up_cancels_its_request() {
+    init_tracing();
+    let pki = Pki::new();
+    // A far app that reads the request and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let far = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+    });
+    let server = sidecar(
+        &pki,
+        &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
+    )
+    .await;
+    let client = sidecar(
+        &pki,
+        &client_toml(&pki, &[server.inbound], "timeout = \"60s\""),
+    )
+    .await;
+    // The requests to the endpoint the caller's sidecar has in flight.
+    let outstanding = || async {
+        let got = get(client.admin, "admin", "/endpoints").await;
+        let v: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+        v[0]["endpoints"][0]["outstanding"].as_u64().unwrap()
+    };
+    let wait_for = |want: u64| async move {
+        for _ in 0..200 {
+            if outstanding().await == want {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        false
+    };
+    let mut s = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    s.write_all(b"GET /hang HTTP/1.1\r\nHost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(wait_for(1).await, "the request never went out");
+    drop(s);
+    // Long before the 60 s deadline, the request is dropped, and its endpoint slot with it.
+    assert!(wait_for(0).await, "the request outlived its caller");
+    far.abort();
 }
 
 crate::over_transports! {

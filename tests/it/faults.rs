@@ -10,19 +10,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::process;
 use crate::support::*;
 
-/// Sends raw bytes to the outbound listener and reads what comes back until the connection
-/// closes (or 10 s pass).
-async fn raw(out: std::net::SocketAddr, bytes: &[u8], close_write: bool) -> String {
-    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    if close_write {
-        let _ = s.shutdown().await;
-    }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 async fn breaker_state(pair: &Pair) -> String {
     let url = format!("http://{}/endpoints", pair.client.admin);
     let v: serde_json::Value = serde_json::from_str(&admin_get(&url).await).unwrap();

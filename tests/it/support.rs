@@ -601,3 +601,22 @@ impl Pair {
         .await
     }
 }
+
+/// Sends raw bytes to the outbound listener and reads what comes back until the connection
+/// closes (or 10 s pass).
+pub async fn raw(out: std::net::SocketAddr, bytes: &[u8], close_write: bool) -> String {
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, bytes)
+        .await
+        .unwrap();
+    if close_write {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+    )
+    .await;
+    String::from_utf8_lossy(&buf).into_owned()
+}

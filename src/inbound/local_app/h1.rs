@@ -18,10 +18,13 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::body::{BodyError, ProxyBody};
+use crate::h1::{
+    chunk_size_line, last_chunk, poll_fill, poll_write_bufs, put_field, step_chunked, Chunk, Step,
+    MAX_HEADERS,
+};
 use crate::interim::Interim;
 
 /// The largest response head (and interim head, and trailer section) taken from an app: with
@@ -29,14 +32,6 @@ use crate::interim::Interim;
 /// (`MAX_FIELD_SECTION`, 64 KiB), so an app's head is refused here with a reason, not by the
 /// HTTP/3 stack on the way out.
 const MAX_HEAD: usize = 48 * 1024;
-/// The most fields in one response head (hyper's default).
-const MAX_HEADERS: usize = 100;
-/// A new read buffer's size.
-const READ: usize = 16 * 1024;
-/// The least room a read is given.
-const MIN_READ: usize = 4 * 1024;
-/// The longest chunk-size line (size and extensions).
-const MAX_CHUNK_LINE: usize = 4096;
 
 /// One connection to an app: the socket and what was read past the last message.
 pub(crate) struct Wire {
@@ -117,10 +112,7 @@ pub(crate) fn encode_head(parts: &http::request::Parts, body: &ProxyBody) -> (By
         if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
             continue;
         }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        put_field(&mut head, name, value);
     }
     let declared = crate::body::content_length(&parts.headers);
     let known = if body.is_end_stream() {
@@ -240,15 +232,17 @@ impl Exchange {
                     return;
                 }
                 Out::Broken => return,
-                Out::Chunk(mut bufs, body) => match self.poll_write_all(cx, &mut bufs) {
-                    Poll::Ready(Ok(())) => self.out = Out::Body(body),
-                    Poll::Ready(Err(e)) => return self.fail(WireError::Io(e)),
-                    Poll::Pending => {
-                        self.out = Out::Chunk(bufs, body);
-                        return;
+                Out::Chunk(mut bufs, body) => {
+                    match poll_write_bufs(&mut self.wire.io, &mut bufs, cx) {
+                        Poll::Ready(Ok(())) => self.out = Out::Body(body),
+                        Poll::Ready(Err(e)) => return self.fail(WireError::Io(e)),
+                        Poll::Pending => {
+                            self.out = Out::Chunk(bufs, body);
+                            return;
+                        }
                     }
-                },
-                Out::Last(mut bufs) => match self.poll_write_all(cx, &mut bufs) {
+                }
+                Out::Last(mut bufs) => match poll_write_bufs(&mut self.wire.io, &mut bufs, cx) {
                     Poll::Ready(Ok(())) => self.out = Out::Done,
                     Poll::Ready(Err(e)) => return self.fail(WireError::Io(e)),
                     Poll::Pending => {
@@ -306,7 +300,7 @@ impl Exchange {
             return Ok(Vec::new());
         }
         Ok(vec![
-            Bytes::from(format!("{:x}\r\n", data.len())),
+            chunk_size_line(data.len()),
             data,
             Bytes::from_static(b"\r\n"),
         ])
@@ -323,62 +317,12 @@ impl Exchange {
             }
             return Ok(Vec::new());
         }
-        let mut last = b"0\r\n".to_vec();
-        for (name, value) in trailers.into_iter().flatten() {
-            last.extend_from_slice(name.as_str().as_bytes());
-            last.extend_from_slice(b": ");
-            last.extend_from_slice(value.as_bytes());
-            last.extend_from_slice(b"\r\n");
-        }
-        last.extend_from_slice(b"\r\n");
-        Ok(vec![Bytes::from(last)])
-    }
-
-    /// Writes `bufs` (at most a chunk's three pieces at a time), taking off what went out.
-    fn poll_write_all(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &mut Vec<Bytes>,
-    ) -> Poll<io::Result<()>> {
-        bufs.retain(|b| !b.is_empty());
-        while !bufs.is_empty() {
-            let mut slices = [io::IoSlice::new(&[]); 3];
-            for (slice, buf) in slices.iter_mut().zip(bufs.iter()) {
-                *slice = io::IoSlice::new(buf);
-            }
-            let count = bufs.len().min(slices.len());
-            let mut n =
-                ready!(Pin::new(&mut self.wire.io).poll_write_vectored(cx, &slices[..count]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            while n > 0 {
-                let first = &mut bufs[0];
-                let k = n.min(first.len());
-                first.advance(k);
-                n -= k;
-                if first.is_empty() {
-                    bufs.remove(0);
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
+        Ok(vec![last_chunk(trailers)])
     }
 
     /// Reads until a read gives more bytes (`Ok(true)`) or the app closed (`Ok(false)`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        // What was read before went on as shared `Bytes`, so growing the buffer means a new
-        // one: the rest of the current one is used first, down to `MIN_READ`.
-        let read = &mut self.wire.read;
-        if read.capacity() - read.len() < MIN_READ {
-            read.reserve(READ);
-        }
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.wire.io),
-            cx,
-            &mut self.wire.read
-        ))?;
-        Poll::Ready(Ok(n > 0))
+        poll_fill(&mut self.wire.io, &mut self.wire.read, cx)
     }
 
     /// The final response head; interim ones on the way go to `interim`.
@@ -517,15 +461,6 @@ enum Kind {
     Done,
 }
 
-/// Where a chunked body's reader is.
-#[derive(Clone, Copy)]
-enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-}
-
 /// The response body's framing (RFC 9112 §6.3).
 fn body_kind(head_request: bool, head: &Head) -> Result<Kind, WireError> {
     let (status, headers) = (head.status, &head.headers);
@@ -550,22 +485,7 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Kind, WireError> {
             Kind::Close
         });
     }
-    let mut length = None;
-    for v in headers.get_all(http::header::CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("x").split(',') {
-            let part = part.trim();
-            let n: u64 = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| part.parse().ok())
-                .flatten()
-                .ok_or_else(|| WireError::Malformed(format!("invalid Content-Length {part:?}")))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(WireError::Malformed(
-                    "conflicting Content-Length values".into(),
-                ));
-            }
-            length = Some(n);
-        }
-    }
+    let length = crate::h1::declared_length(headers).map_err(WireError::Malformed)?;
     Ok(match length {
         Some(0) => Kind::Done,
         Some(n) => Kind::Sized(n),
@@ -668,7 +588,7 @@ impl AppBody {
                     }
                 }
                 Kind::Chunked(state) => {
-                    match step_chunked(state, read)? {
+                    match step_chunked(state, read, MAX_HEAD).map_err(WireError::Malformed)? {
                         Step::Frame(f) => {
                             if f.is_trailers() {
                                 self.kind = Kind::Done;
@@ -689,106 +609,6 @@ impl AppBody {
                     }
                 }
             }
-        }
-    }
-}
-
-/// What the chunked reader made of the bytes it had.
-enum Step {
-    Frame(Frame<Bytes>),
-    /// Moved to another state: look again.
-    Again,
-    /// The body ended without trailers.
-    End,
-    /// Needs more bytes.
-    More,
-}
-
-fn step_chunked(state: &mut Chunk, read: &mut BytesMut) -> Result<Step, WireError> {
-    match *state {
-        Chunk::Size => {
-            let Some(eol) = read.iter().position(|&b| b == b'\n') else {
-                return if read.len() > MAX_CHUNK_LINE {
-                    Err(WireError::Malformed("chunk size line too long".into()))
-                } else {
-                    Ok(Step::More)
-                };
-            };
-            let line = read.split_to(eol + 1);
-            let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-            let rest = &line[digits..];
-            let rest_ok = rest.ends_with(b"\r\n")
-                && matches!(rest.first(), Some(b';' | b' ' | b'\t' | b'\r'));
-            if digits == 0 || digits > 15 || !rest_ok {
-                return Err(WireError::Malformed("invalid chunk size line".into()));
-            }
-            let size = u64::from_str_radix(
-                std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII"),
-                16,
-            )
-            .expect("at most 15 hex digits fit");
-            *state = if size == 0 {
-                Chunk::Trailers
-            } else {
-                Chunk::Data(size)
-            };
-            Ok(Step::Again)
-        }
-        Chunk::Data(left) => {
-            if read.is_empty() {
-                return Ok(Step::More);
-            }
-            let n = left.min(read.len() as u64) as usize;
-            let data = read.split_to(n).freeze();
-            *state = match left - n as u64 {
-                0 => Chunk::DataEnd,
-                rest => Chunk::Data(rest),
-            };
-            Ok(Step::Frame(Frame::data(data)))
-        }
-        Chunk::DataEnd => {
-            if read.len() < 2 {
-                return Ok(Step::More);
-            }
-            if &read[..2] != b"\r\n" {
-                return Err(WireError::Malformed(
-                    "chunk data longer than its size".into(),
-                ));
-            }
-            read.advance(2);
-            *state = Chunk::Size;
-            Ok(Step::Again)
-        }
-        Chunk::Trailers => {
-            if read.starts_with(b"\r\n") {
-                read.advance(2);
-                return Ok(Step::End);
-            }
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let (len, trailers) = match httparse::parse_headers(read, &mut fields) {
-                Ok(httparse::Status::Complete((len, fields))) => {
-                    let mut map = HeaderMap::with_capacity(fields.len());
-                    for f in fields {
-                        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| {
-                            WireError::Malformed(format!("invalid trailer name {:?}", f.name))
-                        })?;
-                        let value = HeaderValue::from_bytes(f.value).map_err(|_| {
-                            WireError::Malformed(format!("invalid value of trailer {name}"))
-                        })?;
-                        map.append(name, value);
-                    }
-                    (len, map)
-                }
-                Ok(httparse::Status::Partial) if read.len() > MAX_HEAD => {
-                    return Err(WireError::Malformed(format!(
-                        "trailer section over {MAX_HEAD} bytes"
-                    )))
-                }
-                Ok(httparse::Status::Partial) => return Ok(Step::More),
-                Err(e) => return Err(WireError::Malformed(format!("trailers: {e}"))),
-            };
-            read.advance(len);
-            Ok(Step::Frame(Frame::trailers(trailers)))
         }
     }
 }

@@ -1,0 +1,228 @@
+//! HTTP/1.1 pieces both app edges share: quicar's server for the calling app
+//! (`outbound/app_conn`) and its client to the local app (`inbound/local_app/h1`). Reading
+//! into a buffer, the chunked transfer coding both ways, and the framing fields.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The most fields in one head or trailer section (hyper's default).
+pub(crate) const MAX_HEADERS: usize = 100;
+/// A new read buffer's size.
+const READ: usize = 16 * 1024;
+/// The least room a read is given.
+const MIN_READ: usize = 4 * 1024;
+/// The longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Reads once into `buf`: `Ok(true)` when bytes came, `Ok(false)` when the peer closed.
+pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<bool>> {
+    // What was read before went on as shared `Bytes`, so growing the buffer means a new one:
+    // the rest of the current one is used first, down to `MIN_READ`.
+    if buf.capacity() - buf.len() < MIN_READ {
+        buf.reserve(READ);
+    }
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, buf))?;
+    Poll::Ready(Ok(n > 0))
+}
+
+/// `name: value\r\n`.
+pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The size line that goes before a chunk of `len` bytes (the chunk ends with `\r\n`).
+pub(crate) fn chunk_size_line(len: usize) -> Bytes {
+    Bytes::from(format!("{len:x}\r\n"))
+}
+
+/// The last chunk, with the trailer section if any.
+pub(crate) fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
+    let Some(trailers) = trailers.filter(|t| !t.is_empty()) else {
+        return Bytes::from_static(b"0\r\n\r\n");
+    };
+    let mut last = b"0\r\n".to_vec();
+    for (name, value) in trailers {
+        put_field(&mut last, name, value);
+    }
+    last.extend_from_slice(b"\r\n");
+    Bytes::from(last)
+}
+
+/// The one length all `Content-Length` fields agree on (RFC 9112 §6.3: a list of equal
+/// values is that value); `Err` with the reason for an invalid or conflicting one.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
+    let mut length = None;
+    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+        add_length(&mut length, v)?;
+    }
+    Ok(length)
+}
+
+/// Takes one `Content-Length` field into `length` (the values seen so far).
+pub(crate) fn add_length(length: &mut Option<u64>, value: &HeaderValue) -> Result<(), String> {
+    for part in value.as_bytes().split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        let n: u64 = (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+            .then(|| part.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+            .ok_or_else(|| format!("invalid Content-Length {:?}", String::from_utf8_lossy(part)))?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values".into());
+        }
+        *length = Some(n);
+    }
+    Ok(())
+}
+
+/// Writes all of `bufs` with vectored writes, taking off what went out.
+pub(crate) fn poll_write_bufs<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    bufs: &mut Vec<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    bufs.retain(|b| !b.is_empty());
+    while !bufs.is_empty() {
+        let mut slices = [io::IoSlice::new(&[]); 16];
+        let count = bufs.len().min(slices.len());
+        for (slice, buf) in slices.iter_mut().zip(bufs.iter()) {
+            *slice = io::IoSlice::new(buf);
+        }
+        let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        let mut done = 0;
+        while n > 0 {
+            let first = &mut bufs[done];
+            let k = n.min(first.len());
+            first.advance(k);
+            n -= k;
+            if first.is_empty() {
+                done += 1;
+            }
+        }
+        bufs.drain(..done);
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// Where a chunked body's reader is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// What the chunked reader made of the bytes it had.
+pub(crate) enum Step {
+    Frame(Frame<Bytes>),
+    /// Moved to another state: look again.
+    Again,
+    /// The body ended without trailers.
+    End,
+    /// Needs more bytes.
+    More,
+}
+
+/// One step of reading a chunked body from `read`; `Err` with the reason when it is malformed.
+/// A trailer section is held to `max_trailers` bytes.
+pub(crate) fn step_chunked(
+    state: &mut Chunk,
+    read: &mut BytesMut,
+    max_trailers: usize,
+) -> Result<Step, String> {
+    match *state {
+        Chunk::Size => {
+            let Some(eol) = read.iter().position(|&b| b == b'\n') else {
+                return if read.len() > MAX_CHUNK_LINE {
+                    Err("chunk size line too long".into())
+                } else {
+                    Ok(Step::More)
+                };
+            };
+            let line = read.split_to(eol + 1);
+            let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+            let rest = &line[digits..];
+            let rest_ok = rest.ends_with(b"\r\n")
+                && matches!(rest.first(), Some(b';' | b' ' | b'\t' | b'\r'));
+            if digits == 0 || digits > 15 || !rest_ok {
+                return Err("invalid chunk size line".into());
+            }
+            let size = u64::from_str_radix(
+                std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII"),
+                16,
+            )
+            .expect("at most 15 hex digits fit");
+            *state = if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            };
+            Ok(Step::Again)
+        }
+        Chunk::Data(left) => {
+            if read.is_empty() {
+                return Ok(Step::More);
+            }
+            let n = left.min(read.len() as u64) as usize;
+            let data = read.split_to(n).freeze();
+            *state = match left - n as u64 {
+                0 => Chunk::DataEnd,
+                rest => Chunk::Data(rest),
+            };
+            Ok(Step::Frame(Frame::data(data)))
+        }
+        Chunk::DataEnd => {
+            if read.len() < 2 {
+                return Ok(Step::More);
+            }
+            if &read[..2] != b"\r\n" {
+                return Err("chunk data longer than its size".into());
+            }
+            read.advance(2);
+            *state = Chunk::Size;
+            Ok(Step::Again)
+        }
+        Chunk::Trailers => {
+            if read.starts_with(b"\r\n") {
+                read.advance(2);
+                return Ok(Step::End);
+            }
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let (len, trailers) = match httparse::parse_headers(read, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let mut map = HeaderMap::with_capacity(fields.len());
+                    for f in fields {
+                        let name = HeaderName::from_bytes(f.name.as_bytes())
+                            .map_err(|_| format!("invalid trailer name {:?}", f.name))?;
+                        let value = HeaderValue::from_bytes(f.value)
+                            .map_err(|_| format!("invalid value of trailer {name}"))?;
+                        map.append(name, value);
+                    }
+                    (len, map)
+                }
+                Ok(httparse::Status::Partial) if read.len() > max_trailers => {
+                    return Err(format!("trailer section over {max_trailers} bytes"))
+                }
+                Ok(httparse::Status::Partial) => return Ok(Step::More),
+                Err(e) => return Err(format!("trailers: {e}")),
+            };
+            read.advance(len);
+            Ok(Step::Frame(Frame::trailers(trailers)))
+        }
+    }
+}

@@ -1,0 +1,840 @@
+//! The calling app's HTTP/1.1 connection, served by quicar's own code: request heads read and
+//! checked here, each request handed to the request path (`outbound::handle`) in this task, its
+//! response written back. One task per connection, no channel between the request and its
+//! connection (hyper's server had both, and wrote its own bare answers to requests it could
+//! not parse, which quicar had to recognise on the wire and replace).
+//!
+//! - **Refusals** name their reason and kind, like every sidecar-made response: a malformed
+//!   head `400 bad-request`, a head over `outbound.max_header_bytes` `431` (`414` while its
+//!   request line has not ended), a transfer coding other than `chunked` `501`, a head not
+//!   whole within `outbound.header_read_timeout` `408`; then the connection closes. Framing
+//!   that could be read two ways (a request smuggling shape) is refused, never guessed:
+//!   `Transfer-Encoding` with `Content-Length`, conflicting lengths, `Transfer-Encoding` on
+//!   HTTP/1.0 (RFC 9112 §6.1, §6.3).
+//! - **The request body** streams from the socket as the request path reads it: the body owns
+//!   the read side while it does and gives it back when it ends. `Expect: 100-continue` is
+//!   answered when the body is first read. A body not read to its end closes the connection
+//!   after the response (nothing of it may be taken for the next request).
+//! - **Interim responses** (`103 Early Hints`…) and `100 Continue` are queued by the request
+//!   path with the request's number and written by this task while the request runs, never
+//!   after its final head.
+//! - **The response** gets `Content-Length` when its size is known, else chunked encoding
+//!   (close-delimited to HTTP/1.0), trailers only to a client that sent `TE: trailers`, and
+//!   `Date` when it has none. What the body has ready is gathered and written with one
+//!   vectored write.
+//! - **The connection** is kept alive as RFC 9112 §9.3 says, serves pipelined requests in
+//!   order, is dropped (and the request with it) when the app hangs up while a body-less
+//!   request runs, is closed when idle for `header_read_timeout`, and on shutdown closes when
+//!   idle or after the response in progress.
+
+use std::future::{poll_fn, Future as _};
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::Outbound;
+use crate::body::ProxyBody;
+use crate::error::{error_response, ErrorKind};
+use crate::h1::{
+    chunk_size_line, last_chunk, poll_fill, poll_write_bufs, put_field, step_chunked, Chunk, Step,
+    MAX_HEADERS,
+};
+use crate::interim::Interim;
+
+/// What every app connection of a listener is held to.
+#[derive(Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) max_header_bytes: usize,
+    pub(crate) header_read_timeout: Duration,
+}
+
+/// What the response writer gathers before it writes.
+const GATHER: usize = 64 * 1024;
+
+/// The read side of the connection and what was read past the last message. A request body
+/// owns it while it streams and gives it back when it ends.
+struct Reader {
+    io: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+/// What the connection task shares with the request in progress.
+#[derive(Default)]
+struct Shared {
+    interim: Mutex<Queue>,
+    /// The read side, given back by a request body that was read to its end.
+    returned: Mutex<Option<Reader>>,
+}
+
+/// Interim response heads (and `100 Continue`) in HTTP/1.1 bytes, each with the number of its
+/// request; the connection task, woken when one is queued.
+#[derive(Default)]
+struct Queue {
+    items: Vec<(u64, Vec<u8>)>,
+    waker: Option<Waker>,
+}
+
+impl Shared {
+    fn queue(&self, seq: u64, bytes: Vec<u8>) {
+        let mut q = self.interim.lock().expect("not poisoned");
+        q.items.push((seq, bytes));
+        if let Some(w) = q.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Appends to `out` what is queued for request `seq` (anything queued for an earlier
+    /// request is dropped: its final head went out), and notes the task to wake.
+    fn take(&self, seq: u64, waker: &Waker, out: &mut Vec<u8>) {
+        let mut q = self.interim.lock().expect("not poisoned");
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            q.waker = Some(waker.clone());
+        }
+        for (s, bytes) in q.items.drain(..) {
+            if s == seq {
+                out.extend_from_slice(&bytes);
+            }
+        }
+    }
+}
+
+/// Interim bytes on their way out, and how far.
+#[derive(Default)]
+struct InterimOut {
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+impl InterimOut {
+    /// Writes what is queued for request `seq`.
+    fn poll(
+        &mut self,
+        wr: &mut OwnedWriteHalf,
+        shared: &Shared,
+        seq: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.written == self.bytes.len() {
+            self.bytes.clear();
+            self.written = 0;
+        }
+        shared.take(seq, cx.waker(), &mut self.bytes);
+        while self.written < self.bytes.len() {
+            let n = ready!(Pin::new(&mut *wr).poll_write(cx, &self.bytes[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A request head as the app sent it, read and checked.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    /// How its body is framed: `None` for no body.
+    body: Option<Framing>,
+    keep_alive: bool,
+    expect_continue: bool,
+    /// The app sent `TE: trailers`: it takes trailer fields on a chunked response.
+    trailers: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    Sized(u64),
+    Chunked,
+}
+
+/// Why a request was refused before it was routed.
+struct Refusal {
+    status: StatusCode,
+    kind: ErrorKind,
+    reason: String,
+}
+
+impl Refusal {
+    fn bad(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: ErrorKind::BadRequest,
+            reason: reason.into(),
+        }
+    }
+
+    fn too_large(max: usize) -> Self {
+        Self {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            kind: ErrorKind::HeadersTooLarge,
+            reason: format!(
+                "the request header section is over {max} bytes (outbound.max_header_bytes)"
+            ),
+        }
+    }
+}
+
+/// What the response writer needs of its request.
+#[derive(Clone, Copy)]
+struct Asked {
+    head: bool,
+    version: Version,
+    trailers: bool,
+}
+
+/// Serves one app connection until the app closes it, it idles out, or `shutdown`.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    state: Arc<Outbound>,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let shared = Arc::new(Shared::default());
+    let mut reader = Some(Reader {
+        io: rd,
+        buf: BytesMut::new(),
+    });
+    let mut seq = 0u64;
+    let mut interim = InterimOut::default();
+    // The read side is ours between requests, or given back by the body that ended.
+    while let Some(mut rd) = reader.take() {
+        let head = match read_head(&mut rd, &settings, &shutdown).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(refusal) => {
+                tracing::debug!(%remote, reason = %refusal.reason, "app request refused");
+                let mut resp = error_response(refusal.kind, &refusal.reason);
+                *resp.status_mut() = refusal.status;
+                let (mut parts, body) = resp.into_parts();
+                crate::headers::write_error_kind(&mut parts);
+                let asked = Asked {
+                    head: false,
+                    version: Version::HTTP_11,
+                    trailers: false,
+                };
+                let _ = write_response(&mut wr, parts, body, asked, true).await;
+                linger(wr, rd).await;
+                return;
+            }
+        };
+        seq += 1;
+        let asked = Asked {
+            head: head.method == Method::HEAD,
+            version: head.version,
+            trailers: head.trailers,
+        };
+        let keep_alive = head.keep_alive;
+        let body = match head.body {
+            None => {
+                reader = Some(rd);
+                RequestBody::empty()
+            }
+            Some(framing) => RequestBody {
+                reader: Some(rd),
+                kind: match framing {
+                    Framing::Sized(n) => Kind::Sized(n),
+                    Framing::Chunked => Kind::Chunked(Chunk::Size),
+                },
+                shared: Some(shared.clone()),
+                seq,
+                continue_wanted: head.expect_continue,
+                max_trailers: settings.max_header_bytes,
+            },
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.version_mut() = head.version;
+        *req.headers_mut() = head.headers;
+        // RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
+        let hints = (head.version == Version::HTTP_11).then(|| {
+            let shared = shared.clone();
+            Interim::new(move |resp| shared.queue(seq, head_bytes(&resp)))
+        });
+        // Boxed: the request path's future is several KB, and this one holds it across awaits.
+        let mut work = Box::pin(super::handle(req, state.clone(), hints));
+        // The request runs; meanwhile its interim responses go out, and an app that hangs up
+        // (seen while the read side is ours: a request without a body) cancels it.
+        let resp = poll_fn(|cx| {
+            if let Poll::Ready(Err(_)) = interim.poll(&mut wr, &shared, seq, cx) {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(resp) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            if let Some(rd) = reader.as_mut() {
+                // Pipelined requests wait in the buffer, up to a head's worth.
+                while rd.buf.len() < settings.max_header_bytes {
+                    match poll_fill(&mut rd.io, &mut rd.buf, cx) {
+                        Poll::Ready(Ok(true)) => {}
+                        Poll::Ready(Ok(false) | Err(_)) => return Poll::Ready(None),
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        drop(work);
+        let Some(resp) = resp else {
+            tracing::debug!(%remote, "the app closed its connection during a request");
+            return;
+        };
+        // Interim responses still queued go before the final head, never after it.
+        if poll_fn(|cx| interim.poll(&mut wr, &shared, seq, cx))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if reader.is_none() {
+            reader = shared.returned.lock().expect("not poisoned").take();
+        }
+        // A body not read to its end (still held by the request path, or failed) leaves
+        // nothing to read the next request from.
+        let close = !keep_alive || reader.is_none() || shutdown.is_cancelled();
+        let (parts, body) = resp.into_parts();
+        match write_response(&mut wr, parts, body, asked, close).await {
+            Ok(true) if !close => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "writing a response to the app failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Closes after a refusal the way the app can read it: our side first, then what the app
+/// still sends is read and dropped for a moment, so the close does not reset the connection
+/// (which would discard the refusal unread at the app).
+async fn linger(mut wr: OwnedWriteHalf, mut rd: Reader) {
+    use tokio::io::AsyncWriteExt as _;
+    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut dropped = 0;
+        while dropped < 1 << 20 {
+            rd.buf.clear();
+            match poll_fn(|cx| poll_fill(&mut rd.io, &mut rd.buf, cx)).await {
+                Ok(true) => dropped += rd.buf.len(),
+                Ok(false) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+/// The next request head. `Ok(None)` when the app closed the connection, sent nothing within
+/// `header_read_timeout`, or `shutdown` came while the connection was idle.
+async fn read_head(
+    rd: &mut Reader,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Result<Option<Head>, Refusal> {
+    let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
+    loop {
+        if !rd.buf.is_empty() {
+            if let Some(head) = parse_head(&mut rd.buf, settings.max_header_bytes)? {
+                return Ok(Some(head));
+            }
+        }
+        let idle = rd.buf.is_empty();
+        tokio::select! {
+            biased;
+            r = poll_fn(|cx| poll_fill(&mut rd.io, &mut rd.buf, cx)) => match r {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return Ok(None),
+            },
+            () = shutdown.cancelled(), if idle => return Ok(None),
+            () = tokio::time::sleep_until(deadline) => {
+                if idle {
+                    return Ok(None);
+                }
+                return Err(Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    kind: ErrorKind::Timeout,
+                    reason: format!(
+                        "the request head was not whole within {} (outbound.header_read_timeout)",
+                        humantime::format_duration(settings.header_read_timeout)
+                    ),
+                });
+            }
+        }
+    }
+}
+
+/// A whole request head at the front of `buf`, taken off it; `None` while incomplete.
+fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) if len <= max => len,
+        Ok(httparse::Status::Complete(_)) => return Err(Refusal::too_large(max)),
+        Ok(httparse::Status::Partial) if buf.len() > max => {
+            // Still inside the request line: it is the target that is too long.
+            return Err(if buf.contains(&b'\n') {
+                Refusal::too_large(max)
+            } else {
+                Refusal {
+                    status: StatusCode::URI_TOO_LONG,
+                    kind: ErrorKind::BadRequest,
+                    reason: format!(
+                        "the request target is over {max} bytes (outbound.max_header_bytes)"
+                    ),
+                }
+            });
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                kind: ErrorKind::HeadersTooLarge,
+                reason: format!("the request has over {MAX_HEADERS} header fields"),
+            })
+        }
+        Err(httparse::Error::Version) => {
+            return Err(Refusal::bad(
+                "the request is not HTTP/1.1 (nor 1.0): send HTTP/1.1 to the sidecar",
+            ))
+        }
+        Err(e) => {
+            return Err(Refusal::bad(format!(
+                "the request is not valid HTTP/1.1: {e}"
+            )))
+        }
+    };
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| Refusal::bad("the request method is not a valid token"))?;
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let path = req.path.unwrap_or("");
+    let path = (offset(path.as_bytes()), path.len());
+    let mut named = Vec::with_capacity(req.headers.len());
+    for f in req.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| Refusal::bad(format!("invalid header field name {:?}", f.name)))?;
+        named.push((name, offset(f.value), f.value.len()));
+    }
+    let bytes = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(bytes.slice(path.0..path.0 + path.1))
+        .map_err(|e| Refusal::bad(format!("bad request target: {e}")))?;
+    let mut head = Head {
+        method,
+        uri,
+        version,
+        headers: HeaderMap::with_capacity(named.len()),
+        body: None,
+        keep_alive: version == Version::HTTP_11,
+        expect_continue: false,
+        trailers: false,
+    };
+    let mut length = None;
+    let mut chunked = false;
+    for (name, start, n) in named {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(start..start + n))
+            .map_err(|_| Refusal::bad(format!("invalid value of header field {name}")))?;
+        if name == CONTENT_LENGTH {
+            crate::h1::add_length(&mut length, &value).map_err(Refusal::bad)?;
+        } else if name == TRANSFER_ENCODING {
+            if version == Version::HTTP_10 {
+                return Err(Refusal::bad("Transfer-Encoding in an HTTP/1.0 request"));
+            }
+            // Only `chunked`, once: any other coding would reach the far app undone.
+            if chunked
+                || !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(Refusal {
+                    status: StatusCode::NOT_IMPLEMENTED,
+                    kind: ErrorKind::BadRequest,
+                    reason: format!(
+                        "transfer coding {:?} is not supported (only chunked)",
+                        String::from_utf8_lossy(value.as_bytes())
+                    ),
+                });
+            }
+            chunked = true;
+        } else if name == CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && !head.keep_alive {
+                    head.keep_alive = version == Version::HTTP_10;
+                }
+            }
+        } else if name == EXPECT {
+            head.expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == TE {
+            head.trailers |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+        }
+        head.headers.append(name, value);
+    }
+    head.body = match (chunked, length) {
+        (true, Some(_)) => {
+            return Err(Refusal::bad(
+                "both Transfer-Encoding and Content-Length: the body could be read two ways",
+            ))
+        }
+        (true, None) => Some(Framing::Chunked),
+        // A sized empty body is over already: the read side stays with the connection.
+        (false, Some(0) | None) => None,
+        (false, Some(n)) => Some(Framing::Sized(n)),
+    };
+    Ok(Some(head))
+}
+
+/// Writes a response head and its body. `Ok(true)` when the whole message went out (the
+/// connection can carry another); `Ok(false)` when the body failed or broke its length, and
+/// the connection must close for the app to see that it was cut.
+async fn write_response(
+    wr: &mut OwnedWriteHalf,
+    parts: http::response::Parts,
+    mut body: ProxyBody,
+    asked: Asked,
+    close: bool,
+) -> io::Result<bool> {
+    let status = parts.status;
+    let bodyless = asked.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    // The one valid length the response declares (a 204 has none); written with the framing.
+    let (mut length, mut length_ok) = (None, status != StatusCode::NO_CONTENT);
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH {
+            length_ok &= crate::h1::add_length(&mut length, value).is_ok();
+        } else if name != TRANSFER_ENCODING && name != CONNECTION {
+            put_field(&mut head, name, value);
+        }
+    }
+    let length = length.filter(|_| length_ok);
+    if !parts.headers.contains_key(DATE) {
+        put_field(&mut head, &DATE, &date());
+    }
+    let mut close = close;
+    // How the body goes: `Some(n)` bytes, or chunked, or (HTTP/1.0) until the close.
+    let mut left = None;
+    let mut chunked = false;
+    if bodyless {
+        // A HEAD's or a 304's length is the one the full response would have.
+        if let Some(n) = length {
+            write!(head, "content-length: {n}\r\n").expect("writing to a Vec never fails");
+        }
+    } else {
+        match length.or_else(|| body.size_hint().exact()) {
+            Some(n) => {
+                write!(head, "content-length: {n}\r\n").expect("writing to a Vec never fails");
+                left = Some(n);
+            }
+            None if asked.version == Version::HTTP_11 => {
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+            None => close = true,
+        }
+    }
+    if close {
+        head.extend_from_slice(b"connection: close\r\n");
+    } else if asked.version == Version::HTTP_10 {
+        head.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut out = vec![Bytes::from(head)];
+    if bodyless {
+        drop(body);
+        poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+        return Ok(true);
+    }
+    let mut gathered = 0;
+    loop {
+        // What the body has ready is gathered; the gathering goes out when it waits.
+        let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Pending if !out.is_empty() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        })
+        .await;
+        let frame = match next {
+            None => {
+                poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                gathered = 0;
+                continue;
+            }
+            Some(Some(Ok(frame))) => frame,
+            Some(None) => break,
+            Some(Some(Err(e))) => {
+                poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                tracing::debug!(error = %e, "a response body failed on its way to the app");
+                return Ok(false);
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                if data.is_empty() {
+                    continue;
+                }
+                gathered += data.len();
+                if let Some(left) = &mut left {
+                    let n = data.len() as u64;
+                    if n > *left {
+                        data.truncate(*left as usize);
+                        out.push(data);
+                        poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                        tracing::debug!("a response body was longer than its length");
+                        return Ok(false);
+                    }
+                    *left -= n;
+                    out.push(data);
+                } else if chunked {
+                    out.push(chunk_size_line(data.len()));
+                    out.push(data);
+                    out.push(Bytes::from_static(b"\r\n"));
+                } else {
+                    out.push(data);
+                }
+                if gathered >= GATHER {
+                    poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                    gathered = 0;
+                }
+            }
+            Err(frame) => {
+                if chunked {
+                    let trailers = frame.into_trailers().ok().filter(|_| asked.trailers);
+                    out.push(last_chunk(trailers.as_ref()));
+                    chunked = false;
+                }
+                break;
+            }
+        }
+    }
+    if chunked {
+        out.push(last_chunk(None));
+    }
+    poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+    match left {
+        Some(n) if n > 0 => {
+            tracing::debug!(missing = n, "a response body ended short of its length");
+            Ok(false)
+        }
+        _ => Ok(!close),
+    }
+}
+
+/// `Date` for responses without one, made once a second per thread.
+fn date() -> HeaderValue {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, HeaderValue)> =
+            const { std::cell::RefCell::new((0, HeaderValue::from_static(""))) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            let text = crate::cache::http_date::format(now);
+            *d = (
+                secs,
+                HeaderValue::try_from(text).expect("an HTTP date is a valid value"),
+            );
+        }
+        d.1.clone()
+    })
+}
+
+/// An interim response head in HTTP/1.1 form.
+fn head_bytes(resp: &Response<()>) -> Vec<u8> {
+    let status = resp.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in resp.headers() {
+        put_field(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Why reading a request body failed.
+#[derive(Debug)]
+pub(crate) struct ReadError(String);
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+/// A request body, read from the app's connection as the request path asks for it.
+pub(crate) struct RequestBody {
+    /// The read side, while the body streams.
+    reader: Option<Reader>,
+    kind: Kind,
+    /// Where the read side goes back to, and `100 Continue` is queued.
+    shared: Option<Arc<Shared>>,
+    seq: u64,
+    continue_wanted: bool,
+    max_trailers: usize,
+}
+
+enum Kind {
+    Sized(u64),
+    Chunked(Chunk),
+    Done,
+}
+
+impl RequestBody {
+    fn empty() -> Self {
+        Self {
+            reader: None,
+            kind: Kind::Done,
+            shared: None,
+            seq: 0,
+            continue_wanted: false,
+            max_trailers: 0,
+        }
+    }
+
+    /// The body ended whole: the read side goes back to the connection.
+    fn ended(&mut self) {
+        self.kind = Kind::Done;
+        if let (Some(rd), Some(shared)) = (self.reader.take(), &self.shared) {
+            *shared.returned.lock().expect("not poisoned") = Some(rd);
+        }
+    }
+
+    fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
+        self.kind = Kind::Done;
+        self.reader = None;
+        Poll::Ready(Some(Err(ReadError(why))))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = ReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
+        let this = self.get_mut();
+        if this.continue_wanted {
+            this.continue_wanted = false;
+            if let Some(shared) = &this.shared {
+                shared.queue(this.seq, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+            }
+        }
+        loop {
+            let Some(rd) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.kind {
+                Kind::Done => return Poll::Ready(None),
+                Kind::Sized(left) => {
+                    if !rd.buf.is_empty() {
+                        let n = (*left).min(rd.buf.len() as u64) as usize;
+                        *left -= n as u64;
+                        let data = rd.buf.split_to(n).freeze();
+                        if *left == 0 {
+                            this.ended();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let left = *left;
+                    match ready!(poll_fill(&mut rd.io, &mut rd.buf, cx)) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return this.fail(format!(
+                                "the app closed its connection {left} bytes before the end of the request body"
+                            ))
+                        }
+                        Err(e) => return this.fail(e.to_string()),
+                    }
+                }
+                Kind::Chunked(state) => {
+                    match step_chunked(state, &mut rd.buf, this.max_trailers) {
+                        Ok(Step::Frame(f)) => {
+                            if f.is_trailers() {
+                                this.ended();
+                            }
+                            return Poll::Ready(Some(Ok(f)));
+                        }
+                        Ok(Step::Again) => continue,
+                        Ok(Step::End) => {
+                            this.ended();
+                            return Poll::Ready(None);
+                        }
+                        Ok(Step::More) => {}
+                        Err(why) => return this.fail(format!("malformed chunked body: {why}")),
+                    }
+                    match ready!(poll_fill(&mut rd.io, &mut rd.buf, cx)) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return this.fail(
+                                "the app closed its connection inside a chunked request body"
+                                    .into(),
+                            )
+                        }
+                        Err(e) => return this.fail(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, Kind::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            Kind::Done => SizeHint::with_exact(0),
+            Kind::Sized(n) => SizeHint::with_exact(n),
+            Kind::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
