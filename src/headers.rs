@@ -42,6 +42,14 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
+/// Removes `name` when present. The names are scanned first: comparing a handful of names
+/// costs less than hashing one, and the fields removed this way are nearly always absent.
+pub(crate) fn remove_if_present(headers: &mut HeaderMap, name: &HeaderName) {
+    if headers.keys().any(|k| k == name) {
+        headers.remove(name);
+    }
+}
+
 /// Drops hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, no removals (each `remove` hashes).
@@ -110,7 +118,7 @@ pub(crate) fn write_error_kind(parts: &mut http::response::Parts) {
 /// transport stripped what the peer sent.
 pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: bool) {
     // Meant for quicar caches only (the cache step has read it).
-    parts.headers.remove(CACHE_CONTROL_TARGETED_NAME);
+    remove_if_present(&mut parts.headers, &CACHE_CONTROL_TARGETED_NAME);
     write_error_kind(parts);
     if let Some(how) = parts.extensions.get::<CacheOutcome>() {
         parts

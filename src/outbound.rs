@@ -403,7 +403,7 @@ async fn forward(
     strip_quicar(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     // 100-continue was answered on this hop (hyper sends it when the body is first read).
-    parts.headers.remove(http::header::EXPECT);
+    crate::headers::remove_if_present(&mut parts.headers, &http::header::EXPECT);
     // The request's own path (parsed once by hyper) under the service's authority.
     let bad_target = |e: &dyn std::fmt::Display| {
         ProxyError::new(

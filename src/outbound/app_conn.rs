@@ -28,10 +28,11 @@
 //!   idle or after the response in progress.
 
 use std::future::{poll_fn, Future as _};
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -77,6 +78,8 @@ struct Reader {
 #[derive(Default)]
 struct Shared {
     interim: Mutex<Queue>,
+    /// Something was ever queued: until then (nearly always) the queue is not locked.
+    used: AtomicBool,
     /// The read side, given back by a request body that was read to its end.
     returned: Mutex<Option<Reader>>,
 }
@@ -92,6 +95,7 @@ struct Queue {
 impl Shared {
     fn queue(&self, seq: u64, bytes: Vec<u8>) {
         let mut q = self.interim.lock().expect("not poisoned");
+        self.used.store(true, Ordering::Release);
         q.items.push((seq, bytes));
         if let Some(w) = q.waker.take() {
             w.wake();
@@ -99,10 +103,17 @@ impl Shared {
     }
 
     /// Appends to `out` what is queued for request `seq` (anything queued for an earlier
-    /// request is dropped: its final head went out), and notes the task to wake.
-    fn take(&self, seq: u64, waker: &Waker, out: &mut Vec<u8>) {
+    /// request is dropped: its final head went out), and notes the task to wake. `known` is
+    /// the waker this task last left (a task's waker rarely changes): the queue is locked only
+    /// when it changed or something was queued.
+    fn take(&self, seq: u64, waker: &Waker, known: &mut Option<Waker>, out: &mut Vec<u8>) {
+        let fresh = !known.as_ref().is_some_and(|w| w.will_wake(waker));
+        if !fresh && !self.used.load(Ordering::Acquire) {
+            return;
+        }
         let mut q = self.interim.lock().expect("not poisoned");
-        if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        if fresh {
+            *known = Some(waker.clone());
             q.waker = Some(waker.clone());
         }
         for (s, bytes) in q.items.drain(..) {
@@ -113,11 +124,12 @@ impl Shared {
     }
 }
 
-/// Interim bytes on their way out, and how far.
+/// Interim bytes on their way out, and how far; the waker the queue has.
 #[derive(Default)]
 struct InterimOut {
     bytes: Vec<u8>,
     written: usize,
+    waker: Option<Waker>,
 }
 
 impl InterimOut {
@@ -133,7 +145,7 @@ impl InterimOut {
             self.bytes.clear();
             self.written = 0;
         }
-        shared.take(seq, cx.waker(), &mut self.bytes);
+        shared.take(seq, cx.waker(), &mut self.waker, &mut self.bytes);
         while self.written < self.bytes.len() {
             let n = ready!(Pin::new(&mut *wr).poll_write(cx, &self.bytes[self.written..]))?;
             if n == 0 {
@@ -545,7 +557,7 @@ async fn write_response(
         }
     }
     let length = length.filter(|_| length_ok);
-    if !parts.headers.contains_key(DATE) {
+    if !parts.headers.keys().any(|k| k == DATE) {
         put_field(&mut head, &DATE, &date());
     }
     let mut close = close;
@@ -555,12 +567,12 @@ async fn write_response(
     if bodyless {
         // A HEAD's or a 304's length is the one the full response would have.
         if let Some(n) = length {
-            write!(head, "content-length: {n}\r\n").expect("writing to a Vec never fails");
+            put_length(&mut head, n);
         }
     } else {
         match length.or_else(|| body.size_hint().exact()) {
             Some(n) => {
-                write!(head, "content-length: {n}\r\n").expect("writing to a Vec never fails");
+                put_length(&mut head, n);
                 left = Some(n);
             }
             None if asked.version == Version::HTTP_11 => {
@@ -655,6 +667,24 @@ async fn write_response(
         }
         _ => Ok(!close),
     }
+}
+
+/// `content-length: n\r\n` (without `fmt`, a tenth of its cost).
+fn put_length(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// `Date` for responses without one, made once a second per thread.
@@ -836,5 +866,53 @@ impl Body for RequestBody {
             Kind::Sized(n) => SizeHint::with_exact(n),
             Kind::Chunked(_) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_are_written_in_decimal() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            let mut out = Vec::new();
+            put_length(&mut out, n);
+            assert_eq!(out, format!("content-length: {n}\r\n").into_bytes());
+        }
+    }
+
+    #[test]
+    fn a_head_arriving_in_pieces_is_parsed_once_whole_and_what_follows_is_kept() {
+        let whole = b"POST /a?b HTTP/1.1\r\nHost: hello\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabcGET";
+        let mut buf = BytesMut::new();
+        for (i, &b) in whole.iter().enumerate() {
+            buf.extend_from_slice(&[b]);
+            let head_end = whole.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let got = parse_head(&mut buf, 1024).ok().expect("valid so far");
+            if i + 1 < head_end {
+                assert!(got.is_none(), "parsed at {i}");
+                continue;
+            }
+            let head = got.expect("whole");
+            assert_eq!(head.method, Method::POST);
+            assert_eq!(head.uri, "/a?b");
+            assert!(!head.keep_alive);
+            assert!(matches!(head.body, Some(Framing::Sized(3))));
+            assert_eq!(head.headers.len(), 3);
+            assert!(buf.is_empty());
+            break;
+        }
+        // Whole at once: the body and the next request's first bytes stay in the buffer.
+        let mut buf = BytesMut::from(&whole[..]);
+        assert!(parse_head(&mut buf, 1024).ok().flatten().is_some());
+        assert_eq!(&buf[..], b"abcGET");
+        // Over the limit: 431 once the request line has ended, 414 while it has not.
+        let mut buf = BytesMut::from(&whole[..]);
+        let refusal = parse_head(&mut buf, 16).err().expect("over");
+        assert_eq!(refusal.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let mut buf = BytesMut::from(&b"GET /aaaaaaaaaaaaaaaaaaaaaaaaa"[..]);
+        let refusal = parse_head(&mut buf, 16).err().expect("over");
+        assert_eq!(refusal.status, StatusCode::URI_TOO_LONG);
     }
 }
