@@ -97,8 +97,9 @@ impl Shared {
         let mut q = self.interim.lock().expect("not poisoned");
         self.used.store(true, Ordering::Release);
         q.items.push((seq, bytes));
-        if let Some(w) = q.waker.take() {
-            w.wake();
+        // Kept, not taken: the connection task registers its waker once.
+        if let Some(w) = &q.waker {
+            w.wake_by_ref();
         }
     }
 
