@@ -499,8 +499,8 @@ mod future_sizes {
         std::mem::size_of::<F>()
     }
 
-    /// A request's future is moved whole several times (into the box the app connection
-    /// holds it in, into each enclosing future when it starts), so its size is paid in copies
+    /// A request's future is moved whole several times (into the app connection's
+    /// future, into each enclosing future when it starts), so its size is paid in copies
     /// on every request: 15.6 KB before the exchange was boxed and the deadline took its work
     /// pinned (BENCHMARKS.md, "Later in round 2"). The bounds leave room for compiler changes.
     #[test]

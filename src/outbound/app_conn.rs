@@ -284,8 +284,10 @@ pub(crate) async fn serve(
             let shared = shared.clone();
             Interim::new(move |resp| shared.queue(seq, head_bytes(&resp)))
         });
-        // Boxed: the request path's future is several KB, and this one holds it across awaits.
-        let mut work = Box::pin(super::handle(req, state.clone(), hints));
+        // Pinned in place, in this connection's future (boxed once, when the connection is
+        // spawned): a box per request would be an allocation and a copy of its several KB.
+        let work = super::handle(req, state.clone(), hints);
+        let mut work = std::pin::pin!(work);
         // The request runs; meanwhile its interim responses go out, and an app that hangs up
         // (seen while the read side is ours: a request without a body) cancels it.
         let resp = poll_fn(|cx| {
@@ -308,7 +310,6 @@ pub(crate) async fn serve(
             Poll::Pending
         })
         .await;
-        drop(work);
         let Some(resp) = resp else {
             tracing::debug!(%remote, "the app closed its connection during a request");
             return;
