@@ -118,6 +118,89 @@ pub(crate) fn poll_write_bufs<W: AsyncWrite + Unpin>(
     Poll::Ready(Ok(()))
 }
 
+/// How a body is framed on the wire, and how far its reader is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Framed {
+    /// `left` bytes to go.
+    Sized(u64),
+    Chunked(Chunk),
+    /// Until the peer closes the connection (a response only).
+    Close,
+    Done,
+}
+
+/// Why a framed body could not be read to its end.
+#[derive(Debug)]
+pub(crate) enum FramedError {
+    Io(io::Error),
+    /// Malformed, or the connection closed before the end: the reason.
+    Broken(String),
+}
+
+/// The next frame of a body framed by `kind`, from `buf` and then `io`: `Ok(None)` at its end
+/// (`kind` is `Done` from the moment the end is known: after a sized body's last byte, or a
+/// chunked body's last chunk or trailers). Trailer sections are held to `max_trailers` bytes.
+pub(crate) fn poll_framed<R: AsyncRead + Unpin>(
+    kind: &mut Framed,
+    io: &mut R,
+    buf: &mut BytesMut,
+    max_trailers: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<Frame<Bytes>>, FramedError>> {
+    loop {
+        match kind {
+            Framed::Done => return Poll::Ready(Ok(None)),
+            Framed::Sized(left) => {
+                if !buf.is_empty() {
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    let data = buf.split_to(n).freeze();
+                    if *left == 0 {
+                        *kind = Framed::Done;
+                    }
+                    return Poll::Ready(Ok(Some(Frame::data(data))));
+                }
+                let left = *left;
+                if !ready!(poll_fill(io, buf, cx)).map_err(FramedError::Io)? {
+                    return Poll::Ready(Err(FramedError::Broken(format!(
+                        "the connection closed {left} bytes before the end of the body"
+                    ))));
+                }
+            }
+            Framed::Close => {
+                if !buf.is_empty() {
+                    return Poll::Ready(Ok(Some(Frame::data(buf.split().freeze()))));
+                }
+                if !ready!(poll_fill(io, buf, cx)).map_err(FramedError::Io)? {
+                    *kind = Framed::Done;
+                    return Poll::Ready(Ok(None));
+                }
+            }
+            Framed::Chunked(state) => {
+                match step_chunked(state, buf, max_trailers).map_err(FramedError::Broken)? {
+                    Step::Frame(f) => {
+                        if f.is_trailers() {
+                            *kind = Framed::Done;
+                        }
+                        return Poll::Ready(Ok(Some(f)));
+                    }
+                    Step::Again => continue,
+                    Step::End => {
+                        *kind = Framed::Done;
+                        return Poll::Ready(Ok(None));
+                    }
+                    Step::More => {}
+                }
+                if !ready!(poll_fill(io, buf, cx)).map_err(FramedError::Io)? {
+                    return Poll::Ready(Err(FramedError::Broken(
+                        "the connection closed inside a chunked body".into(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
 /// Where a chunked body's reader is.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Chunk {
@@ -128,7 +211,7 @@ pub(crate) enum Chunk {
 }
 
 /// What the chunked reader made of the bytes it had.
-pub(crate) enum Step {
+enum Step {
     Frame(Frame<Bytes>),
     /// Moved to another state: look again.
     Again,
@@ -140,7 +223,7 @@ pub(crate) enum Step {
 
 /// One step of reading a chunked body from `read`; `Err` with the reason when it is malformed.
 /// A trailer section is held to `max_trailers` bytes.
-pub(crate) fn step_chunked(
+fn step_chunked(
     state: &mut Chunk,
     read: &mut BytesMut,
     max_trailers: usize,

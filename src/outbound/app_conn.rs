@@ -52,8 +52,8 @@ use super::Outbound;
 use crate::body::ProxyBody;
 use crate::error::{error_response, ErrorKind};
 use crate::h1::{
-    chunk_size_line, last_chunk, poll_fill, poll_write_bufs, put_field, step_chunked, Chunk, Step,
-    MAX_HEADERS,
+    chunk_size_line, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, Chunk, Framed,
+    FramedError, MAX_HEADERS,
 };
 use crate::interim::Interim;
 
@@ -265,8 +265,8 @@ pub(crate) async fn serve(
             Some(framing) => RequestBody {
                 reader: Some(rd),
                 kind: match framing {
-                    Framing::Sized(n) => Kind::Sized(n),
-                    Framing::Chunked => Kind::Chunked(Chunk::Size),
+                    Framing::Sized(n) => Framed::Sized(n),
+                    Framing::Chunked => Framed::Chunked(Chunk::Size),
                 },
                 shared: Some(shared.clone()),
                 seq,
@@ -744,7 +744,7 @@ impl std::error::Error for ReadError {}
 pub(crate) struct RequestBody {
     /// The read side, while the body streams.
     reader: Option<Reader>,
-    kind: Kind,
+    kind: Framed,
     /// Where the read side goes back to, and `100 Continue` is queued.
     shared: Option<Arc<Shared>>,
     seq: u64,
@@ -752,17 +752,11 @@ pub(crate) struct RequestBody {
     max_trailers: usize,
 }
 
-enum Kind {
-    Sized(u64),
-    Chunked(Chunk),
-    Done,
-}
-
 impl RequestBody {
     fn empty() -> Self {
         Self {
             reader: None,
-            kind: Kind::Done,
+            kind: Framed::Done,
             shared: None,
             seq: 0,
             continue_wanted: false,
@@ -772,14 +766,14 @@ impl RequestBody {
 
     /// The body ended whole: the read side goes back to the connection.
     fn ended(&mut self) {
-        self.kind = Kind::Done;
+        self.kind = Framed::Done;
         if let (Some(rd), Some(shared)) = (self.reader.take(), &self.shared) {
             *shared.returned.lock().expect("not poisoned") = Some(rd);
         }
     }
 
     fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
-        self.kind = Kind::Done;
+        self.kind = Framed::Done;
         self.reader = None;
         Poll::Ready(Some(Err(ReadError(why))))
     }
@@ -800,73 +794,36 @@ impl Body for RequestBody {
                 shared.queue(this.seq, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
             }
         }
-        loop {
-            let Some(rd) = this.reader.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match &mut this.kind {
-                Kind::Done => return Poll::Ready(None),
-                Kind::Sized(left) => {
-                    if !rd.buf.is_empty() {
-                        let n = (*left).min(rd.buf.len() as u64) as usize;
-                        *left -= n as u64;
-                        let data = rd.buf.split_to(n).freeze();
-                        if *left == 0 {
-                            this.ended();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    let left = *left;
-                    match ready!(poll_fill(&mut rd.io, &mut rd.buf, cx)) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            return this.fail(format!(
-                                "the app closed its connection {left} bytes before the end of the request body"
-                            ))
-                        }
-                        Err(e) => return this.fail(e.to_string()),
-                    }
+        let Some(rd) = this.reader.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(poll_framed(
+            &mut this.kind,
+            &mut rd.io,
+            &mut rd.buf,
+            this.max_trailers,
+            cx
+        )) {
+            Ok(frame) => {
+                if matches!(this.kind, Framed::Done) {
+                    this.ended();
                 }
-                Kind::Chunked(state) => {
-                    match step_chunked(state, &mut rd.buf, this.max_trailers) {
-                        Ok(Step::Frame(f)) => {
-                            if f.is_trailers() {
-                                this.ended();
-                            }
-                            return Poll::Ready(Some(Ok(f)));
-                        }
-                        Ok(Step::Again) => continue,
-                        Ok(Step::End) => {
-                            this.ended();
-                            return Poll::Ready(None);
-                        }
-                        Ok(Step::More) => {}
-                        Err(why) => return this.fail(format!("malformed chunked body: {why}")),
-                    }
-                    match ready!(poll_fill(&mut rd.io, &mut rd.buf, cx)) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            return this.fail(
-                                "the app closed its connection inside a chunked request body"
-                                    .into(),
-                            )
-                        }
-                        Err(e) => return this.fail(e.to_string()),
-                    }
-                }
+                Poll::Ready(frame.map(Ok))
             }
+            Err(FramedError::Io(e)) => this.fail(e.to_string()),
+            Err(FramedError::Broken(why)) => this.fail(format!("the request body: {why}")),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, Kind::Done)
+        matches!(self.kind, Framed::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.kind {
-            Kind::Done => SizeHint::with_exact(0),
-            Kind::Sized(n) => SizeHint::with_exact(n),
-            Kind::Chunked(_) => SizeHint::default(),
+            Framed::Done => SizeHint::with_exact(0),
+            Framed::Sized(n) => SizeHint::with_exact(n),
+            Framed::Chunked(_) | Framed::Close => SizeHint::default(),
         }
     }
 }

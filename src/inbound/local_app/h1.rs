@@ -22,8 +22,8 @@ use tokio::net::TcpStream;
 
 use crate::body::{BodyError, ProxyBody};
 use crate::h1::{
-    chunk_size_line, last_chunk, poll_fill, poll_write_bufs, put_field, step_chunked, Chunk, Step,
-    MAX_HEADERS,
+    chunk_size_line, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, Chunk, Framed,
+    FramedError, MAX_HEADERS,
 };
 use crate::interim::Interim;
 
@@ -193,7 +193,7 @@ impl Started {
         };
         let head = std::future::poll_fn(|cx| ex.poll_head(cx, interim.as_ref())).await?;
         let kind = body_kind(head_request, &head)?;
-        let reusable = head.keep_alive && !matches!(kind, Kind::Close);
+        let reusable = head.keep_alive && !matches!(kind, Framed::Close);
         let Head {
             status, headers, ..
         } = head;
@@ -451,21 +451,11 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
     Ok(Some(head))
 }
 
-/// How a response body is framed.
-enum Kind {
-    /// `left` bytes to go.
-    Sized(u64),
-    Chunked(Chunk),
-    /// Until the app closes the connection.
-    Close,
-    Done,
-}
-
 /// The response body's framing (RFC 9112 §6.3).
-fn body_kind(head_request: bool, head: &Head) -> Result<Kind, WireError> {
+fn body_kind(head_request: bool, head: &Head) -> Result<Framed, WireError> {
     let (status, headers) = (head.status, &head.headers);
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok(Kind::Done);
+        return Ok(Framed::Done);
     }
     if let Some(te) = &head.transfer_encoding {
         let last_is_chunked = te
@@ -480,16 +470,16 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Kind, WireError> {
             ));
         }
         return Ok(if last_is_chunked {
-            Kind::Chunked(Chunk::Size)
+            Framed::Chunked(Chunk::Size)
         } else {
-            Kind::Close
+            Framed::Close
         });
     }
     let length = crate::h1::declared_length(headers).map_err(WireError::Malformed)?;
     Ok(match length {
-        Some(0) => Kind::Done,
-        Some(n) => Kind::Sized(n),
-        None => Kind::Close,
+        Some(0) => Framed::Done,
+        Some(n) => Framed::Sized(n),
+        None => Framed::Close,
     })
 }
 
@@ -499,7 +489,7 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Kind, WireError> {
 pub(crate) struct AppBody {
     /// `None` once the connection went back to the pool.
     ex: Option<Exchange>,
-    kind: Kind,
+    kind: Framed,
     reusable: bool,
 }
 
@@ -507,7 +497,7 @@ impl AppBody {
     /// The connection, if this exchange is over and it can carry another: the response read to
     /// its end, the request written whole, and nothing from the app past the response.
     pub(crate) fn reusable(&mut self) -> Option<Wire> {
-        let over = matches!(self.kind, Kind::Done) && self.reusable;
+        let over = matches!(self.kind, Framed::Done) && self.reusable;
         let ex = self
             .ex
             .take_if(|ex| over && matches!(ex.out, Out::Done) && ex.wire.read.is_empty())?;
@@ -533,19 +523,19 @@ impl Body for AppBody {
         };
         if let Poll::Ready(Some(Err(_))) = &r {
             this.reusable = false;
-            this.kind = Kind::Done;
+            this.kind = Framed::Done;
         }
         r.map(|o| o.map(|r| r.map_err(|e| -> BodyError { Box::new(e) })))
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, Kind::Done)
+        matches!(self.kind, Framed::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.kind {
-            Kind::Done => SizeHint::with_exact(0),
-            Kind::Sized(n) => SizeHint::with_exact(n),
+            Framed::Done => SizeHint::with_exact(0),
+            Framed::Sized(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
     }
@@ -556,59 +546,17 @@ impl AppBody {
         let Some(ex) = &mut self.ex else {
             return Poll::Ready(None);
         };
-        loop {
-            let read = &mut ex.wire.read;
-            match &mut self.kind {
-                Kind::Done => return Poll::Ready(None),
-                Kind::Sized(left) => {
-                    if !read.is_empty() {
-                        let n = (*left).min(read.len() as u64) as usize;
-                        *left -= n as u64;
-                        let data = read.split_to(n).freeze();
-                        if *left == 0 {
-                            self.kind = Kind::Done;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    let left = *left;
-                    if !ready!(ex.poll_fill(cx)).map_err(WireError::Io)? {
-                        return Poll::Ready(Some(Err(WireError::Malformed(format!(
-                            "the connection closed {left} bytes before the end of the response body"
-                        )))));
-                    }
-                }
-                Kind::Close => {
-                    if !read.is_empty() {
-                        let data = read.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if !ready!(ex.poll_fill(cx)).map_err(WireError::Io)? {
-                        self.kind = Kind::Done;
-                        return Poll::Ready(None);
-                    }
-                }
-                Kind::Chunked(state) => {
-                    match step_chunked(state, read, MAX_HEAD).map_err(WireError::Malformed)? {
-                        Step::Frame(f) => {
-                            if f.is_trailers() {
-                                self.kind = Kind::Done;
-                            }
-                            return Poll::Ready(Some(Ok(f)));
-                        }
-                        Step::Again => continue,
-                        Step::End => {
-                            self.kind = Kind::Done;
-                            return Poll::Ready(None);
-                        }
-                        Step::More => {}
-                    }
-                    if !ready!(ex.poll_fill(cx)).map_err(WireError::Io)? {
-                        return Poll::Ready(Some(Err(WireError::Malformed(
-                            "the connection closed inside a chunked response body".into(),
-                        ))));
-                    }
-                }
-            }
-        }
+        let r = ready!(poll_framed(
+            &mut self.kind,
+            &mut ex.wire.io,
+            &mut ex.wire.read,
+            MAX_HEAD,
+            cx
+        ));
+        Poll::Ready(match r {
+            Ok(frame) => frame.map(Ok),
+            Err(FramedError::Io(e)) => Some(Err(WireError::Io(e))),
+            Err(FramedError::Broken(why)) => Some(Err(WireError::Malformed(why))),
+        })
     }
 }
