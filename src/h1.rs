@@ -35,6 +35,23 @@ pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
     Poll::Ready(Ok(n > 0))
 }
 
+/// Where `part`, a slice httparse parsed out of `head`, sits in it (so that a value can share
+/// the head's bytes once they are frozen); a part that does not sit in it (an empty one need
+/// not) is copied.
+pub(crate) type Placed = Result<std::ops::Range<usize>, Bytes>;
+
+pub(crate) fn place(head: &[u8], part: &[u8]) -> Placed {
+    match (part.as_ptr() as usize).checked_sub(head.as_ptr() as usize) {
+        Some(at) if at + part.len() <= head.len() => Ok(at..at + part.len()),
+        _ => Err(Bytes::copy_from_slice(part)),
+    }
+}
+
+/// The bytes of a placed part, out of the frozen head.
+pub(crate) fn placed(head: &Bytes, at: Placed) -> Bytes {
+    at.map_or_else(|own| own, |range| head.slice(range))
+}
+
 /// `name: value\r\n`.
 pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
@@ -307,5 +324,22 @@ fn step_chunked(
             read.advance(len);
             Ok(Step::Frame(Frame::trailers(trailers)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_outside_the_head_is_copied_not_sliced() {
+        let head = b"GET / HTTP/1.1\r\nx: \r\n";
+        assert_eq!(place(head, &head[4..5]), Ok(4..5));
+        assert_eq!(place(head, &head[19..19]), Ok(19..19));
+        let elsewhere = b"x";
+        assert_eq!(place(head, elsewhere), Err(Bytes::from_static(b"x")));
+        let frozen = Bytes::from_static(head);
+        assert_eq!(placed(&frozen, Ok(4..5)), "/");
+        assert_eq!(placed(&frozen, Err(Bytes::from_static(b"own"))), "own");
     }
 }

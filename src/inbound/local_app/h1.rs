@@ -410,13 +410,11 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| WireError::Malformed("no valid status code".into()))?;
     let keep_alive = resp.version == Some(1);
-    let base = read.as_ptr() as usize;
     let mut named = Vec::with_capacity(resp.headers.len());
     for f in resp.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| WireError::Malformed(format!("invalid field name {:?}", f.name)))?;
-        let start = f.value.as_ptr() as usize - base;
-        named.push((name, start, start + f.value.len()));
+        named.push((name, crate::h1::place(&read[..len], f.value)));
     }
     let bytes = read.split_to(len).freeze();
     let mut head = Head {
@@ -426,8 +424,8 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
         transfer_encoding: None,
     };
     let mut dropped_by_connection = Vec::new();
-    for (name, start, end) in named {
-        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+    for (name, at) in named {
+        let value = HeaderValue::from_maybe_shared(crate::h1::placed(&bytes, at))
             .map_err(|_| WireError::Malformed(format!("invalid value of field {name}")))?;
         if !crate::headers::is_hop_by_hop(&name) {
             head.headers.append(name, value);
