@@ -60,9 +60,31 @@ pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValu
     out.extend_from_slice(b"\r\n");
 }
 
-/// The size line that goes before a chunk of `len` bytes (the chunk ends with `\r\n`).
-pub(crate) fn chunk_size_line(len: usize) -> Bytes {
-    Bytes::from(format!("{len:x}\r\n"))
+/// `data` as one chunk of the chunked coding: size line, data, line end.
+pub(crate) fn chunk(data: Bytes) -> [Bytes; 3] {
+    [
+        Bytes::from(format!("{:x}\r\n", data.len())),
+        data,
+        Bytes::from_static(b"\r\n"),
+    ]
+}
+
+/// `content-length: n\r\n` (without `fmt`, a tenth of its cost).
+pub(crate) fn put_length(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The last chunk, with the trailer section if any.
@@ -330,6 +352,15 @@ fn step_chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_are_written_in_decimal() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            let mut out = Vec::new();
+            put_length(&mut out, n);
+            assert_eq!(out, format!("content-length: {n}\r\n").into_bytes());
+        }
+    }
 
     #[test]
     fn a_part_outside_the_head_is_copied_not_sliced() {

@@ -32,7 +32,6 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -52,8 +51,8 @@ use super::Outbound;
 use crate::body::ProxyBody;
 use crate::error::{error_response, ErrorKind};
 use crate::h1::{
-    chunk_size_line, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, Chunk, Framed,
-    FramedError, MAX_HEADERS,
+    chunk, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, put_length, Chunk,
+    Framed, FramedError, MAX_HEADERS,
 };
 use crate::interim::Interim;
 
@@ -78,8 +77,6 @@ struct Reader {
 #[derive(Default)]
 struct Shared {
     interim: Mutex<Queue>,
-    /// Something was ever queued: until then (nearly always) the queue is not locked.
-    used: AtomicBool,
     /// The read side, given back by a request body that was read to its end.
     returned: Mutex<Option<Reader>>,
 }
@@ -95,26 +92,17 @@ struct Queue {
 impl Shared {
     fn queue(&self, seq: u64, bytes: Vec<u8>) {
         let mut q = self.interim.lock().expect("not poisoned");
-        self.used.store(true, Ordering::Release);
         q.items.push((seq, bytes));
-        // Kept, not taken: the connection task registers its waker once.
         if let Some(w) = &q.waker {
             w.wake_by_ref();
         }
     }
 
     /// Appends to `out` what is queued for request `seq` (anything queued for an earlier
-    /// request is dropped: its final head went out), and notes the task to wake. `known` is
-    /// the waker this task last left (a task's waker rarely changes): the queue is locked only
-    /// when it changed or something was queued.
-    fn take(&self, seq: u64, waker: &Waker, known: &mut Option<Waker>, out: &mut Vec<u8>) {
-        let fresh = !known.as_ref().is_some_and(|w| w.will_wake(waker));
-        if !fresh && !self.used.load(Ordering::Acquire) {
-            return;
-        }
+    /// request is dropped: its final head went out), and notes the task to wake.
+    fn take(&self, seq: u64, waker: &Waker, out: &mut Vec<u8>) {
         let mut q = self.interim.lock().expect("not poisoned");
-        if fresh {
-            *known = Some(waker.clone());
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             q.waker = Some(waker.clone());
         }
         for (s, bytes) in q.items.drain(..) {
@@ -125,12 +113,11 @@ impl Shared {
     }
 }
 
-/// Interim bytes on their way out, and how far; the waker the queue has.
+/// Interim bytes on their way out, and how far.
 #[derive(Default)]
 struct InterimOut {
     bytes: Vec<u8>,
     written: usize,
-    waker: Option<Waker>,
 }
 
 impl InterimOut {
@@ -146,7 +133,7 @@ impl InterimOut {
             self.bytes.clear();
             self.written = 0;
         }
-        shared.take(seq, cx.waker(), &mut self.waker, &mut self.bytes);
+        shared.take(seq, cx.waker(), &mut self.bytes);
         while self.written < self.bytes.len() {
             let n = ready!(Pin::new(&mut *wr).poll_write(cx, &self.bytes[self.written..]))?;
             if n == 0 {
@@ -165,17 +152,11 @@ struct Head {
     version: Version,
     headers: HeaderMap,
     /// How its body is framed: `None` for no body.
-    body: Option<Framing>,
+    body: Option<Framed>,
     keep_alive: bool,
     expect_continue: bool,
     /// The app sent `TE: trailers`: it takes trailer fields on a chunked response.
     trailers: bool,
-}
-
-#[derive(Clone, Copy)]
-enum Framing {
-    Sized(u64),
-    Chunked,
 }
 
 /// Why a request was refused before it was routed.
@@ -262,12 +243,9 @@ pub(crate) async fn serve(
                 reader = Some(rd);
                 RequestBody::empty()
             }
-            Some(framing) => RequestBody {
+            Some(kind) => RequestBody {
                 reader: Some(rd),
-                kind: match framing {
-                    Framing::Sized(n) => Framed::Sized(n),
-                    Framing::Chunked => Framed::Chunked(Chunk::Size),
-                },
+                kind,
                 shared: Some(shared.clone()),
                 seq,
                 continue_wanted: head.expect_continue,
@@ -454,9 +432,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
         named.push((name, place(f.value)));
     }
     let bytes = buf.split_to(len).freeze();
-    let shared =
-        |at: Result<std::ops::Range<usize>, Bytes>| at.map_or_else(|own| own, |r| bytes.slice(r));
-    let uri = Uri::from_maybe_shared(shared(path))
+    let uri = Uri::from_maybe_shared(crate::h1::placed(&bytes, path))
         .map_err(|e| Refusal::bad(format!("bad request target: {e}")))?;
     let mut head = Head {
         method,
@@ -521,10 +497,10 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
                 "both Transfer-Encoding and Content-Length: the body could be read two ways",
             ))
         }
-        (true, None) => Some(Framing::Chunked),
+        (true, None) => Some(Framed::Chunked(Chunk::Size)),
         // A sized empty body is over already: the read side stays with the connection.
         (false, Some(0) | None) => None,
-        (false, Some(n)) => Some(Framing::Sized(n)),
+        (false, Some(n)) => Some(Framed::Sized(n)),
     };
     Ok(Some(head))
 }
@@ -638,9 +614,7 @@ async fn write_response(
                     *left -= n;
                     out.push(data);
                 } else if chunked {
-                    out.push(chunk_size_line(data.len()));
-                    out.push(data);
-                    out.push(Bytes::from_static(b"\r\n"));
+                    out.extend(chunk(data));
                 } else {
                     out.push(data);
                 }
@@ -672,24 +646,6 @@ async fn write_response(
     }
 }
 
-/// `content-length: n\r\n` (without `fmt`, a tenth of its cost).
-fn put_length(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// `Date` for responses without one, made once a second per thread.
 fn date() -> HeaderValue {
     thread_local! {
@@ -703,11 +659,7 @@ fn date() -> HeaderValue {
     DATE.with(|d| {
         let mut d = d.borrow_mut();
         if d.0 != secs {
-            let text = crate::cache::http_date::format(now);
-            *d = (
-                secs,
-                HeaderValue::try_from(text).expect("an HTTP date is a valid value"),
-            );
+            *d = (secs, crate::cache::normalize::imf(now));
         }
         d.1.clone()
     })
@@ -834,15 +786,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lengths_are_written_in_decimal() {
-        for n in [0, 7, 10, 1234567890, u64::MAX] {
-            let mut out = Vec::new();
-            put_length(&mut out, n);
-            assert_eq!(out, format!("content-length: {n}\r\n").into_bytes());
-        }
-    }
-
-    #[test]
     fn a_head_arriving_in_pieces_is_parsed_once_whole_and_what_follows_is_kept() {
         let whole = b"POST /a?b HTTP/1.1\r\nHost: hello\r\nContent-Length: 3\r\nX-Empty:\r\nConnection: close\r\n\r\nabcGET";
         let mut buf = BytesMut::new();
@@ -858,7 +801,7 @@ mod tests {
             assert_eq!(head.method, Method::POST);
             assert_eq!(head.uri, "/a?b");
             assert!(!head.keep_alive);
-            assert!(matches!(head.body, Some(Framing::Sized(3))));
+            assert!(matches!(head.body, Some(Framed::Sized(3))));
             assert_eq!(head.headers.len(), 4);
             assert_eq!(head.headers["x-empty"], "");
             assert!(buf.is_empty());

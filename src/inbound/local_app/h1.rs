@@ -22,8 +22,8 @@ use tokio::net::TcpStream;
 
 use crate::body::{BodyError, ProxyBody};
 use crate::h1::{
-    chunk_size_line, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, Chunk, Framed,
-    FramedError, MAX_HEADERS,
+    chunk, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, put_length, Chunk,
+    Framed, FramedError, MAX_HEADERS,
 };
 use crate::interim::Interim;
 
@@ -124,8 +124,7 @@ pub(crate) fn encode_head(parts: &http::request::Parts, body: &ProxyBody) -> (By
         // An empty body the caller did not size goes without a framing field (hyper's rule).
         Some(0) if declared.is_none() => Framing::Sized(0),
         Some(n) => {
-            use std::io::Write as _;
-            write!(head, "content-length: {n}\r\n").expect("writing to a Vec never fails");
+            put_length(&mut head, n);
             Framing::Sized(n)
         }
         None => {
@@ -299,11 +298,7 @@ impl Exchange {
         if data.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(vec![
-            chunk_size_line(data.len()),
-            data,
-            Bytes::from_static(b"\r\n"),
-        ])
+        Ok(chunk(data).to_vec())
     }
 
     /// The end of the body: the chunked terminator with any trailers, or a check that a sized
