@@ -215,6 +215,41 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_that_reads_one_way_is_served_however_it_is_spelled() {
+    // What the refusals must not catch: equal lengths given twice or as a list, and `chunked`
+    // in any case, are one reading of the body.
+    let pair = Pair::start().await;
+    for request in [
+        "POST /echo HTTP/1.1\r\nHost: hello\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        "POST /echo HTTP/1.1\r\nHost: hello\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello",
+        "POST /echo HTTP/1.1\r\nHost: hello\r\nTransfer-Encoding: CHUNKED\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let answer = raw(pair.out(), request.as_bytes(), false).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{request:?}: {answer}");
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert!(body.contains("hello"), "{request:?}: {answer}");
+        assert!(!answer.contains("quicar-error"), "{request:?}: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_outlasts_the_head_timeout_is_not_cut() {
+    // `header_read_timeout` bounds the wait for a head, never the request that follows it.
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let toml = client_toml(&pki, &[server.inbound], "").replace(
+        "[outbound]\nlisten = \"127.0.0.1:0\"",
+        "[outbound]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let got = get(client.outbound, "hello", "/slow/1000").await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    assert_eq!(&got.body[..], b"slow");
+    assert!(got.error_kind().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_10_clients_get_close_delimited_or_kept_alive_responses() {
     let pair = Pair::start().await;
     // No keep-alive asked, a body of unknown length: no chunked coding (HTTP/1.0 has none),
