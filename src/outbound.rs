@@ -128,6 +128,8 @@ impl Outbound {
                                 .and_then(|s| s.rtt)
                                 .map(|rtt| rtt.as_secs_f64() * 1000.0),
                             in_flight: state.as_ref().map_or(0, |s| s.in_flight),
+                            handshake_rtt_ms: (transport == Transport::Quic)
+                                .then(|| self.clients.handshake_rtt(ep).as_secs_f64() * 1000.0),
                             last_error: state.and_then(|s| s.close_reason),
                         }
                     })
@@ -211,6 +213,9 @@ pub(crate) struct EndpointView {
     connected: bool,
     rtt_ms: Option<f64>,
     in_flight: usize,
+    /// QUIC: the initial RTT of the next handshake with the endpoint (the RTT its last
+    /// connection measured; a lost handshake packet is sent again after three of these).
+    handshake_rtt_ms: Option<f64>,
     last_error: Option<String>,
 }
 

@@ -131,6 +131,12 @@ impl Clients {
         }
     }
 
+    /// The initial RTT the next QUIC handshake with `ep` starts from (the RTT its last
+    /// connection measured, bounded; quinn's 333 ms before one has closed).
+    pub(crate) fn handshake_rtt(&self, ep: &Endpoint) -> Duration {
+        quic::handshake_rtt(self.quic.remembered_rtt(ep.address))
+    }
+
     pub(crate) fn connections_opened(&self, transport: Transport) -> u64 {
         match transport {
             Transport::Quic => self.quic.connections_opened(),

@@ -32,34 +32,34 @@ pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> http::HeaderValue {
     }
     // An invalid traceparent restarts the trace; tracestate without it means nothing.
     headers.remove(crate::headers::TRACESTATE);
-    let tp = http::HeaderValue::from_str(&new_traceparent()).expect("hex");
+    let tp = http::HeaderValue::from_bytes(&traceparent_bytes()).expect("hex");
     headers.insert(crate::headers::TRACEPARENT, tp.clone());
     tp
 }
 
 /// A new `traceparent` (version 00, sampled) with random trace and span ids.
 pub fn new_traceparent() -> String {
+    String::from_utf8_lossy(&traceparent_bytes()).into_owned()
+}
+
+/// `new_traceparent`'s 55 bytes, written in place (the request path makes its header value
+/// from them without a `String` grown a character at a time).
+fn traceparent_bytes() -> [u8; 55] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
+    let mut out = *b"00-................................-................-01";
     // Trace and span ids need to be unique, not secret: a per-thread generator seeded once
     // from the system RNG (a `getrandom` call per request cost ~4 % of a request).
-    let push = |out: &mut String, n: usize| {
-        let mut left = n;
-        while left > 0 {
+    let (trace, span) = out.split_at_mut(36);
+    for digits in [&mut trace[3..35], &mut span[..16]] {
+        for pair in digits.chunks_exact_mut(16) {
             let word = crate::rng::random_u64();
-            for i in 0..8.min(left) {
+            for (i, hex) in pair.chunks_exact_mut(2).enumerate() {
                 let b = (word >> (i * 8)) as u8;
-                out.push(HEX[usize::from(b >> 4)] as char);
-                out.push(HEX[usize::from(b & 0xf)] as char);
+                hex[0] = HEX[usize::from(b >> 4)];
+                hex[1] = HEX[usize::from(b & 0xf)];
             }
-            left -= 8.min(left);
         }
-    };
-    push(&mut out, 16);
-    out.push('-');
-    push(&mut out, 8);
-    out.push_str("-01");
+    }
     out
 }
 

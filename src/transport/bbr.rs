@@ -1,27 +1,37 @@
-//! BBR for quinn, with a minimum RTT that can grow back.
+//! BBR for quinn, with a minimum RTT that can grow back and ProbeRTT only when it is stale.
 //!
-//! This is quinn-proto 0.11.19's `congestion::bbr` (MIT OR Apache-2.0, itself a port of
-//! quiche's `bbr_sender.cc`) with one change of model. quinn's BBR takes its minimum RTT from
-//! `RttEstimator::min()`, the connection's lifetime minimum, so its ten-second expiry re-reads
-//! the same value: after the path delay grows (a route change, a link that was idle at 0 ms and
-//! is now 25 ms away) the bandwidth-delay product, and the window with it, stay a few packets
-//! for the connection's whole life. Here the minimum is a filter of this controller's own
-//! samples (ack time − send time of each newly acknowledged packet, the least of one ACK frame
-//! being the RTT sample), as in quiche and Linux: a lower sample replaces it at once, and after
-//! `MIN_RTT_EXPIRY` without one the next sample replaces it whatever its value, whether or not
-//! the sender is application-limited (a request/response sender nearly always is). When
-//! ProbeRTT runs is quinn's, unchanged: on the first ACK of a sender that fills its window, then
-//! ten seconds after the last one began, never while application-limited. That first ProbeRTT
-//! matters more than it looks: quinn's STARTUP grows the window by every byte acknowledged with
-//! no bound while the sender is application-limited (its port compares the gain, not the
-//! window, with the target: `cwnd_gain < target_window`, where quiche has `congestion_window_ <
-//! target_window`), and it is the early ProbeRTT, with its small window, that makes the sender
-//! window-limited long enough to find its full bandwidth and leave STARTUP. A first version of
-//! this file skipped it: on a fresh connection, 32 concurrent 16 KiB responses over a 50 ms
-//! path went from one RTT to two or three (`quicar bench --quick`, p50 55-61 ms against 111-173
-//! ms), its window grown to megabytes and its bursts lost. Left as quinn has it; the
-//! comparison is a known bug with an open fix upstream (quinn-rs/quinn#2798, which also admits
-//! app-limited samples that raise the bandwidth estimate), to take with it, measured.
+//! This is quinn-proto 0.11.19's `congestion::bbr` (MIT OR Apache-2.0, itself a port of quiche's
+//! `bbr_sender.cc`) with two changes. The first is the model: quinn's BBR takes its minimum RTT
+//! from `RttEstimator::min()`, the connection's lifetime minimum, so its ten-second expiry re-reads
+//! the same value: after the path delay grows (a route change, a link that was idle at 0 ms and is
+//! now 25 ms away) the bandwidth-delay product, and the window with it, stay a few packets for the
+//! connection's whole life. Here the minimum is a filter of this controller's own samples (ack time
+//! − send time of each newly acknowledged packet, the least of one ACK frame being the RTT sample),
+//! as in quiche and Linux: a lower sample replaces it at once, and after `MIN_RTT_EXPIRY` without
+//! one the next sample replaces it whatever its value, whether or not the sender is
+//! application-limited (a request/response sender nearly always is); a sample within a sixteenth of
+//! the minimum confirms it (the queue was empty then).
+//!
+//! The second change is when ProbeRTT runs. The first ProbeRTT is quinn's: on the first ACK of
+//! a sender that fills its window. That one matters more than it looks: quinn's STARTUP grows
+//! the window by every byte acknowledged with no bound while the sender is
+//! application-limited (its port compares the gain, not the window, with the target:
+//! `cwnd_gain < target_window`, where quiche has `congestion_window_ < target_window`), and it
+//! is the early ProbeRTT, with its small window, that makes the sender window-limited long
+//! enough to find its full bandwidth and leave STARTUP. A first version of this file skipped
+//! it: on a fresh connection, 32 concurrent 16 KiB responses over a 50 ms path went from one
+//! RTT to two or three (`quicar bench --quick`, p50 55-61 ms against 111-173 ms), its window
+//! grown to megabytes and its bursts lost. The comparison is a known bug with an open fix
+//! upstream (quinn-rs/quinn#2798, which also admits app-limited samples that raise the
+//! bandwidth estimate), to take with it, measured. After the first, quinn ran ProbeRTT ten
+//! seconds after the last one began, whatever the samples said; here it runs as in Linux's
+//! BBR: when the minimum has expired, never on the first ACK after the sender was idle (its
+//! samples come from an empty queue and renew the minimum), and never while
+//! application-limited. A sidecar's connection is idle between bursts of requests, and
+//! quinn's schedule ran ProbeRTT on the first ACK of nearly every burst, at three quarters of
+//! a bandwidth estimate that had decayed while idle: the lossy yardstick's QUIC p99 was 262
+//! and 355 ms in rounds that began so, against 150-160 ms in rounds that did not
+//! (BENCHMARKS.md, seventh session).
 //!
 //! The rest (startup, drain, the gain cycle, recovery, ACK aggregation) is quinn's, unchanged
 //! but for its random generator (the sidecar's own, `crate::rng`).
@@ -45,6 +55,9 @@ const BASE_DATAGRAM_SIZE: u64 = 1200;
 
 /// How long a minimum RTT stands without a sample as low (quiche's and Linux's ten seconds).
 const MIN_RTT_EXPIRY: Duration = Duration::from_secs(10);
+
+/// A sample within a sixteenth of the minimum RTT (3 ms of 50) confirms it.
+const MIN_RTT_CONFIRM: u32 = 16;
 
 /// BBR (v1, after quiche) with a windowed minimum RTT; see the module documentation.
 #[derive(Debug, Clone)]
@@ -75,6 +88,9 @@ pub(crate) struct Bbr {
     min_rtt_stamp: Option<Instant>,
     /// The least RTT sample of the ACK frame being processed.
     sample_min_rtt: Option<Duration>,
+    /// Nothing was in flight after the last ACK: the next one is the first of a restart from
+    /// idle, whose RTT samples come from an empty queue.
+    idle: bool,
     exiting_quiescence: bool,
     pacing_rate: u64,
     max_acked_packet_number: u64,
@@ -117,6 +133,7 @@ impl Bbr {
             min_rtt: Default::default(),
             min_rtt_stamp: None,
             sample_min_rtt: None,
+            idle: false,
             exiting_quiescence: false,
             pacing_rate: 0,
             max_acked_packet_number: 0,
@@ -238,27 +255,42 @@ impl Bbr {
     }
 
     /// Takes the ACK frame's RTT sample into the minimum-RTT filter: a lower sample replaces
-    /// the minimum, and so does any sample once the minimum is `MIN_RTT_EXPIRY` old.
-    fn update_min_rtt(&mut self, now: Instant) {
-        let Some(sample) = self.sample_min_rtt.take() else {
-            return;
-        };
+    /// the minimum, and so does any sample once the minimum is `MIN_RTT_EXPIRY` old; a sample
+    /// within `MIN_RTT_CONFIRM` of the minimum confirms it (the queue was empty then, so the
+    /// minimum is still the path's). Returns whether the minimum had expired before this ACK.
+    fn update_min_rtt(&mut self, now: Instant) -> bool {
         let expired = self
             .min_rtt_stamp
             .is_some_and(|stamp| now.saturating_duration_since(stamp) > MIN_RTT_EXPIRY);
+        let Some(sample) = self.sample_min_rtt.take() else {
+            return expired;
+        };
         if expired || self.min_rtt.is_zero() || sample < self.min_rtt {
             self.min_rtt = sample;
             self.min_rtt_stamp = Some(now);
+        } else if sample <= self.min_rtt + self.min_rtt / MIN_RTT_CONFIRM {
+            self.min_rtt_stamp = Some(now);
         }
+        expired
     }
 
-    /// quinn's ProbeRTT schedule, unchanged: on the first ACK of a sender that fills its window,
-    /// then ten seconds after the last ProbeRTT began (never while application-limited).
-    fn is_probe_rtt_due(&self, now: Instant, app_limited: bool) -> bool {
-        !app_limited
-            && self
-                .probe_rtt_last_started_at
-                .is_none_or(|last| now.saturating_duration_since(last) > MIN_RTT_EXPIRY)
+    /// When ProbeRTT runs. The first: on the first ACK of a sender that fills its window
+    /// (quinn's, see the module documentation). After it, as in Linux's BBR: when the minimum
+    /// RTT expired (ten seconds without a sample that low or confirming it), never on the
+    /// first ACK after idle (its samples come from an empty queue and renew the minimum) and
+    /// never while application-limited (so are an application-limited sender's). quinn ran it
+    /// ten seconds after the last one began whatever the samples said: a connection idle
+    /// between bursts of requests ran it at the start of nearly every burst, at a window of
+    /// three quarters of a bandwidth estimate that had decayed while idle, and held the burst
+    /// for 200 ms and more.
+    fn is_probe_rtt_due(&self, expired: bool, restart: bool, app_limited: bool) -> bool {
+        if app_limited {
+            return false;
+        }
+        match self.probe_rtt_last_started_at {
+            None => true,
+            Some(_) => expired && !restart,
+        }
     }
 
     fn maybe_enter_or_exit_probe_rtt(
@@ -267,8 +299,9 @@ impl Bbr {
         is_round_start: bool,
         bytes_in_flight: u64,
         app_limited: bool,
+        (expired, restart): (bool, bool),
     ) {
-        if self.is_probe_rtt_due(now, app_limited)
+        if self.is_probe_rtt_due(expired, restart, app_limited)
             && !self.exiting_quiescence
             && self.mode != Mode::ProbeRtt
         {
@@ -486,7 +519,8 @@ impl Controller for Bbr {
             self.max_acked_packet_number = largest_acked_packet;
         }
 
-        self.update_min_rtt(now);
+        let expired = self.update_min_rtt(now);
+        let restart = std::mem::replace(&mut self.idle, in_flight == 0);
 
         let mut is_round_start = false;
         if bytes_acked > 0 {
@@ -510,13 +544,35 @@ impl Controller for Bbr {
 
         self.maybe_exit_startup_or_drain(now, in_flight);
 
-        self.maybe_enter_or_exit_probe_rtt(now, is_round_start, in_flight, app_limited);
+        self.maybe_enter_or_exit_probe_rtt(
+            now,
+            is_round_start,
+            in_flight,
+            app_limited,
+            (expired, restart),
+        );
 
         // After the model is updated, recalculate the pacing rate and congestion window.
         self.calculate_pacing_rate();
         self.calculate_cwnd(bytes_acked, excess_acked);
         self.calculate_recovery_window(bytes_acked, self.loss_state.lost_bytes, in_flight);
 
+        // Each ACK's state, for `QUICAR_LOG=quicar::transport::bbr=trace` (how the stalls in
+        // the module documentation were found).
+        tracing::trace!(
+            mode = ?self.mode,
+            recovery = ?self.recovery_state,
+            cwnd = self.cwnd,
+            recovery_window = self.recovery_window,
+            window = self.window(),
+            in_flight,
+            lost = self.loss_state.lost_bytes,
+            acked = bytes_acked,
+            min_rtt = ?self.min_rtt,
+            bw = self.max_bandwidth.get_estimate(),
+            app_limited,
+            round = self.round_count,
+        );
         self.prev_in_flight_count = in_flight;
         self.loss_state.reset();
     }
@@ -709,6 +765,10 @@ mod tests {
         now: Instant,
         pn: u64,
         app_limited: bool,
+        /// Bytes left in flight after each ACK (0: the sender drains every round).
+        in_flight: u64,
+        /// ProbeRTT entries seen by `rounds`.
+        probes: usize,
     }
 
     impl Sender {
@@ -720,6 +780,8 @@ mod tests {
                 now: t0,
                 pn: 0,
                 app_limited,
+                in_flight: 0,
+                probes: 0,
             }
         }
 
@@ -737,8 +799,12 @@ mod tests {
                     self.bbr
                         .on_packet_acked(self.now, sent, bytes, self.app_limited);
                 }
+                let before = self.bbr.mode;
                 self.bbr
-                    .on_end_acks(self.now, 0, self.app_limited, Some(self.pn));
+                    .on_end_acks(self.now, self.in_flight, self.app_limited, Some(self.pn));
+                if self.bbr.mode == Mode::ProbeRtt && before != Mode::ProbeRtt {
+                    self.probes += 1;
+                }
                 if self.now >= self.t0 + until {
                     return &self.bbr;
                 }
@@ -760,10 +826,10 @@ mod tests {
             assert_eq!(path.rounds(FAST, secs(2)).min_rtt, FAST, "{app_limited}");
             // The delay jumps: nine seconds on, the old minimum still stands (a queue that
             // builds for a while must not raise it)...
-            assert_eq!(path.rounds(SLOW, secs(9)).min_rtt, FAST, "{app_limited}");
+            assert_eq!(path.rounds(SLOW, secs(11)).min_rtt, FAST, "{app_limited}");
             // ...and once ten seconds pass without a sample as low, the path's RTT replaces it
             // (quinn's BBR kept the connection's lifetime minimum, 1 ms, for ever).
-            assert_eq!(path.rounds(SLOW, secs(11)).min_rtt, SLOW, "{app_limited}");
+            assert_eq!(path.rounds(SLOW, secs(13)).min_rtt, SLOW, "{app_limited}");
             // A lower sample is taken at once.
             assert_eq!(
                 path.rounds(FAST, Duration::ZERO).min_rtt,
@@ -810,5 +876,52 @@ mod tests {
             }
             assert_eq!(seen, probes, "app-limited {app_limited}");
         }
+    }
+
+    /// A sender that fills its window (something always left in flight after an ACK).
+    fn busy() -> Sender {
+        let mut path = Sender::new(false);
+        path.in_flight = 8 * u64::from(MTU);
+        path
+    }
+
+    #[test]
+    fn samples_at_the_minimum_confirm_it_so_a_busy_sender_probes_the_rtt_once() {
+        // Thirty seconds at the same RTT: the first ProbeRTT only. quinn's schedule ran one
+        // every ten seconds whatever the samples said.
+        let mut path = busy();
+        path.rounds(Duration::from_millis(20), secs(30));
+        assert_eq!(path.probes, 1);
+    }
+
+    #[test]
+    fn a_standing_queue_still_gets_probe_rtt() {
+        // The RTT samples double (a queue the sender keeps full) and stay there: ten seconds
+        // on, the minimum has expired and ProbeRTT drains the queue to measure it again.
+        let mut path = busy();
+        path.rounds(Duration::from_millis(20), secs(2));
+        assert_eq!(path.probes, 1);
+        path.rounds(Duration::from_millis(40), secs(9));
+        assert_eq!(path.probes, 1, "not before the minimum expires");
+        path.rounds(Duration::from_millis(40), secs(14));
+        assert_eq!(path.probes, 2, "once it has");
+    }
+
+    #[test]
+    fn a_burst_after_idle_does_not_start_with_probe_rtt() {
+        // A connection between bursts of requests: busy, idle for thirty seconds (its last
+        // ACK leaves nothing in flight), busy again. quinn's schedule ran ProbeRTT on the
+        // burst's first ACK (ten seconds since the last one) and held the burst at a small
+        // window for 200 ms and more.
+        let rtt = Duration::from_millis(20);
+        let mut path = busy();
+        path.rounds(rtt, secs(2));
+        assert_eq!(path.probes, 1);
+        path.in_flight = 0;
+        path.rounds(rtt, Duration::ZERO);
+        path.now += secs(30);
+        path.in_flight = 8 * u64::from(MTU);
+        assert_eq!(path.rounds(rtt, secs(37)).min_rtt, rtt);
+        assert_eq!(path.probes, 1);
     }
 }

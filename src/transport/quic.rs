@@ -40,6 +40,24 @@ const CLOSE_IDLE: u32 = 0x100;
 /// far side can tell why (H3_GENERAL_PROTOCOL_ERROR would be wrong here).
 const CLOSE_IDENTITY: u32 = 0x51c0;
 
+/// The initial RTT of a handshake with a peer whose last connection measured `last`: that
+/// RTT, at least `MIN_HANDSHAKE_RTT` (a handshake also waits for the peer's TLS work, which
+/// an established connection's RTT does not hold) and at most quinn's default, 333 ms (RFC
+/// 9002 §6.2.2: a client MAY take the RTT of a previous connection over the same path).
+/// Until an RTT is measured, a lost handshake packet is sent again after three times the
+/// initial RTT: a second at 333 ms, a burst of requests held for it after every reconnect.
+pub(crate) fn handshake_rtt(last: Option<Duration>) -> Duration {
+    const DEFAULT: Duration = Duration::from_millis(333);
+    last.map_or(DEFAULT, |rtt| rtt.clamp(MIN_HANDSHAKE_RTT, DEFAULT))
+}
+
+/// The least initial RTT taken from a previous connection.
+const MIN_HANDSHAKE_RTT: Duration = Duration::from_millis(10);
+
+/// At most this many peer addresses have their last RTT remembered (a bound for discovery
+/// that churns through addresses; past it the memory starts over).
+const REMEMBERED_RTTS: usize = 4096;
+
 fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Liveness: keep-alives while a connection is pooled, and a peer silent for this long
@@ -378,6 +396,10 @@ pub(crate) struct Pool {
     endpoint: quinn::Endpoint,
     identity: IdentityRx,
     transport: Arc<quinn::TransportConfig>,
+    cfg: QuicConfig,
+    /// The RTT each peer address's last connection measured when it closed: the next
+    /// handshake with it starts from it (`handshake_rtt`).
+    rtts: Arc<Mutex<rustc_hash::FxHashMap<SocketAddr, Duration>>>,
     idle_timeout: Duration,
     slots: Arc<Slots<PeerConn>>,
     opened: AtomicU64,
@@ -403,6 +425,8 @@ impl Pool {
             endpoint,
             identity,
             transport: Arc::new(transport_config(cfg, false)),
+            cfg: cfg.clone(),
+            rtts: Arc::default(),
             idle_timeout: cfg.idle_timeout,
             slots: Arc::default(),
             opened: AtomicU64::new(0),
@@ -416,6 +440,11 @@ impl Pool {
 
     pub(crate) fn connections_active(&self) -> usize {
         self.slots.active()
+    }
+
+    /// The RTT the last connection to `addr` measured, once it has closed.
+    pub(crate) fn remembered_rtt(&self, addr: SocketAddr) -> Option<Duration> {
+        self.rtts.lock().expect("not poisoned").get(&addr).copied()
     }
 
     /// The state of the connection to an endpoint, if one was made.
@@ -502,7 +531,15 @@ impl Pool {
         let quic = QuicClientConfig::try_from(tls)
             .map_err(|e| connect_failed(format!("cannot build QUIC config: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        client.transport_config(self.transport.clone());
+        let last = self.remembered_rtt(addr);
+        client.transport_config(match last {
+            None => self.transport.clone(),
+            Some(_) => {
+                let mut t = transport_config(&self.cfg, false);
+                t.initial_rtt(handshake_rtt(last));
+                Arc::new(t)
+            }
+        });
         // Names are checked by SPIFFE ID, never DNS; SNI is for peers that route by it.
         let connecting = self
             .endpoint
@@ -551,10 +588,16 @@ impl Pool {
         let open = self
             .tel
             .connection_opened(Direction::Outbound, Transport::Quic);
+        let (closing, rtts) = (conn.clone(), self.rtts.clone());
         tokio::spawn(async move {
             let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             drop(open);
             tracing::debug!(peer = %addr, reason = %err, "QUIC connection closed");
+            let mut rtts = rtts.lock().expect("not poisoned");
+            if rtts.len() >= REMEMBERED_RTTS && !rtts.contains_key(&addr) {
+                rtts.clear();
+            }
+            rtts.insert(addr, closing.rtt());
         });
         Ok(PeerConn {
             send,
@@ -829,5 +872,21 @@ async fn upload(mut send: ClientSend, body: Upload, cancel: CancellationToken) {
             tracing::debug!(error = %e, "peer stopped reading the request body");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handshake_starts_from_the_last_rtt_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(handshake_rtt(None), ms(333));
+        assert_eq!(handshake_rtt(Some(ms(50))), ms(50));
+        // Loopback's tens of microseconds would resend the first packet before the peer's
+        // TLS work is done; a path slower than quinn's default keeps the default.
+        assert_eq!(handshake_rtt(Some(Duration::from_micros(40))), ms(10));
+        assert_eq!(handshake_rtt(Some(ms(900))), ms(333));
     }
 }

@@ -207,6 +207,46 @@ async fn admin_api_answers() {
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_reconnect_starts_its_handshake_from_the_last_connections_rtt() {
+    // A lost handshake packet is sent again after three initial RTTs: quinn's 333 ms held
+    // every request waiting on a reconnect for a second. After a connection to the endpoint
+    // closes, the next handshake starts from the RTT it measured (at least 10 ms).
+    let pair = Pair::over_with("quic", "[quic]\nidle_timeout = \"200ms\"", "").await;
+    let admin = pair.client.admin;
+    let handshake_rtt = || async move {
+        let v: serde_json::Value =
+            serde_json::from_slice(&admin_get(admin, "/endpoints").await.body).unwrap();
+        v[0]["endpoints"][0]["handshake_rtt_ms"].as_f64().unwrap()
+    };
+    assert_eq!(handshake_rtt().await, 333.0);
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let remembered = loop {
+        let v = handshake_rtt().await;
+        if v != 333.0 || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        pair.client
+            .connections_active(quicar::facts::Transport::Quic),
+        0
+    );
+    assert!(
+        (10.0..333.0).contains(&remembered),
+        "handshake RTT {remembered} ms after the idle close"
+    );
+    // The reconnect with it is served.
+    assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+    assert_eq!(
+        pair.client
+            .connections_opened(quicar::facts::Transport::Quic),
+        2
+    );
+}
+
 /// Reads lines from a log file until `n` are there (bounded).
 async fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -85,6 +85,31 @@ where
     }
 }
 
+impl<B> WriteBuf<B>
+where
+    B: Buf,
+{
+    /// quicar: what is left to write as two owned chunks, for a stream that takes `Bytes`
+    /// (quinn's `write_chunks`): the encoded stream type and frame header (a few bytes, copied;
+    /// empty when there is none) and the frame's payload, taken without a copy when it is
+    /// `Bytes` (`Buf::copy_to_bytes`). h3-quinn's `poll_write` copied both into new buffers.
+    pub fn into_chunks(mut self) -> [Bytes; 2] {
+        let head = if self.pos < self.len {
+            Bytes::copy_from_slice(&self.buf[self.pos..self.len])
+        } else {
+            Bytes::new()
+        };
+        let payload = match self.frame.as_mut().and_then(|f| f.payload_mut()) {
+            Some(p) => {
+                let n = p.remaining();
+                p.copy_to_bytes(n)
+            }
+            None => Bytes::new(),
+        };
+        [head, payload]
+    }
+}
+
 impl<B> From<StreamType> for WriteBuf<B>
 where
     B: Buf,
