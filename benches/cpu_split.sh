@@ -45,8 +45,8 @@ NGW=$(pgrep -P "${PID[nginx]}" | head -1)
 # sample PID: utime stime (ticks), run time (ns), voluntary context switches, all threads
 sample() {
   echo "$(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat")" \
-    "$(cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}')" \
-    "$(cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt/ {s += $2} END {print s}')"
+    "$(cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f", s}')" \
+    "$(cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt/ {s += $2} END {printf "%.0f", s}')"
 }
 measure() { # NAME HOST PORT LOAD PID...
   local name=$1 host=$2 port=$3 load=$4 reqs; shift 4
