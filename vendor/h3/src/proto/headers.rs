@@ -11,7 +11,10 @@ use http::{
     Extensions, HeaderMap, Method, StatusCode,
 };
 
-use crate::{ext::Protocol, qpack::HeaderField};
+use crate::{
+    ext::Protocol,
+    qpack::{HeaderField, SharedField},
+};
 
 #[derive(Debug)]
 #[cfg_attr(test, derive(PartialEq, Clone))]
@@ -294,24 +297,32 @@ impl Iterator for HeaderIter {
 impl TryFrom<Vec<HeaderField>> for Header {
     type Error = HeaderError;
     fn try_from(headers: Vec<HeaderField>) -> Result<Self, Self::Error> {
+        Header::try_from(headers.into_iter().map(SharedField::from).collect::<Vec<_>>())
+    }
+}
+
+impl TryFrom<Vec<SharedField>> for Header {
+    type Error = HeaderError;
+    fn try_from(headers: Vec<SharedField>) -> Result<Self, Self::Error> {
         let mut fields = HeaderMap::with_capacity(headers.len());
         let mut pseudo = Pseudo::default();
 
-        for field in headers.into_iter() {
-            let (name, value) = field.into_inner();
-            // quicar: a regular field's value becomes the HeaderValue without a copy (the
-            // decoder's buffer is handed over); names and pseudo-headers parse as before.
+        for SharedField { name, value } in headers {
+            // quicar: a regular field's value becomes the HeaderValue without a copy (it shares
+            // the field section's bytes); names and pseudo-headers parse as before.
             if name.first().is_some_and(|b| *b != b':') {
                 let n = HeaderName::from_lowercase(&name)
                     .map_err(|_| HeaderError::invalid_name(&name))?;
-                fields.append(n, owned_value(&name, value)?);
+                let v = HeaderValue::from_maybe_shared(value)
+                    .map_err(|_| HeaderError::invalid_value(&name, b""))?;
+                fields.append(n, v);
                 continue;
             }
             // quicar: :path and :authority keep the decoded bytes (the parse is the one
             // `from_str` makes, without the copy).
             if &name[..] == b":path" {
                 pseudo.path = Some(
-                    PathAndQuery::from_maybe_shared(shared(value))
+                    PathAndQuery::from_maybe_shared(value)
                         .map_err(|_| HeaderError::invalid_value(&name, b""))?,
                 );
                 pseudo.len += 1;
@@ -319,7 +330,7 @@ impl TryFrom<Vec<HeaderField>> for Header {
             }
             if &name[..] == b":authority" {
                 pseudo.authority = Some(
-                    Authority::from_maybe_shared(shared(value))
+                    Authority::from_maybe_shared(value)
                         .map_err(|_| HeaderError::invalid_value(&name, b""))?,
                 );
                 pseudo.len += 1;
@@ -357,20 +368,6 @@ impl TryFrom<Vec<HeaderField>> for Header {
         }
 
         Ok(Header { pseudo, fields })
-    }
-}
-
-/// quicar: the value as a `HeaderValue` sharing the decoded bytes; `from_maybe_shared` makes
-/// the check `HeaderValue::from_bytes` makes (visible ASCII, obs-text, space and tab), once.
-fn owned_value(name: &[u8], value: std::borrow::Cow<'static, [u8]>) -> Result<HeaderValue, HeaderError> {
-    HeaderValue::from_maybe_shared(shared(value)).map_err(|_| HeaderError::invalid_value(name, b""))
-}
-
-/// quicar: decoded bytes as `Bytes`, without a copy.
-fn shared(value: std::borrow::Cow<'static, [u8]>) -> bytes::Bytes {
-    match value {
-        std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
-        std::borrow::Cow::Borrowed(s) => bytes::Bytes::from_static(s),
     }
 }
 

@@ -6,7 +6,7 @@ use tracing::trace;
 
 use super::{
     dynamic::{DynamicTable, DynamicTableDecoder, Error as DynamicTableError},
-    field::HeaderField,
+    field::{HeaderField, SharedField},
     static_::{Error as StaticError, StaticTable},
     vas,
 };
@@ -70,8 +70,8 @@ pub fn stream_canceled<W: BufMut>(stream_id: u64, decoder: &mut W) {
 
 #[derive(PartialEq, Debug)]
 pub struct Decoded {
-    /// The decoded fields
-    pub fields: Vec<HeaderField>,
+    /// The decoded fields (quicar: sharing the field section's bytes)
+    pub fields: Vec<SharedField>,
     /// Whether one or more encoded fields were referencing the dynamic table
     pub dyn_ref: bool,
     /// Decoded size, calculated as stated in "4.1.1.3. Header Size Constraints"
@@ -104,7 +104,7 @@ impl Decoder {
         }
 
         Ok(Decoded {
-            fields,
+            fields: fields.into_iter().map(SharedField::from).collect(),
             mem_size,
             dyn_ref: required_ref > 0,
         })
@@ -215,7 +215,11 @@ impl Decoder {
 
 // Decode field lines received on Request or Push stream.
 // https://www.rfc-editor.org/rfc/rfc9204.html#name-field-line-representations
-pub fn decode_stateless<T: Buf>(buf: &mut T, max_size: u64) -> Result<Decoded, DecoderError> {
+/// quicar: decodes a field section that uses no dynamic table (all h3 sends and takes) from
+/// one `Bytes`, each field's name and value sharing it: no copy of a string literal that is not
+/// Huffman-coded, and static-table entries as static bytes. The representations are those of
+/// `Indexed::Static`, `LiteralWithNameRef::Static` and `Literal`.
+pub fn decode_stateless(buf: &mut bytes::Bytes, max_size: u64) -> Result<Decoded, DecoderError> {
     let (required_ref, _base) = HeaderPrefix::decode(buf)?.get(0, 0)?;
 
     if required_ref > 0 {
@@ -223,7 +227,8 @@ pub fn decode_stateless<T: Buf>(buf: &mut T, max_size: u64) -> Result<Decoded, D
     }
 
     let mut mem_size = 0;
-    let mut fields = Vec::new();
+    // Room for a typical request or response head, not grown field by field.
+    let mut fields = Vec::with_capacity(16);
     while buf.has_remaining() {
         let field = match HeaderBlockField::decode(buf.chunk()[0]) {
             HeaderBlockField::IndexedWithPostBase => return Err(DecoderError::MissingRefs(0)),
@@ -231,18 +236,24 @@ pub fn decode_stateless<T: Buf>(buf: &mut T, max_size: u64) -> Result<Decoded, D
                 return Err(DecoderError::MissingRefs(0))
             }
             HeaderBlockField::Indexed => match Indexed::decode(buf)? {
-                Indexed::Static(index) => StaticTable::get(index)?.clone(),
+                Indexed::Static(index) => SharedField::from(StaticTable::get(index)?.clone()),
                 Indexed::Dynamic(_) => return Err(DecoderError::MissingRefs(0)),
             },
-            HeaderBlockField::LiteralWithNameRef => match LiteralWithNameRef::decode(buf)? {
-                LiteralWithNameRef::Dynamic { .. } => return Err(DecoderError::MissingRefs(0)),
-                LiteralWithNameRef::Static { index, value } => {
-                    StaticTable::get(index)?.with_value(value)
+            HeaderBlockField::LiteralWithNameRef => match prefix_int::decode(4, buf)? {
+                (f, index) if f & 0b0101 == 0b0101 => {
+                    let index = usize::try_from(index)
+                        .map_err(|_| DecoderError::InvalidInteger(prefix_int::Error::Overflow))?;
+                    let name = SharedField::from(StaticTable::get(index)?.clone()).name;
+                    let value = prefix_string::decode_shared(8, buf)?;
+                    SharedField { name, value }
                 }
+                (f, _) if f & 0b0101 == 0b0100 => return Err(DecoderError::MissingRefs(0)),
+                (f, _) => return Err(DecoderError::UnknownPrefix(f)),
             },
             HeaderBlockField::Literal => {
-                let literal = Literal::decode(buf)?;
-                HeaderField::new(literal.name, literal.value)
+                let name = prefix_string::decode_shared(4, buf)?;
+                let value = prefix_string::decode_shared(8, buf)?;
+                SharedField { name, value }
             }
             _ => return Err(DecoderError::UnknownPrefix(buf.chunk()[0])),
         };

@@ -46,6 +46,37 @@ impl HeaderField {
     }
 }
 
+/// quicar: a decoded field, name and value sharing the field section's bytes (see
+/// `decode_stateless`).
+#[derive(Debug, PartialEq, Clone)]
+pub struct SharedField {
+    pub name: bytes::Bytes,
+    pub value: bytes::Bytes,
+}
+
+impl SharedField {
+    pub fn mem_size(&self) -> usize {
+        self.name.len() + self.value.len() + ESTIMATED_OVERHEAD_BYTES
+    }
+}
+
+/// quicar: `Cow::Borrowed` (the static table) stays borrowed, an owned buffer is handed over.
+fn shared(bytes: Cow<'static, [u8]>) -> bytes::Bytes {
+    match bytes {
+        Cow::Borrowed(s) => bytes::Bytes::from_static(s),
+        Cow::Owned(v) => bytes::Bytes::from(v),
+    }
+}
+
+impl From<HeaderField> for SharedField {
+    fn from(field: HeaderField) -> Self {
+        SharedField {
+            name: shared(field.name),
+            value: shared(field.value),
+        }
+    }
+}
+
 impl AsRef<HeaderField> for HeaderField {
     fn as_ref(&self) -> &Self {
         self

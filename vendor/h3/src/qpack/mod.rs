@@ -1,7 +1,7 @@
 pub use self::{
     decoder::{decode_stateless, Decoded, DecoderError},
     encoder::{encode_stateless, EncoderError},
-    field::HeaderField,
+    field::{HeaderField, SharedField},
 };
 
 mod block;

@@ -62,6 +62,26 @@ pub fn decode<B: Buf>(size: u8, buf: &mut B) -> Result<Vec<u8>, Error> {
     Ok(value)
 }
 
+/// quicar: a string literal as `Bytes` sharing `buf` (no copy) unless it is Huffman-coded: a
+/// field section is one `Bytes`, and each of its fields becomes a `HeaderValue` (or name) of
+/// its own. `decode` copied each string twice (a `Bytes` copy, then a `Vec`).
+pub fn decode_shared(size: u8, buf: &mut bytes::Bytes) -> Result<bytes::Bytes, Error> {
+    let (flags, len) = prefix_int::decode(size - 1, buf)?;
+    let len: usize = len.try_into()?;
+    if buf.remaining() < len {
+        return Err(Error::UnexpectedEnd);
+    }
+    let payload = buf.split_to(len);
+    if flags & 1 == 0 {
+        return Ok(payload);
+    }
+    let mut decoded = Vec::new();
+    for byte in payload.to_vec().hpack_decode() {
+        decoded.push(byte?);
+    }
+    Ok(bytes::Bytes::from(decoded))
+}
+
 /// quicar: string literals are sent as they are, without Huffman coding (RFC 9204 §4.1.2 lets
 /// the encoder choose; the H bit says which). Huffman-coding every field of every request and
 /// response was the largest user-space cost of an HTTP/3 exchange here, for a few bytes saved
