@@ -278,7 +278,7 @@ impl Bbr {
     /// (quinn's, see the module documentation). After it, as in Linux's BBR: when the minimum
     /// RTT expired (ten seconds without a sample that low or confirming it), never on the
     /// first ACK after idle (its samples come from an empty queue and renew the minimum) and
-    /// never while application-limited (so are an application-limited sender's). quinn ran it
+    /// never while application-limited (such a sender builds no queue of its own). quinn ran it
     /// ten seconds after the last one began whatever the samples said: a connection idle
     /// between bursts of requests ran it at the start of nearly every burst, at a window of
     /// three quarters of a bandwidth estimate that had decayed while idle, and held the burst
