@@ -168,14 +168,8 @@ async fn framing_that_could_be_read_two_ways_is_refused_with_its_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
-    let toml = client_toml(&pki, &[server.inbound], "").replace(
-        "[outbound]\nlisten = \"127.0.0.1:0\"",
-        "[outbound]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"500ms\"",
-    );
-    let client = sidecar(&pki, &toml).await;
+    let pair = Pair::with_outbound("header_read_timeout = \"500ms\"").await;
+    let (client, upstream) = (&pair.client, &pair.upstream);
     // Half a head: 408 with its kind and the setting named, then the close.
     let mut s = tokio::net::TcpStream::connect(client.outbound)
         .await
@@ -235,14 +229,8 @@ async fn framing_that_reads_one_way_is_served_however_it_is_spelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_outlasts_the_head_timeout_is_not_cut() {
     // `header_read_timeout` bounds the wait for a head, never the request that follows it.
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
-    let toml = client_toml(&pki, &[server.inbound], "").replace(
-        "[outbound]\nlisten = \"127.0.0.1:0\"",
-        "[outbound]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"",
-    );
-    let client = sidecar(&pki, &toml).await;
+    let pair = Pair::with_outbound("header_read_timeout = \"300ms\"").await;
+    let client = &pair.client;
     let got = get(client.outbound, "hello", "/slow/1000").await;
     assert_eq!(got.status, StatusCode::OK, "{got:?}");
     assert_eq!(&got.body[..], b"slow");

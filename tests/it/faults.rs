@@ -385,14 +385,8 @@ crate::over_transports! {
 async fn an_oversized_http3_header_section_gets_431_with_the_kind() {
     // The calling sidecar lets 300 KB of headers through; the far one refuses 100 KB with its
     // own 431 and kind (h3 alone would answer a bare 431).
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
-    let toml = client_toml(&pki, &[server.inbound], "").replace(
-        "[outbound]\nlisten = \"127.0.0.1:0\"",
-        "[outbound]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = 300000",
-    );
-    let client = sidecar(&pki, &toml).await;
+    let pair = Pair::with_outbound("max_header_bytes = 300000").await;
+    let (client, upstream) = (&pair.client, &pair.upstream);
     let got = send(
         client.outbound,
         http::Request::get("/")
@@ -467,14 +461,8 @@ async fn ready_waits_for_the_first_endpoints_and_responses_hint_keep_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_connections_over_the_cap_get_a_clean_503() {
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
-    let toml = client_toml(&pki, &[server.inbound], "").replace(
-        "[outbound]\nlisten = \"127.0.0.1:0\"",
-        "[outbound]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2",
-    );
-    let client = sidecar(&pki, &toml).await;
+    let pair = Pair::with_outbound("max_connections = 2").await;
+    let client = &pair.client;
     // Two idle keep-alive connections hold the cap.
     let _a = tokio::net::TcpStream::connect(client.outbound)
         .await

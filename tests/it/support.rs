@@ -518,6 +518,25 @@ impl Pair {
         }
     }
 
+    /// A pair whose client has `setting` (one or more lines) in its `[outbound]` section.
+    pub async fn with_outbound(setting: &str) -> Self {
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+        let toml = client_toml(&pki, &[server.inbound], "").replace(
+            "[outbound]\nlisten = \"127.0.0.1:0\"",
+            &format!("[outbound]\nlisten = \"127.0.0.1:0\"\n{setting}"),
+        );
+        let client = sidecar(&pki, &toml).await;
+        Self {
+            pki,
+            client,
+            server,
+            upstream,
+        }
+    }
+
     pub fn out(&self) -> SocketAddr {
         self.client.outbound
     }
