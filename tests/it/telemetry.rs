@@ -247,6 +247,65 @@ async fn a_quic_reconnect_starts_its_handshake_from_the_last_connections_rtt() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_from_a_remembered_rtt_to_a_peer_that_is_gone_fails_fast_for_all() {
+    // The shorter initial RTT only resends the first packet sooner: when the peer is gone,
+    // 100 concurrent requests still fail together with `connect-failed`, sharing handshake
+    // attempts, and none waits for the service timeout.
+    let Pair {
+        pki: _pki,
+        client,
+        server,
+        upstream: _upstream,
+    } = Pair::over_with(
+        "quic",
+        "timeout = \"60s\"\n[quic]\nidle_timeout = \"200ms\"",
+        "",
+    )
+    .await;
+    let admin = client.admin;
+    assert_eq!(
+        get(client.outbound, "hello", "/").await.status,
+        StatusCode::OK
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&admin_get(admin, "/endpoints").await.body).unwrap();
+        if v[0]["endpoints"][0]["handshake_rtt_ms"].as_f64() != Some(333.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no RTT remembered: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+    let out = client.outbound;
+    let calls: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+        .collect();
+    let mut kinds = std::collections::BTreeMap::new();
+    for c in calls {
+        let got = c.await.unwrap();
+        *kinds
+            .entry(got.error_kind().unwrap_or("none").to_string())
+            .or_insert(0) += 1;
+    }
+    // Not one waits for the 60 s service timeout (that would be `timeout`).
+    assert_eq!(kinds.get("connect-failed"), Some(&100), "{kinds:?}");
+    assert_eq!(client.connections_active(quicar::facts::Transport::Quic), 0);
+    // The waiters share handshakes (single flight), not one each.
+    let metrics = text(&admin_get(admin, "/metrics").await);
+    let handshakes: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("quicar_handshake_failures_total{direction=\"outbound\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=10.0).contains(&handshakes),
+        "{handshakes} handshakes\n{metrics}"
+    );
+}
+
 /// Reads lines from a log file until `n` are there (bounded).
 async fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
