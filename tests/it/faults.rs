@@ -487,88 +487,84 @@ async fn app_connections_over_the_cap_get_a_clean_503() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callers_that_give_up_mid_download_free_the_far_app_at_once() {
-    // Over TCP (HTTP/2) only: over QUIC 2-4 of the 20 far-app connections stay open (found
-    // by this test in session 9, also without that session's changes; see the closing note).
-    let t = "tcp";
-    // Twenty callers start endless downloads, read a little, and hang up. The far sidecar
-    // is then writing into a stream whose reader is gone (its send window full, its
-    // write waiting): the peer's stop must end that write and close the far app's
-    // connection, long before any timeout (the service's is 60 s).
-    init_tracing();
-    let pki = Pki::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let ended_in_app = ended.clone();
-    let far = tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let ended = ended_in_app.clone();
-            tokio::spawn(async move {
-                let mut head = vec![0u8; 4096];
-                let _ = s.read(&mut head).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                    .await;
-                let chunk = [b"4000\r\n".as_slice(), &[b'x'; 0x4000], b"\r\n"].concat();
-                // Until the far sidecar closes the connection.
-                while s.write_all(&chunk).await.is_ok() {}
-                ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            });
-        }
-    });
-    let server = sidecar(
-        &pki,
-        &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
-    )
-    .await;
-    let client = sidecar(
-        &pki,
-        &client_toml(
-            &pki,
-            &[server.inbound],
-            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
-        ),
-    )
-    .await;
-    let out = client.outbound;
-    // Reads 64 KiB of an endless download, then hangs up.
-    let download = move || async move {
-        let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-        s.write_all(b"GET /endless HTTP/1.1\r\nHost: hello\r\n\r\n")
-            .await
-            .unwrap();
-        let (mut got, mut buf) = (0, vec![0u8; 16384]);
-        while got < 64 * 1024 {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the download ended early");
-            got += n;
-        }
-    };
-    let callers: Vec<_> = (0..20).map(|_| tokio::spawn(download())).collect();
-    for c in callers {
-        c.await.unwrap();
-    }
-    let ended_now = || ended.load(std::sync::atomic::Ordering::SeqCst);
-    for _ in 0..400 {
-        if ended_now() == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        ended_now(),
-        20,
-        "far app connections closed by the far sidecar"
-    );
-    // And the pair carries the next download.
-    download().await;
-    far.abort();
-}
-
 crate::over_transports! {
+    async fn callers_that_give_up_mid_download_free_the_far_app_at_once(t) {
+        // Twenty callers start endless downloads, read a little, and hang up. The far sidecar
+        // is then writing into a stream whose reader is gone (its send window full, its
+        // write waiting): the peer's stop must end that write and close the far app's
+        // connection, long before any timeout (the service's is 60 s).
+        init_tracing();
+        let pki = Pki::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ended_in_app = ended.clone();
+        let far = tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let ended = ended_in_app.clone();
+                tokio::spawn(async move {
+                    let mut head = vec![0u8; 4096];
+                    let _ = s.read(&mut head).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    let chunk = [b"4000\r\n".as_slice(), &[b'x'; 0x4000], b"\r\n"].concat();
+                    // Until the far sidecar closes the connection.
+                    while s.write_all(&chunk).await.is_ok() {}
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        let server = sidecar(
+            &pki,
+            &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
+        )
+        .await;
+        let client = sidecar(
+            &pki,
+            &client_toml(
+                &pki,
+                &[server.inbound],
+                &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+            ),
+        )
+        .await;
+        let out = client.outbound;
+        // Reads 64 KiB of an endless download, then hangs up.
+        let download = move || async move {
+            let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+            s.write_all(b"GET /endless HTTP/1.1\r\nHost: hello\r\n\r\n")
+                .await
+                .unwrap();
+            let (mut got, mut buf) = (0, vec![0u8; 16384]);
+            while got < 64 * 1024 {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the download ended early");
+                got += n;
+            }
+        };
+        let callers: Vec<_> = (0..20).map(|_| tokio::spawn(download())).collect();
+        for c in callers {
+            c.await.unwrap();
+        }
+        let ended_now = || ended.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..400 {
+            if ended_now() == 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            ended_now(),
+            20,
+            "far app connections closed by the far sidecar"
+        );
+        // And the pair carries the next download.
+        download().await;
+        far.abort();
+    }
+
     async fn a_stalled_body_does_not_hold_the_local_app_connection(t) {
         // The caller's own stall limit is long; the far sidecar's local timeout (which also
         // bounds how long a body may stall on its way to the app) is short.
