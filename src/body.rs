@@ -218,14 +218,17 @@ impl<R: RecvHalf> Body for H3Body<R> {
 /// window handed back only once the consumer took it (so backpressure reaches the peer), then
 /// the trailers. h2 checks the data against `content-length` itself.
 ///
-/// Dropped before the end of the stream (HTTP/1.1 stops at a sized body's last byte, which can
-/// come before the frame with END_STREAM), it keeps reading in the background, bounded like
-/// `H3Body`'s drain: h2 would otherwise reset the stream, and counts such resets against the
-/// connection (1,024 and it sends GOAWAY `too_many_internal_resets`).
+/// Dropped before the end of the stream, it resets the stream (`CANCEL`) when it holds the
+/// stream's send half (`cancel_with`: the response to a body-less request, whose caller gave
+/// up). Otherwise (HTTP/1.1 stops at a sized body's last byte, which can come before the frame
+/// with END_STREAM) it keeps reading in the background, bounded like `H3Body`'s drain.
 pub(crate) struct H2Body {
     /// `None` only once dropped (handed to the drain task).
     recv: Option<h2::RecvStream>,
     data_done: bool,
+    /// The stream's send half, to cancel it with when dropped early (a response whose caller
+    /// gave up).
+    cancel: Option<h2::SendStream<Bytes>>,
 }
 
 impl H2Body {
@@ -233,7 +236,16 @@ impl H2Body {
         Self {
             recv: Some(recv),
             data_done: false,
+            cancel: None,
         }
+    }
+
+    /// Dropped before the end of the stream, the body resets it (`CANCEL`) through `send`
+    /// instead of draining it: the peer stops at once (and with it the far app's work), and a
+    /// reset the caller asks for is not one h2 counts against the connection.
+    pub(crate) fn cancel_with(mut self, send: h2::SendStream<Bytes>) -> Self {
+        self.cancel = Some(send);
+        self
     }
 }
 
@@ -244,6 +256,10 @@ impl Drop for H2Body {
             return;
         };
         if recv.is_end_stream() {
+            return;
+        }
+        if let Some(mut send) = self.cancel.take() {
+            send.send_reset(h2::Reason::CANCEL);
             return;
         }
         let mut left = DRAIN_BYTES;

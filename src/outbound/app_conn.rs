@@ -24,8 +24,9 @@
 //!   vectored write.
 //! - **The connection** is kept alive as RFC 9112 §9.3 says, serves pipelined requests in
 //!   order, is dropped (and the request with it) when the app hangs up while a body-less
-//!   request runs, is closed when idle for `header_read_timeout`, and on shutdown closes when
-//!   idle or after the response in progress.
+//!   request runs or while its response waits for body bytes (a long poll), is closed when
+//!   idle for `header_read_timeout`, and on shutdown closes when idle or after the response
+//!   in progress.
 
 use std::future::{poll_fn, Future as _};
 use std::io;
@@ -71,6 +72,22 @@ const GATHER: usize = 64 * 1024;
 struct Reader {
     io: OwnedReadHalf,
     buf: BytesMut,
+}
+
+impl Reader {
+    /// Whether the app hung up, seen while the read side waits for the next request:
+    /// pipelined requests are kept in the buffer, up to `limit` bytes (beyond it, nothing
+    /// more is read until they are served).
+    fn poll_hung_up(&mut self, limit: usize, cx: &mut Context<'_>) -> bool {
+        while self.buf.len() < limit {
+            match poll_fill(&mut self.io, &mut self.buf, cx) {
+                Poll::Ready(Ok(true)) => {}
+                Poll::Ready(Ok(false) | Err(_)) => return true,
+                Poll::Pending => break,
+            }
+        }
+        false
+    }
 }
 
 /// What the connection task shares with the request in progress.
@@ -226,7 +243,7 @@ pub(crate) async fn serve(
                     version: Version::HTTP_11,
                     trailers: false,
                 };
-                let _ = write_response(&mut wr, parts, body, asked, true).await;
+                let _ = write_response(&mut wr, parts, body, asked, true, None).await;
                 linger(wr, rd).await;
                 return;
             }
@@ -275,15 +292,9 @@ pub(crate) async fn serve(
             if let Poll::Ready(resp) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(resp));
             }
-            if let Some(rd) = reader.as_mut() {
-                // Pipelined requests wait in the buffer, up to a head's worth.
-                while rd.buf.len() < settings.max_header_bytes {
-                    match poll_fill(&mut rd.io, &mut rd.buf, cx) {
-                        Poll::Ready(Ok(true)) => {}
-                        Poll::Ready(Ok(false) | Err(_)) => return Poll::Ready(None),
-                        Poll::Pending => break,
-                    }
-                }
+            let limit = settings.max_header_bytes;
+            if reader.as_mut().is_some_and(|rd| rd.poll_hung_up(limit, cx)) {
+                return Poll::Ready(None);
             }
             Poll::Pending
         })
@@ -306,7 +317,8 @@ pub(crate) async fn serve(
         // nothing to read the next request from.
         let close = !keep_alive || reader.is_none() || shutdown.is_cancelled();
         let (parts, body) = resp.into_parts();
-        match write_response(&mut wr, parts, body, asked, close).await {
+        let watch = reader.as_mut().map(|rd| (rd, settings.max_header_bytes));
+        match write_response(&mut wr, parts, body, asked, close, watch).await {
             Ok(true) if !close => {}
             Ok(_) => return,
             Err(e) => {
@@ -514,6 +526,7 @@ async fn write_response(
     mut body: ProxyBody,
     asked: Asked,
     close: bool,
+    mut watch: Option<(&mut Reader, usize)>,
 ) -> io::Result<bool> {
     let status = parts.status;
     let bodyless = asked.head
@@ -576,21 +589,34 @@ async fn write_response(
     let mut gathered = 0;
     loop {
         // What the body has ready is gathered; the gathering goes out when it waits.
+        // While the body has nothing ready, an app that hangs up is watched for (when the read
+        // side is ours): a response that does not move would otherwise never learn of it, and
+        // hold its stream, the far sidecar and the far app until a timeout.
         let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-            Poll::Pending if !out.is_empty() => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
+            Poll::Pending if !out.is_empty() => Poll::Ready(Next::Flush),
+            Poll::Pending => {
+                let hung_up = watch
+                    .as_mut()
+                    .is_some_and(|(rd, limit)| rd.poll_hung_up(*limit, cx));
+                if hung_up {
+                    Poll::Ready(Next::HungUp)
+                } else {
+                    Poll::Pending
+                }
+            }
         })
         .await;
         let frame = match next {
-            None => {
+            Next::Flush => {
                 poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
                 gathered = 0;
                 continue;
             }
-            Some(Some(Ok(frame))) => frame,
-            Some(None) => break,
-            Some(Some(Err(e))) => {
+            Next::HungUp => return Err(io::ErrorKind::ConnectionReset.into()),
+            Next::Frame(Some(Ok(frame))) => frame,
+            Next::Frame(None) => break,
+            Next::Frame(Some(Err(e))) => {
                 poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
                 tracing::debug!(error = %e, "a response body failed on its way to the app");
                 return Ok(false);
@@ -644,6 +670,15 @@ async fn write_response(
         }
         _ => Ok(!close),
     }
+}
+
+/// What the response writer does next.
+enum Next<F> {
+    /// Writes what it gathered: the body has nothing more ready.
+    Flush,
+    /// Stops: the app hung up.
+    HungUp,
+    Frame(Option<F>),
 }
 
 /// `Date` for responses without one, made once a second per thread.

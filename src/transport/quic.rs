@@ -3,9 +3,13 @@
 //! closed when idle), one request exchange, and the mapping of quinn and h3 errors to what the
 //! request path needs to know.
 
+use http_body::Body as _;
+use std::future::Future as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -306,15 +310,30 @@ async fn stream_request(
     req.extensions_mut().insert(interim);
     let handled = inbound.settle_and_handle(req, peer, Transport::Quic);
     tokio::pin!(handled);
-    // Interim responses (103…) go out on the stream as they arrive, ahead of the final one.
+    // Interim responses (103…) go out on the stream as they arrive, ahead of the final one. A
+    // caller that stops the stream (it hung up) drops the request, and with it the local
+    // app's call.
     let resp = loop {
-        tokio::select! {
-            biased;
-            resp = &mut handled => break resp,
-            info = interims.recv() => {
+        let mut info = std::pin::pin!(interims.recv());
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
+                return Poll::Ready(Some(Ok(resp)));
+            }
+            if let Poll::Ready(info) = info.as_mut().poll(cx) {
+                return Poll::Ready(Some(Err(info)));
+            }
+            send.poll_stopped(cx).map(|_| None)
+        })
+        .await;
+        match next {
+            Some(Ok(resp)) => break resp,
+            Some(Err(info)) => {
                 if let Err(e) = send.send_response(info).await {
                     tracing::debug!(error = %e, "could not send an interim response");
                 }
+            }
+            None => {
+                return tracing::debug!(%remote, "the caller stopped the stream before the response")
             }
         }
     };
@@ -336,7 +355,17 @@ async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Res
         return;
     }
     loop {
-        match body.frame().await {
+        // The next frame of the app's body; a caller that stops the stream meanwhile (it hung
+        // up) drops the body, and with it the app's connection.
+        let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => send.poll_stopped(cx).map(|_| None),
+        })
+        .await;
+        let Some(frame) = frame else {
+            return tracing::debug!("the caller stopped the stream during the response");
+        };
+        match frame {
             None => break,
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "local app response body failed; resetting stream");

@@ -40,6 +40,17 @@ use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
 const ALPN_H2: &[u8] = b"h2";
 
+/// Streams reset in the last `RESET_STREAM_TIME` that h2 remembers, both sides. Frames the peer
+/// sent before it saw a reset still arrive (up to a stream window each); on a remembered stream
+/// they are dropped, on a forgotten one h2 answers each with a reset of its own and counts it
+/// as the peer's protocol error, and at 1,024 ends the connection with every request on it
+/// (GOAWAY `too_many_internal_resets`). h2's default of 10 remembered streams did that after
+/// about 2,000 callers hung up mid-download on one connection (test
+/// `faults::a_storm_of_callers_hanging_up_…`); 8,192 over 5 s holds 1,600 hang-ups a second
+/// per connection, for a few MB while a storm lasts.
+const RESET_STREAMS: usize = 8192;
+const RESET_STREAM_TIME: Duration = Duration::from_secs(5);
+
 /// The TLS server config for the TCP listener (ALPN h2), from the current identity.
 pub(crate) fn server_tls(material: &Material) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
     Ok(Arc::new(material.server_config(vec![ALPN_H2.to_vec()])?))
@@ -129,6 +140,8 @@ async fn connection(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_FIELD_SECTION as u32)
+        .max_concurrent_reset_streams(RESET_STREAMS)
+        .reset_stream_duration(RESET_STREAM_TIME)
         .handshake::<_, Bytes>(stream)
         .await
     {
@@ -425,6 +438,8 @@ impl Pool {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_FIELD_SECTION as u32)
+            .max_concurrent_reset_streams(RESET_STREAMS)
+            .reset_stream_duration(RESET_STREAM_TIME)
             .enable_push(false)
             .handshake::<_, Bytes>(stream)
             .await
@@ -531,13 +546,18 @@ impl Pool {
         // The upload runs beside the response; giving up on the exchange stops it (resetting
         // the stream, so the far app never takes a truncated body for a whole one).
         let cancel_upload = CancellationToken::new();
-        if !empty {
+        // A body-less request's send half is kept by the response body, to cancel the stream
+        // if the caller gives up on the response (see `H2Body::cancel_with`).
+        let send_half = if empty {
+            Some(upload)
+        } else {
             tokio::spawn(send_h2(
                 upload,
                 body.into_body(),
                 Some(cancel_upload.clone()),
             ));
-        }
+            None
+        };
         let upload_guard = cancel_upload.drop_guard();
         let resp = match final_response(response, interim.as_ref()).await {
             Ok(r) => r,
@@ -586,7 +606,12 @@ impl Pool {
         conn.answered.store(true, Ordering::Relaxed);
         let (parts, recv) = resp.into_parts();
         Ok(wire::from_peer(parts, &method, move || {
-            held(H2Body::new(recv).boxed_unsync(), in_flight)
+            let body = H2Body::new(recv);
+            let body = match send_half {
+                Some(send) => body.cancel_with(send),
+                None => body,
+            };
+            held(body.boxed_unsync(), in_flight)
         }))
     }
 }

@@ -487,6 +487,177 @@ async fn app_connections_over_the_cap_get_a_clean_503() {
     );
 }
 
+/// A far app that answers every request with an endless chunked body, written until the far
+/// sidecar closes the connection; counts the connections that ended so.
+async fn endless_app() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ended_in_app = ended.clone();
+    let far = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let ended = ended_in_app.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = [b"4000\r\n".as_slice(), &[b'x'; 0x4000], b"\r\n"].concat();
+                // Until the far sidecar closes the connection.
+                while s.write_all(&chunk).await.is_ok() {}
+                ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (app, ended, far)
+}
+
+/// Sends `GET /endless` to `out` and reads `bytes` of the response.
+async fn start_download(out: std::net::SocketAddr, bytes: usize) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut got, mut buf) = (0, vec![0u8; 16384]);
+    while got < bytes {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the download ended early");
+        got += n;
+    }
+    s
+}
+
+/// A far app that answers each request with `reply` (nothing, or a head and a first chunk)
+/// and then stays silent, waiting for the far sidecar to close the connection. Counts the
+/// requests it got and the connections that closed under it.
+struct SilentApp {
+    addr: std::net::SocketAddr,
+    got: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentApp {
+    async fn start(reply: &'static [u8]) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (got, closed) = (
+            std::sync::Arc::new(AtomicUsize::new(0)),
+            std::sync::Arc::new(AtomicUsize::new(0)),
+        );
+        let (g, c) = (got.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let (g, c) = (g.clone(), c.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    g.fetch_add(1, SeqCst);
+                    let _ = s.write_all(reply).await;
+                    // Silent until the far sidecar closes the connection.
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    c.fetch_add(1, SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            got,
+            closed,
+            task,
+        }
+    }
+
+    fn got(&self) -> usize {
+        self.got.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Callers that hang up on a silent far app: `callers` requests reach it through a pair over
+/// `t` (the service timeout is 60 s), each caller reads the response until it has seen
+/// `until`, then hangs up. The hang-up must cross both sidecars and close every far-app connection.
+async fn hang_ups_reach_a_silent_far_app(t: &str, reply: &'static [u8], until: &[u8]) {
+    init_tracing();
+    const CALLERS: usize = 10;
+    let pki = Pki::new();
+    let app = SilentApp::start(reply).await;
+    let server = sidecar(
+        &pki,
+        &server_toml(&pki, app.addr, "127.0.0.1:0", "timeout = \"60s\""),
+    )
+    .await;
+    let client = sidecar(
+        &pki,
+        &client_toml(
+            &pki,
+            &[server.inbound],
+            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+        ),
+    )
+    .await;
+    let mut callers = Vec::new();
+    for _ in 0..CALLERS {
+        let mut s = tokio::net::TcpStream::connect(client.outbound)
+            .await
+            .unwrap();
+        s.write_all(b"GET /wait HTTP/1.1\r\nHost: hello\r\n\r\n")
+            .await
+            .unwrap();
+        callers.push(s);
+    }
+    for s in &mut callers {
+        let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+        while !until.is_empty() && !got.windows(until.len()).any(|w| w == until) {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the response ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    for _ in 0..400 {
+        if app.got() == CALLERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.got(), CALLERS, "every request reached the far app");
+    assert_eq!(
+        app.closed(),
+        0,
+        "no far-app connection closed while its caller waits"
+    );
+    drop(callers);
+    for _ in 0..400 {
+        if app.closed() == CALLERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.closed(),
+        CALLERS,
+        "far-app connections closed after their callers hung up"
+    );
+    app.task.abort();
+}
+
 crate::over_transports! {
     async fn callers_that_give_up_mid_download_free_the_far_app_at_once(t) {
         // Twenty callers start endless downloads, read a little, and hang up. The far sidecar
@@ -495,27 +666,7 @@ crate::over_transports! {
         // connection, long before any timeout (the service's is 60 s).
         init_tracing();
         let pki = Pki::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = listener.local_addr().unwrap();
-        let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let ended_in_app = ended.clone();
-        let far = tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let ended = ended_in_app.clone();
-                tokio::spawn(async move {
-                    let mut head = vec![0u8; 4096];
-                    let _ = s.read(&mut head).await;
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                        .await;
-                    let chunk = [b"4000\r\n".as_slice(), &[b'x'; 0x4000], b"\r\n"].concat();
-                    // Until the far sidecar closes the connection.
-                    while s.write_all(&chunk).await.is_ok() {}
-                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                });
-            }
-        });
+        let (app, ended, far) = endless_app().await;
         let server = sidecar(
             &pki,
             &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
@@ -533,16 +684,7 @@ crate::over_transports! {
         let out = client.outbound;
         // Reads 64 KiB of an endless download, then hangs up.
         let download = move || async move {
-            let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-            s.write_all(b"GET /endless HTTP/1.1\r\nHost: hello\r\n\r\n")
-                .await
-                .unwrap();
-            let (mut got, mut buf) = (0, vec![0u8; 16384]);
-            while got < 64 * 1024 {
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the download ended early");
-                got += n;
-            }
+            drop(start_download(out, 64 * 1024).await);
         };
         let callers: Vec<_> = (0..20).map(|_| tokio::spawn(download())).collect();
         for c in callers {
@@ -563,6 +705,76 @@ crate::over_transports! {
         // And the pair carries the next download.
         download().await;
         far.abort();
+    }
+
+    async fn a_storm_of_callers_hanging_up_leaves_other_requests_on_the_connection_alone(t) {
+        // Hundreds of callers hang up mid-download while one download goes on over the same
+        // pooled connection. Each hang-up cancels its stream; the peer's frames already on
+        // the way for it must not count as protocol errors against the connection (h2 ends
+        // a connection after 1,024 of those), which would fail the survivor with it.
+        init_tracing();
+        let pki = Pki::new();
+        let (app, ended, far) = endless_app().await;
+        let server = sidecar(
+            &pki,
+            &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
+        )
+        .await;
+        let client = sidecar(
+            &pki,
+            &client_toml(
+                &pki,
+                &[server.inbound],
+                &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+            ),
+        )
+        .await;
+        let out = client.outbound;
+        let mut survivor = start_download(out, 16 * 1024).await;
+        const BATCHES: usize = 40;
+        const CALLERS: usize = 50;
+        for _ in 0..BATCHES {
+            let callers: Vec<_> = (0..CALLERS)
+                .map(|_| tokio::spawn(start_download(out, 16 * 1024)))
+                .collect();
+            for c in callers {
+                drop(c.await.unwrap());
+            }
+            // The survivor reads on, as a slow reader would.
+            let mut buf = vec![0u8; 16384];
+            let n = survivor.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the surviving download was cut off");
+        }
+        let mut buf = vec![0u8; 16384];
+        let mut got = 0;
+        while got < 4 << 20 {
+            let n = survivor.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the surviving download was cut off");
+            got += n;
+        }
+        for _ in 0..400 {
+            if ended.load(std::sync::atomic::Ordering::SeqCst) == BATCHES * CALLERS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            ended.load(std::sync::atomic::Ordering::SeqCst),
+            BATCHES * CALLERS,
+            "every hung-up download freed its far-app connection, the survivor's alone stays"
+        );
+        far.abort();
+    }
+
+    async fn a_caller_that_hangs_up_before_the_response_head_frees_the_far_app(t) {
+        // The far app has the request and has not answered: nothing flows on the stream.
+        hang_ups_reach_a_silent_far_app(t, b"", b"").await;
+    }
+
+    async fn a_caller_that_hangs_up_on_a_silent_response_frees_the_far_app(t) {
+        // A long poll or an event stream: the head and a first event, then silence.
+        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nevent1\r\n";
+        hang_ups_reach_a_silent_far_app(t, reply, b"event1").await;
     }
 
     async fn a_stalled_body_does_not_hold_the_local_app_connection(t) {

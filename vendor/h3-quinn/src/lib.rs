@@ -326,6 +326,10 @@ where
     fn send_id(&self) -> StreamId {
         self.send.send_id()
     }
+
+    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<u64> {
+        self.send.poll_stopped(cx)
+    }
 }
 impl<B> quic::SendStreamUnframed<B> for BidiStream<B>
 where
@@ -472,7 +476,7 @@ where
     }
 
     /// quicar: the code of the peer's STOP_SENDING, if it sent one.
-    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Option<VarInt> {
+    fn poll_stop(&mut self, cx: &mut task::Context<'_>) -> Option<VarInt> {
         if let StopWatch::Idle = self.stop {
             self.stop = StopWatch::Watching(Box::pin(self.stream.stopped()));
         }
@@ -512,7 +516,7 @@ where
             // window is full (its reader stopped reading) is not reported writable. So a
             // stopped stream's writer slept until the connection closed, holding the request
             // (and, in a sidecar, the app connection behind it).
-            if let Some(code) = self.poll_stopped(cx) {
+            if let Some(code) = self.poll_stop(cx) {
                 return Poll::Ready(Err(convert_write_error_to_stream_error(
                     quinn::WriteError::Stopped(code),
                 )));
@@ -563,6 +567,13 @@ where
     fn send_id(&self) -> StreamId {
         let num: u64 = self.stream.id().into();
         num.try_into().expect("invalid stream id")
+    }
+
+    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<u64> {
+        match self.poll_stop(cx) {
+            Some(code) => Poll::Ready(code.into_inner()),
+            None => Poll::Pending,
+        }
     }
 }
 

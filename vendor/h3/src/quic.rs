@@ -183,6 +183,13 @@ pub trait SendStream<B: Buf> {
 
     /// Get QUIC send stream id
     fn send_id(&self) -> StreamId;
+
+    /// quicar: polls for the peer's STOP_SENDING: `Ready` with its code once it came. A
+    /// transport that cannot tell stays `Pending`.
+    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<u64> {
+        let _ = cx;
+        Poll::Pending
+    }
 }
 
 /// Allows sending unframed pure bytes to a stream. Similar to [`AsyncWrite`](https://docs.rs/tokio/latest/tokio/io/trait.AsyncWrite.html)

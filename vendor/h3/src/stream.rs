@@ -556,6 +556,10 @@ where
         self.stream.send_id()
     }
 
+    fn poll_stopped(&mut self, cx: &mut std::task::Context<'_>) -> Poll<u64> {
+        self.stream.poll_stopped(cx)
+    }
+
     fn poll_ready(
         &mut self,
         cx: &mut std::task::Context<'_>,

@@ -112,6 +112,12 @@ where
     S: quic::SendStream<B>,
     B: Buf,
 {
+    /// quicar: polls for the client's STOP_SENDING (it no longer wants the response): `Ready`
+    /// with its code once it came.
+    pub fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
+        self.inner.stream.poll_stopped(cx)
+    }
+
     /// Send the HTTP/3 response
     ///
     /// This should be called before trying to send any data with
