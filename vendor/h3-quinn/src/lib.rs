@@ -327,7 +327,7 @@ where
         self.send.send_id()
     }
 
-    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<u64> {
+    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<Option<u64>> {
         self.send.poll_stopped(cx)
     }
 }
@@ -449,17 +449,7 @@ pub struct SendStream<B: Buf> {
     /// quicar: what `send_data` handed over and is not yet written, as owned chunks that
     /// quinn's `write_chunks` takes without a copy (empty chunks are written ones).
     writing: [Bytes; 2],
-    /// quicar: the peer's STOP_SENDING, watched for while a write waits (see `poll_ready`).
-    stop: StopWatch,
     _buf: PhantomData<fn() -> B>,
-}
-
-/// quicar: quinn's `stopped()` future for a send stream, made on the first write that waits.
-enum StopWatch {
-    Idle,
-    Watching(Pin<Box<dyn Future<Output = Result<Option<VarInt>, quinn::StoppedError>> + Send + Sync>>),
-    /// It ended without a stop (the stream or the connection closed: the write says why).
-    Done,
 }
 
 impl<B> SendStream<B>
@@ -470,26 +460,7 @@ where
         Self {
             stream: stream,
             writing: [Bytes::new(), Bytes::new()],
-            stop: StopWatch::Idle,
             _buf: PhantomData,
-        }
-    }
-
-    /// quicar: the code of the peer's STOP_SENDING, if it sent one.
-    fn poll_stop(&mut self, cx: &mut task::Context<'_>) -> Option<VarInt> {
-        if let StopWatch::Idle = self.stop {
-            self.stop = StopWatch::Watching(Box::pin(self.stream.stopped()));
-        }
-        let StopWatch::Watching(watch) = &mut self.stop else {
-            return None;
-        };
-        match watch.as_mut().poll(cx) {
-            Poll::Pending => None,
-            Poll::Ready(Ok(Some(code))) => Some(code),
-            Poll::Ready(_) => {
-                self.stop = StopWatch::Done;
-                None
-            }
         }
     }
 }
@@ -505,23 +476,8 @@ where
         // Written chunks are left empty; a partly written one keeps its rest.
         while self.writing.iter().any(|c| !c.is_empty()) {
             let write = self.stream.write_chunks(&mut self.writing);
-            if let Poll::Ready(written) = std::pin::pin!(write).poll(cx) {
-                written.map_err(|err| convert_write_error_to_stream_error(err))?;
-                continue;
-            }
-            // quicar: a write that waits also watches for the peer's STOP_SENDING. quinn-proto
-            // (0.11.19) answers a write that the connection's flow-control window blocks with
-            // `Blocked` before it looks at the stream's stop, and the `Stopped` event that
-            // woke this task is spent by then; when the window relaxes, a stream whose own
-            // window is full (its reader stopped reading) is not reported writable. So a
-            // stopped stream's writer slept until the connection closed, holding the request
-            // (and, in a sidecar, the app connection behind it).
-            if let Some(code) = self.poll_stop(cx) {
-                return Poll::Ready(Err(convert_write_error_to_stream_error(
-                    quinn::WriteError::Stopped(code),
-                )));
-            }
-            return Poll::Pending;
+            ready!(std::pin::pin!(write).poll(cx))
+                .map_err(|err| convert_write_error_to_stream_error(err))?;
         }
         Poll::Ready(Ok(()))
     }
@@ -569,11 +525,12 @@ where
         num.try_into().expect("invalid stream id")
     }
 
-    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<u64> {
-        match self.poll_stop(cx) {
-            Some(code) => Poll::Ready(code.into_inner()),
-            None => Poll::Pending,
-        }
+    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<Option<u64>> {
+        // quicar: quinn's own `poll_stopped` (our vendored quinn): nothing allocated per
+        // stream, nothing left behind.
+        self.stream
+            .poll_stopped(cx)
+            .map(|stopped| stopped.ok().flatten().map(VarInt::into_inner))
     }
 }
 

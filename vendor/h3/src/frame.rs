@@ -179,7 +179,7 @@ where
         self.stream.send_id()
     }
 
-    fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
+    fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<Option<u64>> {
         self.stream.poll_stopped(cx)
     }
 }

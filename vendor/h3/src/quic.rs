@@ -184,9 +184,10 @@ pub trait SendStream<B: Buf> {
     /// Get QUIC send stream id
     fn send_id(&self) -> StreamId;
 
-    /// quicar: polls for the peer's STOP_SENDING: `Ready` with its code once it came. A
-    /// transport that cannot tell stays `Pending`.
-    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<u64> {
+    /// quicar: `Ready` once the peer will take no more of this stream: with the code of its
+    /// STOP_SENDING, or `None` when the stream or its connection is gone. A transport that
+    /// cannot tell stays `Pending`.
+    fn poll_stopped(&mut self, cx: &mut task::Context<'_>) -> Poll<Option<u64>> {
         let _ = cx;
         Poll::Pending
     }

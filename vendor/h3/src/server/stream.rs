@@ -112,9 +112,9 @@ where
     S: quic::SendStream<B>,
     B: Buf,
 {
-    /// quicar: polls for the client's STOP_SENDING (it no longer wants the response): `Ready`
-    /// with its code once it came.
-    pub fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
+    /// quicar: `Ready` once the client will take no more of the response: with the code of its
+    /// STOP_SENDING, or `None` when the stream or the connection is gone.
+    pub fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<Option<u64>> {
         self.inner.stream.poll_stopped(cx)
     }
 
