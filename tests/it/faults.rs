@@ -487,6 +487,40 @@ async fn app_connections_over_the_cap_get_a_clean_503() {
     );
 }
 
+/// A sidecar pair over `t` in front of `app` (the test's own far app), with the service's and
+/// the local app's timeouts at 60 s, so that nothing a test waits for comes from them.
+async fn pair_before(
+    pki: &Pki,
+    app: std::net::SocketAddr,
+    t: &str,
+) -> (quicar::app::Bound, quicar::app::Bound) {
+    let server = sidecar(
+        pki,
+        &server_toml(pki, app, "127.0.0.1:0", "timeout = \"60s\""),
+    )
+    .await;
+    let client = sidecar(
+        pki,
+        &client_toml(
+            pki,
+            &[server.inbound],
+            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+        ),
+    )
+    .await;
+    (server, client)
+}
+
+/// Waits (20 s at most) for `count` to reach `want`; the caller asserts what it got.
+async fn settle(count: impl Fn() -> usize, want: usize) {
+    for _ in 0..400 {
+        if count() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A far app that answers every request with an endless chunked body, written until the far
 /// sidecar closes the connection; counts the connections that ended so.
 async fn endless_app() -> (
@@ -599,20 +633,7 @@ async fn hang_ups_reach_a_silent_far_app(t: &str, reply: &'static [u8], until: &
     const CALLERS: usize = 10;
     let pki = Pki::new();
     let app = SilentApp::start(reply).await;
-    let server = sidecar(
-        &pki,
-        &server_toml(&pki, app.addr, "127.0.0.1:0", "timeout = \"60s\""),
-    )
-    .await;
-    let client = sidecar(
-        &pki,
-        &client_toml(
-            &pki,
-            &[server.inbound],
-            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
-        ),
-    )
-    .await;
+    let (_server, client) = pair_before(&pki, app.addr, t).await;
     let mut callers = Vec::new();
     for _ in 0..CALLERS {
         let mut s = tokio::net::TcpStream::connect(client.outbound)
@@ -631,12 +652,7 @@ async fn hang_ups_reach_a_silent_far_app(t: &str, reply: &'static [u8], until: &
             got.extend_from_slice(&buf[..n]);
         }
     }
-    for _ in 0..400 {
-        if app.got() == CALLERS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    settle(|| app.got(), CALLERS).await;
     assert_eq!(app.got(), CALLERS, "every request reached the far app");
     assert_eq!(
         app.closed(),
@@ -644,12 +660,7 @@ async fn hang_ups_reach_a_silent_far_app(t: &str, reply: &'static [u8], until: &
         "no far-app connection closed while its caller waits"
     );
     drop(callers);
-    for _ in 0..400 {
-        if app.closed() == CALLERS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    settle(|| app.closed(), CALLERS).await;
     assert_eq!(
         app.closed(),
         CALLERS,
@@ -667,20 +678,7 @@ crate::over_transports! {
         init_tracing();
         let pki = Pki::new();
         let (app, ended, far) = endless_app().await;
-        let server = sidecar(
-            &pki,
-            &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
-        )
-        .await;
-        let client = sidecar(
-            &pki,
-            &client_toml(
-                &pki,
-                &[server.inbound],
-                &format!("transport = \"{t}\"\ntimeout = \"60s\""),
-            ),
-        )
-        .await;
+        let (_server, client) = pair_before(&pki, app, t).await;
         let out = client.outbound;
         // Reads 64 KiB of an endless download, then hangs up.
         let download = move || async move {
@@ -691,12 +689,7 @@ crate::over_transports! {
             c.await.unwrap();
         }
         let ended_now = || ended.load(std::sync::atomic::Ordering::SeqCst);
-        for _ in 0..400 {
-            if ended_now() == 20 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        settle(ended_now, 20).await;
         assert_eq!(
             ended_now(),
             20,
@@ -715,20 +708,7 @@ crate::over_transports! {
         init_tracing();
         let pki = Pki::new();
         let (app, ended, far) = endless_app().await;
-        let server = sidecar(
-            &pki,
-            &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\""),
-        )
-        .await;
-        let client = sidecar(
-            &pki,
-            &client_toml(
-                &pki,
-                &[server.inbound],
-                &format!("transport = \"{t}\"\ntimeout = \"60s\""),
-            ),
-        )
-        .await;
+        let (_server, client) = pair_before(&pki, app, t).await;
         let out = client.outbound;
         let mut survivor = start_download(out, 16 * 1024).await;
         const BATCHES: usize = 40;
@@ -752,12 +732,7 @@ crate::over_transports! {
             assert!(n > 0, "the surviving download was cut off");
             got += n;
         }
-        for _ in 0..400 {
-            if ended.load(std::sync::atomic::Ordering::SeqCst) == BATCHES * CALLERS {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        settle(|| ended.load(std::sync::atomic::Ordering::SeqCst), BATCHES * CALLERS).await;
         assert_eq!(
             ended.load(std::sync::atomic::Ordering::SeqCst),
             BATCHES * CALLERS,
