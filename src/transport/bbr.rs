@@ -148,6 +148,36 @@ impl Bbr {
         }
     }
 
+    /// A controller that starts where a connection over the same path left off: in ProbeBW
+    /// at `model`'s bandwidth, its window one bandwidth-delay product (growing to ProbeBW's
+    /// two as ACKs come), its minimum RTT `model`'s until a lower sample or `MIN_RTT_EXPIRY`,
+    /// and no ProbeRTT before that expiry (a new connection's first, quinn's, is what ends
+    /// STARTUP, which this one skips).
+    fn resumed(config: Arc<BbrConfig>, current_mtu: u16, model: PathModel, now: Instant) -> Self {
+        let mut bbr = Self::new(config, current_mtu);
+        bbr.max_bandwidth.resume(model.bandwidth);
+        bbr.min_rtt = model.min_rtt;
+        bbr.min_rtt_stamp = Some(now);
+        bbr.probe_rtt_last_started_at = Some(now);
+        bbr.is_at_full_bandwidth = true;
+        bbr.enter_probe_bandwidth_mode(now);
+        bbr.cwnd = bbr.get_target_cwnd(1.0).max(bbr.init_cwnd);
+        bbr.calculate_pacing_rate();
+        bbr
+    }
+
+    /// What this controller knows of its path, once it has left STARTUP with a bandwidth and
+    /// a minimum RTT measured (a model from STARTUP would be a guess).
+    fn path_model(&self) -> Option<PathModel> {
+        let bandwidth = self.max_bandwidth.get_estimate();
+        (self.is_at_full_bandwidth && bandwidth > 0 && !self.min_rtt.is_zero()).then_some(
+            PathModel {
+                bandwidth,
+                min_rtt: self.min_rtt,
+            },
+        )
+    }
+
     fn enter_startup_mode(&mut self) {
         self.mode = Mode::Startup;
         self.pacing_gain = self.high_gain;
@@ -643,6 +673,57 @@ impl ControllerFactory for BbrConfig {
     }
 }
 
+/// What a connection's BBR learnt of its path, for the next connection to the same peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PathModel {
+    /// Bytes per second: the bandwidth filter's maximum.
+    bandwidth: u64,
+    min_rtt: Duration,
+}
+
+impl PathModel {
+    /// The model of the controller of `conn`, if it is ours and has one (`Bbr::path_model`).
+    pub(crate) fn of(conn: &quinn::Connection) -> Option<Self> {
+        let state = conn.congestion_state().into_any().downcast::<Bbr>().ok()?;
+        state.path_model()
+    }
+}
+
+#[cfg(test)]
+impl PathModel {
+    pub(crate) fn for_tests(bandwidth: u64, min_rtt: Duration) -> Self {
+        Self { bandwidth, min_rtt }
+    }
+}
+
+/// The controller factory of a connection to a peer whose last connection left `model`:
+/// `Bbr::resumed` (see the module documentation).
+#[derive(Debug)]
+pub(crate) struct ResumedBbr {
+    config: Arc<BbrConfig>,
+    model: PathModel,
+}
+
+impl ResumedBbr {
+    pub(crate) fn new(model: PathModel) -> Self {
+        Self {
+            config: Arc::default(),
+            model,
+        }
+    }
+}
+
+impl ControllerFactory for ResumedBbr {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(Bbr::resumed(
+            self.config.clone(),
+            current_mtu,
+            self.model,
+            now,
+        ))
+    }
+}
+
 #[derive(Debug, Default, Copy, Clone)]
 struct AckAggregationState {
     max_ack_height: MinMax,
@@ -812,6 +893,13 @@ mod tests {
         }
     }
 
+    /// A busy sender (`busy`) on a connection that starts from `model`.
+    fn resumed(model: PathModel) -> Sender {
+        let mut path = busy();
+        path.bbr = Bbr::resumed(Arc::default(), MTU, model, path.t0);
+        path
+    }
+
     const FAST: Duration = Duration::from_millis(1);
     const SLOW: Duration = Duration::from_millis(50);
 
@@ -923,5 +1011,47 @@ mod tests {
         path.in_flight = 8 * u64::from(MTU);
         assert_eq!(path.rounds(rtt, secs(37)).min_rtt, rtt);
         assert_eq!(path.probes, 1);
+    }
+
+    #[test]
+    fn a_connection_over_a_known_path_starts_where_the_last_one_left_off() {
+        let rtt = Duration::from_millis(20);
+        let mut last = busy();
+        assert_eq!(last.bbr.path_model(), None, "nothing measured yet");
+        last.rounds(rtt, Duration::ZERO);
+        assert_eq!(last.bbr.path_model(), None, "still in STARTUP: a guess");
+        last.rounds(rtt, secs(2));
+        let model = last.bbr.path_model().expect("left STARTUP");
+        assert_eq!(model.min_rtt, rtt);
+
+        // The next connection: no STARTUP, and its window is the path's bandwidth-delay product
+        // from the first packet, where a fresh one starts from the initial window.
+        let mut next = resumed(model);
+        assert_eq!(next.bbr.mode, Mode::ProbeBw);
+        let bdp = model.bandwidth * rtt.as_micros() as u64 / 1_000_000;
+        assert_eq!(next.bbr.window(), bdp.max(next.bbr.init_cwnd));
+        assert_eq!(
+            next.bbr.pacing_rate,
+            (model.bandwidth as f32 * next.bbr.pacing_gain) as u64
+        );
+        // No ProbeRTT on its first window-limited ACK (a fresh connection's first, which is what
+        // ends its STARTUP) nor for the next ten seconds, and it still knows the path as well.
+        next.rounds(rtt, secs(9));
+        assert_eq!(next.probes, 0);
+        assert_eq!(next.bbr.path_model(), Some(model));
+    }
+
+    #[test]
+    fn a_model_from_a_path_that_has_since_slowed_gives_way_to_its_samples() {
+        let mut last = busy();
+        last.rounds(FAST, secs(2));
+        let mut next = resumed(last.bbr.path_model().expect("left STARTUP"));
+        // The path is now fifty times slower: the old minimum stands as any minimum does, then
+        // expires, ProbeRTT measures the path, and the window follows it.
+        next.rounds(SLOW, secs(9));
+        assert_eq!(next.bbr.min_rtt, FAST);
+        next.rounds(SLOW, secs(14));
+        assert_eq!(next.bbr.min_rtt, SLOW);
+        assert_eq!(next.probes, 1);
     }
 }

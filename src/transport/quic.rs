@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -20,6 +20,7 @@ use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::bbr::{PathModel, ResumedBbr};
 use super::pool::{self, InFlight, Pooled, Slots, Usage};
 use super::wire::{
     self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
@@ -58,9 +59,70 @@ pub(crate) fn handshake_rtt(last: Option<Duration>) -> Duration {
 /// The least initial RTT taken from a previous connection.
 const MIN_HANDSHAKE_RTT: Duration = Duration::from_millis(10);
 
-/// At most this many peer addresses have their last RTT remembered (a bound for discovery
-/// that churns through addresses; past it the memory starts over).
-const REMEMBERED_RTTS: usize = 4096;
+/// At most this many peer addresses have their last path remembered (a bound for discovery
+/// that churns through addresses, or callers through ports; past it the memory starts over).
+const REMEMBERED_PATHS: usize = 4096;
+
+/// How long a closed connection's path model (`bbr::PathModel`) starts the next connection to
+/// the same peer. Past it the next connection starts from STARTUP, as a first one does.
+const PATH_MODEL_AGE: Duration = Duration::from_secs(600);
+
+/// What the last connection with each peer address measured of the path when it closed: its
+/// RTT, which the next handshake starts from (`handshake_rtt`), and, under BBR, its path
+/// model, which the next connection's controller starts from for `PATH_MODEL_AGE`
+/// (`bbr::ResumedBbr`). One per client pool (keyed by the peer's listening address) and one
+/// per server endpoint (keyed by the caller's address: a caller sidecar sends from one port).
+#[derive(Debug, Default)]
+struct Paths(Mutex<rustc_hash::FxHashMap<SocketAddr, Path>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Path {
+    rtt: Duration,
+    model: Option<PathModel>,
+    at: Instant,
+}
+
+impl Paths {
+    /// Keeps what `conn` measured, as it closes.
+    fn remember(&self, addr: SocketAddr, conn: &quinn::Connection) {
+        let path = Path {
+            rtt: conn.rtt(),
+            model: PathModel::of(conn),
+            at: Instant::now(),
+        };
+        let mut paths = self.0.lock().expect("not poisoned");
+        if paths.len() >= REMEMBERED_PATHS && !paths.contains_key(&addr) {
+            paths.clear();
+        }
+        paths.insert(addr, path);
+    }
+
+    /// The last connection's path with `addr`, its model dropped once `PATH_MODEL_AGE` old.
+    fn recall(&self, addr: SocketAddr) -> Option<Path> {
+        let mut path = *self.0.lock().expect("not poisoned").get(&addr)?;
+        if path.at.elapsed() > PATH_MODEL_AGE {
+            path.model = None;
+        }
+        Some(path)
+    }
+}
+
+/// The transport of a connection over a path a previous connection measured: its handshake
+/// from that RTT, and its congestion controller from that model (BBR only).
+fn resumed_transport(
+    cfg: &QuicConfig,
+    server: bool,
+    peer: SocketAddr,
+    path: Path,
+) -> quinn::TransportConfig {
+    if let Some(model) = path.model {
+        tracing::debug!(%peer, ?model, "QUIC connection starts from the last one's path model");
+    }
+    let mut t = transport_config(cfg, server);
+    t.initial_rtt(handshake_rtt(Some(path.rtt)));
+    t.congestion_controller_factory(controller(cfg, path.model));
+    t
+}
 
 fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -84,18 +146,26 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     };
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(bidi));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
-    match cfg.congestion {
-        crate::config::Congestion::Cubic => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
-        }
-        crate::config::Congestion::Newreno => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
-        }
-        crate::config::Congestion::Bbr => {
-            t.congestion_controller_factory(Arc::new(super::bbr::BbrConfig::default()))
-        }
-    };
+    t.congestion_controller_factory(controller(cfg, None));
     t
+}
+
+/// The congestion controller of a connection; under BBR, from the model of the path a
+/// previous connection measured if there is one (`Paths`).
+fn controller(
+    cfg: &QuicConfig,
+    model: Option<PathModel>,
+) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+    match (cfg.congestion, model) {
+        (crate::config::Congestion::Cubic, _) => {
+            Arc::new(quinn::congestion::CubicConfig::default())
+        }
+        (crate::config::Congestion::Newreno, _) => {
+            Arc::new(quinn::congestion::NewRenoConfig::default())
+        }
+        (crate::config::Congestion::Bbr, None) => Arc::new(super::bbr::BbrConfig::default()),
+        (crate::config::Congestion::Bbr, Some(model)) => Arc::new(ResumedBbr::new(model)),
+    }
 }
 
 /// Starts a QUIC server with our identity on the bound inbound UDP socket.
@@ -162,6 +232,9 @@ pub(crate) async fn serve(
     tracker: TaskTracker,
 ) {
     let mut watching = true;
+    // The endpoint's own configuration, for a caller whose path is remembered (`accept`).
+    let mut current = server_config(&identity.borrow(), &cfg).ok();
+    let paths = Arc::new(Paths::default());
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -170,7 +243,10 @@ pub(crate) async fn serve(
                 if watching {
                     let material = identity.borrow_and_update().clone();
                     match server_config(&material, &cfg) {
-                        Ok(server) => endpoint.set_server_config(Some(server)),
+                        Ok(server) => {
+                            endpoint.set_server_config(Some(server.clone()));
+                            current = Some(server);
+                        }
                         Err(e) => tracing::warn!(error = %e, "cannot use reloaded identity for inbound QUIC"),
                     }
                 }
@@ -181,7 +257,13 @@ pub(crate) async fn serve(
                 None => break,
             },
         };
-        tracker.spawn(connection(incoming, inbound.clone(), shutdown.clone()));
+        let accepted = accept(incoming, current.as_ref(), &cfg, &paths);
+        tracker.spawn(connection(
+            accepted,
+            inbound.clone(),
+            paths.clone(),
+            shutdown.clone(),
+        ));
     }
     // Refuse new handshakes while the accepted connections drain (until the endpoint
     // closes): a refusal lets a caller fail over at once, where an ignored handshake would
@@ -193,10 +275,44 @@ pub(crate) async fn serve(
     });
 }
 
-async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: CancellationToken) {
+/// Accepts a handshake, with the transport of its caller's remembered path if there is one.
+fn accept(
+    incoming: quinn::Incoming,
+    current: Option<&quinn::ServerConfig>,
+    cfg: &QuicConfig,
+    paths: &Paths,
+) -> (
+    SocketAddr,
+    Result<quinn::Connecting, quinn::ConnectionError>,
+) {
     let remote = incoming.remote_address();
+    let resumed = current.zip(paths.recall(remote)).map(|(server, path)| {
+        let mut server = server.clone();
+        server.transport_config(Arc::new(resumed_transport(cfg, true, remote, path)));
+        Arc::new(server)
+    });
+    let connecting = match resumed {
+        Some(server) => incoming.accept_with(server),
+        None => incoming.accept(),
+    };
+    (remote, connecting)
+}
+
+async fn connection(
+    (remote, connecting): (
+        SocketAddr,
+        Result<quinn::Connecting, quinn::ConnectionError>,
+    ),
+    inbound: Arc<Inbound>,
+    paths: Arc<Paths>,
+    shutdown: CancellationToken,
+) {
     let tel = inbound.telemetry();
-    let conn = match incoming.await {
+    let conn = match connecting {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             // No certificate, another CA, an expired one: the TLS alert says which.
@@ -266,6 +382,7 @@ async fn connection(incoming: quinn::Incoming, inbound: Arc<Inbound>, shutdown: 
     }
     requests.close();
     requests.wait().await;
+    paths.remember(remote, &quic);
     if draining {
         // Dropping `h3` closes the connection at once, and a close discards stream data the
         // peer has not acknowledged yet: the last responses would be lost. Give the peer a few
@@ -426,9 +543,7 @@ pub(crate) struct Pool {
     identity: IdentityRx,
     transport: Arc<quinn::TransportConfig>,
     cfg: QuicConfig,
-    /// The RTT each peer address's last connection measured when it closed: the next
-    /// handshake with it starts from it (`handshake_rtt`).
-    rtts: Arc<Mutex<rustc_hash::FxHashMap<SocketAddr, Duration>>>,
+    paths: Arc<Paths>,
     idle_timeout: Duration,
     slots: Arc<Slots<PeerConn>>,
     opened: AtomicU64,
@@ -455,7 +570,7 @@ impl Pool {
             identity,
             transport: Arc::new(transport_config(cfg, false)),
             cfg: cfg.clone(),
-            rtts: Arc::default(),
+            paths: Arc::default(),
             idle_timeout: cfg.idle_timeout,
             slots: Arc::default(),
             opened: AtomicU64::new(0),
@@ -473,7 +588,7 @@ impl Pool {
 
     /// The RTT the last connection to `addr` measured, once it has closed.
     pub(crate) fn remembered_rtt(&self, addr: SocketAddr) -> Option<Duration> {
-        self.rtts.lock().expect("not poisoned").get(&addr).copied()
+        self.paths.recall(addr).map(|p| p.rtt)
     }
 
     /// The state of the connection to an endpoint, if one was made.
@@ -560,14 +675,9 @@ impl Pool {
         let quic = QuicClientConfig::try_from(tls)
             .map_err(|e| connect_failed(format!("cannot build QUIC config: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        let last = self.remembered_rtt(addr);
-        client.transport_config(match last {
+        client.transport_config(match self.paths.recall(addr) {
             None => self.transport.clone(),
-            Some(_) => {
-                let mut t = transport_config(&self.cfg, false);
-                t.initial_rtt(handshake_rtt(last));
-                Arc::new(t)
-            }
+            Some(path) => Arc::new(resumed_transport(&self.cfg, false, addr, path)),
         });
         // Names are checked by SPIFFE ID, never DNS; SNI is for peers that route by it.
         let connecting = self
@@ -617,16 +727,12 @@ impl Pool {
         let open = self
             .tel
             .connection_opened(Direction::Outbound, Transport::Quic);
-        let (closing, rtts) = (conn.clone(), self.rtts.clone());
+        let (closing, paths) = (conn.clone(), self.paths.clone());
         tokio::spawn(async move {
             let err = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             drop(open);
             tracing::debug!(peer = %addr, reason = %err, "QUIC connection closed");
-            let mut rtts = rtts.lock().expect("not poisoned");
-            if rtts.len() >= REMEMBERED_RTTS && !rtts.contains_key(&addr) {
-                rtts.clear();
-            }
-            rtts.insert(addr, closing.rtt());
+            paths.remember(addr, &closing);
         });
         Ok(PeerConn {
             send,
@@ -917,5 +1023,51 @@ mod tests {
         // TLS work is done; a path slower than quinn's default keeps the default.
         assert_eq!(handshake_rtt(Some(Duration::from_micros(40))), ms(10));
         assert_eq!(handshake_rtt(Some(ms(900))), ms(333));
+    }
+
+    #[test]
+    fn a_path_model_is_recalled_only_while_fresh() {
+        let addr = SocketAddr::from(([198, 18, 0, 1], 443));
+        let paths = Paths::default();
+        assert!(paths.recall(addr).is_none());
+        let model = PathModel::for_tests(1_000_000, Duration::from_millis(50));
+        let at = Instant::now();
+        let remembered = |at| Path {
+            rtt: Duration::from_millis(52),
+            model: Some(model),
+            at,
+        };
+        paths.0.lock().unwrap().insert(addr, remembered(at));
+        let path = paths.recall(addr).expect("remembered");
+        assert_eq!(
+            (path.rtt, path.model),
+            (Duration::from_millis(52), Some(model))
+        );
+        // Past the age the RTT still starts the handshake; the model no longer starts the
+        // controller.
+        let old = at - PATH_MODEL_AGE - Duration::from_secs(1);
+        paths.0.lock().unwrap().insert(addr, remembered(old));
+        let path = paths.recall(addr).expect("remembered");
+        assert_eq!((path.rtt, path.model), (Duration::from_millis(52), None));
+    }
+
+    #[test]
+    fn a_remembered_model_starts_the_controller_only_under_bbr() {
+        let model = PathModel::for_tests(10_000_000, Duration::from_millis(50));
+        let window = |congestion, model| {
+            let cfg = QuicConfig {
+                congestion,
+                ..QuicConfig::default()
+            };
+            controller(&cfg, model).build(Instant::now(), 1200).window()
+        };
+        let bbr = crate::config::Congestion::Bbr;
+        let initial = window(bbr, None);
+        // One bandwidth-delay product: 500 KB, where a new connection starts from quinn's
+        // initial window (200 datagrams of 1,200 bytes).
+        assert_eq!(window(bbr, Some(model)), 500_000);
+        assert_eq!(initial, 240_000);
+        let cubic = crate::config::Congestion::Cubic;
+        assert_eq!(window(cubic, Some(model)), window(cubic, None));
     }
 }

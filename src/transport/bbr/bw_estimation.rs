@@ -1,5 +1,5 @@
-//! From quinn-proto 0.11.19's `congestion::bbr` (MIT OR Apache-2.0), unchanged but for imports
-//! and a `let … else`;
+//! From quinn-proto 0.11.19's `congestion::bbr` (MIT OR Apache-2.0), unchanged but for imports,
+//! a `let … else` and `resume`;
 //! see `super`.
 
 use std::fmt::{Debug, Display, Formatter};
@@ -68,6 +68,11 @@ impl BandwidthEstimation {
         if !app_limited && self.max_filter.get() < bandwidth {
             self.max_filter.update_max(round, bandwidth);
         }
+    }
+
+    /// Starts the bandwidth filter from a previous connection's estimate (quicar's addition).
+    pub(crate) fn resume(&mut self, bandwidth: u64) {
+        self.max_filter.update_max(0, bandwidth);
     }
 
     pub(crate) fn bytes_acked_this_window(&self) -> u64 {
