@@ -62,6 +62,10 @@ const BASE_DATAGRAM_SIZE: u64 = 1200;
 /// How long a minimum RTT stands without a sample as low (quiche's and Linux's ten seconds).
 const MIN_RTT_EXPIRY: Duration = Duration::from_secs(10);
 
+/// How many rounds a resumed connection's bandwidth estimate stands under its own (BBR's
+/// bandwidth filter window).
+const RESUMED_ROUNDS: u64 = 10;
+
 /// A sample within a sixteenth of the minimum RTT (3 ms of 50) confirms it.
 const MIN_RTT_CONFIRM: u32 = 16;
 
@@ -90,7 +94,8 @@ pub(crate) struct Bbr {
     exit_probe_rtt_at: Option<Instant>,
     probe_rtt_last_started_at: Option<Instant>,
     min_rtt: Duration,
-    /// When `min_rtt` was last taken (or confirmed by ProbeRTT); `None` before the first sample.
+    /// When `min_rtt` was last taken (or confirmed by ProbeRTT); `None` before the first sample,
+    /// which replaces `min_rtt` whatever it is (zero, or a resumed connection's last model).
     min_rtt_stamp: Option<Instant>,
     /// The least RTT sample of the ACK frame being processed.
     sample_min_rtt: Option<Duration>,
@@ -108,6 +113,8 @@ pub(crate) struct Bbr {
     bw_at_last_round: u64,
     round_wo_bw_gain: u64,
     ack_aggregation: AckAggregationState,
+    /// The model of the last connection over the path, if this one started from it.
+    resumed: Option<PathModel>,
 }
 
 impl Bbr {
@@ -151,19 +158,22 @@ impl Bbr {
             bw_at_last_round: 0,
             round_wo_bw_gain: 0,
             ack_aggregation: AckAggregationState::default(),
+            resumed: None,
         }
     }
 
     /// A controller that starts where a connection over the same path left off: in ProbeBW
     /// at `model`'s bandwidth, its window one bandwidth-delay product (growing to ProbeBW's
-    /// two as ACKs come), its minimum RTT `model`'s until a lower sample or `MIN_RTT_EXPIRY`,
-    /// and no ProbeRTT before that expiry (a new connection's first, quinn's, is what ends
-    /// STARTUP, which this one skips).
+    /// two as ACKs come), and no ProbeRTT before its minimum RTT expires (a new connection's
+    /// first, quinn's, is what ends STARTUP, which this one skips). The model's minimum RTT
+    /// sizes the first window only: the connection's first RTT sample replaces it, as in a
+    /// fresh connection, so a path whose delay has grown since is not held to the old, small
+    /// bandwidth-delay product until the minimum expires.
     fn resumed(config: Arc<BbrConfig>, current_mtu: u16, model: PathModel, now: Instant) -> Self {
         let mut bbr = Self::new(config, current_mtu);
-        bbr.max_bandwidth.resume(model.bandwidth);
+        bbr.max_bandwidth.resume(model.bandwidth, RESUMED_ROUNDS);
+        bbr.resumed = Some(model);
         bbr.min_rtt = model.min_rtt;
-        bbr.min_rtt_stamp = Some(now);
         bbr.probe_rtt_last_started_at = Some(now);
         bbr.is_at_full_bandwidth = true;
         bbr.enter_probe_bandwidth_mode(now);
@@ -172,16 +182,19 @@ impl Bbr {
         bbr
     }
 
-    /// What this controller knows of its path, once it has left STARTUP with a bandwidth and
-    /// a minimum RTT measured (a model from STARTUP would be a guess).
+    /// What this controller knows of its path: what it measured itself once it has left
+    /// STARTUP (a model from STARTUP would be a guess), or else the model it was resumed from
+    /// (a connection that was application-limited throughout measures no bandwidth).
     fn path_model(&self) -> Option<PathModel> {
-        let bandwidth = self.max_bandwidth.get_estimate();
-        (self.is_at_full_bandwidth && bandwidth > 0 && !self.min_rtt.is_zero()).then_some(
-            PathModel {
+        let bandwidth = self.max_bandwidth.measured();
+        if self.is_at_full_bandwidth && bandwidth > 0 && self.min_rtt_stamp.is_some() {
+            return Some(PathModel {
                 bandwidth,
                 min_rtt: self.min_rtt,
-            },
-        )
+                measured: None,
+            });
+        }
+        self.resumed
     }
 
     fn enter_startup_mode(&mut self) {
@@ -301,7 +314,7 @@ impl Bbr {
         let Some(sample) = self.sample_min_rtt.take() else {
             return expired;
         };
-        if expired || self.min_rtt.is_zero() || sample < self.min_rtt {
+        if expired || self.min_rtt_stamp.is_none() || sample < self.min_rtt {
             self.min_rtt = sample;
             self.min_rtt_stamp = Some(now);
         } else if sample <= self.min_rtt + self.min_rtt / MIN_RTT_CONFIRM {
@@ -685,20 +698,36 @@ pub(crate) struct PathModel {
     /// Bytes per second: the bandwidth filter's maximum.
     bandwidth: u64,
     min_rtt: Duration,
+    /// When it was measured: when the connection that measured it ended (`None` until then).
+    /// A model carried on by a connection that measured nothing itself keeps its time, so that
+    /// `PATH_MODEL_AGE` bounds how old a model can be, not how old its last carrier was.
+    measured: Option<Instant>,
 }
 
 impl PathModel {
-    /// The model of the controller of `conn`, if it is ours and has one (`Bbr::path_model`).
+    /// The model of the controller of `conn`, if it is ours and has one (`Bbr::path_model`),
+    /// as `conn` ends.
     pub(crate) fn of(conn: &quinn::Connection) -> Option<Self> {
         let state = conn.congestion_state().into_any().downcast::<Bbr>().ok()?;
-        state.path_model()
+        let mut model = state.path_model()?;
+        model.measured.get_or_insert_with(Instant::now);
+        Some(model)
+    }
+
+    /// When the model was measured (`None` for one its connection still holds).
+    pub(crate) fn measured(&self) -> Option<Instant> {
+        self.measured
     }
 }
 
 #[cfg(test)]
 impl PathModel {
-    pub(crate) fn for_tests(bandwidth: u64, min_rtt: Duration) -> Self {
-        Self { bandwidth, min_rtt }
+    pub(crate) fn for_tests(bandwidth: u64, min_rtt: Duration, measured: Instant) -> Self {
+        Self {
+            bandwidth,
+            min_rtt,
+            measured: Some(measured),
+        }
     }
 }
 
@@ -1048,16 +1077,56 @@ mod tests {
     }
 
     #[test]
-    fn a_model_from_a_path_that_has_since_slowed_gives_way_to_its_samples() {
+    fn a_model_from_a_path_whose_delay_has_since_grown_gives_way_to_the_first_sample() {
         let mut last = busy();
         last.rounds(FAST, secs(2));
-        let mut next = resumed(last.bbr.path_model().expect("left STARTUP"));
-        // The path is now fifty times slower: the old minimum stands as any minimum does, then
-        // expires, ProbeRTT measures the path, and the window follows it.
-        next.rounds(SLOW, secs(9));
-        assert_eq!(next.bbr.min_rtt, FAST);
-        next.rounds(SLOW, secs(14));
+        let model = last.bbr.path_model().expect("left STARTUP");
+        let mut next = resumed(model);
+        // The path is now fifty times slower. The first RTT sample is the new minimum, so the
+        // window is the new path's bandwidth-delay product from the first ACK, where an old
+        // minimum that stood until it expired would hold it at a fiftieth of that for ten
+        // seconds (the fifth session's delay jump, BENCHMARKS.md).
+        next.rounds(SLOW, Duration::ZERO);
         assert_eq!(next.bbr.min_rtt, SLOW);
-        assert_eq!(next.probes, 1);
+        let bdp = model.bandwidth * SLOW.as_micros() as u64 / 1_000_000;
+        assert!(next.bbr.get_target_cwnd(1.0) >= bdp);
+        next.rounds(SLOW, secs(14));
+        assert_eq!((next.bbr.min_rtt, next.probes), (SLOW, 0));
+        // A lower sample still replaces it at once.
+        assert_eq!(next.rounds(FAST, Duration::ZERO).min_rtt, FAST);
+    }
+
+    #[test]
+    fn a_resumed_bandwidth_gives_way_to_the_connections_own_after_ten_rounds() {
+        // The last connection saw ten times the bandwidth this one gets (eight datagrams a
+        // round): the old estimate stands for BBR's ten-round window, then only this
+        // connection's samples count (quinn's filter admits only samples above its maximum,
+        // so a seeded one would have stood for the connection's whole life).
+        let rtt = Duration::from_millis(20);
+        let mut last = busy();
+        last.rounds(rtt, secs(2));
+        let mut model = last.bbr.path_model().expect("left STARTUP");
+        let own = model.bandwidth;
+        model.bandwidth *= 10;
+        let mut next = resumed(model);
+        next.rounds(rtt, rtt * 5);
+        assert_eq!(next.bbr.max_bandwidth.get_estimate(), model.bandwidth);
+        next.rounds(rtt, rtt * 12);
+        assert_eq!(next.bbr.max_bandwidth.get_estimate(), own);
+        assert_eq!(next.bbr.path_model().map(|m| m.bandwidth), Some(own));
+    }
+
+    #[test]
+    fn a_connection_that_measured_nothing_passes_on_the_model_it_started_from() {
+        // Application-limited throughout: no bandwidth sample of its own, so it passes on the
+        // model it was resumed from, with the time that one was measured (so the model's age
+        // counts from its measurement, however many idle connections carried it).
+        let measured = Instant::now();
+        let model = PathModel::for_tests(1_000_000, Duration::from_millis(20), measured);
+        let mut next = resumed(model);
+        next.app_limited = true;
+        next.rounds(Duration::from_millis(20), secs(2));
+        assert_eq!(next.bbr.max_bandwidth.measured(), 0);
+        assert_eq!(next.bbr.path_model(), Some(model));
     }
 }

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -79,7 +79,6 @@ struct Paths(Mutex<rustc_hash::FxHashMap<SocketAddr, Path>>);
 struct Path {
     rtt: Duration,
     model: Option<PathModel>,
-    at: Instant,
 }
 
 impl Paths {
@@ -88,7 +87,6 @@ impl Paths {
         let path = Path {
             rtt: conn.rtt(),
             model: PathModel::of(conn),
-            at: Instant::now(),
         };
         let mut paths = self.0.lock().expect("not poisoned");
         if paths.len() >= REMEMBERED_PATHS && !paths.contains_key(&addr) {
@@ -100,7 +98,8 @@ impl Paths {
     /// The last connection's path with `addr`, its model dropped once `PATH_MODEL_AGE` old.
     fn recall(&self, addr: SocketAddr) -> Option<Path> {
         let mut path = *self.0.lock().expect("not poisoned").get(&addr)?;
-        if path.at.elapsed() > PATH_MODEL_AGE {
+        let measured = path.model.and_then(|m| m.measured());
+        if measured.is_none_or(|at| at.elapsed() > PATH_MODEL_AGE) {
             path.model = None;
         }
         Some(path)
@@ -1013,6 +1012,7 @@ async fn upload(mut send: ClientSend, body: Upload, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn a_handshake_starts_from_the_last_rtt_within_bounds() {
@@ -1030,22 +1030,24 @@ mod tests {
         let addr = SocketAddr::from(([198, 18, 0, 1], 443));
         let paths = Paths::default();
         assert!(paths.recall(addr).is_none());
-        let model = PathModel::for_tests(1_000_000, Duration::from_millis(50));
-        let at = Instant::now();
-        let remembered = |at| Path {
+        let remembered = |measured| Path {
             rtt: Duration::from_millis(52),
-            model: Some(model),
-            at,
+            model: Some(PathModel::for_tests(
+                1_000_000,
+                Duration::from_millis(50),
+                measured,
+            )),
         };
-        paths.0.lock().unwrap().insert(addr, remembered(at));
+        let fresh = remembered(Instant::now());
+        paths.0.lock().unwrap().insert(addr, fresh);
         let path = paths.recall(addr).expect("remembered");
         assert_eq!(
             (path.rtt, path.model),
-            (Duration::from_millis(52), Some(model))
+            (Duration::from_millis(52), fresh.model)
         );
-        // Past the age the RTT still starts the handshake; the model no longer starts the
-        // controller.
-        let old = at - PATH_MODEL_AGE - Duration::from_secs(1);
+        // Past the age (from when the model was measured) the RTT still starts the handshake;
+        // the model no longer starts the controller.
+        let old = Instant::now() - PATH_MODEL_AGE - Duration::from_secs(1);
         paths.0.lock().unwrap().insert(addr, remembered(old));
         let path = paths.recall(addr).expect("remembered");
         assert_eq!((path.rtt, path.model), (Duration::from_millis(52), None));
@@ -1053,7 +1055,7 @@ mod tests {
 
     #[test]
     fn a_remembered_model_starts_the_controller_only_under_bbr() {
-        let model = PathModel::for_tests(10_000_000, Duration::from_millis(50));
+        let model = PathModel::for_tests(10_000_000, Duration::from_millis(50), Instant::now());
         let window = |congestion, model| {
             let cfg = QuicConfig {
                 congestion,

@@ -1,5 +1,5 @@
 //! From quinn-proto 0.11.19's `congestion::bbr` (MIT OR Apache-2.0), unchanged but for imports,
-//! a `let … else` and `resume`;
+//! a `let … else` and the resumed estimate (`resume`);
 //! see `super`.
 
 use std::fmt::{Debug, Display, Formatter};
@@ -19,6 +19,8 @@ pub(crate) struct BandwidthEstimation {
     prev_sent_time: Option<Instant>,
     max_filter: MinMax,
     acked_at_last_window: u64,
+    /// A previous connection's estimate and the round it stands until (`resume`).
+    resumed: Option<(u64, u64)>,
 }
 
 impl BandwidthEstimation {
@@ -70,21 +72,36 @@ impl BandwidthEstimation {
         }
     }
 
-    /// Starts the bandwidth filter from a previous connection's estimate (quicar's addition).
-    pub(crate) fn resume(&mut self, bandwidth: u64) {
-        self.max_filter.update_max(0, bandwidth);
+    /// Starts from a previous connection's estimate (quicar's addition): it stands under this
+    /// connection's own for its first `rounds` rounds, then only this connection's samples
+    /// count. It is kept apart from the filter because the filter admits only samples above
+    /// its maximum: a seeded maximum would never give way.
+    pub(crate) fn resume(&mut self, bandwidth: u64, rounds: u64) {
+        self.resumed = Some((bandwidth, rounds));
+    }
+
+    /// This connection's own estimate, without a resumed one.
+    pub(crate) fn measured(&self) -> u64 {
+        self.max_filter.get()
     }
 
     pub(crate) fn bytes_acked_this_window(&self) -> u64 {
         self.total_acked - self.acked_at_last_window
     }
 
-    pub(crate) fn end_acks(&mut self, _current_round: u64, _app_limited: bool) {
+    pub(crate) fn end_acks(&mut self, current_round: u64, _app_limited: bool) {
         self.acked_at_last_window = self.total_acked;
+        if self
+            .resumed
+            .is_some_and(|(_, until)| current_round >= until)
+        {
+            self.resumed = None;
+        }
     }
 
     pub(crate) fn get_estimate(&self) -> u64 {
-        self.max_filter.get()
+        let own = self.max_filter.get();
+        self.resumed.map_or(own, |(resumed, _)| resumed.max(own))
     }
 
     pub(crate) const fn bw_from_delta(bytes: u64, delta: Duration) -> Option<u64> {
