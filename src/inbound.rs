@@ -138,10 +138,12 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         match crate::body::settle(body).await {
-            // Boxed: the transports spawn a task per request around this future, and a
-            // spawned future is copied whole several times (BENCHMARKS.md, "Later in round 2").
+            // Not boxed here: both transports box the whole per-request task as they spawn
+            // it, so a box here was a second allocation per request (BENCHMARKS.md, ninth
+            // session).
             Ok(body) => {
-                Box::pin(self.handle(Request::from_parts(parts, body), peer, transport)).await
+                self.handle(Request::from_parts(parts, body), peer, transport)
+                    .await
             }
             Err(e) => ProxyError::new(
                 ErrorKind::PeerReset,
