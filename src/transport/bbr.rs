@@ -33,8 +33,8 @@
 //! and 355 ms in rounds that began so, against 150-160 ms in rounds that did not
 //! (BENCHMARKS.md, seventh session).
 //!
-//! quicar adds one thing: a connection to a peer whose last connection closed less than ten
-//! minutes ago starts where that one left off (`ResumedBbr`, from its `PathModel`: bandwidth
+//! quicar adds one thing: a connection to a peer whose path a closed connection measured less
+//! than ten minutes ago starts where that one left off (`ResumedBbr`, from its `PathModel`: bandwidth
 //! and minimum RTT), in ProbeBW with a window of one bandwidth-delay product, and so without
 //! STARTUP or its first ProbeRTT, which held a new connection's first busy round trips at a
 //! few packets (ARCHITECTURE.md, "A reconnect starts its congestion controller").
