@@ -34,10 +34,10 @@
 //! (BENCHMARKS.md, seventh session).
 //!
 //! quicar adds one thing: a connection to a peer whose path a closed connection measured less
-//! than ten minutes ago starts where that one left off (`ResumedBbr`, from its `PathModel`: bandwidth
-//! and minimum RTT), in ProbeBW with a window of one bandwidth-delay product, and so without
-//! STARTUP or its first ProbeRTT, which held a new connection's first busy round trips at a
-//! few packets (ARCHITECTURE.md, "A reconnect starts its congestion controller").
+//! than ten minutes ago starts where that one left off (`ResumedBbr`, from its `PathModel`:
+//! bandwidth and minimum RTT), in ProbeBW with a window of one bandwidth-delay product, and so
+//! without STARTUP or its first ProbeRTT, which held a new connection's first busy round trips
+//! at a few packets (ARCHITECTURE.md, "A reconnect starts its congestion controller").
 //!
 //! The rest (startup, drain, the gain cycle, recovery, ACK aggregation) is quinn's, unchanged
 //! but for its random generator (the sidecar's own, `crate::rng`).
