@@ -130,6 +130,14 @@ impl Outbound {
                             in_flight: state.as_ref().map_or(0, |s| s.in_flight),
                             handshake_rtt_ms: (transport == Transport::Quic)
                                 .then(|| self.clients.handshake_rtt(ep).as_secs_f64() * 1000.0),
+                            path_model: (transport == Transport::Quic)
+                                .then(|| self.clients.path_model(ep))
+                                .flatten()
+                                .map(|m| PathModelView {
+                                    bandwidth_mbit_s: m.bandwidth as f64 * 8.0 / 1e6,
+                                    min_rtt_ms: m.min_rtt.as_secs_f64() * 1000.0,
+                                    age_s: m.age.as_secs_f64(),
+                                }),
                             last_error: state.and_then(|s| s.close_reason),
                         }
                     })
@@ -216,7 +224,18 @@ pub(crate) struct EndpointView {
     /// QUIC: the initial RTT of the next handshake with the endpoint (the RTT its last
     /// connection measured; a lost handshake packet is sent again after three of these).
     handshake_rtt_ms: Option<f64>,
+    /// QUIC under BBR: what the next connection's congestion controller starts from, the
+    /// bandwidth estimate and minimum RTT a closed connection measured (at most ten minutes
+    /// old); `null` when there is none.
+    path_model: Option<PathModelView>,
     last_error: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PathModelView {
+    bandwidth_mbit_s: f64,
+    min_rtt_ms: f64,
+    age_s: f64,
 }
 
 /// Accepts app connections until `shutdown`, then lets in-flight exchanges finish.

@@ -137,6 +137,12 @@ impl Clients {
         quic::handshake_rtt(self.quic.remembered_rtt(ep.address))
     }
 
+    /// The path model the next QUIC connection to `ep` starts its congestion controller from,
+    /// if there is one (`quic::Pool::remembered_model`).
+    pub(crate) fn path_model(&self, ep: &Endpoint) -> Option<quic::RememberedModel> {
+        self.quic.remembered_model(ep.address)
+    }
+
     pub(crate) fn connections_opened(&self, transport: Transport) -> u64 {
         match transport {
             Transport::Quic => self.quic.connections_opened(),

@@ -718,6 +718,15 @@ impl PathModel {
     pub(crate) fn measured(&self) -> Option<Instant> {
         self.measured
     }
+
+    /// Bytes per second.
+    pub(crate) fn bandwidth(&self) -> u64 {
+        self.bandwidth
+    }
+
+    pub(crate) fn min_rtt(&self) -> Duration {
+        self.min_rtt
+    }
 }
 
 #[cfg(test)]

@@ -106,6 +106,16 @@ impl Paths {
     }
 }
 
+/// A remembered path model as `/endpoints` shows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RememberedModel {
+    /// Bytes per second.
+    pub(crate) bandwidth: u64,
+    pub(crate) min_rtt: Duration,
+    /// Since the connection that measured it closed.
+    pub(crate) age: Duration,
+}
+
 /// The transport of a connection over a path a previous connection measured: its handshake
 /// from that RTT, and its congestion controller from that model (BBR only).
 fn resumed_transport(
@@ -588,6 +598,16 @@ impl Pool {
     /// The RTT the last connection to `addr` measured, once it has closed.
     pub(crate) fn remembered_rtt(&self, addr: SocketAddr) -> Option<Duration> {
         self.paths.recall(addr).map(|p| p.rtt)
+    }
+
+    /// The path model the next connection to `addr` starts its controller from, if any.
+    pub(crate) fn remembered_model(&self, addr: SocketAddr) -> Option<RememberedModel> {
+        let model = self.paths.recall(addr)?.model?;
+        Some(RememberedModel {
+            bandwidth: model.bandwidth(),
+            min_rtt: model.min_rtt(),
+            age: model.measured()?.elapsed(),
+        })
     }
 
     /// The state of the connection to an endpoint, if one was made.

@@ -260,17 +260,6 @@ fn trickle(n: usize, size: usize, every: Duration) -> Body {
     http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
 }
 
-async fn post(out: std::net::SocketAddr, path: &str, body: Body) -> Got {
-    send(
-        out,
-        http::Request::post(path)
-            .header("host", "hello")
-            .body(body)
-            .unwrap(),
-    )
-    .await
-}
-
 crate::over_transports! {
     async fn thousands_of_requests_on_one_connection_keep_it_healthy(t) {
         // More than the 1,024 stream resets h2 lets a library make on a connection before it

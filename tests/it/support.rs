@@ -473,6 +473,18 @@ pub async fn send(addr: SocketAddr, req: Request<Body>) -> Got {
     }
 }
 
+/// `POST path` with `Host: hello`.
+pub async fn post(out: SocketAddr, path: &str, body: Body) -> Got {
+    send(
+        out,
+        Request::post(path)
+            .header("host", "hello")
+            .body(body)
+            .unwrap(),
+    )
+    .await
+}
+
 /// `GET path` with `Host: host`.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
     send(

@@ -247,6 +247,82 @@ async fn a_quic_reconnect_starts_its_handshake_from_the_last_connections_rtt() {
     );
 }
 
+/// The `/endpoints` entry of the first endpoint of the first service, once `done` says so or
+/// ten seconds have passed.
+async fn endpoint_when(
+    admin: SocketAddr,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&admin_get(admin, "/endpoints").await.body).unwrap();
+        let ep = v[0]["endpoints"][0].clone();
+        if done(&ep) || Instant::now() > deadline {
+            return ep;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_reconnect_starts_its_congestion_controller_from_the_last_connections_path() {
+    // A connection whose BBR measured the path (a 16 MB upload fills its window, so it leaves
+    // STARTUP) leaves its model behind when it closes idle; the next connection starts from
+    // it. Connections that measured nothing (requests too small to fill a window) and other
+    // controllers leave none.
+    let upload = || body(pattern(16 << 20), true);
+    for (congestion, model) in [("bbr", true), ("cubic", false)] {
+        let extra = format!("[quic]\nidle_timeout = \"200ms\"\ncongestion = \"{congestion}\"");
+        let pair = Pair::over_with("quic", &extra, "").await;
+        let admin = pair.client.admin;
+        let closed = |ep: &serde_json::Value| ep["connected"] == false;
+
+        // Small requests only: no model when their connection closes.
+        for _ in 0..3 {
+            assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        }
+        let ep = endpoint_when(admin, |ep| closed(ep) && ep["handshake_rtt_ms"] != 333.0).await;
+        assert_eq!(ep["connected"], false, "{ep}");
+        assert_eq!(
+            ep["path_model"],
+            serde_json::Value::Null,
+            "{congestion}: {ep}"
+        );
+
+        let got = post(pair.out(), "/sink", upload()).await;
+        assert_eq!(got.status, StatusCode::OK);
+        let ep = endpoint_when(admin, |ep| {
+            closed(ep) && model != ep["path_model"].is_null()
+        })
+        .await;
+        assert_eq!(ep["connected"], false, "{ep}");
+        if !model {
+            assert_eq!(
+                ep["path_model"],
+                serde_json::Value::Null,
+                "{congestion}: {ep}"
+            );
+            continue;
+        }
+        let m = &ep["path_model"];
+        assert!(m["bandwidth_mbit_s"].as_f64().unwrap() > 0.0, "{ep}");
+        assert!(m["min_rtt_ms"].as_f64().unwrap() > 0.0, "{ep}");
+        assert!(m["age_s"].as_f64().unwrap() < 600.0, "{ep}");
+        // The connections that start from it (a new one for each request here: the idle
+        // timeout is short) serve requests, and uploads.
+        assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
+        assert_eq!(
+            post(pair.out(), "/sink", upload()).await.status,
+            StatusCode::OK
+        );
+        let opened = pair
+            .client
+            .connections_opened(quicar::facts::Transport::Quic);
+        assert!(opened >= 3, "{opened} connections");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_from_a_remembered_rtt_to_a_peer_that_is_gone_fails_fast_for_all() {
     // The shorter initial RTT only resends the first packet sooner: when the peer is gone,
