@@ -134,9 +134,11 @@ impl Outbound {
                                 .then(|| self.clients.path_model(ep))
                                 .flatten()
                                 .map(|m| PathModelView {
-                                    bandwidth_mbit_s: m.bandwidth as f64 * 8.0 / 1e6,
-                                    min_rtt_ms: m.min_rtt.as_secs_f64() * 1000.0,
-                                    age_s: m.age.as_secs_f64(),
+                                    bandwidth_mbit_s: m.bandwidth() as f64 * 8.0 / 1e6,
+                                    min_rtt_ms: m.min_rtt().as_secs_f64() * 1000.0,
+                                    age_s: m
+                                        .measured()
+                                        .map_or(0.0, |at| at.elapsed().as_secs_f64()),
                                 }),
                             last_error: state.and_then(|s| s.close_reason),
                         }

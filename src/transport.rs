@@ -139,7 +139,7 @@ impl Clients {
 
     /// The path model the next QUIC connection to `ep` starts its congestion controller from,
     /// if there is one (`quic::Pool::remembered_model`).
-    pub(crate) fn path_model(&self, ep: &Endpoint) -> Option<quic::RememberedModel> {
+    pub(crate) fn path_model(&self, ep: &Endpoint) -> Option<bbr::PathModel> {
         self.quic.remembered_model(ep.address)
     }
 

@@ -106,16 +106,6 @@ impl Paths {
     }
 }
 
-/// A remembered path model as `/endpoints` shows it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RememberedModel {
-    /// Bytes per second.
-    pub(crate) bandwidth: u64,
-    pub(crate) min_rtt: Duration,
-    /// Since the connection that measured it closed.
-    pub(crate) age: Duration,
-}
-
 /// The transport of a connection over a path a previous connection measured: its handshake
 /// from that RTT, and its congestion controller from that model (BBR only).
 fn resumed_transport(
@@ -266,9 +256,11 @@ pub(crate) async fn serve(
                 None => break,
             },
         };
-        let accepted = accept(incoming, current.as_ref(), &cfg, &paths);
+        let remote = incoming.remote_address();
+        let connecting = accept(incoming, current.as_ref(), &cfg, &paths);
         tracker.spawn(connection(
-            accepted,
+            remote,
+            connecting,
             inbound.clone(),
             paths.clone(),
             shutdown.clone(),
@@ -290,28 +282,22 @@ fn accept(
     current: Option<&quinn::ServerConfig>,
     cfg: &QuicConfig,
     paths: &Paths,
-) -> (
-    SocketAddr,
-    Result<quinn::Connecting, quinn::ConnectionError>,
-) {
+) -> Result<quinn::Connecting, quinn::ConnectionError> {
     let remote = incoming.remote_address();
     let resumed = current.zip(paths.recall(remote)).map(|(server, path)| {
         let mut server = server.clone();
         server.transport_config(Arc::new(resumed_transport(cfg, true, remote, path)));
         Arc::new(server)
     });
-    let connecting = match resumed {
+    match resumed {
         Some(server) => incoming.accept_with(server),
         None => incoming.accept(),
-    };
-    (remote, connecting)
+    }
 }
 
 async fn connection(
-    (remote, connecting): (
-        SocketAddr,
-        Result<quinn::Connecting, quinn::ConnectionError>,
-    ),
+    remote: SocketAddr,
+    connecting: Result<quinn::Connecting, quinn::ConnectionError>,
     inbound: Arc<Inbound>,
     paths: Arc<Paths>,
     shutdown: CancellationToken,
@@ -601,13 +587,8 @@ impl Pool {
     }
 
     /// The path model the next connection to `addr` starts its controller from, if any.
-    pub(crate) fn remembered_model(&self, addr: SocketAddr) -> Option<RememberedModel> {
-        let model = self.paths.recall(addr)?.model?;
-        Some(RememberedModel {
-            bandwidth: model.bandwidth(),
-            min_rtt: model.min_rtt(),
-            age: model.measured()?.elapsed(),
-        })
+    pub(crate) fn remembered_model(&self, addr: SocketAddr) -> Option<PathModel> {
+        self.paths.recall(addr)?.model
     }
 
     /// The state of the connection to an endpoint, if one was made.
