@@ -325,9 +325,16 @@ async fn a_quic_reconnect_starts_its_congestion_controller_from_the_last_connect
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_from_a_remembered_rtt_to_a_peer_that_is_gone_fails_fast_for_all() {
-    // The shorter initial RTT only resends the first packet sooner: when the peer is gone,
-    // 100 concurrent requests still fail together with `connect-failed`, sharing handshake
+    // The shorter initial RTT only resends the first packet sooner, and a remembered path model
+    // (after an upload) only changes the congestion controller: when the peer is gone, 100
+    // concurrent requests still fail together with `connect-failed`, sharing handshake
     // attempts, and none waits for the service timeout.
+    for with_model in [false, true] {
+        gone_peer_after_a_remembered_path(with_model).await;
+    }
+}
+
+async fn gone_peer_after_a_remembered_path(with_model: bool) {
     let Pair {
         pki: _pki,
         client,
@@ -340,20 +347,22 @@ async fn a_reconnect_from_a_remembered_rtt_to_a_peer_that_is_gone_fails_fast_for
     )
     .await;
     let admin = client.admin;
-    assert_eq!(
-        get(client.outbound, "hello", "/").await.status,
-        StatusCode::OK
+    let got = if with_model {
+        post(client.outbound, "/sink", body(pattern(16 << 20), true)).await
+    } else {
+        get(client.outbound, "hello", "/").await
+    };
+    assert_eq!(got.status, StatusCode::OK);
+    let ep = endpoint_when(admin, |ep| {
+        ep["handshake_rtt_ms"].as_f64() != Some(333.0) && with_model != ep["path_model"].is_null()
+    })
+    .await;
+    assert_ne!(
+        ep["handshake_rtt_ms"].as_f64(),
+        Some(333.0),
+        "no RTT remembered: {ep}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v: serde_json::Value =
-            serde_json::from_slice(&admin_get(admin, "/endpoints").await.body).unwrap();
-        if v[0]["endpoints"][0]["handshake_rtt_ms"].as_f64() != Some(333.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no RTT remembered: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(!ep["path_model"].is_null(), with_model, "{ep}");
     server.shutdown().await;
     let out = client.outbound;
     let calls: Vec<_> = (0..100)
