@@ -776,8 +776,11 @@ impl Pool {
                 Err(e) => return Err(SendError::new(e, unsent(&mut body))),
             };
             // By reference: the head stays with the caller for a reconnect or a retry, never
-            // copied.
-            let stream = match conn.send.clone().send_request_ref(head).await {
+            // copied. A bodyless request ends with its HEADERS: the frame and the stream's FIN
+            // go out in one write, so no packet carries the HEADERS alone (peers such as Envoy
+            // take HEADERS without FIN as the start of a body).
+            let bodyless = matches!(body, Some(Upload::Empty));
+            let stream = match conn.send.clone().send_request_ending(head, bodyless).await {
                 Ok(stream) => stream,
                 Err(e) => {
                     // The connection was going away (GOAWAY, closed): the stream was never
@@ -800,12 +803,7 @@ impl Pool {
                 }
             };
             let in_flight: InFlight = conn.usage.start();
-            let mut stream = stream;
-            if matches!(body, Some(Upload::Empty)) {
-                // A bodyless request ends with its HEADERS: FIN right away, in this task, so
-                // it almost always rides in the same STREAM frame (peers such as Envoy treat
-                // HEADERS without FIN as the start of a body).
-                let _ = stream.finish().await;
+            if bodyless {
                 body = None;
             }
             let (send, mut recv) = stream.split();

@@ -359,6 +359,25 @@ async fn quicar_calls_envoy(t: &str) {
             seen.headers
         );
         assert_eq!(seen.body_len, 0);
+        // The same for 100 concurrent ones: the HEADERS and the FIN go out in one write, so the
+        // connection's driver (on another worker thread here) never sends one without the other.
+        let gets: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(get(client.outbound, "hello", "/")))
+            .collect();
+        for g in gets {
+            assert_eq!(g.await.unwrap().status, StatusCode::OK);
+        }
+        let chunked: Vec<_> = upstream
+            .all()
+            .into_iter()
+            .filter(|s| !values(&s.headers, "transfer-encoding").is_empty() || s.body_len > 0)
+            .collect();
+        assert!(
+            chunked.is_empty(),
+            "{} of 101 GETs reached the app with a body: {:?}",
+            chunked.len(),
+            chunked.first().map(|s| &s.headers)
+        );
         bodies_cross(client.outbound, "hello").await;
     }
 }

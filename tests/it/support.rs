@@ -166,6 +166,10 @@ impl Upstream {
             .count()
     }
 
+    pub fn all(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
     pub fn last(&self) -> Seen {
         self.seen
             .lock()

@@ -485,8 +485,22 @@ where
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]
     fn poll_finish(
         &mut self,
-        _cx: &mut task::Context<'_>,
+        cx: &mut task::Context<'_>,
     ) -> Poll<Result<(), StreamErrorIncoming>> {
+        // quicar: a frame handed over by `send_data` and not yet written goes out with the FIN
+        // under one lock of the connection (the HEADERS of a bodyless request), so no packet
+        // can carry the frame without it.
+        if self.writing.iter().any(|c| !c.is_empty()) {
+            loop {
+                let done = ready!(self
+                    .stream
+                    .poll_write_chunks_and_finish(cx, &mut self.writing))
+                .map_err(|err| convert_write_error_to_stream_error(err))?;
+                if done {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
         Poll::Ready(
             self.stream
                 .finish()

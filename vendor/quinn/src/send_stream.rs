@@ -100,6 +100,30 @@ impl SendStream {
         poll_fn(|cx| self.execute_poll(cx, |s| s.write_chunks(bufs))).await
     }
 
+    /// quicar: [`write_chunks`](Self::write_chunks), and once every chunk is written,
+    /// [`finish`](Self::finish) under the same lock of the connection, so the connection's
+    /// driver (on another thread) can never send the data without its FIN between the two.
+    /// A bodyless HTTP/3 request then ends with its HEADERS frame; peers such as Envoy take
+    /// HEADERS without FIN as the start of a body. Ready(Ok(true)) when finished, Ok(false)
+    /// when flow control took only part of `bufs` (poll again with the rest).
+    pub fn poll_write_chunks_and_finish(
+        &mut self,
+        cx: &mut Context,
+        bufs: &mut [Bytes],
+    ) -> Poll<Result<bool, WriteError>> {
+        self.execute_poll(cx, |s| {
+            s.write_chunks(bufs)?;
+            if bufs.iter().any(|b| !b.is_empty()) {
+                return Ok(false);
+            }
+            s.finish().map_err(|e| match e {
+                proto::FinishError::Stopped(code) => proto::WriteError::Stopped(code),
+                proto::FinishError::ClosedStream => proto::WriteError::ClosedStream,
+            })?;
+            Ok(true)
+        })
+    }
+
     /// Write a single [`Bytes`] into this stream in its entirety
     ///
     /// Bytes to write are provided to this method as an single cheaply cloneable chunk. This

@@ -158,6 +158,19 @@ where
         &mut self,
         req: &http::Request<()>,
     ) -> Result<RequestStream<T::BidiStream, B>, StreamError> {
+        self.send_request_ending(req, false).await
+    }
+
+    // quicar: `end`: the request has no body, and its HEADERS frame goes out with the
+    // stream's FIN (one write with h3-quinn, so no packet carries the HEADERS alone: peers
+    // such as Envoy take HEADERS without FIN as the start of a body).
+    /// Send an HTTP/3 request to the server, the request borrowed; with `end`, the request
+    /// stream is finished with its HEADERS
+    pub async fn send_request_ending(
+        &mut self,
+        req: &http::Request<()>,
+        end: bool,
+    ) -> Result<RequestStream<T::BidiStream, B>, StreamError> {
         if let Some(error) = self.check_peer_connection_closing() {
             return Err(error);
         };
@@ -207,9 +220,17 @@ where
             });
         }
 
-        stream::write(&mut stream, Frame::Headers(block.freeze()))
-            .await
-            .map_err(|e| self.handle_quic_stream_error(e))?;
+        if end {
+            let sent = match quic::SendStream::send_data(&mut stream, Frame::Headers(block.freeze())) {
+                Ok(()) => future::poll_fn(|cx| quic::SendStream::poll_finish(&mut stream, cx)).await,
+                Err(e) => Err(e),
+            };
+            sent.map_err(|e| self.handle_quic_stream_error(e))?;
+        } else {
+            stream::write(&mut stream, Frame::Headers(block.freeze()))
+                .await
+                .map_err(|e| self.handle_quic_stream_error(e))?;
+        }
 
         let request_stream = RequestStream {
             inner: connection::RequestStream::new(
