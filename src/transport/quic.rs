@@ -487,6 +487,14 @@ async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Res
             Some(Ok(frame)) => {
                 let r = match frame.into_data() {
                     Ok(data) if data.is_empty() => Ok(()),
+                    // The body's last bytes (its length is reached) carry the stream's FIN:
+                    // one write, not two.
+                    Ok(data) if body.is_end_stream() => {
+                        if let Err(e) = send.send_data_and_finish(data).await {
+                            tracing::debug!(error = %e, "caller stopped reading the response");
+                        }
+                        return;
+                    }
                     Ok(data) => send.send_data(data).await,
                     Err(frame) => match frame.into_trailers() {
                         Ok(trailers) => send.send_trailers(trailers).await,

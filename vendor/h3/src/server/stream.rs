@@ -168,6 +168,12 @@ where
         self.inner.send_data(buf).await
     }
 
+    // quicar: see `connection::RequestStream::send_data_and_finish`.
+    /// Send the last data of the response, and finish the stream
+    pub async fn send_data_and_finish(&mut self, buf: B) -> Result<(), StreamError> {
+        self.inner.send_data_and_finish(buf).await
+    }
+
     /// Stop a stream with an error code
     ///
     /// The code can be [`Code::H3_NO_ERROR`].
