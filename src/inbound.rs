@@ -28,7 +28,8 @@ use local_app::{Local, LocalApp};
 /// Everything the inbound path needs, shared by all peer connections.
 pub(crate) struct Inbound {
     tel: Arc<Telemetry>,
-    locals: HashMap<String, Local>,
+    /// By service name; Fx-hashed (names come from our config, lookups from callers).
+    locals: rustc_hash::FxHashMap<String, Local>,
     trust_domain: String,
     app: LocalApp,
     /// Open connections per peer identity, and the cap.

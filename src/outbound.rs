@@ -13,7 +13,6 @@ mod attempts;
 mod caching;
 mod route;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -37,7 +36,8 @@ use route::Route;
 
 /// Everything the outbound request path needs, shared by all connections.
 pub(crate) struct Outbound {
-    routes: HashMap<String, Arc<Route>>,
+    /// By service name; Fx-hashed (names come from our config, lookups from the app).
+    routes: rustc_hash::FxHashMap<String, Arc<Route>>,
     clients: Arc<Clients>,
     transport_header: bool,
     max_header_bytes: usize,

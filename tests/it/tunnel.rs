@@ -445,3 +445,75 @@ crate::over_transports! {
         );
     }
 }
+
+/// A third-party HTTP/3 caller that sends GOAWAY (its side is going away) with a request in
+/// flight: the request is answered in full, and then the sidecar closes the connection, woken
+/// by the end of that last request (our h3 counts the requests in progress instead of hearing
+/// of each one's end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_goaway_lets_its_request_in_flight_finish_then_the_connection_closes() {
+    use std::sync::Arc;
+    let pair = Pair::start().await;
+    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
+        cert: pair.pki.path().join("web.crt"),
+        key: pair.pki.path().join("web.key"),
+        ca: pair.pki.path().join("ca.crt"),
+        reload_interval: Duration::from_secs(60),
+    })
+    .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(quicar::identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(material.roots.clone())
+        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
+        .unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint
+        .connect(pair.server.inbound, "hello")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .unwrap();
+    let req = Request::get("https://hello/slow/500").body(()).unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    // Once the request is at the app, the caller says it is going away, and keeps driving its
+    // connection.
+    for _ in 0..500 {
+        if pair.upstream.count_of("/slow") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pair.upstream.count_of("/slow"), 1);
+    let driving = tokio::spawn(async move {
+        let _ = driver.shutdown(0).await;
+        std::future::poll_fn(|cx| driver.poll_close(cx)).await
+    });
+    let resp = stream.recv_response().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        use bytes::Buf;
+        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    assert_eq!(body, b"slow");
+    drop(stream);
+    // The sidecar closes the connection once its last request is done (bounded only so that
+    // a hang fails the test rather than stalling it; keep-alives hold an idle connection
+    // open). `send` is still alive: the close is the sidecar's.
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed())
+        .await
+        .expect("the sidecar kept the connection open after the caller's GOAWAY");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "closed by the sidecar: {closed:?}"
+    );
+    driving.abort();
+    drop(send);
+}

@@ -3,7 +3,6 @@
 //! The [`Connection`] struct manages a connection from the side of the HTTP/3 server
 
 use std::{
-    collections::HashSet,
     future::poll_fn,
     option::Option,
     result::Result,
@@ -13,7 +12,10 @@ use std::{
 use bytes::Buf;
 use quic::RecvStream;
 use quic::StreamId;
-use tokio::sync::mpsc;
+use std::sync::{
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+    Arc,
+};
 
 use crate::{
     connection::ConnectionInner,
@@ -49,10 +51,10 @@ where
     pub inner: ConnectionInner<C, B>,
     pub(super) max_field_section_size: u64,
     // List of all incoming streams that are currently running.
-    pub(super) ongoing_streams: HashSet<StreamId>,
+    // quicar: requests in progress, counted (was a set of stream ids fed by a channel, which
+    // woke the accepting task at the end of every request).
+    pub(super) ongoing: Arc<Ongoing>,
     // Let the streams tell us when they are no longer running.
-    pub(super) request_end_recv: mpsc::UnboundedReceiver<StreamId>,
-    pub(super) request_end_send: mpsc::UnboundedSender<StreamId>,
     // Has a GOAWAY frame been sent? If so, this StreamId is the last we are willing to accept.
     pub(super) sent_closing: Option<StreamId>,
     // Has a GOAWAY frame been received? If so, this is PushId the last the remote will accept.
@@ -146,7 +148,7 @@ where
     ) -> RequestResolver<C, B> {
         RequestResolver {
             frame_stream: stream,
-            request_end_send: self.request_end_send.clone(),
+            request_end: Arc::new(RequestEnd::new(self.ongoing.clone())),
             send_grease_frame: self.inner.send_grease_frame,
             max_field_section_size: self.max_field_section_size,
             shared: self.inner.shared.clone(),
@@ -176,7 +178,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<C::BidiStream>, ConnectionError>> {
         let _ = self.poll_control(cx)?;
-        let _ = self.poll_requests_completion(cx);
+        // quicar: no draining of request ends here; `poll_requests_completion` is asked only
+        // while closing.
         loop {
             let conn = self.inner.poll_accept_bi(cx)?;
             return match conn {
@@ -190,8 +193,8 @@ where
                     if done {
                         Poll::Ready(Ok(None))
                     } else {
-                        // Wait for all the requests to be finished, request_end_recv will wake
-                        // us on each request completion.
+                        // Wait for all the requests to be finished: the end of the last one
+                        // wakes us (quicar).
                         Poll::Pending
                     }
                 }
@@ -210,7 +213,6 @@ where
                         }
                     }
                     self.last_accepted_stream = Some(s.send_id());
-                    self.ongoing_streams.insert(s.send_id());
                     Poll::Ready(Ok(Some(s)))
                 }
             };
@@ -276,24 +278,13 @@ where
 
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]
     fn poll_requests_completion(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match self.request_end_recv.poll_recv(cx) {
-                // The channel is closed
-                Poll::Ready(None) => return Poll::Ready(()),
-                // A request has completed
-                Poll::Ready(Some(id)) => {
-                    self.ongoing_streams.remove(&id);
-                }
-                Poll::Pending => {
-                    if self.ongoing_streams.is_empty() {
-                        // Tell the caller there is not more ongoing requests.
-                        // Still, the completion of future requests will wake us.
-                        return Poll::Ready(());
-                    } else {
-                        return Poll::Pending;
-                    }
-                }
-            }
+        // quicar: from here on, the end of the last request wakes us.
+        self.ongoing.waiting.store(true, Ordering::SeqCst);
+        self.ongoing.waker.register(cx.waker());
+        if self.ongoing.count.load(Ordering::SeqCst) == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -325,7 +316,33 @@ where
 //# parallelism, at least 100 request streams SHOULD be permitted at a
 //# time.
 
+// quicar: a request in progress, from its stream's acceptance (so a resolver dropped before its
+// head is resolved ends it too) until both halves of its stream are dropped.
 pub(super) struct RequestEnd {
-    pub(super) request_end: mpsc::UnboundedSender<StreamId>,
-    pub(super) stream_id: StreamId,
+    ongoing: Arc<Ongoing>,
+}
+
+impl RequestEnd {
+    pub(super) fn new(ongoing: Arc<Ongoing>) -> Self {
+        ongoing.count.fetch_add(1, Ordering::SeqCst);
+        Self { ongoing }
+    }
+}
+
+impl Drop for RequestEnd {
+    fn drop(&mut self) {
+        let last = self.ongoing.count.fetch_sub(1, Ordering::SeqCst) == 1;
+        if last && self.ongoing.waiting.load(Ordering::SeqCst) {
+            self.ongoing.waker.wake();
+        }
+    }
+}
+
+/// quicar: the requests in progress on a connection; the connection waits for them to end only
+/// when it is closing (`waiting`), so their ends wake it only then.
+#[derive(Default)]
+pub(super) struct Ongoing {
+    count: AtomicUsize,
+    waiting: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
 }

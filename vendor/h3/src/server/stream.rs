@@ -236,14 +236,3 @@ where
     }
 }
 
-impl Drop for RequestEnd {
-    fn drop(&mut self) {
-        if let Err(_error) = self.request_end.send(self.stream_id) {
-            #[cfg(feature = "tracing")]
-            error!(
-                "failed to notify connection of request end: {} {}",
-                self.stream_id, _error
-            );
-        }
-    }
-}
