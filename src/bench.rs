@@ -241,21 +241,28 @@ fn node(net: &Net, end: End, exe: &Path, args: &[String]) -> Result<Proc, String
 
 async fn load_in(net: &Net, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, String> {
     let json = serde_json::to_string(spec).expect("plain struct");
-    let mut cmd = tokio::process::Command::from(net.command(
-        End::A,
-        exe,
-        &["internal".into(), "load".into(), json],
-    ));
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run the load generator: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("load generator failed: {}", out.status));
+    // A std child read on a blocking thread (tokio's process driver would run in every
+    // sidecar's event loop, at each wake-up, for this one command); killed if dropped.
+    let mut proc = Proc(
+        net.command(End::A, exe, &["internal".into(), "load".into(), json])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot run the load generator: {e}"))?,
+    );
+    let mut stdout = proc.0.stdout.take().expect("piped");
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut out).map(|_| out)
+    })
+    .await
+    .expect("the reader does not panic")
+    .map_err(|e| format!("load generator output: {e}"))?;
+    let status = proc.0.wait().map_err(|e| format!("load generator: {e}"))?;
+    if !status.success() {
+        return Err(format!("load generator failed: {status}"));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("load generator output: {e}"))
+    serde_json::from_slice(&out).map_err(|e| format!("load generator output: {e}"))
 }
 
 fn scenarios(quick: bool, loopback: bool) -> Vec<Scenario> {
