@@ -450,7 +450,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
         method,
         uri,
         version,
-        headers: HeaderMap::with_capacity(named.len()),
+        headers: HeaderMap::with_capacity(named.len() + crate::headers::ADDED_FIELDS),
         body: None,
         keep_alive: version == Version::HTTP_11,
         expect_continue: false,

@@ -414,7 +414,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
     let bytes = read.split_to(len).freeze();
     let mut head = Head {
         status,
-        headers: HeaderMap::with_capacity(named.len()),
+        headers: HeaderMap::with_capacity(named.len() + crate::headers::ADDED_FIELDS),
         keep_alive,
         transfer_encoding: None,
     };

@@ -304,7 +304,9 @@ impl TryFrom<Vec<HeaderField>> for Header {
 impl TryFrom<Vec<SharedField>> for Header {
     type Error = HeaderError;
     fn try_from(headers: Vec<SharedField>) -> Result<Self, Self::Error> {
-        let mut fields = HeaderMap::with_capacity(headers.len());
+        // quicar: room for the few fields the receiver adds (a sidecar adds its facts), so the
+        // map is not regrown and rehashed for them.
+        let mut fields = HeaderMap::with_capacity(headers.len() + 6);
         let mut pseudo = Pseudo::default();
 
         for SharedField { name, value } in headers {
