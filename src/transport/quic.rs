@@ -367,7 +367,11 @@ async fn connection(
                     // large is made and then moved into place.
                     requests.spawn(Box::pin(stream_request(resolver, inbound, peer, remote)));
                 }
-                Ok(None) => break,
+                // The caller sent GOAWAY and its last request here is done.
+                Ok(None) => {
+                    draining = true;
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(%remote, error = %e, "peer connection ended");
                     break;
@@ -379,9 +383,10 @@ async fn connection(
     requests.wait().await;
     paths.remember(remote, &quic);
     if draining {
-        // Dropping `h3` closes the connection at once, and a close discards stream data the
-        // peer has not acknowledged yet: the last responses would be lost. Give the peer a few
-        // round trips to take them (or to close first itself).
+        // Our GOAWAY, or the caller's: dropping `h3` closes the connection at once, and a
+        // close discards stream data the peer has not acknowledged yet: the last responses
+        // would be lost. Give the peer a few round trips to take them (or to close first
+        // itself).
         let grace = (quic.rtt() * 4 + Duration::from_millis(50)).min(Duration::from_secs(1));
         let _ = tokio::time::timeout(grace, quic.closed()).await;
     }
