@@ -258,6 +258,7 @@ async fn load_in(net: &Net, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, S
     .await
     .expect("the reader does not panic")
     .map_err(|e| format!("load generator output: {e}"))?;
+    // Its output ended, so it has exited or is exiting: a short wait.
     let status = proc.0.wait().map_err(|e| format!("load generator: {e}"))?;
     if !status.success() {
         return Err(format!("load generator failed: {status}"));

@@ -2,14 +2,14 @@
 //! from what apps send, written from the sidecar's typed facts at the edges), and how a Host or
 //! `:authority` names a service.
 
-/// Room for the fields a sidecar adds to a head it parsed (trace context, request id, deadline,
-/// facts), so that adding them never regrows (and rehashes) the map.
-pub(crate) const ADDED_FIELDS: usize = 6;
-
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ErrorKind;
 use crate::facts::{CacheOutcome, Upstream};
+
+/// Room for the fields a sidecar adds to a head it parsed (trace context, request id, deadline,
+/// facts), so that adding them never regrows (and rehashes) the map.
+pub(crate) const ADDED_FIELDS: usize = 6;
 
 // Names as `HeaderName` constants: a `&str` name is parsed and validated on every lookup.
 
