@@ -61,18 +61,24 @@ impl Cluster {
         }
     }
 
-    /// Starts endpoint `i` again on its old port (retrying the bind briefly).
+    /// Starts endpoint `i` again on its old port, retrying the bind for up to 20 s: the stopped
+    /// sidecar ran in this process, and its sockets go when its last tasks have ended (under
+    /// a loaded CI run that once took over 5 s; a real restart is a new process).
     async fn restart(&mut self, i: usize) {
         let toml = server_toml(&self.pki, self.apps[i].addr, &self.addrs[i].to_string(), "");
-        for _ in 0..100 {
+        let mut last = String::new();
+        for _ in 0..400 {
             let config = quicar::config::Config::parse(&toml, "<test>", self.pki.path()).unwrap();
-            if let Ok(s) = quicar::app::build(config).await {
-                self.servers[i] = Some(s);
-                return;
+            match quicar::app::build(config).await {
+                Ok(s) => {
+                    self.servers[i] = Some(s);
+                    return;
+                }
+                Err(e) => last = format!("{e:#}"),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("could not rebind endpoint {i}");
+        panic!("could not rebind endpoint {i}: {last}");
     }
 
     async fn endpoints(&self) -> serde_json::Value {
