@@ -50,11 +50,9 @@ where
     /// TODO: temporarily break encapsulation for `WebTransportSession`
     pub inner: ConnectionInner<C, B>,
     pub(super) max_field_section_size: u64,
-    // List of all incoming streams that are currently running.
     // quicar: requests in progress, counted (was a set of stream ids fed by a channel, which
     // woke the accepting task at the end of every request).
     pub(super) ongoing: Arc<Ongoing>,
-    // Let the streams tell us when they are no longer running.
     // Has a GOAWAY frame been sent? If so, this StreamId is the last we are willing to accept.
     pub(super) sent_closing: Option<StreamId>,
     // Has a GOAWAY frame been received? If so, this is PushId the last the remote will accept.
