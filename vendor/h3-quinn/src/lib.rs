@@ -491,15 +491,10 @@ where
         // under one lock of the connection (the HEADERS of a bodyless request), so no packet
         // can carry the frame without it.
         if self.writing.iter().any(|c| !c.is_empty()) {
-            loop {
-                let done = ready!(self
-                    .stream
-                    .poll_write_chunks_and_finish(cx, &mut self.writing))
-                .map_err(|err| convert_write_error_to_stream_error(err))?;
-                if done {
-                    return Poll::Ready(Ok(()));
-                }
-            }
+            while !ready!(self.stream.poll_write_chunks_and_finish(cx, &mut self.writing))
+                .map_err(convert_write_error_to_stream_error)?
+            {}
+            return Poll::Ready(Ok(()));
         }
         Poll::Ready(
             self.stream

@@ -1058,11 +1058,9 @@ where
             self.send_data(buf).await?;
             return self.finish().await;
         }
-        let sent = match self.stream.send_data(Frame::Data(buf)) {
-            Ok(()) => future::poll_fn(|cx| self.stream.poll_finish(cx)).await,
-            Err(e) => Err(e),
-        };
-        sent.map_err(|e| self.handle_quic_stream_error(e))
+        stream::write_and_finish(&mut self.stream, Frame::Data(buf))
+            .await
+            .map_err(|e| self.handle_quic_stream_error(e))
     }
 
     /// Send a set of trailers to end the request.

@@ -40,6 +40,18 @@ where
     Ok(())
 }
 
+// quicar: `write`, and the stream finished in the same step (h3-quinn writes a pending frame
+// together with the FIN, under one lock of the connection).
+pub(crate) async fn write_and_finish<S, D, B>(stream: &mut S, data: D) -> Result<(), StreamErrorIncoming>
+where
+    S: SendStream<B>,
+    D: Into<WriteBuf<B>>,
+    B: Buf,
+{
+    stream.send_data(data)?;
+    future::poll_fn(|cx| stream.poll_finish(cx)).await
+}
+
 const WRITE_BUF_ENCODE_SIZE: usize = StreamType::MAX_ENCODED_SIZE + Frame::MAX_ENCODED_SIZE;
 
 /// Wrap frames to encode their header on the stack before sending them on the wire

@@ -220,17 +220,13 @@ where
             });
         }
 
+        let headers = Frame::Headers(block.freeze());
         if end {
-            let sent = match quic::SendStream::send_data(&mut stream, Frame::Headers(block.freeze())) {
-                Ok(()) => future::poll_fn(|cx| quic::SendStream::poll_finish(&mut stream, cx)).await,
-                Err(e) => Err(e),
-            };
-            sent.map_err(|e| self.handle_quic_stream_error(e))?;
+            stream::write_and_finish(&mut stream, headers).await
         } else {
-            stream::write(&mut stream, Frame::Headers(block.freeze()))
-                .await
-                .map_err(|e| self.handle_quic_stream_error(e))?;
+            stream::write(&mut stream, headers).await
         }
+        .map_err(|e| self.handle_quic_stream_error(e))?;
 
         let request_stream = RequestStream {
             inner: connection::RequestStream::new(
