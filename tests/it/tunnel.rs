@@ -452,6 +452,17 @@ crate::over_transports! {
 /// of each one's end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_goaway_lets_its_request_in_flight_finish_then_the_connection_closes() {
+    goaway_with_requests_in_flight(1).await
+}
+
+/// The same with 20 requests in flight: the ends before the last must not close the
+/// connection, and every response arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_goaway_lets_20_requests_in_flight_finish_then_the_connection_closes() {
+    goaway_with_requests_in_flight(20).await
+}
+
+async fn goaway_with_requests_in_flight(n: usize) {
     use std::sync::Arc;
     let pair = Pair::start().await;
     let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
@@ -479,31 +490,44 @@ async fn a_callers_goaway_lets_its_request_in_flight_finish_then_the_connection_
     let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
         .await
         .unwrap();
-    let req = Request::get("https://hello/slow/500").body(()).unwrap();
-    let mut stream = send.send_request(req).await.unwrap();
-    stream.finish().await.unwrap();
-    // Once the request is at the app, the caller says it is going away, and keeps driving its
-    // connection.
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let req = Request::get("https://hello/slow/500").body(()).unwrap();
+        let mut stream = send.send_request(req).await.unwrap();
+        stream.finish().await.unwrap();
+        streams.push(stream);
+    }
+    // Once the requests are at the app, the caller says it is going away, and keeps driving
+    // its connection.
     for _ in 0..500 {
-        if pair.upstream.count_of("/slow") == 1 {
+        if pair.upstream.count_of("/slow") == n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(pair.upstream.count_of("/slow"), 1);
+    assert_eq!(pair.upstream.count_of("/slow"), n);
     let driving = tokio::spawn(async move {
         let _ = driver.shutdown(0).await;
         std::future::poll_fn(|cx| driver.poll_close(cx)).await
     });
-    let resp = stream.recv_response().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = Vec::new();
-    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
-        use bytes::Buf;
-        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    let answers: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let resp = stream.recv_response().await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                let mut body = Vec::new();
+                while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+                    use bytes::Buf;
+                    body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+                }
+                body
+            })
+        })
+        .collect();
+    for answer in answers {
+        assert_eq!(answer.await.unwrap(), b"slow");
     }
-    assert_eq!(body, b"slow");
-    drop(stream);
     // The sidecar closes the connection once its last request is done (bounded only so that
     // a hang fails the test rather than stalling it; keep-alives hold an idle connection
     // open). `send` is still alive: the close is the sidecar's.
