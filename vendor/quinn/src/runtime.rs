@@ -102,6 +102,7 @@ pub trait UdpPoller: Send + Sync + Debug + 'static {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>>;
 }
 
+#[cfg(any(feature = "runtime-async-std", feature = "runtime-smol"))]
 pin_project_lite::pin_project! {
     /// Helper adapting a function `MakeFut` that constructs a single-use future `Fut` into a
     /// [`UdpPoller`] that may be reused indefinitely
@@ -112,15 +113,11 @@ pin_project_lite::pin_project! {
     }
 }
 
+#[cfg(any(feature = "runtime-async-std", feature = "runtime-smol"))]
 impl<MakeFut, Fut> UdpPollHelper<MakeFut, Fut> {
     /// Construct a [`UdpPoller`] that calls `make_fut` to get the future to poll, storing it until
     /// it yields [`Poll::Ready`], then creating a new one on the next
     /// [`poll_writable`](UdpPoller::poll_writable)
-    #[cfg(any(
-        feature = "runtime-async-std",
-        feature = "runtime-smol",
-        feature = "runtime-tokio",
-    ))]
     fn new(make_fut: MakeFut) -> Self {
         Self {
             make_fut,
@@ -129,6 +126,7 @@ impl<MakeFut, Fut> UdpPollHelper<MakeFut, Fut> {
     }
 }
 
+#[cfg(any(feature = "runtime-async-std", feature = "runtime-smol"))]
 impl<MakeFut, Fut> UdpPoller for UdpPollHelper<MakeFut, Fut>
 where
     MakeFut: Fn() -> Fut + Send + Sync + 'static,
@@ -153,6 +151,7 @@ where
     }
 }
 
+#[cfg(any(feature = "runtime-async-std", feature = "runtime-smol"))]
 impl<MakeFut, Fut> Debug for UdpPollHelper<MakeFut, Fut> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UdpPollHelper").finish_non_exhaustive()

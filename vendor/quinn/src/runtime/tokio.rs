@@ -7,12 +7,14 @@ use std::{
     time::Instant,
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::{
-    io::Interest,
+    io::{Interest, unix::AsyncFd},
     time::{Sleep, sleep_until},
 };
 
-use super::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPollHelper};
+use super::{AsyncTimer, AsyncUdpSocket, Runtime};
 
 /// A Quinn runtime for Tokio
 #[derive(Debug)]
@@ -28,9 +30,12 @@ impl Runtime for TokioRuntime {
     }
 
     fn wrap_udp_socket(&self, sock: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        let inner = udp::UdpSocketState::new((&sock).into())?;
+        sock.set_nonblocking(true)?;
         Ok(Arc::new(UdpSocket {
-            inner: udp::UdpSocketState::new((&sock).into())?,
-            io: tokio::net::UdpSocket::from_std(sock)?,
+            inner,
+            io: register(sock, Interest::READABLE)?,
+            send_blocked: AtomicBool::new(false),
         }))
     }
 
@@ -48,24 +53,38 @@ impl AsyncTimer for Sleep {
     }
 }
 
+/// A UDP socket registered with tokio for reading only.
+///
+/// tokio's own `UdpSocket` registers for both readiness kinds, and a UDP socket is writable
+/// again as soon as each datagram's buffer is freed, so every send produced a writable event:
+/// one more `epoll_wait` per send on loopback, and on a real NIC a wake-up at each transmit
+/// completion. Here writability is only watched after a send would have blocked, through a
+/// duplicate of the socket registered for writing until it is writable again (see
+/// `WritablePoller`).
 #[derive(Debug)]
 struct UdpSocket {
-    io: tokio::net::UdpSocket,
+    io: AsyncFd<std::net::UdpSocket>,
     inner: udp::UdpSocketState,
+    /// The last send found the socket's buffer full.
+    send_blocked: AtomicBool,
 }
 
 impl AsyncUdpSocket for UdpSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn super::UdpPoller>> {
-        Box::pin(UdpPollHelper::new(move || {
-            let socket = self.clone();
-            async move { socket.io.writable().await }
-        }))
+        Box::pin(WritablePoller {
+            socket: self,
+            watch: None,
+        })
     }
 
     fn try_send(&self, transmit: &udp::Transmit) -> io::Result<()> {
-        self.io.try_io(Interest::WRITABLE, || {
-            self.inner.send((&self.io).into(), transmit)
-        })
+        match self.inner.send(self.io.get_ref().into(), transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.send_blocked.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+            r => r,
+        }
     }
 
     fn poll_recv(
@@ -74,18 +93,26 @@ impl AsyncUdpSocket for UdpSocket {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        let batch = bufs.len().min(meta.len()).min(udp::BATCH_SIZE);
         loop {
-            ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(res) = self.io.try_io(Interest::READABLE, || {
-                self.inner.recv((&self.io).into(), bufs, meta)
-            }) {
-                return Poll::Ready(Ok(res));
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            if let Ok(res) = guard.try_io(|io| self.inner.recv(io.get_ref().into(), bufs, meta)) {
+                // With edge-triggered epoll, fewer datagrams than asked for means the queue
+                // was empty: forget the readiness now instead of learning it from one more
+                // `recvmmsg` that fails with EAGAIN (tokio does the same for a short TCP read).
+                // A datagram arriving after it raises a new event.
+                if cfg!(any(target_os = "linux", target_os = "android"))
+                    && matches!(res, Ok(n) if n < batch)
+                {
+                    guard.clear_ready();
+                }
+                return Poll::Ready(res);
             }
         }
     }
 
     fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.io.local_addr()
+        self.io.get_ref().local_addr()
     }
 
     fn may_fragment(&self) -> bool {
@@ -99,4 +126,46 @@ impl AsyncUdpSocket for UdpSocket {
     fn max_receive_segments(&self) -> usize {
         self.inner.gro_segments()
     }
+}
+
+/// Ready at once unless a send found the socket's buffer full; then ready when a duplicate of
+/// the socket, registered for writing only for that wait, reports it writable. Registering a
+/// descriptor that is already writable reports it at once, so no wake-up is lost.
+#[derive(Debug)]
+struct WritablePoller {
+    socket: Arc<UdpSocket>,
+    watch: Option<AsyncFd<std::net::UdpSocket>>,
+}
+
+impl super::UdpPoller for WritablePoller {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.socket.send_blocked.load(Ordering::Relaxed) {
+            this.watch = None;
+            return Poll::Ready(Ok(()));
+        }
+        if this.watch.is_none() {
+            let dup = this.socket.io.get_ref().try_clone()?;
+            this.watch = Some(register(dup, Interest::WRITABLE)?);
+        }
+        let watch = this.watch.as_ref().expect("set above");
+        let _ready = ready!(watch.poll_write_ready(cx))?;
+        // Writable again: stop watching (the next send that blocks watches anew).
+        this.watch = None;
+        this.socket.send_blocked.store(false, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Registers a socket with tokio's reactor for `interest`.
+///
+/// `with_interest` is deprecated because an arbitrary `AsRawFd` type may close or swap its
+/// descriptor while registered; a `std::net::UdpSocket` owns its descriptor and returns the same
+/// one for its whole life, which is what the unsafe `register_with_interest` asks.
+#[allow(deprecated)]
+fn register(
+    sock: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    AsyncFd::with_interest(sock, interest)
 }
