@@ -209,6 +209,23 @@ impl Balancer {
             return Pick::None;
         }
         let now = Instant::now();
+        if let [ep] = eps {
+            // One endpoint (a sidecar peer, usually): the rule below without its lists. Which
+            // endpoints were tried does not matter when there is no other.
+            let state = self.state(ep);
+            let mut breaker = state.breaker.lock().expect("not poisoned");
+            let admit = match breaker.admit(now) {
+                Admit::No if in_panic(&[Admit::No], panic_threshold) => Admit::Yes,
+                admit => admit,
+            };
+            match admit {
+                Admit::No => return Pick::AllOpen,
+                Admit::Probe => breaker.claim_probe(),
+                Admit::Yes => {}
+            }
+            drop(breaker);
+            return Pick::Chosen(ep.clone(), state);
+        }
         let states: Vec<Arc<EndpointState>> = eps.iter().map(|e| self.state(e)).collect();
         let mut admits: Vec<Admit> = states
             .iter()
@@ -384,6 +401,34 @@ mod tests {
             }
         }
         assert_eq!(ports.len(), 4, "{ports:?}");
+    }
+
+    #[test]
+    fn one_endpoint_and_several_follow_the_same_breaker_rules() {
+        // A half-open endpoint gets exactly one probe, alone (the one-endpoint path) as among
+        // others (the general path), and a tried endpoint is used again when it is the only one.
+        let cfg = BreakerConfig {
+            failures: 1,
+            ejection: Duration::ZERO,
+            ..BreakerConfig::default()
+        };
+        for n in [1, 2] {
+            let lb = Balancer::default();
+            let eps: Vec<Endpoint> = (1..=n).map(ep).collect();
+            for e in &eps {
+                assert!(lb.state(e).failed(&cfg, "reset"));
+            }
+            let probes = (0..10)
+                .filter(|_| matches!(lb.pick(&eps, &[], 0), Pick::Chosen(..)))
+                .count();
+            assert_eq!(
+                probes, n as usize,
+                "{n} endpoint(s): one probe each while half-open"
+            );
+            let lb = Balancer::default();
+            let tried = [eps[0].address];
+            assert!(matches!(lb.pick(&eps[..1], &tried, 0), Pick::Chosen(..)));
+        }
     }
 
     #[test]

@@ -175,6 +175,7 @@ pub(crate) fn server_endpoint(
 ) -> Result<quinn::Endpoint, std::io::Error> {
     let server = server_config(material, cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    h3::intern_field_names(&crate::headers::WIRE_NAMES);
     let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
     let cid_key = material.cid_key();
     endpoint_cfg.cid_generator(move || {
@@ -567,6 +568,7 @@ impl Pool {
         // Dual-stack where the host has IPv6, IPv4 only where it does not.
         let socket = std::net::UdpSocket::bind(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))))?;
+        h3::intern_field_names(&crate::headers::WIRE_NAMES);
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
@@ -820,13 +822,13 @@ impl Pool {
                 body = None;
             }
             let (send, mut recv) = stream.split();
-            let cancel_upload = CancellationToken::new();
-            if let Some(b) = body.take() {
-                tokio::spawn(upload(send, b, cancel_upload.clone()));
-            }
             // Cancels the upload if we give up on this exchange (timeout, reset) before the
-            // response.
-            let upload_guard = cancel_upload.drop_guard();
+            // response. A bodyless request has nothing to cancel (and allocates no token).
+            let upload_guard = body.take().map(|b| {
+                let cancel_upload = CancellationToken::new();
+                tokio::spawn(upload(send, b, cancel_upload.clone()));
+                cancel_upload.drop_guard()
+            });
             match final_response(&mut recv, interim.as_ref()).await {
                 Ok(resp) => break (recv, in_flight, upload_guard, resp),
                 Err(e) => {
@@ -844,7 +846,9 @@ impl Pool {
                 }
             }
         };
-        upload_guard.disarm();
+        if let Some(guard) = upload_guard {
+            guard.disarm();
+        }
         let (parts, ()) = resp.into_parts();
         let len = content_length(&parts.headers);
         Ok(wire::from_peer(parts, &method, move || {

@@ -51,6 +51,9 @@ mod stream;
 #[cfg(not(feature = "i-implement-a-third-party-backend-and-opt-into-breaking-changes"))]
 mod webtransport;
 
+/// quicar: field names parsed from a shared list instead of copied (`proto::headers`).
+pub use proto::headers::intern_field_names;
+
 #[allow(dead_code)]
 mod qpack;
 #[cfg(test)]

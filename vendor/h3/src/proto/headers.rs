@@ -301,6 +301,39 @@ impl TryFrom<Vec<HeaderField>> for Header {
     }
 }
 
+/// quicar: non-standard field names the application sends on most messages (a sidecar's trace
+/// context and deadline), set once: such a name is cloned from here instead of copied into a
+/// new allocation, as `http` does for the standard names. `lengths` has bit `n` set when a name
+/// is `n` bytes long, so other fields cost one test.
+struct Interned {
+    names: &'static [HeaderName],
+    lengths: u64,
+}
+
+static INTERNED: std::sync::OnceLock<Interned> = std::sync::OnceLock::new();
+
+/// quicar: names (lowercase, as `HeaderName::from_static` requires) that received field
+/// sections parse without an allocation. Only the first call has an effect.
+pub fn intern_field_names(names: &'static [HeaderName]) {
+    let lengths = names
+        .iter()
+        .map(|n| n.as_str().len())
+        .filter(|&len| len < 64)
+        .fold(0u64, |acc, len| acc | 1 << len);
+    let _ = INTERNED.set(Interned { names, lengths });
+}
+
+fn field_name(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    if let Some(interned) = INTERNED.get() {
+        if name.len() < 64 && interned.lengths & (1 << name.len()) != 0 {
+            if let Some(n) = interned.names.iter().find(|n| n.as_str().as_bytes() == name) {
+                return Ok(n.clone());
+            }
+        }
+    }
+    HeaderName::from_lowercase(name)
+}
+
 impl TryFrom<Vec<SharedField>> for Header {
     type Error = HeaderError;
     fn try_from(headers: Vec<SharedField>) -> Result<Self, Self::Error> {
@@ -313,8 +346,7 @@ impl TryFrom<Vec<SharedField>> for Header {
             // quicar: a regular field's value becomes the HeaderValue without a copy (it shares
             // the field section's bytes); names and pseudo-headers parse as before.
             if name.first().is_some_and(|b| *b != b':') {
-                let n = HeaderName::from_lowercase(&name)
-                    .map_err(|_| HeaderError::invalid_name(&name))?;
+                let n = field_name(&name).map_err(|_| HeaderError::invalid_name(&name))?;
                 let v = HeaderValue::from_maybe_shared(value)
                     .map_err(|_| HeaderError::invalid_value(&name, b""))?;
                 fields.append(n, v);
