@@ -293,3 +293,138 @@ async fn a_current_thread_caller_fails_concurrent_requests_to_a_dead_endpoint_to
         assert!(status.success(), "{t}: sidecar exited with {status}");
     }
 }
+
+/// A network namespace of this test's own, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("quicar-it-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name} (needs root)");
+        Self(name)
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`{}` in {}: {}",
+            args[..args.len().min(4)].join(" "),
+            self.0,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `quicar internal node` in the namespace; returns it and the outbound address it printed.
+    fn node(&self, pki: &Pki, name: &str, toml: &str, backend: Option<&str>) -> (Child, String) {
+        let path = pki.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_quicar")])
+            .args(["internal", "node", "--config"])
+            .arg(&path);
+        if let Some(b) = backend {
+            cmd.args(["--backend", b]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("node printed ready").unwrap();
+        let addr = line.strip_prefix("ready ").expect("ready line").to_string();
+        (child, addr)
+    }
+
+    /// UDP sends refused for a full send buffer in the namespace (v4 and v6 sockets).
+    fn sndbuf_errors(&self) -> u64 {
+        let snmp = self.run(&["cat", "/proc/net/snmp", "/proc/net/snmp6"]);
+        let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp: ")).collect();
+        let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
+        let v4 = names
+            .zip(values)
+            .find(|(n, _)| *n == "SndbufErrors")
+            .map_or(0, |(_, v)| v.parse().unwrap());
+        let v6 = snmp
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6SndbufErrors"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        v4 + v6
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// When the link's queue holds what a sidecar sent, its UDP socket's send buffer fills and a
+/// send would block: the sidecar waits for the socket to drain (it watches writability only
+/// then) and loses nothing. Loopback and veth free a datagram's buffer as they send it, so
+/// the test gives its namespace's loopback a token-bucket queue, and uses Cubic, which fills
+/// queues, over QUIC; it checks that sends were refused (else it proved nothing) and that all
+/// 64 responses of 1 MiB, 32 at a time, arrived whole.
+#[test]
+#[ignore = "needs tc (and root): apt-get install iproute2"]
+fn a_full_udp_send_buffer_is_waited_out_and_loses_nothing() {
+    let ns = Netns::new();
+    ns.run(&["ip", "link", "set", "lo", "up", "mtu", "1500"]);
+    ns.run(&[
+        "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400mbit", "burst", "256kb",
+        "latency", "2s",
+    ]);
+    let pki = Pki::new();
+    let cubic = "[quic]\ncongestion = \"cubic\"\n";
+    let backend = "127.0.0.1:18080";
+    let server_toml = server_toml(&pki, backend.parse().unwrap(), "127.0.0.1:14443", "");
+    let (mut server, _) = ns.node(
+        &pki,
+        "server",
+        &format!("{server_toml}{cubic}"),
+        Some(backend),
+    );
+    let client_toml = client_toml(&pki, &["127.0.0.1:14443".parse().unwrap()], "");
+    let (mut client, out) = ns.node(&pki, "client", &format!("{client_toml}{cubic}"), None);
+
+    let refused_before = ns.sndbuf_errors();
+    let url = format!("http://{out}/r?size=1048576");
+    let mut args = vec![
+        "curl",
+        "-sS",
+        "-Z",
+        "--parallel-max",
+        "32",
+        "-m",
+        "60",
+        "-H",
+        "host: hello",
+        "-w",
+        "%{http_code} %{size_download}\\n",
+    ];
+    for _ in 0..64 {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let got = ns.run(&args);
+    let refused = ns.sndbuf_errors() - refused_before;
+    let _ = (server.kill(), client.kill(), server.wait(), client.wait());
+
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 64, "{got}");
+    assert!(lines.iter().all(|l| *l == "200 1048576"), "{got}");
+    assert!(
+        refused > 0,
+        "no UDP send found a full buffer: the test proved nothing"
+    );
+    eprintln!("UDP sends refused for a full send buffer: {refused}");
+}
