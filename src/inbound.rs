@@ -21,9 +21,10 @@ use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Transport;
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, DEADLINE};
 use crate::identity::{IdentityError, PeerId};
+use crate::interim::Interim;
 use crate::policy::authorize;
 use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
-use local_app::{Local, LocalApp};
+use local_app::{CallerSide, Local, LocalApp};
 
 /// Everything the inbound path needs, shared by all peer connections.
 pub(crate) struct Inbound {
@@ -130,12 +131,14 @@ impl Inbound {
     }
 
     /// Settles a body of unknown length (an empty one goes to the app as no body), then
-    /// `handle`.
+    /// `handle`. The app's interim responses go to `interim` (passed beside the request, not
+    /// in its extensions: a type map per request is three allocations).
     pub(crate) async fn settle_and_handle(
         &self,
         req: Request<ProxyBody>,
         peer: &Arc<PeerId>,
         transport: Transport,
+        interim: Option<Interim>,
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         match crate::body::settle(body).await {
@@ -143,7 +146,7 @@ impl Inbound {
             // it, so a box here was a second allocation per request (BENCHMARKS.md, ninth
             // session).
             Ok(body) => {
-                self.handle(Request::from_parts(parts, body), peer, transport)
+                self.handle(Request::from_parts(parts, body), peer, transport, interim)
                     .await
             }
             Err(e) => ProxyError::new(
@@ -162,6 +165,7 @@ impl Inbound {
         req: Request<ProxyBody>,
         peer: &Arc<PeerId>,
         transport: Transport,
+        interim: Option<Interim>,
     ) -> Response<ProxyBody> {
         let mut guard = self.tel.request(Direction::Inbound);
         let Ok(permit) = self.requests.clone().try_acquire_owned() else {
@@ -199,7 +203,7 @@ impl Inbound {
         let (parts, body) = req.into_parts();
         let body = Counted::new(body, guard.bytes_in()).boxed_unsync();
         let resp = match self
-            .to_app(parts, body, &guard.facts.authority, local, peer)
+            .to_app(parts, body, &guard.facts.authority, local, peer, interim)
             .await
         {
             Ok(r) => r,
@@ -226,6 +230,7 @@ impl Inbound {
         authority: &str,
         local: Option<&Local>,
         peer: &PeerId,
+        interim: Option<Interim>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if authority.is_empty() {
             return Err(ProxyError::new(
@@ -268,7 +273,14 @@ impl Inbound {
         // Only this sidecar speaks for the caller: drop anything that claims to.
         strip_quicar(&mut parts.headers);
         self.app
-            .call(local, authority, peer, deadline, parts, body)
+            .call(
+                local,
+                authority,
+                peer,
+                CallerSide { deadline, interim },
+                parts,
+                body,
+            )
             .await
     }
 }

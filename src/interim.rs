@@ -1,10 +1,11 @@
 //! Interim (1xx) responses on their way from the responding app to the calling app, as they
 //! arrive: `103 Early Hints` lets the caller start fetching what the final response will need.
 //!
-//! Whoever can send interim responses on puts an `Interim` in the request's extensions: the
-//! outbound edge (onto the app's HTTP/1.1 connection, `outbound/app_conn`) and each transport server (onto
-//! the HTTP/3 stream or HTTP/2 stream toward the calling sidecar). Whoever receives them passes
-//! them to it: the local-app client (`inbound/local_app/h1`) and each transport client.
+//! Whoever can send interim responses on makes an `Interim`: the outbound edge (onto the app's
+//! HTTP/1.1 connection, `outbound/app_conn`) puts it in the request's extensions, where each
+//! transport client finds it; each transport server (onto the HTTP/3 or HTTP/2 stream toward
+//! the calling sidecar) passes it beside the request to the inbound path and the local-app
+//! client (`inbound/local_app/h1`), which hands the app's interim responses to it.
 //! `100 Continue` stays hop-local (each hop answers `Expect` itself) and `101` is never
 //! forwarded (no upgrades); hop-by-hop and `quicar-*` fields are dropped, as on final responses.
 
@@ -28,14 +29,21 @@ struct Inner<F: ?Sized> {
 
 /// Where the interim responses of one request go next (one allocation per request).
 #[derive(Clone)]
-pub(crate) struct Interim(Arc<Inner<dyn Fn(Response<()>) + Send + Sync>>);
+pub(crate) struct Interim(Sink);
+
+#[derive(Clone)]
+enum Sink {
+    /// Straight into the queue a transport server sends from (`channel`).
+    Queue(Arc<Queue>),
+    Fn(Arc<Inner<dyn Fn(Response<()>) + Send + Sync>>),
+}
 
 impl Interim {
     pub(crate) fn new(sink: impl Fn(Response<()>) + Send + Sync + 'static) -> Self {
-        Self(Arc::new(Inner {
+        Self(Sink::Fn(Arc::new(Inner {
             passed: AtomicU32::new(0),
             sink,
-        }))
+        })))
     }
 
     /// Passes `resp` on if it is an interim response to forward (and the request is under its
@@ -44,13 +52,20 @@ impl Interim {
         if !forwardable(resp.status()) {
             return;
         }
-        if self.0.passed.fetch_add(1, Ordering::Relaxed) >= MAX_PER_REQUEST {
+        let passed = match &self.0 {
+            Sink::Queue(q) => &q.passed,
+            Sink::Fn(inner) => &inner.passed,
+        };
+        if passed.fetch_add(1, Ordering::Relaxed) >= MAX_PER_REQUEST {
             return;
         }
         strip_hop_by_hop(resp.headers_mut());
         strip_quicar(resp.headers_mut());
         resp.extensions_mut().clear();
-        (self.0.sink)(resp);
+        match &self.0 {
+            Sink::Queue(q) => q.push(resp),
+            Sink::Fn(inner) => (inner.sink)(resp),
+        }
     }
 }
 
@@ -67,6 +82,7 @@ pub(crate) fn forwardable(status: StatusCode) -> bool {
 pub(crate) struct Queue {
     items: Mutex<VecDeque<Response<()>>>,
     arrived: Notify,
+    passed: AtomicU32,
 }
 
 impl Queue {
@@ -83,18 +99,18 @@ impl Queue {
     pub(crate) fn try_recv(&self) -> Option<Response<()>> {
         self.items.lock().expect("not poisoned").pop_front()
     }
+
+    fn push(&self, resp: Response<()>) {
+        self.items.lock().expect("not poisoned").push_back(resp);
+        // A permit is kept when nobody waits, so an arrival is never missed.
+        self.arrived.notify_one();
+    }
 }
 
-/// An `Interim` feeding a new `Queue`.
+/// An `Interim` feeding a new `Queue` (one allocation, shared by both).
 pub(crate) fn channel() -> (Interim, Arc<Queue>) {
     let queue = Arc::new(Queue::default());
-    let q = queue.clone();
-    let interim = Interim::new(move |resp| {
-        q.items.lock().expect("not poisoned").push_back(resp);
-        // A permit is kept when nobody waits, so an arrival is never missed.
-        q.arrived.notify_one();
-    });
-    (interim, queue)
+    (Interim(Sink::Queue(queue.clone())), queue)
 }
 
 #[cfg(test)]

@@ -521,7 +521,7 @@ mod future_sizes {
     fn of3<A, B, C, F>(_: impl FnOnce(A, B, C) -> F) -> usize {
         std::mem::size_of::<F>()
     }
-    fn of4<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+    fn of5<A, B, C, D, E, F>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
@@ -532,7 +532,7 @@ mod future_sizes {
     #[test]
     fn request_futures_stay_small() {
         let outbound = of3(super::handle);
-        let inbound = of4(crate::inbound::Inbound::handle);
+        let inbound = of5(crate::inbound::Inbound::handle);
         eprintln!("outbound request future {outbound} bytes, inbound {inbound} bytes");
         assert!(
             outbound <= 8 * 1024,

@@ -134,6 +134,13 @@ impl Local {
     }
 }
 
+/// What the calling side brings to a call beside the request: the caller's remaining budget
+/// (`quicar-deadline`) and where the app's interim responses go.
+pub(crate) struct CallerSide {
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) interim: Option<Interim>,
+}
+
 impl LocalApp {
     pub(crate) fn new(connect_timeout: Duration) -> Self {
         Self { connect_timeout }
@@ -210,10 +217,11 @@ impl LocalApp {
         local: &Local,
         authority: &str,
         peer: &PeerId,
-        deadline: Option<Duration>,
+        caller: CallerSide,
         mut parts: http::request::Parts,
         body: ProxyBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let CallerSide { deadline, interim } = caller;
         if let (Some(limit), Some(len)) = (local.max_request_body, content_length(&parts.headers)) {
             if len > limit {
                 return Err(too_large(local, limit));
@@ -262,7 +270,6 @@ impl LocalApp {
         };
         parts.version = http::Version::HTTP_11;
         // The app's interim responses (103 Early Hints…) go on toward the caller as they arrive.
-        let interim = parts.extensions.remove::<Interim>();
         let call = std::pin::pin!(self.send(local, parts, body, interim));
         let limit = deadline.unwrap_or(local.timeout);
         // Dropping the call closes the connection to the app: it sees the cancellation.

@@ -424,9 +424,8 @@ async fn stream_request(
     }
     let body = H3Body::new(recv, content_length(req.headers()), true).boxed_unsync();
     let (interim, interims) = interim::channel();
-    let mut req = req.map(|()| body);
-    req.extensions_mut().insert(interim);
-    let handled = inbound.settle_and_handle(req, peer, Transport::Quic);
+    let req = req.map(|()| body);
+    let handled = inbound.settle_and_handle(req, peer, Transport::Quic, Some(interim));
     tokio::pin!(handled);
     // Interim responses (103…) go out on the stream as they arrive, ahead of the final one. A
     // caller that stops the stream (it hung up) drops the request, and with it the local

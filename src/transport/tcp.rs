@@ -193,9 +193,8 @@ async fn stream_request(
     peer: Arc<PeerId>,
 ) {
     let (interim, interims) = interim::channel();
-    let mut req = req.map(|recv| H2Body::new(recv).boxed_unsync());
-    req.extensions_mut().insert(interim);
-    let handled = inbound.settle_and_handle(req, &peer, Transport::Tcp);
+    let req = req.map(|recv| H2Body::new(recv).boxed_unsync());
+    let handled = inbound.settle_and_handle(req, &peer, Transport::Tcp, Some(interim));
     tokio::pin!(handled);
     let resp = loop {
         tokio::select! {
