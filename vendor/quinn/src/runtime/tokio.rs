@@ -83,6 +83,13 @@ impl AsyncUdpSocket for UdpSocket {
                 self.send_blocked.store(true, Ordering::Relaxed);
                 Err(e)
             }
+            Ok(()) => {
+                // Room again (another connection's sends need not wait for a watch).
+                if self.send_blocked.load(Ordering::Relaxed) {
+                    self.send_blocked.store(false, Ordering::Relaxed);
+                }
+                Ok(())
+            }
             r => r,
         }
     }
@@ -96,17 +103,18 @@ impl AsyncUdpSocket for UdpSocket {
         let batch = bufs.len().min(meta.len()).min(udp::BATCH_SIZE);
         loop {
             let mut guard = ready!(self.io.poll_read_ready(cx))?;
-            if let Ok(res) = guard.try_io(|io| self.inner.recv(io.get_ref().into(), bufs, meta)) {
+            // An error other than WouldBlock is retried, as quinn's tokio runtime always did
+            // (its endpoint driver would end on an error returned from here).
+            let res = guard.try_io(|io| self.inner.recv(io.get_ref().into(), bufs, meta));
+            if let Ok(Ok(n)) = res {
                 // With edge-triggered epoll, fewer datagrams than asked for means the queue
                 // was empty: forget the readiness now instead of learning it from one more
                 // `recvmmsg` that fails with EAGAIN (tokio does the same for a short TCP read).
                 // A datagram arriving after it raises a new event.
-                if cfg!(any(target_os = "linux", target_os = "android"))
-                    && matches!(res, Ok(n) if n < batch)
-                {
+                if cfg!(any(target_os = "linux", target_os = "android")) && n < batch {
                     guard.clear_ready();
                 }
-                return Poll::Ready(res);
+                return Poll::Ready(Ok(n));
             }
         }
     }
