@@ -261,14 +261,13 @@ async fn attempts(
                 ));
             }
         };
-        tried.push(ep.address);
         let outstanding = st.start();
         let started = Instant::now();
         // The far app gets what is left of the deadline after the request body ends (all of
         // it while the body is still streaming).
         let ended = progress.map_or(Some(began), Progress::ended_at);
         let left = ended.map_or(route.timeout, |end| {
-            (end + route.timeout).saturating_duration_since(Instant::now())
+            (end + route.timeout).saturating_duration_since(started)
         });
         head.headers_mut()
             .insert(DEADLINE, http::HeaderValue::from(left.as_millis() as u64));
@@ -318,6 +317,9 @@ async fn attempts(
             e.error
         });
         if let Some(f) = failure {
+            // Endpoints tried and failed, for the next pick (a request that succeeds at once,
+            // most, allocates no list).
+            tried.push(ep.address);
             // A peer that could not be reached is not tried again by the same request: the
             // next attempt needs another endpoint (100 requests to a dead endpoint fail
             // together after one handshake, not after `attempts` of them).
