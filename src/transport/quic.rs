@@ -175,7 +175,6 @@ pub(crate) fn server_endpoint(
 ) -> Result<quinn::Endpoint, std::io::Error> {
     let server = server_config(material, cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    h3::intern_field_names(&crate::headers::WIRE_NAMES);
     let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
     let cid_key = material.cid_key();
     endpoint_cfg.cid_generator(move || {
@@ -567,7 +566,6 @@ impl Pool {
         // Dual-stack where the host has IPv6, IPv4 only where it does not.
         let socket = std::net::UdpSocket::bind(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))))?;
-        h3::intern_field_names(&crate::headers::WIRE_NAMES);
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,

@@ -5,17 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::Reaper;
+
 const BIN: &str = env!("CARGO_BIN_EXE_quicar");
-
-/// Kills the child by PID when the test ends, whatever happened.
-struct Reaper(std::process::Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 #[ignore = "needs curl: apt-get install curl"]

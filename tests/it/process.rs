@@ -325,7 +325,7 @@ impl Netns {
     }
 
     /// `quicar internal node` in the namespace; returns it and the outbound address it printed.
-    fn node(&self, pki: &Pki, name: &str, toml: &str, backend: Option<&str>) -> (Child, String) {
+    fn node(&self, pki: &Pki, name: &str, toml: &str, backend: Option<&str>) -> (Reaper, String) {
         let path = pki.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml).unwrap();
         let mut cmd = Command::new("ip");
@@ -335,12 +335,14 @@ impl Netns {
         if let Some(b) = backend {
             cmd.args(["--backend", b]);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // `ip netns exec` execs the command: the child's PID is the sidecar's.
+        let mut child = Reaper(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
         let line = lines.next().expect("node printed ready").unwrap();
         let addr = line.strip_prefix("ready ").expect("ready line").to_string();
         (child, addr)
@@ -388,14 +390,14 @@ fn a_full_udp_send_buffer_is_waited_out_and_loses_nothing() {
     let cubic = "[quic]\ncongestion = \"cubic\"\n";
     let backend = "127.0.0.1:18080";
     let server_toml = server_toml(&pki, backend.parse().unwrap(), "127.0.0.1:14443", "");
-    let (mut server, _) = ns.node(
+    let (server, _) = ns.node(
         &pki,
         "server",
         &format!("{server_toml}{cubic}"),
         Some(backend),
     );
     let client_toml = client_toml(&pki, &["127.0.0.1:14443".parse().unwrap()], "");
-    let (mut client, out) = ns.node(&pki, "client", &format!("{client_toml}{cubic}"), None);
+    let (client, out) = ns.node(&pki, "client", &format!("{client_toml}{cubic}"), None);
 
     let refused_before = ns.sndbuf_errors();
     let url = format!("http://{out}/r?size=1048576");
@@ -417,7 +419,7 @@ fn a_full_udp_send_buffer_is_waited_out_and_loses_nothing() {
     }
     let got = ns.run(&args);
     let refused = ns.sndbuf_errors() - refused_before;
-    let _ = (server.kill(), client.kill(), server.wait(), client.wait());
+    drop((server, client));
 
     let lines: Vec<&str> = got.lines().collect();
     assert_eq!(lines.len(), 64, "{got}");
