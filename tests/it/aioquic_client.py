@@ -199,6 +199,23 @@ async def bad_pseudo_headers(c):
     return out
 
 
+async def near_interned_names(c):
+    # The receiver parses a few names sidecars send (traceparent, tracestate, quicar-deadline)
+    # from a shared list: names of the same lengths that differ pass as themselves, and an
+    # upper-case one is still a malformed request (RFC 9114 §4.2).
+    sid = c.stream()
+    c.h3.send_headers(sid, headers("/near", [(b"traceparenx", b"1"), (b"tracestatf", b"2")]),
+                      end_stream=True)
+    c.transmit()
+    out = {"near": await c.wait(sid, timeout=5)}
+    sid = c.stream()
+    c.h3.send_headers(sid, headers("/bad-upper", [(b"Traceparent", b"1")]), end_stream=True)
+    c.transmit()
+    out["upper"] = await c.wait(sid, timeout=5)
+    out["after"] = await plain(c)
+    return out
+
+
 async def main():
     out = {}
     for name, body in [("plain", plain), ("unknown_frame_first", unknown_frame_first),
@@ -207,7 +224,8 @@ async def main():
                        ("reset_mid_body", reset_mid_body),
                        ("sized_body_fin_later", sized_body_fin_later),
                        ("bad_header_value", bad_header_value),
-                       ("bad_pseudo_headers", bad_pseudo_headers), ("still_healthy", plain)]:
+                       ("bad_pseudo_headers", bad_pseudo_headers),
+                       ("near_interned_names", near_interned_names), ("still_healthy", plain)]:
         try:
             out[name] = await asyncio.wait_for(case(name, body), 20)
         except Exception as e:  # the case's outcome, reported to the Rust test

@@ -494,6 +494,31 @@ async fn aioquic_client_and_hostile_frames_against_the_inbound_port() {
         v["bad_pseudo_headers"]["after"]["status"], 200,
         "the connection survives malformed pseudo-headers: {v:#}"
     );
+    let near = &v["near_interned_names"];
+    assert_eq!(near["near"]["status"], 200, "{v:#}");
+    assert!(
+        near["upper"]["status"].is_null(),
+        "an upper-case name is malformed: {v:#}"
+    );
+    assert_eq!(
+        near["upper"]["reset"], 0x10E,
+        "reset with H3_MESSAGE_ERROR: {v:#}"
+    );
+    assert_eq!(near["after"]["status"], 200, "{v:#}");
+    let seen = upstream
+        .all()
+        .into_iter()
+        .find(|s| s.path == "/near")
+        .expect("/near reached the app");
+    assert_eq!(values(&seen.headers, "traceparenx"), vec!["1"]);
+    assert_eq!(values(&seen.headers, "tracestatf"), vec!["2"]);
+    assert!(
+        values(&seen.headers, "traceparent").is_empty()
+            && values(&seen.headers, "tracestate").is_empty(),
+        "a name near an interned one stays itself: {:?}",
+        seen.headers
+    );
+    assert_eq!(upstream.count_of("/bad-upper"), 0);
     assert_eq!(v["still_healthy"]["status"], 200, "{v:#}");
     assert!(
         upstream
