@@ -321,18 +321,56 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     first.to_str().ok()?.trim().parse().ok()
 }
 
+/// The data bytes of a request's two bodies, counted as they pass: one allocation for both.
+#[derive(Debug, Default)]
+pub(crate) struct ByteCounts {
+    pub(crate) up: std::sync::atomic::AtomicU64,
+    pub(crate) down: std::sync::atomic::AtomicU64,
+}
+
+/// One of the two counts of a `ByteCounts`.
+pub(crate) struct ByteCount {
+    counts: std::sync::Arc<ByteCounts>,
+    down: bool,
+}
+
+impl ByteCount {
+    pub(crate) fn up(counts: &std::sync::Arc<ByteCounts>) -> Self {
+        Self {
+            counts: counts.clone(),
+            down: false,
+        }
+    }
+
+    pub(crate) fn down(counts: &std::sync::Arc<ByteCounts>) -> Self {
+        Self {
+            counts: counts.clone(),
+            down: true,
+        }
+    }
+
+    fn add(&self, n: usize) {
+        let c = if self.down {
+            &self.counts.down
+        } else {
+            &self.counts.up
+        };
+        c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A body that counts the data bytes passing through it, and can keep a guard alive until it
 /// is dropped (the request's telemetry record is written then).
 pub(crate) struct Counted<B, G = ()> {
     inner: B,
     /// `None` for a body that only holds its guard (`held`).
-    count: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    count: Option<ByteCount>,
     /// Kept alive as long as the body (held inline, not boxed).
     _hold: G,
 }
 
 impl<B> Counted<B> {
-    pub(crate) fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+    pub(crate) fn new(inner: B, count: ByteCount) -> Self {
         Self {
             inner,
             count: Some(count),
@@ -363,7 +401,7 @@ where
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(count)) = (&r, &self.count) {
             if let Some(d) = frame.data_ref() {
-                count.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                count.add(d.len());
             }
         }
         r

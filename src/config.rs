@@ -760,10 +760,14 @@ impl Config {
     /// Checks what serde cannot: names, identities, duplicates. Returns the key and the problem.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let td = &self.node.trust_domain;
-        if td.is_empty() || td.contains('/') || td.contains(':') {
+        // SPIFFE's rule (what a certificate's ID is parsed by): lower-case letters, digits,
+        // '-', '.', '_'. Every default identity is built from it.
+        if PeerId::parse(&format!("spiffe://{td}/x")).is_err() {
             return Err((
                 "node.trust_domain".into(),
-                format!("`{td}` is not a trust domain name"),
+                format!(
+                    "`{td}` is not a trust domain name (lower-case letters, digits, '-', '.', '_')"
+                ),
             ));
         }
         if !(1..=1024).contains(&self.node.worker_threads) {

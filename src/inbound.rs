@@ -182,28 +182,26 @@ impl Inbound {
             )
             .into_response();
         };
-        {
+        // A reference count on the decoded field, not a copy.
+        let authority = req.uri().authority().cloned();
+        let authority = authority.as_ref().map_or("", |a| a.as_str());
+        guard.facts.transport = Some(transport);
+        if guard.logs() {
             let f = &mut guard.facts;
-            f.transport = Some(transport);
             f.method = Some(req.method().clone());
             f.path = req.uri().path_and_query().cloned();
-            f.authority = req
-                .uri()
-                .authority()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            f.authority = authority.to_string();
             f.peer_identity = Some(peer.clone());
             f.traceparent = req.headers().get(crate::headers::TRACEPARENT).cloned();
         }
-        let local =
-            service_of_authority(&guard.facts.authority).and_then(|n| self.locals.get(n.as_ref()));
+        let local = service_of_authority(authority).and_then(|n| self.locals.get(n.as_ref()));
         if let Some(local) = local {
             guard.service(&local.tel);
         }
         let (parts, body) = req.into_parts();
         let body = Counted::new(body, guard.bytes_in()).boxed_unsync();
         let resp = match self
-            .to_app(parts, body, &guard.facts.authority, local, peer, interim)
+            .to_app(parts, body, authority, local, peer, interim)
             .await
         {
             Ok(r) => r,

@@ -88,10 +88,12 @@ impl Outbound {
     /// How the cache step of `route` reaches the service (owned, for background refreshes).
     fn fetch_for(&self, route: &Arc<Route>) -> caching::Fetch {
         let (route, clients, tel) = (route.clone(), self.clients.clone(), self.tel.clone());
-        Arc::new(move |head| {
+        Arc::new(move |mut head: http::request::Parts| {
             let (route, clients, tel) = (route.clone(), clients.clone(), tel.clone());
+            let interim = head.extensions.remove::<Interim>();
             Box::pin(async move {
-                attempts::fetch(&route, &clients, &tel, Request::from_parts(head, ()), None).await
+                let head = Request::from_parts(head, ());
+                attempts::fetch(&route, &clients, &tel, head, None, interim.as_ref()).await
             })
         })
     }
@@ -297,12 +299,15 @@ async fn handle(
     interim: Option<Interim>,
 ) -> Response<ProxyBody> {
     let mut guard = state.tel.request(Direction::Outbound);
-    if let Some(interim) = interim {
-        req.extensions_mut().insert(interim);
+    let logs = guard.logs();
+    let traceparent = ensure_traceparent(req.headers_mut());
+    let traceparent = logs.then(|| traceparent.clone());
+    if logs {
+        let f = &mut guard.facts;
+        f.traceparent = traceparent;
+        f.method = Some(req.method().clone());
+        f.path = req.uri().path_and_query().cloned();
     }
-    guard.facts.traceparent = Some(ensure_traceparent(req.headers_mut()));
-    guard.facts.method = Some(req.method().clone());
-    guard.facts.path = req.uri().path_and_query().cloned();
     let target = target(&req);
     let route = target
         .as_ref()
@@ -312,11 +317,11 @@ async fn handle(
     if let Some(route) = route {
         guard.service(&route.tel);
     }
-    if let Ok(authority) = &target {
+    if let (true, Ok(authority)) = (logs, &target) {
         guard.facts.authority = authority.clone();
     }
     let req = req.map(|b| Counted::new(b, guard.bytes_in()));
-    let resp = match forward(req, target, route, &state).await {
+    let resp = match forward(req, target, route, &state, interim).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(kind = e.kind.as_str(), side = ?e.side, error = %e.message, "request failed in the sidecar");
@@ -377,6 +382,7 @@ async fn forward(
     target: Result<String, ProxyError>,
     route: Option<&Arc<Route>>,
     state: &Outbound,
+    interim: Option<Interim>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // hyper's read buffer does not bound a header section reliably; the limit is ours to keep.
     // Counted as HTTP/3 counts a field section (name + value + 32 per field, RFC 9114 §4.2.2),
@@ -448,12 +454,17 @@ async fn forward(
         uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
     parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(&e))?;
-    let (head, ()) = Request::from_parts(parts, ()).into_parts();
+    let (mut head, ()) = Request::from_parts(parts, ()).into_parts();
 
     if let Some(cache) = &route.cache {
         let has_body = !http_body::Body::is_end_stream(&body);
         let key = Cache::key(&route.name, path_of(&head.uri));
         if Cache::applies(&head, has_body) {
+            // The cache's fetch takes only the head: the interim sink rides in its extensions
+            // (taken out again in `fetch_for`).
+            if let Some(interim) = interim {
+                head.extensions.insert(interim);
+            }
             return caching::serve(cache, key, route.timeout, head, state.fetch_for(route)).await;
         }
         if !head.method.is_safe() {
@@ -464,6 +475,7 @@ async fn forward(
                 &state.tel,
                 Request::from_parts(head, ()),
                 Some(body),
+                interim.as_ref(),
             )
             .await;
             if let Ok(r) = &resp {
@@ -492,6 +504,7 @@ async fn forward(
         &state.tel,
         Request::from_parts(head, ()),
         Some(body),
+        interim.as_ref(),
     )
     .await
 }

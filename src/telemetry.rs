@@ -12,13 +12,14 @@ mod metrics;
 mod trace;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ::metrics::{Counter, Gauge, Histogram, Key, Label, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::body::{ByteCount, ByteCounts};
 use crate::config::AccessLogConfig;
 use crate::error::ErrorKind;
 use crate::facts::{CacheOutcome, Transport};
@@ -201,7 +202,8 @@ impl Telemetry {
         RequestGuard {
             tel: self.clone(),
             start: Instant::now(),
-            time: SystemTime::now(),
+            // Only the access log line says when the request began.
+            time: self.access.as_ref().map(|_| SystemTime::now()),
             facts: Facts {
                 direction,
                 ..Facts::default()
@@ -210,8 +212,7 @@ impl Telemetry {
                 Direction::Inbound => self.unknown[0].clone(),
                 Direction::Outbound => self.unknown[1].clone(),
             },
-            bytes_in: Arc::new(AtomicU64::new(0)),
-            bytes_out: Arc::new(AtomicU64::new(0)),
+            bytes: Arc::default(),
         }
     }
 
@@ -311,8 +312,9 @@ impl Drop for ConnectionGuard {
 /// What is known about a request by the time it ends. Label values are bounded: `service` is a
 /// configured name or "-", never what a client typed.
 ///
-/// What only the access log reads is kept as the request's own values (cheap to clone) and
-/// turned into text only when a line is written.
+/// What only the access log reads (method, authority, path, caller, traceparent) is gathered
+/// only when the log is on (`RequestGuard::logs`), kept as the request's own values (cheap to
+/// clone) and turned into text only when a line is written.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
     pub direction: Direction,
@@ -335,12 +337,12 @@ pub struct Facts {
 pub struct RequestGuard {
     tel: Arc<Telemetry>,
     start: Instant,
-    time: SystemTime,
+    time: Option<SystemTime>,
     pub facts: Facts,
     /// The service's telemetry ("-" until `service`).
     service: Arc<ServiceTel>,
-    bytes_in: Arc<AtomicU64>,
-    bytes_out: Arc<AtomicU64>,
+    /// Data bytes in (the request body) and out (the response body).
+    bytes: Arc<ByteCounts>,
 }
 
 impl RequestGuard {
@@ -352,12 +354,18 @@ impl RequestGuard {
         self.service = service.clone();
     }
 
-    pub fn bytes_in(&self) -> Arc<AtomicU64> {
-        self.bytes_in.clone()
+    pub(crate) fn bytes_in(&self) -> ByteCount {
+        ByteCount::up(&self.bytes)
     }
 
-    pub fn bytes_out(&self) -> Arc<AtomicU64> {
-        self.bytes_out.clone()
+    pub(crate) fn bytes_out(&self) -> ByteCount {
+        ByteCount::down(&self.bytes)
+    }
+
+    /// Whether an access log line will be written: the facts only it reads (authority, path,
+    /// method, caller, trace) are worth gathering only then.
+    pub(crate) fn logs(&self) -> bool {
+        self.tel.access.is_some()
     }
 }
 
@@ -382,8 +390,8 @@ impl Drop for RequestGuard {
             .request_handles(svc, (f.transport, class, f.error_kind));
         handles.requests.increment(1);
         handles.duration.record(elapsed.as_secs_f64());
-        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        let bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        let bytes_in = self.bytes.up.load(Ordering::Relaxed);
+        let bytes_out = self.bytes.down.load(Ordering::Relaxed);
         handles.bytes_in.increment(bytes_in);
         handles.bytes_out.increment(bytes_out);
         if let (Some(cache), Direction::Outbound) = (&f.cache, f.direction) {
@@ -407,7 +415,8 @@ impl Drop for RequestGuard {
         );
         if let Some(log) = &self.tel.access {
             let line = AccessLine {
-                time: humantime::format_rfc3339_millis(self.time).to_string(),
+                time: humantime::format_rfc3339_millis(self.time.unwrap_or_else(SystemTime::now))
+                    .to_string(),
                 direction: f.direction.as_str().to_string(),
                 service: svc.name.to_string(),
                 method: f.method.as_ref().map_or("", |m| m.as_str()).to_string(),

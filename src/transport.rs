@@ -28,6 +28,7 @@ use crate::discovery::Endpoint;
 use crate::error::ErrorKind;
 use crate::facts::Transport;
 use crate::identity::IdentityRx;
+use crate::interim::Interim;
 use crate::telemetry::Telemetry;
 use wire::{ConnState, SendError, Upload};
 
@@ -78,17 +79,18 @@ impl Clients {
         head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
+        interim: Option<&Interim>,
     ) -> (Result<Response<ProxyBody>, SendError>, Transport) {
         let transport = self.transport_for(kind, ep);
         if kind != TransportKind::Auto || transport == Transport::Tcp {
             let r = self
-                .send_on(transport, ep, head, body, connect_timeout)
+                .send_on(transport, ep, head, body, connect_timeout, interim)
                 .await;
             return (r, transport);
         }
         let replay = body.replay();
         match self
-            .send_on(Transport::Quic, ep, head, body, connect_timeout)
+            .send_on(Transport::Quic, ep, head, body, connect_timeout, interim)
             .await
         {
             Err(e) if e.error.kind == ErrorKind::ConnectFailed && e.error.never_sent => {
@@ -98,7 +100,7 @@ impl Clients {
                     .or_else(|| e.unsent.map(Upload::Stream))
                     .unwrap_or(Upload::Empty);
                 let r = self
-                    .send_on(Transport::Tcp, ep, head, body, connect_timeout)
+                    .send_on(Transport::Tcp, ep, head, body, connect_timeout, interim)
                     .await;
                 (r, Transport::Tcp)
             }
@@ -113,13 +115,19 @@ impl Clients {
         head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
+        interim: Option<&Interim>,
     ) -> Result<Response<ProxyBody>, SendError> {
+        let interim = interim.cloned();
         // Boxed: an exchange's future is kilobytes, and every future it is nested in (the
         // attempts, the deadline, the outbound handler) would otherwise carry it and be
         // copied whole each time one of them is moved (BENCHMARKS.md, "Later in round 2").
         match transport {
-            Transport::Quic => Box::pin(self.quic.exchange(ep, head, body, connect_timeout)).await,
-            Transport::Tcp => Box::pin(self.tcp.exchange(ep, head, body, connect_timeout)).await,
+            Transport::Quic => {
+                Box::pin(self.quic.exchange(ep, head, body, connect_timeout, interim)).await
+            }
+            Transport::Tcp => {
+                Box::pin(self.tcp.exchange(ep, head, body, connect_timeout, interim)).await
+            }
         }
     }
 

@@ -249,10 +249,7 @@ impl LocalApp {
             Some(p) => p.track(body, local.max_request_body),
             None => body,
         };
-        parts.headers.insert(
-            PEER_IDENTITY,
-            HeaderValue::from_str(peer.as_str()).expect("SPIFFE IDs are visible ASCII"),
-        );
+        parts.headers.insert(PEER_IDENTITY, peer.header_value());
         // We take response trailers and carry them on (an app on hyper, for one, sends them
         // only to a client that says so).
         parts

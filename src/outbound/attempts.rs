@@ -20,6 +20,7 @@ use crate::config::BreakerConfig;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::Upstream;
 use crate::headers::DEADLINE;
+use crate::interim::Interim;
 use crate::resilience::{backoff, is_retryable, Failure};
 use crate::rng::random;
 use crate::telemetry::{self, Telemetry};
@@ -37,6 +38,7 @@ pub(crate) async fn fetch(
     tel: &Telemetry,
     head: Request<()>,
     body: Option<AppBody>,
+    interim: Option<&Interim>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Ok(permit) = route.limit.clone().try_acquire_owned() else {
         return Err(ProxyError::new(
@@ -60,12 +62,16 @@ pub(crate) async fn fetch(
         // No body to wait for (most requests): the deadline runs from now, untracked.
         _ => (None, None),
     };
+    let outgoing = Outgoing {
+        head,
+        body,
+        interim,
+    };
     let work = std::pin::pin!(attempts(
         route,
         clients,
         tel,
-        head,
-        body,
+        outgoing,
         progress.as_deref(),
         permit
     ));
@@ -214,16 +220,51 @@ fn err_kind(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<ErrorKin
     }
 }
 
+/// `quicar-deadline`'s value for `ms`. A request without a body to wait for is sent with its
+/// service's whole timeout less a fraction of a millisecond, so the same few values recur:
+/// the last one is kept per thread and shared (a reference count), not formatted and
+/// allocated for every request.
+fn deadline_value(ms: u64) -> http::HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((at, value)) if *at == ms => value.clone(),
+            _ => {
+                let value = http::HeaderValue::from(ms);
+                *last = Some((ms, value.clone()));
+                value
+            }
+        }
+    })
+}
+
+/// The request as each attempt sends it: its head, its body, and where the peer's interim
+/// responses (`103 Early Hints`…) go. The sink is passed along, not put in the head's
+/// extensions: that map costs three allocations a request.
+struct Outgoing<'a> {
+    head: Request<()>,
+    body: Option<ProxyBody>,
+    interim: Option<&'a Interim>,
+}
+
 /// Attempts until one succeeds or no retry is allowed.
 async fn attempts(
     route: &Route,
     clients: &Clients,
     tel: &Telemetry,
-    mut head: Request<()>,
-    body: Option<ProxyBody>,
+    outgoing: Outgoing<'_>,
     progress: Option<&Progress>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let Outgoing {
+        mut head,
+        body,
+        interim,
+    } = outgoing;
     // Without a tracked body, the body "ended" as the attempts began.
     let began = Instant::now();
     route.budget.request();
@@ -270,7 +311,7 @@ async fn attempts(
             (end + route.timeout).saturating_duration_since(started)
         });
         head.headers_mut()
-            .insert(DEADLINE, http::HeaderValue::from(left.as_millis() as u64));
+            .insert(DEADLINE, deadline_value(left.as_millis() as u64));
         let (result, transport) = clients
             .send(
                 route.transport,
@@ -278,6 +319,7 @@ async fn attempts(
                 &head,
                 body.for_attempt(),
                 route.connect_timeout,
+                interim,
             )
             .await;
         // The app's own request body broke off (client gone, malformed chunking) or crossed
@@ -373,5 +415,19 @@ async fn attempts(
             // until the response body ends.
             Response::from_parts(parts, held(b, (outstanding, permit)))
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deadline_value;
+
+    #[test]
+    fn a_kept_deadline_value_is_only_reused_for_the_same_milliseconds() {
+        assert_eq!(deadline_value(29_999), "29999");
+        assert_eq!(deadline_value(29_999), "29999");
+        assert_eq!(deadline_value(5), "5");
+        assert_eq!(deadline_value(29_999), "29999");
+        assert_eq!(deadline_value(0), "0");
     }
 }

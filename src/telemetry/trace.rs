@@ -23,18 +23,23 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 }
 
 /// Keeps a valid W3C `traceparent` (and its `tracestate`) or starts a trace, so the logs of
-/// both sidecars join on the trace id. Returns the `traceparent` that goes on.
-pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> http::HeaderValue {
-    if let Some(v) = headers.get(crate::headers::TRACEPARENT) {
-        if v.to_str().ok().and_then(trace_id).is_some() {
-            return v.clone();
-        }
+/// both sidecars join on the trace id. Returns the `traceparent` that goes on (borrowed: a
+/// copy costs an allocation, and only the access log wants one).
+pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> &http::HeaderValue {
+    let valid = headers
+        .get(crate::headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace_id)
+        .is_some();
+    if !valid {
+        // An invalid traceparent restarts the trace; tracestate without it means nothing.
+        headers.remove(crate::headers::TRACESTATE);
+        let tp = http::HeaderValue::from_bytes(&traceparent_bytes()).expect("hex");
+        headers.insert(crate::headers::TRACEPARENT, tp);
     }
-    // An invalid traceparent restarts the trace; tracestate without it means nothing.
-    headers.remove(crate::headers::TRACESTATE);
-    let tp = http::HeaderValue::from_bytes(&traceparent_bytes()).expect("hex");
-    headers.insert(crate::headers::TRACEPARENT, tp.clone());
-    tp
+    headers
+        .get(crate::headers::TRACEPARENT)
+        .expect("kept or just inserted")
 }
 
 /// A new `traceparent` (version 00, sampled) with random trace and span ids.

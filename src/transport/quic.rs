@@ -774,10 +774,10 @@ impl Pool {
         head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
+        interim: Option<Interim>,
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
-        let interim = head.extensions().get::<Interim>().cloned();
         let mut body = Some(body);
         let unsent = |body: &mut Option<Upload>| body.take().and_then(Upload::unread);
         let mut attempt = 0;

@@ -510,6 +510,7 @@ impl Pool {
         head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
+        interim: Option<Interim>,
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
@@ -528,7 +529,6 @@ impl Pool {
                 .await;
             return Err(SendError::new(e, body.unread()));
         };
-        let interim = head.extensions().get::<Interim>().cloned();
         let empty = matches!(body, Upload::Empty);
         // h2 takes the request by value: the caller keeps its own for a retry.
         let (response, upload) = match send.clone().send_request(head.clone(), empty) {

@@ -91,6 +91,29 @@ fn check_prints_the_effective_config_and_refuses_bad_ones() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml") && err.contains("port"), "{err}");
+
+    // A trust domain no certificate's SPIFFE ID could carry (SPIFFE's trust domains are lower
+    // case) is refused by name, not turned into identities that can never match.
+    let node_a = std::fs::read_to_string(format!("{root}/config/node-a.toml")).unwrap();
+    let upper = dir.path().join("upper.toml");
+    std::fs::write(
+        &upper,
+        node_a
+            .replace("../certs/", &format!("{root}/certs/"))
+            .replace("\"quicar.local\"", "\"Quicar.Local\""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&upper)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("upper.toml") && err.contains("node.trust_domain"),
+        "{err}"
+    );
 }
 
 #[test]

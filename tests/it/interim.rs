@@ -130,6 +130,36 @@ async fn still_serves_hints(app: &App, s: &mut TcpStream, buf: &mut Vec<u8>) {
     assert!(fin.starts_with("HTTP/1.1 200 "), "{fin}");
 }
 
+/// `GET /hints`: the cleaned `103` arrives while the app holds its final response, then the
+/// `200` (no `100 Continue` or junk before it) and its body.
+async fn hint_before_final(app: &App, s: &mut TcpStream, buf: &mut Vec<u8>, round: usize) {
+    s.write_all(b"GET /hints HTTP/1.1\r\nhost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let hint = read_head(s, buf).await.expect("a head");
+    let lower = hint.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 103 "), "round {round}: {hint}");
+    assert!(
+        lower.contains("\r\nlink: </style.css>; rel=preload\r\n"),
+        "{hint}"
+    );
+    assert!(
+        !lower.contains("quicar-"),
+        "forged sidecar field passed: {hint}"
+    );
+    assert!(
+        !lower.contains("x-secret") && !lower.contains("connection:"),
+        "{hint}"
+    );
+    app.release.add_permits(1);
+    let fin = read_head(s, buf).await.expect("the final head");
+    assert!(
+        fin.starts_with("HTTP/1.1 200 "),
+        "100 Continue or junk passed: {fin}"
+    );
+    assert_eq!(read_body(s, buf).await, "ok");
+}
+
 async fn pair_over(t: &str, app: &App) -> (Pki, quicar::app::Bound, quicar::app::Bound) {
     init_tracing();
     let pki = Pki::new();
@@ -150,20 +180,7 @@ crate::over_transports! {
         let mut buf = Vec::new();
         // Twice on one keep-alive connection: each request gets its own hint, in place.
         for round in 0..2 {
-            s.write_all(b"GET /hints HTTP/1.1\r\nhost: hello\r\n\r\n")
-                .await
-                .unwrap();
-            // The app holds its final response until the hint has reached us.
-            let hint = read_head(&mut s, &mut buf).await.expect("a head");
-            let lower = hint.to_ascii_lowercase();
-            assert!(lower.starts_with("http/1.1 103 "), "round {round}: {hint}");
-            assert!(lower.contains("\r\nlink: </style.css>; rel=preload\r\n"), "{hint}");
-            assert!(!lower.contains("quicar-"), "forged sidecar field passed: {hint}");
-            assert!(!lower.contains("x-secret") && !lower.contains("connection:"), "{hint}");
-            app.release.add_permits(1);
-            let fin = read_head(&mut s, &mut buf).await.expect("the final head");
-            assert!(fin.starts_with("HTTP/1.1 200 "), "100 Continue or junk passed: {fin}");
-            assert_eq!(read_body(&mut s, &mut buf).await, "ok");
+            hint_before_final(&app, &mut s, &mut buf, round).await;
         }
         // An HTTP/1.0 client gets no 1xx (RFC 9110 §15.2).
         let mut s = TcpStream::connect(client.outbound).await.unwrap();
@@ -174,6 +191,24 @@ crate::over_transports! {
             .unwrap();
         let first = read_head(&mut s, &mut buf).await.expect("a head");
         assert!(first.starts_with("HTTP/1.0 200 ") || first.starts_with("HTTP/1.1 200 "), "{first}");
+    }
+
+    async fn an_early_hint_reaches_the_caller_through_a_cached_service(t) {
+        // A service with a cache fetches through the cache's own path (the interim sink rides
+        // there in the request head's extensions, elsewhere beside the request): a miss still
+        // gets its hint ahead of the final response.
+        let app = App::start().await;
+        init_tracing();
+        let pki = Pki::new();
+        let server = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
+        let extra = format!("transport = \"{t}\"\ncache = {{ max_bytes = \"1MiB\" }}");
+        let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
+        assert!(client.cache("hello").is_some(), "the service has no cache");
+        let mut s = TcpStream::connect(client.outbound).await.unwrap();
+        let mut buf = Vec::new();
+        for round in 0..2 {
+            hint_before_final(&app, &mut s, &mut buf, round).await;
+        }
     }
 
     async fn an_app_that_dies_after_its_hint_leaves_the_caller_a_clean_error(t) {
