@@ -105,20 +105,38 @@ where
     /// (quinn's `write_chunks`): the encoded stream type and frame header (a few bytes, copied;
     /// empty when there is none) and the frame's payload, taken without a copy when it is
     /// `Bytes` (`Buf::copy_to_bytes`). h3-quinn's `poll_write` copied both into new buffers.
+    /// A frame whose payload is at most `ONE_CHUNK` bytes (a request's or response's HEADERS,
+    /// a short body's DATA) is one chunk instead, header and payload copied together: one
+    /// allocation where the copied header alone took one, and one chunk less to queue.
     pub fn into_chunks(mut self) -> [Bytes; 2] {
-        let head = if self.pos < self.len {
-            Bytes::copy_from_slice(&self.buf[self.pos..self.len])
-        } else {
-            Bytes::new()
-        };
-        let payload = match self.frame.as_mut().and_then(|f| f.payload_mut()) {
-            Some(p) => {
-                let n = p.remaining();
-                p.copy_to_bytes(n)
+        const ONE_CHUNK: usize = 512;
+        let head = &self.buf[self.pos.min(self.len)..self.len];
+        let payload = self.frame.as_mut().and_then(|f| f.payload_mut());
+        if let Some(p) = payload {
+            let n = p.remaining();
+            if !head.is_empty() && n <= ONE_CHUNK {
+                let mut one = bytes::BytesMut::with_capacity(head.len() + n);
+                one.extend_from_slice(head);
+                while p.has_remaining() {
+                    let chunk = p.chunk();
+                    let len = chunk.len();
+                    one.extend_from_slice(chunk);
+                    p.advance(len);
+                }
+                return [one.freeze(), Bytes::new()];
             }
-            None => Bytes::new(),
-        };
-        [head, payload]
+            let head = if head.is_empty() {
+                Bytes::new()
+            } else {
+                Bytes::copy_from_slice(head)
+            };
+            return [head, p.copy_to_bytes(n)];
+        }
+        if head.is_empty() {
+            [Bytes::new(), Bytes::new()]
+        } else {
+            [Bytes::copy_from_slice(head), Bytes::new()]
+        }
     }
 }
 
