@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Instructions per request on each sidecar of a pair, counted by callgrind (exact, the same on a
+# busy or an idle machine), for a quicar pair and for peerbench's HAProxy pair in the same
+# harness. Each sidecar runs under valgrind; oha sends N1 and then N2 requests to a fresh pair,
+# and the difference in instructions ÷ (N2 − N1) removes start-up and shutdown.
+#   seq   one request at a time (oha -c 1), 2,000 and 12,000 requests
+#   conc  50 in flight (oha -c 50), 4,000 and 24,000 requests: many requests per wake-up
+# Needs ../shared/peerbench set up (its setup.sh: PKI, haproxy, nginx, oha), valgrind, curl,
+# and `127.0.0.1 hello hello-tcp` in /etc/hosts. Ports: 24001-24902 (quicar), peerbench's own
+# (HAProxy, nginx :18080). Every process is started and stopped by PID.
+#   benches/callgrind_pair.sh target/release/quicar conc hello      # QUIC service
+#   benches/callgrind_pair.sh target/release/quicar seq hello-tcp   # TCP service
+#   benches/callgrind_pair.sh haproxy conc                          # HAProxy's pair
+set -euo pipefail
+BIN=${1:?usage: callgrind_pair.sh QUICAR_BIN|haproxy seq|conc [hello|hello-tcp]}
+MODE=${2:?seq or conc}
+HOST=${3:-hello}
+PB=$(cd "$(dirname "$0")/../../shared/peerbench" && pwd)
+source "$PB/lib.sh"
+[ -s "$PKI/a.pem" ] || { echo "no PKI: run $PB/setup.sh first" >&2; exit 1; }
+CFG=$T/callgrind
+rm -rf "$CFG"; mkdir -p "$CFG"
+B_ADDR=127.0.0.1 APP_LISTEN=""
+gen_configs >/dev/null
+case $MODE in
+  seq) C=1 N1=2000 N2=12000 ;;
+  conc) C=50 N1=4000 N2=24000 ;;
+  *) echo "mode is seq or conc" >&2; exit 2 ;;
+esac
+
+# The quicar pair: A's app side on :24001, B in front of nginx, QUIC and TCP services.
+pair_configs() {
+  local role name cert listen admin outbound
+  for role in a b; do
+    if [ $role = a ]; then name=client cert=a listen=24143 admin=24901 outbound=24001
+    else name=hello cert=b listen=24443 admin=24902 outbound=24002; fi
+    {
+      printf '[node]\nname = "%s"\n[identity]\ncert = "%s"\nkey = "%s"\nca = "%s"\n' \
+        "cg-$role" "$PKI/$cert.crt" "$PKI/$cert.key" "$PKI/ca.crt"
+      printf '[outbound]\nlisten = "127.0.0.1:%s"\n[inbound]\nlisten = "127.0.0.1:%s"\n' "$outbound" "$listen"
+      printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin"
+      if [ $role = a ]; then
+        for s in hello:quic hello-tcp:tcp; do
+          printf '[[service]]\nname = "%s"\ntransport = "%s"\n' "${s%%:*}" "${s##*:}"
+          printf 'endpoints = [{ address = "127.0.0.1:24443", identity = "spiffe://quicar.local/hello" }]\n'
+        done
+      else
+        for s in hello hello-tcp; do
+          printf '[[local]]\nname = "%s"\naddress = "127.0.0.1:18080"\n' "$s"
+          printf 'allow = ["spiffe://quicar.local/client"]\n'
+        done
+      fi
+    } > "$CFG/quicar-$role.toml"
+  done
+}
+
+# run N: a fresh pair under callgrind, N requests; prints "A B" instruction totals.
+run() {
+  local n=$1 url cmd_a cmd_b
+  PID=() PID_ORDER=()
+  start nginx - nginx -c "$CFG/nginx.conf" -p "$CFG/nginx"
+  if [ "$BIN" = haproxy ]; then
+    url=http://127.0.0.1:15001/
+    cmd_b=(haproxy -db -f "$CFG/haproxy-b.cfg") cmd_a=(haproxy -db -f "$CFG/haproxy-a.cfg")
+  else
+    url=http://$HOST:24001/
+    cmd_b=("$BIN" run --config "$CFG/quicar-b.toml") cmd_a=("$BIN" run --config "$CFG/quicar-a.toml")
+  fi
+  start b - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-b.out" "${cmd_b[@]}"
+  start a - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-a.out" "${cmd_a[@]}"
+  wait_http - "$url" 120 >/dev/null || { echo "$url never answered; logs in $CFG" >&2; stop_all; exit 1; }
+  oha --no-tui -n 200 -c 10 "$url" >/dev/null 2>&1
+  local ok
+  ok=$(oha --no-tui -n "$n" -c "$C" "$url" 2>&1 | awk '/Success rate/ {print $3}')
+  # SIGINT, then time to exit on their own: valgrind writes its profile as a process exits,
+  # and a sidecar under valgrind takes longer to drain than stop_all waits before SIGKILL.
+  kill -INT "${PID[a]}" "${PID[b]}" 2>/dev/null || true
+  for _ in $(seq 300); do
+    kill -0 "${PID[a]}" 2>/dev/null || kill -0 "${PID[b]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  stop_all >/dev/null 2>&1 || true   # a process stopped by SIGINT exits non-zero
+  [ "$ok" = "100.00%" ] || { echo "success rate $ok at $n requests" >&2; exit 1; }
+  echo "$(total "$CFG/$n-a.out") $(total "$CFG/$n-b.out")"
+}
+total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
+
+[ "$BIN" = haproxy ] || pair_configs
+trap 'stop_all' EXIT
+run $N1 > "$CFG/first"
+run $N2 > "$CFG/second"
+read -r a1 b1 < "$CFG/first"
+read -r a2 b2 < "$CFG/second"
+pa=$(( (a2 - a1) / (N2 - N1) )) pb=$(( (b2 - b1) / (N2 - N1) ))
+label=$(basename "$BIN"); [ "$BIN" = haproxy ] || label="$label $HOST"
+echo "$label $MODE: A $pa + B $pb = $((pa + pb)) instructions per request"
