@@ -299,12 +299,11 @@ async fn handle(
     interim: Option<Interim>,
 ) -> Response<ProxyBody> {
     let mut guard = state.tel.request(Direction::Outbound);
-    let logs = guard.logs();
     let traceparent = ensure_traceparent(req.headers_mut());
-    let traceparent = logs.then(|| traceparent.clone());
+    let logs = guard.logs();
     if logs {
         let f = &mut guard.facts;
-        f.traceparent = traceparent;
+        f.traceparent = Some(traceparent.clone());
         f.method = Some(req.method().clone());
         f.path = req.uri().path_and_query().cloned();
     }

@@ -117,7 +117,6 @@ impl Clients {
         connect_timeout: Duration,
         interim: Option<&Interim>,
     ) -> Result<Response<ProxyBody>, SendError> {
-        let interim = interim.cloned();
         // Boxed: an exchange's future is kilobytes, and every future it is nested in (the
         // attempts, the deadline, the outbound handler) would otherwise carry it and be
         // copied whole each time one of them is moved (BENCHMARKS.md, "Later in round 2").

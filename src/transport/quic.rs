@@ -774,7 +774,7 @@ impl Pool {
         head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
-        interim: Option<Interim>,
+        interim: Option<&Interim>,
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
@@ -826,7 +826,7 @@ impl Pool {
                 tokio::spawn(upload(send, b, cancel_upload.clone()));
                 cancel_upload.drop_guard()
             });
-            match final_response(&mut recv, interim.as_ref()).await {
+            match final_response(&mut recv, interim).await {
                 Ok(resp) => break (recv, in_flight, upload_guard, resp),
                 Err(e) => {
                     // One stream's own failure (the peer reset or finished it, sent a bad

@@ -510,7 +510,7 @@ impl Pool {
         head: &Request<()>,
         body: Upload,
         connect_timeout: Duration,
-        interim: Option<Interim>,
+        interim: Option<&Interim>,
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
@@ -558,7 +558,7 @@ impl Pool {
             None
         };
         let upload_guard = cancel_upload.drop_guard();
-        let resp = match final_response(response, interim.as_ref()).await {
+        let resp = match final_response(response, interim).await {
             Ok(r) => r,
             Err(e) => {
                 self.evict(addr, identity);

@@ -111,32 +111,24 @@ where
     pub fn into_chunks(mut self) -> [Bytes; 2] {
         const ONE_CHUNK: usize = 512;
         let head = &self.buf[self.pos.min(self.len)..self.len];
-        let payload = self.frame.as_mut().and_then(|f| f.payload_mut());
-        if let Some(p) = payload {
-            let n = p.remaining();
-            if !head.is_empty() && n <= ONE_CHUNK {
-                let mut one = bytes::BytesMut::with_capacity(head.len() + n);
-                one.extend_from_slice(head);
-                while p.has_remaining() {
-                    let chunk = p.chunk();
-                    let len = chunk.len();
-                    one.extend_from_slice(chunk);
-                    p.advance(len);
-                }
-                return [one.freeze(), Bytes::new()];
-            }
-            let head = if head.is_empty() {
+        let copied = |h: &[u8]| {
+            if h.is_empty() {
                 Bytes::new()
             } else {
-                Bytes::copy_from_slice(head)
-            };
-            return [head, p.copy_to_bytes(n)];
+                Bytes::copy_from_slice(h)
+            }
+        };
+        let Some(payload) = self.frame.as_mut().and_then(|f| f.payload_mut()) else {
+            return [copied(head), Bytes::new()];
+        };
+        let n = payload.remaining();
+        if head.is_empty() || n > ONE_CHUNK {
+            return [copied(head), payload.copy_to_bytes(n)];
         }
-        if head.is_empty() {
-            [Bytes::new(), Bytes::new()]
-        } else {
-            [Bytes::copy_from_slice(head), Bytes::new()]
-        }
+        let mut one = bytes::BytesMut::with_capacity(head.len() + n);
+        one.extend_from_slice(head);
+        one.put(payload);
+        [one.freeze(), Bytes::new()]
     }
 }
 
