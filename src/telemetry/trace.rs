@@ -26,13 +26,16 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 /// both sidecars join on the trace id. Returns the `traceparent` that goes on (borrowed: a
 /// copy costs an allocation, and only the access log wants one).
 pub fn ensure_traceparent(headers: &mut http::HeaderMap) -> &http::HeaderValue {
-    let valid = headers
-        .get(crate::headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(trace_id)
-        .is_some();
+    // Exactly one, and valid: two `traceparent` fields name no one trace (W3C Trace Context
+    // §3.2), and each hop would read a different one.
+    let mut given = headers.get_all(crate::headers::TRACEPARENT).iter();
+    let valid = match (given.next(), given.next()) {
+        (Some(v), None) => v.to_str().ok().and_then(trace_id).is_some(),
+        _ => false,
+    };
     if !valid {
-        // An invalid traceparent restarts the trace; tracestate without it means nothing.
+        // An invalid traceparent restarts the trace (`insert` replaces every value);
+        // tracestate without it means nothing.
         headers.remove(crate::headers::TRACESTATE);
         let tp = http::HeaderValue::from_bytes(&traceparent_bytes()).expect("hex");
         headers.insert(crate::headers::TRACEPARENT, tp);
@@ -98,6 +101,36 @@ mod tests {
             "garbage",
         ] {
             assert!(trace_id(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ensure_keeps_a_valid_trace_and_restarts_a_forged_one() {
+        use crate::headers::{TRACEPARENT, TRACESTATE};
+        use http::{HeaderMap, HeaderValue};
+        // None given: one is made, and what is returned is what goes on.
+        let mut h = HeaderMap::new();
+        let made = ensure_traceparent(&mut h).clone();
+        assert!(trace_id(made.to_str().unwrap()).is_some(), "{made:?}");
+        assert_eq!(h.get(TRACEPARENT), Some(&made));
+        // A valid one stays, with its tracestate.
+        let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(given));
+        h.insert(TRACESTATE, HeaderValue::from_static("vendor=1"));
+        assert_eq!(ensure_traceparent(&mut h), given);
+        assert_eq!(h.get(TRACESTATE).unwrap(), "vendor=1");
+        // A forged one (invalid, or two of them) is replaced, and its tracestate goes with it.
+        for forged in [&["garbage"][..], &[given, given][..]] {
+            let mut h = HeaderMap::new();
+            for v in forged {
+                h.append(TRACEPARENT, HeaderValue::from_static(v));
+            }
+            h.insert(TRACESTATE, HeaderValue::from_static("vendor=1"));
+            let new = ensure_traceparent(&mut h).clone();
+            assert!(trace_id(new.to_str().unwrap()).is_some(), "{new:?}");
+            assert_eq!(h.get_all(TRACEPARENT).iter().count(), 1, "{h:?}");
+            assert!(h.get(TRACESTATE).is_none(), "{h:?}");
         }
     }
 }

@@ -174,6 +174,40 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     }
 }
 
+crate::over_transports! {
+    // The default config (no access log): what only the log reads is not gathered, but the
+    // metrics still count both bodies' bytes (5 up, 7 down) on both sidecars, and an app that
+    // forges its trace context (two `traceparent` fields, with a `tracestate`) gets a new
+    // trace, not its own passed on.
+    async fn without_an_access_log_bytes_are_counted_and_a_forged_trace_is_restarted(t) {
+        let pair = Pair::start_with(&format!("transport = \"{t}\""), "").await;
+        let forged = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let req = format!(
+            "POST /bytes/7 HTTP/1.1\r\nhost: hello\r\ncontent-length: 5\r\n\
+             traceparent: {forged}\r\ntraceparent: {forged}\r\ntracestate: vendor=1\r\n\
+             connection: close\r\n\r\n12345"
+        );
+        let resp = raw(pair.out(), req.as_bytes(), false).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+        assert!(resp.contains("\r\ncontent-length: 7\r\n"), "{resp}");
+        let seen = pair.upstream.last();
+        let tp = values(&seen.headers, "traceparent");
+        assert_eq!(tp.len(), 1, "{tp:?}");
+        let trace = quicar::telemetry::trace_id(&tp[0]).expect("a valid traceparent");
+        assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(values(&seen.headers, "tracestate").is_empty());
+
+        for (admin, dir) in [(pair.client.admin, "outbound"), (pair.server.admin, "inbound")] {
+            let series = |name: &str| {
+                format!("{name}{{direction=\"{dir}\",service=\"hello\",transport=\"{t}\"}}")
+            };
+            let m = metrics_with(admin, &series("quicar_response_bytes_total")).await;
+            assert_eq!(value(&m, &series("quicar_request_bytes_total")), Some(5.0), "{m}");
+            assert_eq!(value(&m, &series("quicar_response_bytes_total")), Some(7.0), "{m}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_answers() {
     let pair = Pair::start().await;
