@@ -46,7 +46,7 @@ pub(crate) struct Local {
     pub(crate) name: String,
     pub(crate) address: SocketAddr,
     pub(crate) allow: Option<Vec<String>>,
-    /// The app's deadline when the caller sent none, from the end of the request body.
+    /// The app's deadline from the end of the request body: the caller's when it is shorter.
     pub(crate) timeout: Duration,
     /// Requests (so HTTP/1.1 connections) to the app at once.
     pub(crate) slots: Arc<Semaphore>,
@@ -209,9 +209,10 @@ impl LocalApp {
     }
 
     /// Sends an authorized request to `local`: Host is the service name, the caller's identity
-    /// rides in `quicar-peer-identity`, and the app gets no longer than `deadline` (or the
-    /// local default) after the request body ended. Bodies over the local limit get 413; when
-    /// every slot to the app is busy for a second, 503 overloaded.
+    /// rides in `quicar-peer-identity`, and the app gets no longer than `deadline` (capped by
+    /// the local `timeout`, which also applies when the caller sent none) after the request
+    /// body ended. Bodies over the local limit get 413; when every slot to the app is busy for
+    /// a second, 503 overloaded.
     pub(crate) async fn call(
         &self,
         local: &Local,
@@ -268,7 +269,9 @@ impl LocalApp {
         parts.version = http::Version::HTTP_11;
         // The app's interim responses (103 Early Hints…) go on toward the caller as they arrive.
         let call = std::pin::pin!(self.send(local, parts, body, interim));
-        let limit = deadline.unwrap_or(local.timeout);
+        // The caller's deadline can only shorten the local one: a peer (another vendor's, or a
+        // compromised one) cannot hold the app and its slot longer than this sidecar allows.
+        let limit = deadline.map_or(local.timeout, |d| d.min(local.timeout));
         // Dropping the call closes the connection to the app: it sees the cancellation.
         let result = match &progress {
             Some(p) => after_body(p, limit, local.timeout, call).await,

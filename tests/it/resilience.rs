@@ -147,6 +147,87 @@ async fn a_deadline_shorter_than_the_app_is_504_and_the_app_sees_the_cancellatio
     eprintln!("app saw the cancellation {waited:?} after receiving the request");
 }
 
+crate::over_transports! {
+    async fn a_deadline_the_app_sends_neither_shortens_nor_lengthens_its_request(t) {
+        // The app may not speak for its sidecar: its `quicar-deadline` is replaced by what is
+        // left of the service's own timeout (2 s here).
+        let pair = Pair::over_with(t, "timeout = \"2s\"", "").await;
+        for (forged, path, want) in [
+            ("1", "/slow/300", StatusCode::OK),
+            ("0", "/slow/300", StatusCode::OK),
+            ("600000", "/slow/2500", StatusCode::GATEWAY_TIMEOUT),
+        ] {
+            let req = Request::get(path)
+                .header("host", "hello")
+                .header("quicar-deadline", forged)
+                .body(full(bytes::Bytes::new()))
+                .unwrap();
+            let got = send(pair.out(), req).await;
+            assert_eq!(got.status, want, "forged deadline {forged}: {got:?}");
+        }
+        // What reached the app carried no deadline field of anyone's.
+        for seen in pair.upstream.all() {
+            assert!(seen.headers.get("quicar-deadline").is_none(), "{:?}", seen.headers);
+        }
+    }
+}
+
+/// A peer's `quicar-deadline` can only shorten the far app's time, never lengthen it past the
+/// `[[local]] timeout`: a caller (another vendor's, or a compromised sidecar) that asks for
+/// u64::MAX milliseconds gets the local 300 ms, with and without a request body (both used to
+/// get 200 after the app's 3 s: the caller's deadline replaced the local one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_deadline_is_capped_by_the_local_timeout() {
+    let pair = Pair::start_with("", "timeout = \"300ms\"").await;
+    let (_endpoint, conn) = h3_caller(&pair.pki, pair.server.inbound).await;
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    let driving = tokio::spawn(async move {
+        std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    for (method, body) in [("GET", None), ("POST", Some(&b"x"[..]))] {
+        let mut req = Request::builder()
+            .method(method)
+            .uri("https://hello/slow/3000")
+            .header("quicar-deadline", u64::MAX.to_string());
+        if let Some(b) = body {
+            req = req.header("content-length", b.len());
+        }
+        let mut stream = send.send_request(req.body(()).unwrap()).await.unwrap();
+        if let Some(b) = body {
+            stream
+                .send_data(bytes::Bytes::from_static(b))
+                .await
+                .unwrap();
+        }
+        stream.finish().await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), stream.recv_response())
+            .await
+            .expect("an answer, not a hang")
+            .unwrap_or_else(|e| panic!("{method}: the stream failed: {e}"));
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT, "{method}");
+        assert_eq!(
+            resp.headers().get("quicar-error").unwrap(),
+            "timeout",
+            "{method}"
+        );
+    }
+    // A deadline that is not a number is no deadline: the local one applies.
+    let req = Request::get("https://hello/slow/50")
+        .header("quicar-deadline", "soon")
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(
+        stream.recv_response().await.unwrap().status(),
+        StatusCode::OK
+    );
+    drop(send);
+    driving.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_from_a_watched_file_follow_changes_without_dropping_requests() {
     init_tracing();

@@ -72,6 +72,34 @@ impl Pki {
     }
 }
 
+/// A hand-driven HTTP/3 caller with the `web` identity (issued by the pair's PKI), connected to
+/// a sidecar's inbound: it sends whatever a peer sidecar (or a hostile one) could. The endpoint
+/// is returned with the connection, which lives as long as it does.
+pub async fn h3_caller(pki: &Pki, inbound: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    if !pki.path().join("web.crt").exists() {
+        pki.identity("web");
+    }
+    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
+        cert: pki.path().join("web.crt"),
+        key: pki.path().join("web.key"),
+        ca: pki.path().join("ca.crt"),
+        reload_interval: Duration::from_secs(60),
+    })
+    .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(quicar::identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(material.roots.clone())
+        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
+        .unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint.connect(inbound, "hello").unwrap().await.unwrap();
+    (endpoint, conn)
+}
+
 /// Builds a sidecar from TOML text (paths relative to the PKI dir).
 pub async fn sidecar(pki: &Pki, toml: &str) -> Bound {
     let config =

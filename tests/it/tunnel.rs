@@ -463,30 +463,8 @@ async fn a_callers_goaway_lets_20_requests_in_flight_finish_then_the_connection_
 }
 
 async fn goaway_with_requests_in_flight(n: usize) {
-    use std::sync::Arc;
     let pair = Pair::start().await;
-    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
-        cert: pair.pki.path().join("web.crt"),
-        key: pair.pki.path().join("web.key"),
-        ca: pair.pki.path().join("ca.crt"),
-        reload_interval: Duration::from_secs(60),
-    })
-    .unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(quicar::identity::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(material.roots.clone())
-        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
-        .unwrap();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = endpoint
-        .connect(pair.server.inbound, "hello")
-        .unwrap()
-        .await
-        .unwrap();
+    let (_endpoint, conn) = h3_caller(&pair.pki, pair.server.inbound).await;
     let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
         .await
         .unwrap();
