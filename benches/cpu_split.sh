@@ -1,18 +1,21 @@
 #!/bin/bash
-# cpu_split.sh QUICAR_BIN [ROUNDS]: where a sidecar pair's CPU per request goes, HAProxy's h2 pair
-# beside a quicar pair (QUIC and TCP services), with nginx alone as the floor of one wake-up per
-# request. Needs ../shared/peerbench set up (its setup.sh: PKI, haproxy, nginx, wrk, oha).
+# cpu_split.sh QUICAR_BIN [ROUNDS] [states]: where a sidecar pair's CPU per request goes,
+# HAProxy's h2 pair beside a quicar pair (QUIC and TCP services), with nginx alone as the floor
+# of one wake-up per request. Needs ../shared/peerbench set up (its setup.sh: PKI, haproxy, nginx, wrk, oha).
 #
 # For each path, interleaved, ROUNDS times (default 2):
 #   open   oha -q 1000 -c 64 -z 10s (what peerbench's "CPU per 1k req/s" column measures)
 #   closed wrk -t1 -c50 -d5s
 # and per sidecar: user and system CPU µs per request (/proc/PID/stat), run time per request
 # from the scheduler (/proc/PID/task/*/schedstat, ns exact, all threads) and voluntary context
-# switches (wake-ups) per request. Every process is started and stopped by PID (peerbench's
-# lib.sh). Output: one line per path and load, on stdout.
+# switches (wake-ups) per request, and minor page faults per request. With `states` as the
+# third argument, each closed-loop run also samples which processes are runnable (run_states).
+# Every process is started and stopped by PID (peerbench's lib.sh). Output: one line per path
+# and load, on stdout.
 set -uo pipefail
-BIN=$(realpath "${1:?usage: cpu_split.sh QUICAR_BIN [ROUNDS]}")
+BIN=$(realpath "${1:?usage: cpu_split.sh QUICAR_BIN [ROUNDS] [states]}")
 ROUNDS=${2:-2}
+STATES=${3:-}
 PB=$(cd "$(dirname "$0")/../../shared/peerbench" && pwd)
 source "$PB/lib.sh"
 for b in wrk oha haproxy nginx curl; do
@@ -42,12 +45,52 @@ done
 # nginx's worker (the master only forks it)
 NGW=$(pgrep -P "${PID[nginx]}" | head -1)
 
-# sample PID: utime stime (ticks), run time (ns), voluntary context switches, all threads
+# sample PID: utime stime (ticks), minor faults, run time (ns), voluntary context switches, all
+# threads
 sample() {
-  echo "$(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat")" \
+  echo "$(awk '{ sub(/^.*\) /, ""); print $12, $13, $8 }' "/proc/$1/stat")" \
     "$(cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f", s}')" \
     "$(cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt/ {s += $2} END {printf "%.0f", s}')"
 }
+# run_states NAME TIMEOUT_PID PID...: while wrk runs, which of wrk, the given sidecars and nginx
+# are runnable (state R, any thread), read from /proc every millisecond for 3 s; prints the
+# share of samples by how many are runnable, each one's runnable share, and the commonest
+# states. The sampler takes a little of a core itself, so these rounds' CPU figures run high.
+run_states() {
+  local name=$1 wrk; shift
+  sleep 1
+  wrk=$(pgrep -P "$1" wrk || echo "$1"); shift
+  local -a procs=("wrk=$wrk")
+  [ $# -eq 2 ] && procs+=("A=$1" "B=$2")
+  procs+=("nginx=$NGW")
+  python3 - "$name" "${procs[@]}" <<'PY'
+import collections, os, sys, time
+name, procs = sys.argv[1], [a.split('=') for a in sys.argv[2:]]
+files = {n: [f"/proc/{p}/task/{t}/stat" for t in os.listdir(f"/proc/{p}/task")] for n, p in procs}
+def runnable(paths):
+    for f in paths:
+        try:
+            if open(f).read().rsplit(')', 1)[1].split()[0] == 'R':
+                return True
+        except OSError:
+            pass
+    return False
+seen, n, end = collections.Counter(), 0, time.time() + 3
+while time.time() < end:
+    seen[tuple(runnable(files[p]) for p, _ in procs)] += 1
+    n += 1
+    time.sleep(0.001)
+count = collections.Counter()
+for k, v in seen.items():
+    count[sum(k)] += v
+by = " ".join(f"{k}:{100 * v / n:.0f}%" for k, v in sorted(count.items()))
+each = " ".join(f"{p} {100 * sum(v for k, v in seen.items() if k[i]) / n:.0f}%" for i, (p, _) in enumerate(procs))
+top = ", ".join(f"{'+'.join(p for (p, _), r in zip(procs, k) if r) or 'none'} {100 * v / n:.1f}%"
+                for k, v in seen.most_common(4))
+print(f"{name:14} states  {n} samples   runnable at once {by}   runnable {each}   commonest {top}")
+PY
+}
+
 measure() { # NAME HOST PORT LOAD PID...
   local name=$1 host=$2 port=$3 load=$4 reqs; shift 4
   local -a before=() after=()
@@ -57,7 +100,11 @@ measure() { # NAME HOST PORT LOAD PID...
       "http://127.0.0.1:$port/" > "$CFG/oha.json" 2>/dev/null
     reqs=$(python3 -c "import json; print(json.load(open('$CFG/oha.json'))['statusCodeDistribution'].get('200', 0))")
   else
-    reqs=$(timeout 30 wrk -t1 -c50 -d5s -H "Host: $host" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    timeout 30 wrk -t1 -c50 -d5s -H "Host: $host" "http://127.0.0.1:$port/" > "$CFG/wrk.out" &
+    local w=$!
+    [ "$STATES" = states ] && run_states "$name" "$w" "$@"
+    wait "$w"
+    reqs=$(awk '/requests in/ {print $1}' "$CFG/wrk.out")
   fi
   for p in "$@"; do after+=("$(sample "$p")"); done
   python3 - "$name" "$load" "$reqs" "$CLK_TCK" "${before[@]}" -- "${after[@]}" <<'PY'
@@ -70,10 +117,11 @@ cols, pair = [], 0.0
 for side, (b, a) in zip('AB', zip(before, after)):
     user = (a[0] - b[0]) / hz * 1e6 / reqs
     system = (a[1] - b[1]) / hz * 1e6 / reqs
-    run = (a[2] - b[2]) / 1e3 / reqs
-    wakes = (a[3] - b[3]) / reqs
+    faults = (a[2] - b[2]) / reqs
+    run = (a[3] - b[3]) / 1e3 / reqs
+    wakes = (a[4] - b[4]) / reqs
     pair += run
-    cols.append(f"{side} user {user:5.1f} sys {system:5.1f} run {run:6.1f} µs, {wakes:4.2f} wakes")
+    cols.append(f"{side} user {user:5.1f} sys {system:5.1f} run {run:6.1f} µs, {wakes:4.2f} wakes, {faults:5.3f} faults")
 label = "per request" if len(cols) == 1 else f"pair run {pair:6.1f} µs per request"
 print(f"{name:14} {load:6} {reqs:7} req   " + " | ".join(cols) + f"   {label}")
 PY
