@@ -172,60 +172,88 @@ crate::over_transports! {
     }
 }
 
-/// A peer's `quicar-deadline` can only shorten the far app's time, never lengthen it past the
-/// `[[local]] timeout`: a caller (another vendor's, or a compromised sidecar) that asks for
-/// u64::MAX milliseconds gets the local 300 ms, with and without a request body (both used to
-/// get 200 after the app's 3 s: the caller's deadline replaced the local one).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peers_deadline_is_capped_by_the_local_timeout() {
-    let pair = Pair::start_with("", "timeout = \"300ms\"").await;
-    let (_endpoint, conn) = h3_caller(&pair.pki, pair.server.inbound).await;
-    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .unwrap();
-    let driving = tokio::spawn(async move {
-        std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    });
-    for (method, body) in [("GET", None), ("POST", Some(&b"x"[..]))] {
-        let mut req = Request::builder()
-            .method(method)
-            .uri("https://hello/slow/3000")
-            .header("quicar-deadline", u64::MAX.to_string());
-        if let Some(b) = body {
-            req = req.header("content-length", b.len());
-        }
-        let mut stream = send.send_request(req.body(()).unwrap()).await.unwrap();
-        if let Some(b) = body {
-            stream
-                .send_data(bytes::Bytes::from_static(b))
+/// Sends `method path` with `quicar-deadline: deadline` (and a one-byte body for POST) to a
+/// sidecar's inbound as a hand-driven peer over transport `t`, on a connection of its own:
+/// the status and `quicar-error`, within 10 s (never a hang).
+async fn as_peer(
+    pki: &Pki,
+    inbound: SocketAddr,
+    t: &str,
+    method: &str,
+    path: &str,
+    deadline: &str,
+) -> (StatusCode, Option<String>) {
+    let body = (method == "POST").then_some(bytes::Bytes::from_static(b"x"));
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("https://hello{path}"))
+        .header("quicar-deadline", deadline);
+    if let Some(b) = &body {
+        req = req.header("content-length", b.len());
+    }
+    let req = req.body(()).unwrap();
+    let answer = async {
+        let head = if t == "quic" {
+            let (_endpoint, conn) = h3_caller(pki, inbound).await;
+            let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
                 .await
                 .unwrap();
+            let driving = tokio::spawn(async move {
+                std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            });
+            let mut stream = send.send_request(req).await.unwrap();
+            if let Some(b) = body {
+                stream.send_data(b).await.unwrap();
+            }
+            stream.finish().await.unwrap();
+            let resp = stream.recv_response().await;
+            driving.abort();
+            resp.unwrap_or_else(|e| panic!("{method} over {t}: the stream failed: {e}"))
+        } else {
+            let send = h2_caller(pki, inbound).await;
+            let mut send = send.ready().await.unwrap();
+            let (resp, mut stream) = send.send_request(req, body.is_none()).unwrap();
+            if let Some(b) = body {
+                stream.send_data(b, true).unwrap();
+            }
+            let resp = resp.await;
+            resp.unwrap_or_else(|e| panic!("{method} over {t}: the stream failed: {e}"))
+                .map(|_| ())
+        };
+        let kind = head
+            .headers()
+            .get("quicar-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (head.status(), kind)
+    };
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("an answer, not a hang")
+}
+
+crate::over_transports! {
+    // A peer's `quicar-deadline` can only shorten the far app's time, never lengthen it past
+    // the `[[local]] timeout`: a caller (another vendor's, or a compromised sidecar) that asks
+    // for u64::MAX milliseconds gets the local 300 ms, with and without a request body (both
+    // used to get 200 after the app's 3 s: the caller's deadline replaced the local one).
+    async fn a_peers_deadline_is_capped_by_the_local_timeout(t) {
+        let pair = Pair::start_with("", "timeout = \"300ms\"").await;
+        let (pki, inbound) = (&pair.pki, pair.server.inbound);
+        let forever = u64::MAX.to_string();
+        for method in ["GET", "POST"] {
+            let got = as_peer(pki, inbound, t, method, "/slow/3000", &forever).await;
+            assert_eq!(
+                got,
+                (StatusCode::GATEWAY_TIMEOUT, Some("timeout".to_string())),
+                "{method}"
+            );
         }
-        stream.finish().await.unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(10), stream.recv_response())
-            .await
-            .expect("an answer, not a hang")
-            .unwrap_or_else(|e| panic!("{method}: the stream failed: {e}"));
-        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT, "{method}");
-        assert_eq!(
-            resp.headers().get("quicar-error").unwrap(),
-            "timeout",
-            "{method}"
-        );
+        // A shorter one still applies, and one that is not a number is none.
+        let got = as_peer(pki, inbound, t, "GET", "/slow/1000", "100").await;
+        assert_eq!(got, (StatusCode::GATEWAY_TIMEOUT, Some("timeout".to_string())));
+        let got = as_peer(pki, inbound, t, "GET", "/slow/50", "soon").await;
+        assert_eq!(got, (StatusCode::OK, None));
     }
-    // A deadline that is not a number is no deadline: the local one applies.
-    let req = Request::get("https://hello/slow/50")
-        .header("quicar-deadline", "soon")
-        .body(())
-        .unwrap();
-    let mut stream = send.send_request(req).await.unwrap();
-    stream.finish().await.unwrap();
-    assert_eq!(
-        stream.recv_response().await.unwrap().status(),
-        StatusCode::OK
-    );
-    drop(send);
-    driving.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,10 +72,9 @@ impl Pki {
     }
 }
 
-/// A hand-driven HTTP/3 caller with the `web` identity (issued by the pair's PKI), connected to
-/// a sidecar's inbound: it sends whatever a peer sidecar (or a hostile one) could. The endpoint
-/// is returned with the connection, which lives as long as it does.
-pub async fn h3_caller(pki: &Pki, inbound: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+/// TLS 1.3 with the `web` identity (issued by the pair's PKI) and `alpn`, trusting the CA: what
+/// a hand-driven caller of a sidecar's inbound presents.
+fn caller_tls(pki: &Pki, alpn: &[u8]) -> rustls::ClientConfig {
     if !pki.path().join("web.crt").exists() {
         pki.identity("web");
     }
@@ -92,12 +91,31 @@ pub async fn h3_caller(pki: &Pki, inbound: SocketAddr) -> (quinn::Endpoint, quin
         .with_root_certificates(material.roots.clone())
         .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
         .unwrap();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls
+}
+
+/// A hand-driven HTTP/3 caller with the `web` identity, connected to a sidecar's inbound: it
+/// sends whatever a peer sidecar (or a hostile one) could. The endpoint is returned with the
+/// connection, which lives as long as it does.
+pub async fn h3_caller(pki: &Pki, inbound: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(caller_tls(pki, b"h3")).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
     let conn = endpoint.connect(inbound, "hello").unwrap().await.unwrap();
     (endpoint, conn)
+}
+
+/// The same over the TCP transport: HTTP/2 over TLS, its connection driven by a spawned task.
+pub async fn h2_caller(pki: &Pki, inbound: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(caller_tls(pki, b"h2")))
+        .connect("hello".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    send
 }
 
 /// Builds a sidecar from TOML text (paths relative to the PKI dir).
