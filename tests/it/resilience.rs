@@ -248,10 +248,11 @@ crate::over_transports! {
                 "{method}"
             );
         }
-        // A shorter one still applies, and one that is not a number is none.
-        let got = as_peer(pki, inbound, t, "GET", "/slow/1000", "100").await;
+        // A shorter one still applies (the app's 200 ms are within the local 300 but not the
+        // caller's 100), and one that is not a number is none.
+        let got = as_peer(pki, inbound, t, "GET", "/slow/200", "100").await;
         assert_eq!(got, (StatusCode::GATEWAY_TIMEOUT, Some("timeout".to_string())));
-        let got = as_peer(pki, inbound, t, "GET", "/slow/50", "soon").await;
+        let got = as_peer(pki, inbound, t, "GET", "/slow/10", "soon").await;
         assert_eq!(got, (StatusCode::OK, None));
     }
 }
