@@ -311,14 +311,18 @@ impl Body for H2Body {
     }
 }
 
-/// The `content-length` of a header map, when there is exactly one valid value.
+/// The `content-length` of a header map, when there is exactly one field and it is valid by the
+/// rule the HTTP/1.1 edges frame bodies with (`h1::add_length`: digits only, or a list of equal
+/// values). `str::parse` also took `+5`, which no edge would frame.
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
     let first = values.next()?;
     if values.next().is_some() {
         return None;
     }
-    first.to_str().ok()?.trim().parse().ok()
+    let mut length = None;
+    crate::h1::add_length(&mut length, first).ok()?;
+    length
 }
 
 /// The data bytes of a request's two bodies, counted as they pass: one allocation for both.

@@ -354,6 +354,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_content_length_is_digits_only_by_one_rule_everywhere() {
+        use http::{header::CONTENT_LENGTH, HeaderMap, HeaderValue};
+        let one = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_LENGTH, HeaderValue::from_static(v));
+            (
+                crate::body::content_length(&h),
+                declared_length(&h).ok().flatten(),
+            )
+        };
+        for (v, want) in [
+            ("7", Some(7)),
+            (" 7 ", Some(7)),
+            ("5, 5", Some(5)),
+            ("18446744073709551615", None),
+            ("9999999999999999999", Some(9_999_999_999_999_999_999)),
+            ("+5", None),
+            ("-1", None),
+            ("0x10", None),
+            ("5, 6", None),
+            ("", None),
+        ] {
+            assert_eq!(one(v), (want, want), "{v:?}");
+        }
+        // Two fields: the framing rule reads the list; the helper declines to guess.
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert_eq!(crate::body::content_length(&h), None);
+        assert_eq!(declared_length(&h), Ok(Some(3)));
+    }
+
+    #[test]
     fn lengths_are_written_in_decimal() {
         for n in [0, 7, 10, 1234567890, u64::MAX] {
             let mut out = Vec::new();
