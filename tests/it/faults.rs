@@ -1120,13 +1120,7 @@ type HandPeer = (
 /// The `hello` identity, for a hand-written peer.
 fn hello_material(pki: &Pki) -> quicar::identity::Material {
     pki.identity("hello");
-    quicar::identity::Material::load(&quicar::config::IdentityFiles {
-        cert: pki.path().join("hello.crt"),
-        key: pki.path().join("hello.key"),
-        ca: pki.path().join("ca.crt"),
-        reload_interval: Duration::from_secs(60),
-    })
-    .unwrap()
+    pki.material("hello")
 }
 
 /// With 20 slow requests in flight to a hand-written peer, each of `bad` fails alone

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use http::StatusCode;
-use quicar::identity::{Material, PeerId};
+use quicar::identity::PeerId;
 use quicar::pki::Ca;
 
 use crate::support::*;
@@ -26,13 +26,7 @@ async fn client_with_identity(
 async fn a_client_without_a_certificate_is_refused() {
     let pair = Pair::start().await;
     // A bare QUIC client that trusts the CA but presents no certificate.
-    let material = Material::load(&quicar::config::IdentityFiles {
-        cert: pair.pki.path().join("web.crt"),
-        key: pair.pki.path().join("web.key"),
-        ca: pair.pki.path().join("ca.crt"),
-        reload_interval: std::time::Duration::from_secs(1),
-    })
-    .unwrap();
+    let material = pair.pki.material("web");
     let mut tls = rustls::ClientConfig::builder_with_provider(quicar::identity::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -70,6 +70,17 @@ impl Pki {
             "[identity]\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\nca = \"ca.crt\"\nreload_interval = \"100ms\"\n"
         )
     }
+
+    /// The identity files of `name` (issued already), loaded: for hand-written peers.
+    pub fn material(&self, name: &str) -> quicar::identity::Material {
+        quicar::identity::Material::load(&quicar::config::IdentityFiles {
+            cert: self.path().join(format!("{name}.crt")),
+            key: self.path().join(format!("{name}.key")),
+            ca: self.path().join("ca.crt"),
+            reload_interval: Duration::from_secs(60),
+        })
+        .unwrap()
+    }
 }
 
 /// TLS 1.3 with the `web` identity (issued by the pair's PKI) and `alpn`, trusting the CA: what
@@ -78,13 +89,7 @@ fn caller_tls(pki: &Pki, alpn: &[u8]) -> rustls::ClientConfig {
     if !pki.path().join("web.crt").exists() {
         pki.identity("web");
     }
-    let material = quicar::identity::Material::load(&quicar::config::IdentityFiles {
-        cert: pki.path().join("web.crt"),
-        key: pki.path().join("web.key"),
-        ca: pki.path().join("ca.crt"),
-        reload_interval: Duration::from_secs(60),
-    })
-    .unwrap();
+    let material = pki.material("web");
     let mut tls = rustls::ClientConfig::builder_with_provider(quicar::identity::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
