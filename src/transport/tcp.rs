@@ -519,7 +519,7 @@ impl Pool {
             Err(e) => return Err(SendError::new(e, body.unread())),
         };
         let in_flight = conn.usage.start();
-        let Ok(send) = conn.send.clone().ready().await else {
+        let Ok(mut send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
             let e = conn
                 .not_taken(
@@ -530,8 +530,9 @@ impl Pool {
             return Err(SendError::new(e, body.unread()));
         };
         let empty = matches!(body, Upload::Empty);
-        // h2 takes the request by value: the caller keeps its own for a retry.
-        let (response, upload) = match send.clone().send_request(head.clone(), empty) {
+        // h2 takes the request by value: the caller keeps its own for a retry. The handle
+        // `ready` gave back sends it (another clone would take h2's lock twice more).
+        let (response, upload) = match send.send_request(head.clone(), empty) {
             Ok(r) => r,
             Err(e) => {
                 // Not sent: the connection is going away or gone.
