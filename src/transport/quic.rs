@@ -26,7 +26,7 @@ use super::wire::{
     self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
     MAX_FIELD_SECTION, STREAM_WINDOW,
 };
-use crate::body::{content_length, BodyError, H3Body, ProxyBody};
+use crate::body::{BodyError, H3Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -421,7 +421,15 @@ async fn stream_request(
         );
         return respond(&mut send, e.into_response()).await;
     }
-    let body = H3Body::new(recv, content_length(req.headers()), true).boxed_unsync();
+    // RFC 9114 §4.1.2: malformed, so never forwarded (h2 refuses such a request itself).
+    let length = match crate::h1::declared_length(req.headers()) {
+        Ok(length) => length,
+        Err(why) => {
+            let e = ProxyError::new(ErrorKind::BadRequest, Side::Peer, why);
+            return respond(&mut send, e.into_response()).await;
+        }
+    };
+    let body = H3Body::new(recv, length, true).boxed_unsync();
     let (interim, interims) = interim::channel();
     let req = req.map(|()| body);
     let handled = inbound.settle_and_handle(req, peer, Transport::Quic, Some(interim));
@@ -781,7 +789,7 @@ impl Pool {
         let mut body = Some(body);
         let unsent = |body: &mut Option<Upload>| body.take().and_then(Upload::unread);
         let mut attempt = 0;
-        let (recv, in_flight, upload_guard, resp) = loop {
+        let (mut recv, in_flight, upload_guard, resp) = loop {
             attempt += 1;
             let conn = match self.get(ep, connect_timeout).await {
                 Ok(c) => c,
@@ -843,11 +851,24 @@ impl Pool {
                 }
             }
         };
+        let (parts, ()) = resp.into_parts();
+        // RFC 9114 §4.1.2: a response whose Content-Length is not one valid length is
+        // malformed, and an intermediary must not forward it (h2 refuses one the same way).
+        let len = match crate::h1::declared_length(&parts.headers) {
+            Ok(len) => len,
+            Err(why) => {
+                recv.stop_sending(h3::error::Code::H3_MESSAGE_ERROR);
+                let e = ProxyError::new(
+                    ErrorKind::PeerReset,
+                    Side::Peer,
+                    format!("peer {addr} sent a malformed response: {why}"),
+                );
+                return Err(SendError::new(e, None));
+            }
+        };
         if let Some(guard) = upload_guard {
             guard.disarm();
         }
-        let (parts, ()) = resp.into_parts();
-        let len = content_length(&parts.headers);
         Ok(wire::from_peer(parts, &method, move || {
             H3Body::new(recv, len, false).hold(in_flight).boxed_unsync()
         }))

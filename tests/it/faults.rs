@@ -1153,9 +1153,34 @@ async fn bad_streams_fail_alone(out: std::net::SocketAddr, bad: &[&'static str],
     );
 }
 
+/// A hand-written peer's response head for `path`: 200, and under `/bad-length/` a
+/// `Content-Length` that is not one valid length (the body is always the 4 bytes `slow`).
+fn answer(path: &str) -> http::Response<()> {
+    let lengths: &[&str] = match path.strip_prefix("/bad-length/") {
+        Some("list") => &["4, 5"],
+        Some("sign") => &["+4"],
+        Some("word") => &["four"],
+        Some("two") => &["4", "5"],
+        _ => &[],
+    };
+    let mut resp = http::Response::builder().status(200);
+    for &length in lengths {
+        resp = resp.header("content-length", length);
+    }
+    resp.body(()).unwrap()
+}
+
+/// Every way `answer` makes a response malformed.
+const BAD_LENGTHS: [&str; 4] = [
+    "/bad-length/list",
+    "/bad-length/sign",
+    "/bad-length/word",
+    "/bad-length/two",
+];
+
 /// A hand-written HTTP/3 peer with the `hello` identity: `/drop` finishes its stream without
 /// a response (what a peer whose handler is dropped sends: quinn finishes a dropped stream),
-/// `/reset` resets it, anything else answers 200 `slow` after 300 ms.
+/// `/reset` resets it, anything else answers 200 `slow` after 300 ms (with `answer`'s head).
 async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -1196,8 +1221,7 @@ async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
                             _ => {}
                         }
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        let resp = http::Response::builder().status(200).body(()).unwrap();
-                        if stream.send_response(resp).await.is_ok()
+                        if stream.send_response(answer(req.uri().path())).await.is_ok()
                             && stream
                                 .send_data(bytes::Bytes::from_static(b"slow"))
                                 .await
@@ -1228,9 +1252,31 @@ async fn a_peer_that_finishes_a_stream_without_a_response_fails_that_request_alo
     peer.2.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_response_with_an_invalid_content_length_is_refused_not_forwarded() {
+    // RFC 9114 §4.1.2: malformed, and an intermediary must not forward it. quicar used to take
+    // an invalid length as none and hand the response on; h2 refuses one on the TCP wire.
+    init_tracing();
+    let pki = Pki::new();
+    for t in ["quic", "tcp"] {
+        let (peer, transport) = if t == "quic" {
+            (h3_peer_that_drops_streams(&pki).await, "")
+        } else {
+            (
+                h2_peer_that_resets_streams(&pki).await,
+                "transport = \"tcp\"",
+            )
+        };
+        let client = sidecar(&pki, &client_toml(&pki, &[peer.0], transport)).await;
+        bad_streams_fail_alone(client.outbound, &BAD_LENGTHS, &peer).await;
+        client.shutdown().await;
+        peer.2.abort();
+    }
+}
+
 /// The TCP wire's counterpart of `h3_peer_that_drops_streams`: an HTTP/2-over-TLS peer with the
 /// `hello` identity that resets `/reset` (RST_STREAM) and answers anything else 200 `slow`
-/// after 300 ms.
+/// after 300 ms (with `answer`'s head).
 async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -1260,8 +1306,8 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
                             return respond.send_reset(h2::Reason::INTERNAL_ERROR);
                         }
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        let resp = http::Response::builder().status(200).body(()).unwrap();
-                        if let Ok(mut body) = respond.send_response(resp, false) {
+                        if let Ok(mut body) = respond.send_response(answer(req.uri().path()), false)
+                        {
                             let _ = body.send_data(bytes::Bytes::from_static(b"slow"), true);
                         }
                     });
