@@ -174,6 +174,10 @@ pub struct Inbound {
     /// refused at the handshake.
     #[serde(default = "default_connections_per_peer")]
     pub max_connections_per_peer: usize,
+    /// Time a peer has to send a request's head on an HTTP/3 stream; then the stream is reset
+    /// (`H3_REQUEST_INCOMPLETE`).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
     /// Requests from all peers in flight at once in this sidecar; more get `503 overloaded`.
     #[serde(default = "default_inbound_requests")]
     pub max_requests: usize,
@@ -191,6 +195,7 @@ impl Default for Inbound {
             quic: true,
             tcp: true,
             max_connections_per_peer: default_connections_per_peer(),
+            header_read_timeout: default_header_read_timeout(),
             max_requests: default_inbound_requests(),
         }
     }
@@ -818,6 +823,20 @@ impl Config {
             }
             if local.timeout.is_zero() {
                 return Err((format!("{key}.timeout"), "must be more than 0".into()));
+            }
+        }
+        for (key, limit) in [
+            (
+                "outbound.header_read_timeout",
+                self.outbound.header_read_timeout,
+            ),
+            (
+                "inbound.header_read_timeout",
+                self.inbound.header_read_timeout,
+            ),
+        ] {
+            if limit.is_zero() {
+                return Err((key.into(), "must be more than 0".into()));
             }
         }
         if self.inbound.max_connections_per_peer == 0 || self.inbound.max_requests == 0 {

@@ -36,6 +36,8 @@ pub(crate) struct Inbound {
     /// Open connections per peer identity, and the cap.
     peers: Arc<Mutex<HashMap<PeerId, usize>>>,
     max_per_peer: usize,
+    /// Time a peer has to send a request's head on an HTTP/3 stream.
+    pub(crate) header_read_timeout: std::time::Duration,
     /// Requests in flight from all peers.
     requests: Arc<Semaphore>,
     max_requests: usize,
@@ -76,6 +78,7 @@ impl Inbound {
             app: LocalApp::new(config.inbound.connect_timeout),
             peers: Arc::default(),
             max_per_peer: config.inbound.max_connections_per_peer,
+            header_read_timeout: config.inbound.header_read_timeout,
             requests: Arc::new(Semaphore::new(config.inbound.max_requests)),
             max_requests: config.inbound.max_requests,
         }

@@ -401,7 +401,20 @@ async fn stream_request(
     peer: Arc<PeerId>,
     remote: SocketAddr,
 ) {
-    let (req, stream) = match resolver.resolve_request().await {
+    // A peer that opens a stream and never finishes its head would hold the stream, this task
+    // and a drain (which waits for accepted requests) for as long as its connection lives.
+    let mut resolver = resolver;
+    let limit = inbound.header_read_timeout;
+    let head = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
+    let Ok(frame) = tokio::time::timeout(limit, head).await else {
+        resolver.abandon();
+        return tracing::debug!(%remote, "request head not whole within inbound.header_read_timeout");
+    };
+    let resolved = match resolver.accept_with_frame(frame) {
+        Ok(r) => r.resolve().await,
+        Err(e) => Err(e),
+    };
+    let (req, stream) = match resolved {
         Ok(r) => r,
         Err(e) => return tracing::debug!(%remote, error = %e, "bad request stream"),
     };

@@ -55,6 +55,16 @@ fn errors_name_the_file_and_the_key() {
     let e = err("[outbound]\nlisten = \"127.0.0.1:1\"\n");
     assert!(e.contains("identity"), "{e}");
 
+    for side in ["outbound", "inbound"] {
+        let e = err(&format!("{ID}[{side}]\nheader_read_timeout = \"0s\"\n"));
+        assert!(
+            e.contains("node.toml")
+                && e.contains(&format!("{side}.header_read_timeout"))
+                && e.contains("more than 0"),
+            "{e}"
+        );
+    }
+
     for bad in ["0", "100000"] {
         let e = err(&format!("{ID}[node]\nworker_threads = {bad}\n"));
         assert!(

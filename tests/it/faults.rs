@@ -1328,3 +1328,61 @@ async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     client.shutdown().await;
     peer.2.abort();
 }
+
+/// An HTTP/3 request head: HEADERS for `GET https://hello/` in QPACK's static table and one
+/// literal (no dynamic table), as raw frame bytes.
+const GET_HEAD: [u8; 14] = [
+    0x01, 12, // HEADERS, 12 bytes
+    0x00, 0x00, // required insert count 0, base 0
+    0xd1, 0xd7, 0xc1, // :method GET, :scheme https, :path /
+    0x50, 5, b'h', b'e', b'l', b'l', b'o', // :authority hello
+];
+
+/// A peer that opens an HTTP/3 stream and never finishes its head holds that stream only until
+/// `inbound.header_read_timeout`: then the stream is reset and stopped with
+/// `H3_REQUEST_INCOMPLETE`, the connection goes on serving, and a sidecar stopping meanwhile
+/// does not wait for the stalled stream until its `drain_timeout`. A head that arrives in pieces
+/// within the time is served. (quicar used to wait for such a head as long as the connection
+/// lived, and a drain waited for it too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_stalled_request_head_is_reset_after_the_header_read_timeout() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let toml = server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
+        .replace("[inbound]\n", "[inbound]\nheader_read_timeout = \"1s\"\n")
+        .replace("drain_timeout = \"2s\"", "drain_timeout = \"60s\"");
+    let server = sidecar(&pki, &toml).await;
+    let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+    let incomplete = quinn::VarInt::from_u32(0x10d);
+    let checks = async {
+        // Half a head, then nothing.
+        let (mut stalled_send, mut stalled_recv) = conn.open_bi().await.unwrap();
+        stalled_send.write_all(&GET_HEAD[..4]).await.unwrap();
+        // A head in two pieces 100 ms apart, well within the time: served.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&GET_HEAD[..5]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send.write_all(&GET_HEAD[5..]).await.unwrap();
+        send.finish().unwrap();
+        let resp = recv.read_to_end(64 * 1024).await.unwrap();
+        // A HEADERS frame whose first field line is `:status 200` (static index 25).
+        assert_eq!((resp[0], resp.get(4)), (0x01, Some(&0xd9)), "{resp:x?}");
+        // The stalled stream: reset and stopped.
+        let read = stalled_recv.read_to_end(1024).await;
+        assert!(
+            matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == incomplete),
+            "{read:?}"
+        );
+        assert_eq!(stalled_send.stopped().await.unwrap(), Some(incomplete));
+        // The connection goes on: another stalled stream, then the sidecar stops.
+        let (mut stalled_send, _stalled_recv) = conn.open_bi().await.unwrap();
+        stalled_send.write_all(&GET_HEAD[..4]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.shutdown().await;
+    };
+    tokio::time::timeout(Duration::from_secs(20), checks)
+        .await
+        .expect("reset within the header read timeout, and a drain that does not wait 60 s");
+    assert_eq!(upstream.count(), 1);
+}

@@ -190,7 +190,10 @@ impl RecvStream {
     /// If no data is available for reading, the method returns `Poll::Pending`
     /// and arranges for the current task (via cx.waker()) to receive a notification
     /// when the stream becomes readable or is closed.
-    fn poll_read_chunk(
+    ///
+    /// quicar: public, so that h3-quinn reads without moving the stream into a boxed future
+    /// (which left it unreachable, and `stop`ping it a panic, while a read was pending).
+    pub fn poll_read_chunk(
         &mut self,
         cx: &mut Context,
         max_length: usize,

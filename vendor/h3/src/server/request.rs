@@ -73,6 +73,14 @@ where
         Ok(req.resolve().await?)
     }
 
+    /// quicar: gives up on a request whose head has not come (the application's time for it
+    /// ran out): the stream is reset and stopped with H3_REQUEST_INCOMPLETE, as one that ended
+    /// without a head is (RFC 9114 §4.1), so the client learns at once and the slot is free.
+    pub fn abandon(mut self) {
+        self.frame_stream.reset(Code::H3_REQUEST_INCOMPLETE.value());
+        self.frame_stream.stop_sending(Code::H3_REQUEST_INCOMPLETE);
+    }
+
     /// Accepts a http request where the first frame has already been read and decoded.
     ///
     /// This is needed as a bidirectional stream may be read as part of incoming webtransport
