@@ -10,6 +10,7 @@ mod deploy;
 mod dns;
 mod errors;
 mod faults;
+mod hostile;
 mod interim;
 mod interop;
 mod mtls;

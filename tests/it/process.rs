@@ -19,6 +19,8 @@ pub(crate) struct Sidecar {
     pub(crate) child: Child,
     pub(crate) outbound: SocketAddr,
     pub(crate) inbound: SocketAddr,
+    /// Lines of its log that report a panic (the default panic hook writes to stderr).
+    pub(crate) panics: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Sidecar {
@@ -61,10 +63,16 @@ pub(crate) fn run(pki: &Pki, name: &str, toml: &str) -> Sidecar {
         }
     };
     // Keep draining the log so the child never blocks on a full pipe.
+    let panics = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = panics.clone();
     std::thread::spawn(move || {
         for l in lines.by_ref() {
+            let l = l.unwrap_or_default();
+            if l.contains("panicked") {
+                seen.lock().unwrap().push(l.clone());
+            }
             if std::env::var("QUICAR_CHILD_ECHO").is_ok() {
-                eprintln!("child: {}", l.unwrap_or_default());
+                eprintln!("child: {l}");
             }
         }
     });
@@ -72,6 +80,7 @@ pub(crate) fn run(pki: &Pki, name: &str, toml: &str) -> Sidecar {
         child,
         outbound,
         inbound,
+        panics,
     }
 }
 

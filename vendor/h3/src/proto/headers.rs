@@ -341,6 +341,7 @@ impl TryFrom<Vec<SharedField>> for Header {
         // map is not regrown and rehashed for them.
         let mut fields = HeaderMap::with_capacity(headers.len() + 6);
         let mut pseudo = Pseudo::default();
+        let mut regular = false;
 
         for SharedField { name, value } in headers {
             // quicar: a regular field's value becomes the HeaderValue without a copy (it shares
@@ -350,59 +351,56 @@ impl TryFrom<Vec<SharedField>> for Header {
                 let v = HeaderValue::from_maybe_shared(value)
                     .map_err(|_| HeaderError::invalid_value(&name, b""))?;
                 fields.append(n, v);
+                regular = true;
                 continue;
             }
+            // quicar: RFC 9114 §4.3: every pseudo-header comes before the regular fields, and
+            // each at most once; a message that breaks either is malformed (h3 took it, the
+            // last value of a repeated one winning).
+            if regular {
+                return Err(HeaderError::InvalidHeaderName(format!(
+                    "{} after a regular field",
+                    String::from_utf8_lossy(&name)
+                )));
+            }
+            pseudo.len += 1;
+            // (`pseudo.len` counts the pseudo-headers; only those reach here but an empty
+            // name, which `Field::parse` refuses.)
             // quicar: :path and :authority keep the decoded bytes (the parse is the one
             // `from_str` makes, without the copy).
             if &name[..] == b":path" {
-                pseudo.path = Some(
-                    PathAndQuery::from_maybe_shared(value)
-                        .map_err(|_| HeaderError::invalid_value(&name, b""))?,
-                );
-                pseudo.len += 1;
+                let p = PathAndQuery::from_maybe_shared(value)
+                    .map_err(|_| HeaderError::invalid_value(&name, b""))?;
+                once(&mut pseudo.path, p, ":path")?;
                 continue;
             }
             if &name[..] == b":authority" {
-                pseudo.authority = Some(
-                    Authority::from_maybe_shared(value)
-                        .map_err(|_| HeaderError::invalid_value(&name, b""))?,
-                );
-                pseudo.len += 1;
+                let a = Authority::from_maybe_shared(value)
+                    .map_err(|_| HeaderError::invalid_value(&name, b""))?;
+                once(&mut pseudo.authority, a, ":authority")?;
                 continue;
             }
             match Field::parse(name, value)? {
-                Field::Method(m) => {
-                    pseudo.method = Some(m);
-                    pseudo.len += 1;
-                }
-                Field::Scheme(s) => {
-                    pseudo.scheme = Some(s);
-                    pseudo.len += 1;
-                }
-                Field::Authority(a) => {
-                    pseudo.authority = Some(a);
-                    pseudo.len += 1;
-                }
-                Field::Path(p) => {
-                    pseudo.path = Some(p);
-                    pseudo.len += 1;
-                }
-                Field::Status(s) => {
-                    pseudo.status = Some(s);
-                    pseudo.len += 1;
-                }
-                Field::Header((n, v)) => {
-                    fields.append(n, v);
-                }
-                Field::Protocol(p) => {
-                    pseudo.protocol = Some(p);
-                    pseudo.len += 1;
-                }
+                Field::Method(m) => once(&mut pseudo.method, m, ":method")?,
+                Field::Scheme(s) => once(&mut pseudo.scheme, s, ":scheme")?,
+                Field::Authority(a) => once(&mut pseudo.authority, a, ":authority")?,
+                Field::Path(p) => once(&mut pseudo.path, p, ":path")?,
+                Field::Status(s) => once(&mut pseudo.status, s, ":status")?,
+                Field::Header(_) => return Err(HeaderError::invalid_name(b"")),
+                Field::Protocol(p) => once(&mut pseudo.protocol, p, ":protocol")?,
             }
         }
 
         Ok(Header { pseudo, fields })
     }
+}
+
+/// quicar: sets a pseudo-header that must come once.
+fn once<T>(slot: &mut Option<T>, value: T, name: &str) -> Result<(), HeaderError> {
+    if slot.replace(value).is_some() {
+        return Err(HeaderError::InvalidHeaderName(format!("{name} twice")));
+    }
+    Ok(())
 }
 
 enum Field {

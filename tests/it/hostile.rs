@@ -1,0 +1,343 @@
+//! A hostile peer on the HTTP/3 wire: a real `quicar run` process takes malformed request
+//! streams, bad unidirectional streams and random bytes from a peer with a valid identity, and
+//! must answer each (a response, a stream reset or a connection close, never a hang), never
+//! hand a malformed head to its app, never panic, and go on serving.
+
+use std::time::Duration;
+
+use crate::process;
+use crate::support::*;
+
+/// `x` as an HTTP/3 frame: type, length, payload (lengths under 64 here: one byte).
+fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 64);
+    let mut out = vec![ty, payload.len() as u8];
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A HEADERS frame holding `fields` after a QPACK prefix with no dynamic table.
+fn headers(fields: &[&[u8]]) -> Vec<u8> {
+    let mut section = vec![0x00, 0x00];
+    for f in fields {
+        section.extend_from_slice(f);
+    }
+    frame(0x01, &section)
+}
+
+// QPACK field lines (RFC 9204): static-table indexes, and literals.
+const GET: &[u8] = &[0xd1]; // :method GET (17)
+const POST: &[u8] = &[0xd4]; // :method POST (20)
+const CONNECT: &[u8] = &[0xcf]; // :method CONNECT (15)
+const HTTPS: &[u8] = &[0xd7]; // :scheme https (23)
+const ROOT: &[u8] = &[0xc1]; // :path / (1)
+const HELLO: &[u8] = &[0x50, 5, b'h', b'e', b'l', b'l', b'o']; // :authority hello
+const LENGTH_1: &[u8] = &[0x54, 1, b'1']; // content-length: 1
+const LENGTH_5: &[u8] = &[0x54, 1, b'5']; // content-length: 5
+
+/// A well-formed `GET https://hello/`.
+fn get() -> Vec<u8> {
+    headers(&[GET, HTTPS, ROOT, HELLO])
+}
+
+/// Each malformed request stream, and whether its head is well-formed (so the app may see it).
+fn bad_request_streams() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let cat = |parts: &[Vec<u8>]| parts.concat();
+    vec![
+        ("an empty stream", vec![], false),
+        ("DATA before HEADERS", frame(0x00, b"abc"), false),
+        ("HEADERS cut short", vec![0x01, 12, 0, 0, 0xd1], false),
+        ("HEADERS with nothing in it", frame(0x01, &[]), false),
+        ("a QPACK prefix and no fields", headers(&[]), false),
+        (
+            "a dynamic-table reference",
+            frame(0x01, &[0x02, 0x00, 0x80]),
+            false,
+        ),
+        (
+            "a static index past the table",
+            headers(&[&[0xff, 0xff, 0xff, 0x7f]]),
+            false,
+        ),
+        (
+            "a prefix integer that overflows",
+            headers(&[&[
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ]]),
+            false,
+        ),
+        ("no :method", headers(&[HTTPS, ROOT, HELLO]), false),
+        ("no :path", headers(&[GET, HTTPS, HELLO]), false),
+        (
+            "a :path without a slash",
+            headers(&[GET, HTTPS, &[0x51, 1, b'x'], HELLO]),
+            false,
+        ),
+        (
+            "an uppercase field name",
+            headers(&[GET, HTTPS, ROOT, HELLO, &[0x23, b'X', b'-', b'A', 1, b'1']]),
+            false,
+        ),
+        (
+            "a space in a field name",
+            headers(&[GET, HTTPS, ROOT, HELLO, &[0x23, b'a', b' ', b'b', 1, b'1']]),
+            false,
+        ),
+        (
+            "CR LF in a field value",
+            headers(&[
+                GET,
+                HTTPS,
+                ROOT,
+                HELLO,
+                &[
+                    0x23, b'x', b'-', b'a', 7, b'a', b'\r', b'\n', b'b', b':', b' ', b'c',
+                ],
+            ]),
+            false,
+        ),
+        (
+            "a Huffman string that does not decode",
+            headers(&[GET, HTTPS, ROOT, &[0x50, 0x83, 0xff, 0xff, 0xff]]),
+            false,
+        ),
+        (
+            "a pseudo-header after a regular field",
+            headers(&[&[0x23, b'x', b'-', b'a', 1, b'1'], GET, HTTPS, ROOT, HELLO]),
+            false,
+        ),
+        (
+            "an unknown pseudo-header",
+            headers(&[
+                GET,
+                HTTPS,
+                ROOT,
+                HELLO,
+                &[0x24, b':', b'f', b'o', b'o', 1, b'1'],
+            ]),
+            false,
+        ),
+        (
+            "two :method fields",
+            headers(&[GET, POST, HTTPS, ROOT, HELLO]),
+            false,
+        ),
+        ("CONNECT with nothing else", headers(&[CONNECT]), false),
+        (
+            "a frame length past 2^62",
+            vec![0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            false,
+        ),
+        (
+            "SETTINGS on a request stream",
+            cat(&[frame(0x04, &[]), get()]),
+            false,
+        ),
+        ("GOAWAY on a request stream", frame(0x07, &[0]), false),
+        ("an HTTP/2 frame type", frame(0x02, &[]), false),
+        (
+            "a body past its Content-Length",
+            cat(&[
+                headers(&[POST, HTTPS, ROOT, HELLO, LENGTH_1]),
+                frame(0x00, b"abcde"),
+            ]),
+            true,
+        ),
+        (
+            "a body short of its Content-Length",
+            cat(&[
+                headers(&[POST, HTTPS, ROOT, HELLO, LENGTH_5]),
+                frame(0x00, b"a"),
+            ]),
+            true,
+        ),
+        (
+            "DATA after trailers",
+            cat(&[
+                headers(&[POST, HTTPS, ROOT, HELLO]),
+                frame(0x00, b"a"),
+                headers(&[&[0x23, b'x', b'-', b'a', 1, b'1']]),
+                frame(0x00, b"b"),
+            ]),
+            true,
+        ),
+    ]
+}
+
+/// Bad unidirectional streams (type byte first).
+fn bad_uni_streams() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let settings = [vec![0x00], frame(0x04, &[])].concat();
+    vec![
+        (
+            "two control streams",
+            vec![settings.clone(), settings.clone()],
+        ),
+        (
+            "a control stream that does not start with SETTINGS",
+            vec![[vec![0x00], frame(0x07, &[0])].concat()],
+        ),
+        (
+            "DATA on the control stream",
+            vec![[settings.clone(), frame(0x00, b"abc")].concat()],
+        ),
+        ("a push stream from a client", vec![vec![0x01, 0x00]]),
+        (
+            "a QPACK insert into a table of no capacity",
+            vec![vec![0x02, 0xc0, 0x01, b'a']],
+        ),
+        (
+            "a QPACK decoder stream with garbage",
+            vec![vec![0x03, 0xff, 0xff, 0xff]],
+        ),
+        ("an unknown stream type", vec![vec![0x21, 0xaa, 0xbb, 0xcc]]),
+        ("a control stream closed", vec![vec![0x00]]),
+    ]
+}
+
+/// What became of one stream: a response head's status byte, a reset, a close, or nothing.
+async fn outcome(conn: &quinn::Connection, bytes: &[u8]) -> String {
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        // The sidecar may reset or close before it has read everything; that is an outcome.
+        let _ = send.write_all(bytes).await;
+        let _ = send.finish();
+        let resp = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(match first_field_line(&resp) {
+            Some(0xd9) => "200".to_string(),
+            Some(b) => format!("a response ({b:#x})"),
+            None => format!("{} bytes", resp.len()),
+        })
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(what)) | Ok(Err(what)) => what,
+        Err(_) => "no answer in 10 s".to_string(),
+    }
+}
+
+/// The first field line's first byte of a response's HEADERS frame (`0xd9` is `:status 200`).
+pub(crate) fn first_field_line(resp: &[u8]) -> Option<u8> {
+    if resp.first() != Some(&0x01) {
+        return None;
+    }
+    let len_bytes = 1usize << (resp.get(1)? >> 6);
+    // Type, length, then the two-byte QPACK prefix.
+    resp.get(1 + len_bytes + 2).copied()
+}
+
+/// Random streams from a fixed seed (xorshift), so a failure can be replayed: a third raw
+/// bytes, a third a HEADERS frame of random field lines (for the QPACK and field parsers), a
+/// third a well-formed GET with one byte of its field section changed.
+fn garbage(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut x = seed;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let bytes = match i % 3 {
+                0 => (0..next() % 200).map(|_| next() as u8).collect(),
+                1 => {
+                    let lines: Vec<u8> = (0..next() % 60).map(|_| next() as u8).collect();
+                    headers(&[&lines])
+                }
+                _ => {
+                    let mut head = get();
+                    let at = 4 + (next() as usize) % (head.len() - 4);
+                    head[at] = next() as u8;
+                    head
+                }
+            };
+            (format!("random stream {i} (seed {seed:#x})"), bytes)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_http3_peer_gets_answers_and_the_sidecar_goes_on_serving() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = process::run(
+        &pki,
+        "server",
+        &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""),
+    );
+    let mut failures = Vec::new();
+
+    // A well-formed request, and one behind a frame of an unknown (reserved) type, which
+    // RFC 9114 §9 says to ignore: both served.
+    for (name, bytes) in [
+        ("a well-formed GET", get()),
+        (
+            "an unknown frame type before HEADERS",
+            [frame(0x21, &[0xaa, 0xbb]), get()].concat(),
+        ),
+    ] {
+        let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+        let got = outcome(&conn, &bytes).await;
+        if got != "200" {
+            failures.push(format!("{name}: {got}, not 200"));
+        }
+    }
+    let served = upstream.count();
+    assert_eq!(served, 2, "{failures:?}");
+
+    // Malformed request streams, each on its own connection (some are connection errors).
+    for (name, bytes, well_formed_head) in bad_request_streams() {
+        let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+        let before = upstream.count();
+        let got = outcome(&conn, &bytes).await;
+        if got == "200" || got.starts_with("no answer") {
+            failures.push(format!("{name}: {got}"));
+        }
+        if !well_formed_head && upstream.count() > before {
+            failures.push(format!("{name}: reached the app"));
+        }
+    }
+
+    // Bad unidirectional streams: the connection then serves or closes, never hangs.
+    for (name, streams) in bad_uni_streams() {
+        let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+        for bytes in streams {
+            if let Ok(mut uni) = conn.open_uni().await {
+                let _ = uni.write_all(&bytes).await;
+                let _ = uni.finish();
+            }
+        }
+        let got = outcome(&conn, &get()).await;
+        if got.starts_with("no answer") {
+            failures.push(format!("{name}: {got}"));
+        }
+    }
+
+    // Random bytes, many streams on one connection (a new one when a stream closes it).
+    let (mut _endpoint, mut conn) = h3_caller(&pki, server.inbound).await;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for (name, bytes) in garbage(0x9e37_79b9_7f4a_7c15, 150) {
+        if conn.close_reason().is_some() {
+            (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+        }
+        let got = outcome(&conn, &bytes).await;
+        *seen.entry(got.clone()).or_default() += 1;
+        if got.starts_with("no answer") {
+            failures.push(format!("{name} {bytes:x?}: {got}"));
+        }
+    }
+
+    eprintln!("random streams' outcomes: {seen:#?}");
+
+    // Still alive, no task panicked, and a new connection is served.
+    let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+    assert_eq!(outcome(&conn, &get()).await, "200", "{failures:?}");
+    let mut child = server;
+    assert!(
+        child.child.try_wait().unwrap().is_none(),
+        "the sidecar exited"
+    );
+    let panics = child.panics.lock().unwrap().clone();
+    assert!(panics.is_empty(), "{panics:#?}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
