@@ -325,6 +325,19 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     length
 }
 
+/// `send` (a write toward a reader: a peer's stream), or `None` once it has waited `stall`
+/// without completing: the reader stopped taking bytes. The timer is made only if it waits.
+pub(crate) async fn unless_stalled<F: std::future::Future>(
+    stall: std::time::Duration,
+    send: F,
+) -> Option<F::Output> {
+    let mut send = std::pin::pin!(send);
+    match std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => tokio::time::timeout(stall, send).await.ok(),
+    }
+}
+
 /// The data bytes of a request's two bodies, counted as they pass: one allocation for both.
 #[derive(Debug, Default)]
 pub(crate) struct ByteCounts {

@@ -131,6 +131,11 @@ pub struct Outbound {
     /// Time the app has to send a complete header section on a connection.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A response the app takes no byte of for this long is cut: its connection is closed and
+    /// the exchange cancelled, so the far sidecar frees its app (Envoy's `stream_idle_timeout`
+    /// covers the same). Only a reader that stopped counts; a slow response does not.
+    #[serde(default = "default_response_stall_timeout", with = "humantime_serde")]
+    pub response_stall_timeout: Duration,
     /// Add `quicar-transport: quic|tcp` to responses from peers.
     #[serde(default = "yes")]
     pub transport_header: bool,
@@ -150,6 +155,7 @@ impl Default for Outbound {
             listen: default_outbound_listen(),
             max_header_bytes: default_max_header_bytes(),
             header_read_timeout: default_header_read_timeout(),
+            response_stall_timeout: default_response_stall_timeout(),
             transport_header: true,
             max_connections: default_outbound_connections(),
         }
@@ -178,6 +184,10 @@ pub struct Inbound {
     /// (`H3_REQUEST_INCOMPLETE`).
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A response the peer takes no byte of for this long is cut: the stream is reset and the
+    /// app's connection closed. Only a reader that stopped counts; a slow response does not.
+    #[serde(default = "default_response_stall_timeout", with = "humantime_serde")]
+    pub response_stall_timeout: Duration,
     /// Requests from all peers in flight at once in this sidecar; more get `503 overloaded`.
     #[serde(default = "default_inbound_requests")]
     pub max_requests: usize,
@@ -196,6 +206,7 @@ impl Default for Inbound {
             tcp: true,
             max_connections_per_peer: default_connections_per_peer(),
             header_read_timeout: default_header_read_timeout(),
+            response_stall_timeout: default_response_stall_timeout(),
             max_requests: default_inbound_requests(),
         }
     }
@@ -695,6 +706,10 @@ fn default_max_header_bytes() -> usize {
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(30)
 }
+/// Envoy's `stream_idle_timeout` default.
+fn default_response_stall_timeout() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_local_connect_timeout() -> Duration {
     Duration::from_secs(1)
 }
@@ -833,6 +848,14 @@ impl Config {
             (
                 "inbound.header_read_timeout",
                 self.inbound.header_read_timeout,
+            ),
+            (
+                "outbound.response_stall_timeout",
+                self.outbound.response_stall_timeout,
+            ),
+            (
+                "inbound.response_stall_timeout",
+                self.inbound.response_stall_timeout,
             ),
         ] {
             if limit.is_zero() {

@@ -125,6 +125,42 @@ pub(crate) fn add_length(length: &mut Option<u64>, value: &HeaderValue) -> Resul
     Ok(())
 }
 
+/// Writes all of `bufs`, or fails with `TimedOut` once no byte has gone out for `stall` (the
+/// reader stopped reading; a slow one that takes a little at a time is never cut). The timer
+/// is made only when a write waits.
+pub(crate) async fn write_bufs<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    bufs: &mut Vec<Bytes>,
+    stall: std::time::Duration,
+) -> io::Result<()> {
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut left = 0;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = poll_write_bufs(io, bufs, cx) {
+            return Poll::Ready(r);
+        }
+        let now: usize = bufs.iter().map(Bytes::len).sum();
+        let timer = match &mut timer {
+            Some(t) if now == left => t,
+            Some(t) => {
+                t.as_mut().reset(tokio::time::Instant::now() + stall);
+                t
+            }
+            None => timer.insert(Box::pin(tokio::time::sleep(stall))),
+        };
+        left = now;
+        ready!(std::future::Future::poll(timer.as_mut(), cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the reader took no byte for {}",
+                humantime::format_duration(stall)
+            ),
+        )))
+    })
+    .await
+}
+
 /// Writes all of `bufs` with vectored writes, taking off what went out.
 pub(crate) fn poll_write_bufs<W: AsyncWrite + Unpin>(
     io: &mut W,

@@ -38,6 +38,8 @@ pub(crate) struct Inbound {
     max_per_peer: usize,
     /// Time a peer has to send a request's head on an HTTP/3 stream.
     pub(crate) header_read_timeout: std::time::Duration,
+    /// Time a peer may take no byte of a response before its stream is reset.
+    pub(crate) response_stall_timeout: std::time::Duration,
     /// Requests in flight from all peers.
     requests: Arc<Semaphore>,
     max_requests: usize,
@@ -79,6 +81,7 @@ impl Inbound {
             peers: Arc::default(),
             max_per_peer: config.inbound.max_connections_per_peer,
             header_read_timeout: config.inbound.header_read_timeout,
+            response_stall_timeout: config.inbound.response_stall_timeout,
             requests: Arc::new(Semaphore::new(config.inbound.max_requests)),
             max_requests: config.inbound.max_requests,
         }

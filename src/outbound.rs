@@ -252,6 +252,7 @@ pub(crate) async fn serve(
     let settings = app_conn::Settings {
         max_header_bytes: cfg.max_header_bytes,
         header_read_timeout: cfg.header_read_timeout,
+        response_stall_timeout: cfg.response_stall_timeout,
     };
     let connections = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let tracker = TaskTracker::new();

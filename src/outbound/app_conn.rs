@@ -52,8 +52,8 @@ use super::Outbound;
 use crate::body::ProxyBody;
 use crate::error::{error_response, ErrorKind};
 use crate::h1::{
-    chunk, last_chunk, poll_fill, poll_framed, poll_write_bufs, put_field, put_length, Chunk,
-    Framed, FramedError, MAX_HEADERS,
+    chunk, last_chunk, poll_fill, poll_framed, put_field, put_length, write_bufs, Chunk, Framed,
+    FramedError, MAX_HEADERS,
 };
 use crate::interim::Interim;
 
@@ -62,6 +62,8 @@ use crate::interim::Interim;
 pub(crate) struct Settings {
     pub(crate) max_header_bytes: usize,
     pub(crate) header_read_timeout: Duration,
+    /// `outbound.response_stall_timeout`.
+    pub(crate) response_stall_timeout: Duration,
 }
 
 /// What the response writer gathers before it writes.
@@ -243,7 +245,16 @@ pub(crate) async fn serve(
                     version: Version::HTTP_11,
                     trailers: false,
                 };
-                let _ = write_response(&mut wr, parts, body, asked, true, None).await;
+                let _ = write_response(
+                    &mut wr,
+                    parts,
+                    body,
+                    asked,
+                    true,
+                    None,
+                    settings.response_stall_timeout,
+                )
+                .await;
                 linger(wr, rd).await;
                 return;
             }
@@ -318,9 +329,15 @@ pub(crate) async fn serve(
         let close = !keep_alive || reader.is_none() || shutdown.is_cancelled();
         let (parts, body) = resp.into_parts();
         let watch = reader.as_mut().map(|rd| (rd, settings.max_header_bytes));
-        match write_response(&mut wr, parts, body, asked, close, watch).await {
+        let stall = settings.response_stall_timeout;
+        match write_response(&mut wr, parts, body, asked, close, watch, stall).await {
             Ok(true) if !close => {}
             Ok(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                // The body is dropped: the exchange is cancelled and the far app freed.
+                tracing::info!(%remote, error = %e, "closing an app connection that stopped reading its response (outbound.response_stall_timeout)");
+                return;
+            }
             Err(e) => {
                 tracing::debug!(%remote, error = %e, "writing a response to the app failed");
                 return;
@@ -527,6 +544,7 @@ async fn write_response(
     asked: Asked,
     close: bool,
     mut watch: Option<(&mut Reader, usize)>,
+    stall: Duration,
 ) -> io::Result<bool> {
     let status = parts.status;
     let bodyless = asked.head
@@ -583,7 +601,7 @@ async fn write_response(
     let mut out = vec![Bytes::from(head)];
     if bodyless {
         drop(body);
-        poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+        write_bufs(wr, &mut out, stall).await?;
         return Ok(true);
     }
     let mut gathered = 0;
@@ -609,7 +627,7 @@ async fn write_response(
         .await;
         let frame = match next {
             Next::Flush => {
-                poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                write_bufs(wr, &mut out, stall).await?;
                 gathered = 0;
                 continue;
             }
@@ -617,7 +635,7 @@ async fn write_response(
             Next::Frame(Some(Ok(frame))) => frame,
             Next::Frame(None) => break,
             Next::Frame(Some(Err(e))) => {
-                poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                write_bufs(wr, &mut out, stall).await?;
                 tracing::debug!(error = %e, "a response body failed on its way to the app");
                 return Ok(false);
             }
@@ -633,7 +651,7 @@ async fn write_response(
                     if n > *left {
                         data.truncate(*left as usize);
                         out.push(data);
-                        poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                        write_bufs(wr, &mut out, stall).await?;
                         tracing::debug!("a response body was longer than its length");
                         return Ok(false);
                     }
@@ -645,7 +663,7 @@ async fn write_response(
                     out.push(data);
                 }
                 if gathered >= GATHER {
-                    poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+                    write_bufs(wr, &mut out, stall).await?;
                     gathered = 0;
                 }
             }
@@ -662,7 +680,7 @@ async fn write_response(
     if chunked {
         out.push(last_chunk(None));
     }
-    poll_fn(|cx| poll_write_bufs(wr, &mut out, cx)).await?;
+    write_bufs(wr, &mut out, stall).await?;
     match left {
         Some(n) if n > 0 => {
             tracing::debug!(missing = n, "a response body ended short of its length");

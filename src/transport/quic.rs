@@ -26,7 +26,7 @@ use super::wire::{
     self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
     MAX_FIELD_SECTION, STREAM_WINDOW,
 };
-use crate::body::{BodyError, H3Body, ProxyBody};
+use crate::body::{unless_stalled, BodyError, H3Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -432,14 +432,14 @@ async fn stream_request(
             Side::Peer,
             format!("the request header section is {size} bytes, over {MAX_FIELD_SECTION}"),
         );
-        return respond(&mut send, e.into_response()).await;
+        return respond(&mut send, e.into_response(), inbound.response_stall_timeout).await;
     }
     // RFC 9114 §4.1.2: malformed, so never forwarded (h2 refuses such a request itself).
     let length = match crate::h1::declared_length(req.headers()) {
         Ok(length) => length,
         Err(why) => {
             let e = ProxyError::new(ErrorKind::BadRequest, Side::Peer, why);
-            return respond(&mut send, e.into_response()).await;
+            return respond(&mut send, e.into_response(), inbound.response_stall_timeout).await;
         }
     };
     let body = H3Body::new(recv, length, true).boxed_unsync();
@@ -477,19 +477,26 @@ async fn stream_request(
     while let Some(info) = interims.try_recv() {
         let _ = send.send_response(info).await;
     }
-    respond(&mut send, resp).await;
+    respond(&mut send, resp, inbound.response_stall_timeout).await;
 }
 
 /// Sends a response on the HTTP/3 stream: headers (the sidecar's facts written as headers
 /// here, at the edge), then data as the app produces it (each `send_data` waits for flow
 /// control), then trailers. An app body that breaks off resets the stream so the caller sees
-/// an error, not a short body.
-async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Response<ProxyBody>) {
+/// an error, not a short body; so does a caller that takes no byte for `stall` (the stream
+/// is reset and the app's body, with its connection, dropped).
+async fn respond(
+    send: &mut ServerStream<h3_quinn::SendStream<Bytes>>,
+    resp: Response<ProxyBody>,
+    stall: Duration,
+) {
     let (mut parts, mut body) = resp.into_parts();
     crate::headers::write_error_kind(&mut parts);
-    if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
-        tracing::debug!(error = %e, "could not send response headers");
-        return;
+    let head = send.send_response(Response::from_parts(parts, ()));
+    match unless_stalled(stall, head).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return tracing::debug!(error = %e, "could not send response headers"),
+        None => return stalled(send, stall),
     }
     loop {
         // The next frame of the app's body; a caller that stops the stream meanwhile (it hung
@@ -511,29 +518,46 @@ async fn respond(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, resp: Res
             }
             Some(Ok(frame)) => {
                 let r = match frame.into_data() {
-                    Ok(data) if data.is_empty() => Ok(()),
+                    Ok(data) if data.is_empty() => Some(Ok(())),
                     // The body's last bytes (its length is reached) carry the stream's FIN:
                     // one write, not two.
                     Ok(data) if body.is_end_stream() => {
-                        if let Err(e) = send.send_data_and_finish(data).await {
-                            tracing::debug!(error = %e, "caller stopped reading the response");
+                        match unless_stalled(stall, send.send_data_and_finish(data)).await {
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "caller stopped reading the response")
+                            }
+                            None => stalled(send, stall),
                         }
                         return;
                     }
-                    Ok(data) => send.send_data(data).await,
+                    Ok(data) => unless_stalled(stall, send.send_data(data)).await,
                     Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => send.send_trailers(trailers).await,
-                        Err(_) => Ok(()),
+                        Ok(trailers) => unless_stalled(stall, send.send_trailers(trailers)).await,
+                        Err(_) => Some(Ok(())),
                     },
                 };
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "caller stopped reading the response");
-                    return;
+                match r {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        return tracing::debug!(error = %e, "caller stopped reading the response")
+                    }
+                    None => return stalled(send, stall),
                 }
             }
         }
     }
     let _ = send.finish().await;
+}
+
+/// A caller that took no byte of the response for `stall`: its stream is reset (the app's body,
+/// and so its connection, are dropped by the caller of this).
+fn stalled(send: &mut ServerStream<h3_quinn::SendStream<Bytes>>, stall: Duration) {
+    tracing::info!(
+        "resetting a response stream the caller took no byte of for {} (inbound.response_stall_timeout)",
+        humantime::format_duration(stall)
+    );
+    send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
 }
 
 // ---------------------------------------------------------------------------------------------

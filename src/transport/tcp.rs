@@ -27,7 +27,7 @@ use super::wire::{
     CONNECTION_WINDOW, MAX_FIELD_SECTION, STREAM_WINDOW, TLS_ACCEPT_TIMEOUT,
 };
 use crate::accept::Listener;
-use crate::body::{held, H2Body, ProxyBody};
+use crate::body::{held, unless_stalled, H2Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -216,7 +216,7 @@ async fn stream_request(
     let end = body.is_end_stream();
     match respond.send_response(Response::from_parts(parts, ()), end) {
         Ok(send) if !end => {
-            send_h2(send, body, None).await;
+            send_h2(send, body, None, Some(inbound.response_stall_timeout)).await;
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "could not send response headers"),
@@ -551,10 +551,12 @@ impl Pool {
         let send_half = if empty {
             Some(upload)
         } else {
+            // A far app that stops reading is the request body's `body_idle_timeout`.
             tokio::spawn(send_h2(
                 upload,
                 body.into_body(),
                 Some(cancel_upload.clone()),
+                None,
             ));
             None
         };
@@ -642,12 +644,13 @@ async fn final_response(
 /// peer's window has room, so at most one chunk is buffered beyond it), then trailers or the
 /// end of the stream. A body that fails resets the stream (`INTERNAL_ERROR`) and `cancel`
 /// resets it (`CANCEL`), so the peer never takes a truncated body for a whole one; a peer that
-/// resets the stream stops the sending (and drops `body`). Returns whether the whole body was
-/// sent.
+/// resets the stream stops the sending (and drops `body`), and so, with `stall`, does one whose
+/// window stays shut that long (it stopped reading). Returns whether the whole body was sent.
 async fn send_h2(
     mut send: h2::SendStream<Bytes>,
     mut body: ProxyBody,
     cancel: Option<tokio_util::sync::CancellationToken>,
+    stall: Option<Duration>,
 ) -> bool {
     let cancelled = async {
         match &cancel {
@@ -676,18 +679,24 @@ async fn send_h2(
                 Ok(data) if data.is_empty() => {}
                 Ok(data) => {
                     send.reserve_capacity(1);
-                    loop {
-                        let capacity = tokio::select! {
-                            _ = &mut cancelled => {
-                                send.send_reset(h2::Reason::CANCEL);
-                                return false;
-                            }
-                            c = std::future::poll_fn(|cx| send.poll_capacity(cx)) => c,
-                        };
-                        match capacity {
-                            Some(Ok(0)) => continue,
-                            Some(Ok(_)) => break,
-                            _ => return false,
+                    let capacity = tokio::select! {
+                        _ = &mut cancelled => None,
+                        c = within(stall, room(&mut send)) => Some(c),
+                    };
+                    match capacity {
+                        Some(Some(true)) => {}
+                        Some(Some(false)) => return false,
+                        None => {
+                            send.send_reset(h2::Reason::CANCEL);
+                            return false;
+                        }
+                        Some(None) => {
+                            tracing::info!(
+                                "resetting a response stream the caller took no byte of for {} (inbound.response_stall_timeout)",
+                                humantime::format_duration(stall.unwrap_or_default())
+                            );
+                            send.send_reset(h2::Reason::CANCEL);
+                            return false;
                         }
                     }
                     // END_STREAM rides on the last data frame when the body knows it is
@@ -709,6 +718,25 @@ async fn send_h2(
                 }
             },
         }
+    }
+}
+
+/// Waits until the peer's window has room on `send`; false if the stream failed.
+async fn room(send: &mut h2::SendStream<Bytes>) -> bool {
+    loop {
+        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(0)) => continue,
+            Some(Ok(_)) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// `wait`, or `None` once it has waited `stall` (when there is one).
+async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Option<F::Output> {
+    match stall {
+        Some(stall) => unless_stalled(stall, wait).await,
+        None => Some(wait.await),
     }
 }
 

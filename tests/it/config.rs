@@ -56,13 +56,15 @@ fn errors_name_the_file_and_the_key() {
     assert!(e.contains("identity"), "{e}");
 
     for side in ["outbound", "inbound"] {
-        let e = err(&format!("{ID}[{side}]\nheader_read_timeout = \"0s\"\n"));
-        assert!(
-            e.contains("node.toml")
-                && e.contains(&format!("{side}.header_read_timeout"))
-                && e.contains("more than 0"),
-            "{e}"
-        );
+        for key in ["header_read_timeout", "response_stall_timeout"] {
+            let e = err(&format!("{ID}[{side}]\n{key} = \"0s\"\n"));
+            assert!(
+                e.contains("node.toml")
+                    && e.contains(&format!("{side}.{key}"))
+                    && e.contains("more than 0"),
+                "{e}"
+            );
+        }
     }
 
     for bad in ["0", "100000"] {

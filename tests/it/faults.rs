@@ -1386,3 +1386,154 @@ async fn a_peers_stalled_request_head_is_reset_after_the_header_read_timeout() {
         .expect("reset within the header read timeout, and a drain that does not wait 60 s");
     assert_eq!(upstream.count(), 1);
 }
+
+/// A slow reader's pace: 64 KiB, then a pause of this long (about 4 MB/s, well under what
+/// loopback carries, and steady: the sidecar's writes make progress every few reads).
+const SLOW_PAUSE: Duration = Duration::from_millis(15);
+
+/// Reads `s` at the slow pace for `secs` seconds, asserting the response never ends under it;
+/// returns the bytes read.
+async fn read_slowly(s: &mut tokio::net::TcpStream, secs: u64) -> usize {
+    let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while tokio::time::Instant::now() < until {
+        s.read_exact(&mut buf)
+            .await
+            .unwrap_or_else(|e| panic!("a slow reader's response was cut after {got} bytes: {e}"));
+        got += buf.len();
+        tokio::time::sleep(SLOW_PAUSE).await;
+    }
+    got
+}
+
+crate::over_transports! {
+    // A calling app that stops reading a response (a stuck client) held its connection, the
+    // stream and the far app's connection and slot for ever: nothing timed out once the
+    // head was out. The calling sidecar now closes it after `outbound.response_stall_timeout`
+    // without a byte taken, and the cancellation crosses to the far app. A slow reader that
+    // takes a little at a time, for longer than that, is not cut.
+    async fn a_calling_app_that_stops_reading_is_cut_after_the_stall_timeout_and_the_far_app_freed(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let (app, ended, far) = endless_app().await;
+        let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\"")).await;
+        let toml = client_toml(
+            &pki,
+            &[server.inbound],
+            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+        )
+        .replace(
+            "[outbound]\nlisten = \"127.0.0.1:0\"",
+            "[outbound]\nlisten = \"127.0.0.1:0\"\nresponse_stall_timeout = \"1s\"",
+        );
+        let client = sidecar(&pki, &toml).await;
+        let out = client.outbound;
+        let ended_now = || ended.load(std::sync::atomic::Ordering::SeqCst);
+        let stuck = start_download(out, 64 * 1024).await;
+        let mut slow = start_download(out, 64 * 1024).await;
+        let got = read_slowly(&mut slow, 4).await;
+        assert!(got > 1 << 20, "the slow reader moved {got} bytes");
+        // Still reading: only the stuck reader's far connection ended.
+        assert_eq!(ended_now(), 1, "the stuck reader's far app connection closed, only it");
+        drop((stuck, slow));
+        settle(ended_now, 2).await;
+        far.abort();
+    }
+
+    // The far side of the same: a peer (another vendor's sidecar, or a stuck one) that stops
+    // reading a response held the far app's connection and slot for ever. The stream is now
+    // reset after `inbound.response_stall_timeout` without a byte taken, and the app's
+    // connection closed; a peer that reads slowly for longer than that is not cut.
+    async fn a_peer_that_stops_reading_is_cut_after_the_stall_timeout_and_the_app_freed(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let (app, ended, far) = endless_app().await;
+        let toml = server_toml(&pki, app, "127.0.0.1:0", "timeout = \"60s\"").replace(
+            "[inbound]\n",
+            "[inbound]\nresponse_stall_timeout = \"1s\"\n",
+        );
+        let server = sidecar(&pki, &toml).await;
+        let ended_now = || ended.load(std::sync::atomic::Ordering::SeqCst);
+        let req = || http::Request::get("https://hello/endless").body(()).unwrap();
+        let slow_for = Duration::from_secs(4);
+        if t == "quic" {
+            let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+            let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+                .await
+                .unwrap();
+            let driving = tokio::spawn(async move {
+                std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            });
+            let mut stuck = send.send_request(req()).await.unwrap();
+            stuck.finish().await.unwrap();
+            stuck.recv_response().await.unwrap();
+            stuck.recv_data().await.unwrap().expect("a first chunk");
+            let mut slow = send.send_request(req()).await.unwrap();
+            slow.finish().await.unwrap();
+            slow.recv_response().await.unwrap();
+            let until = tokio::time::Instant::now() + slow_for;
+            let mut paced = 0;
+            while tokio::time::Instant::now() < until {
+                use bytes::Buf;
+                let chunk = match slow.recv_data().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => panic!("the slow reader's stream ended"),
+                    Err(e) => panic!("the slow reader was cut: {e}"),
+                };
+                paced += chunk.remaining();
+                if paced >= 64 * 1024 {
+                    paced = 0;
+                    tokio::time::sleep(SLOW_PAUSE).await;
+                }
+            }
+            assert_eq!(ended_now(), 1, "the stuck reader's app connection closed, only it");
+            assert_eq!(ended_now(), 1, "the stuck reader's app connection closed, only it");
+            // What the stuck stream still had is read, then the reset.
+            let mut end = Ok(None);
+            for _ in 0..10_000 {
+                end = stuck.recv_data().await.map(|c| c.map(|_| ()));
+                if !matches!(end, Ok(Some(()))) {
+                    break;
+                }
+            }
+            assert!(end.is_err(), "the stuck stream was reset, not finished: {end:?}");
+            driving.abort();
+        } else {
+            let send = h2_caller(&pki, server.inbound).await;
+            let mut send = send.ready().await.unwrap();
+            let (resp, _) = send.send_request(req(), true).unwrap();
+            let mut stuck = resp.await.unwrap().into_body();
+            // Read, never released: the window stays shut once it is used. (Its own
+            // connection: the data it holds also shuts the connection's window.)
+            stuck.data().await.unwrap().unwrap();
+            let send = h2_caller(&pki, server.inbound).await;
+            let mut send = send.ready().await.unwrap();
+            let (resp, _) = send.send_request(req(), true).unwrap();
+            let mut slow = resp.await.unwrap().into_body();
+            let until = tokio::time::Instant::now() + slow_for;
+            let mut paced = 0;
+            while tokio::time::Instant::now() < until {
+                let chunk = slow.data().await.expect("the slow reader's stream ended");
+                let chunk = chunk.unwrap_or_else(|e| panic!("the slow reader was cut: {e}"));
+                slow.flow_control().release_capacity(chunk.len()).unwrap();
+                paced += chunk.len();
+                if paced >= 64 * 1024 {
+                    paced = 0;
+                    tokio::time::sleep(SLOW_PAUSE).await;
+                }
+            }
+            assert_eq!(ended_now(), 1, "the stuck reader's app connection closed, only it");
+            assert_eq!(ended_now(), 1, "the stuck reader's app connection closed, only it");
+            let mut end = Ok(());
+            while let Some(chunk) = stuck.data().await {
+                end = chunk.map(|_| ());
+                if end.is_err() {
+                    break;
+                }
+            }
+            assert!(end.is_err(), "the stuck stream was reset, not finished");
+        }
+        far.abort();
+    }
+}
