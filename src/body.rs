@@ -2,6 +2,7 @@
 //! half of an HTTP/3 request stream as an `http_body::Body`, read only as fast as the consumer
 //! writes (so QUIC flow control carries backpressure end to end).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -327,14 +328,38 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// `send` (a write toward a reader: a peer's stream), or `None` once it has waited `stall`
 /// without completing: the reader stopped taking bytes. The timer is made only if it waits.
-pub(crate) async fn unless_stalled<F: std::future::Future>(
-    stall: std::time::Duration,
-    send: F,
-) -> Option<F::Output> {
-    let mut send = std::pin::pin!(send);
-    match std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
-        Poll::Ready(out) => Some(out),
-        Poll::Pending => tokio::time::timeout(stall, send).await.ok(),
+pub(crate) fn unless_stalled<F: Future>(stall: std::time::Duration, send: F) -> UnlessStalled<F> {
+    UnlessStalled {
+        send,
+        stall,
+        timer: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See `unless_stalled`. Written by hand: an `async fn` keeps its argument and the pinned
+    /// copy of it both, which doubled the size of every response future it wrapped.
+    pub(crate) struct UnlessStalled<F> {
+        #[pin]
+        send: F,
+        stall: std::time::Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for UnlessStalled<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.send.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let stall = *this.stall;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        timer.as_mut().poll(cx).map(|()| None)
     }
 }
 

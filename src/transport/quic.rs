@@ -396,14 +396,13 @@ type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
 
 /// One request stream: its head resolved, then served.
 async fn stream_request(
-    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     inbound: Arc<Inbound>,
     peer: Arc<PeerId>,
     remote: SocketAddr,
 ) {
     // A peer that opens a stream and never finishes its head would hold the stream, this task
     // and a drain (which waits for accepted requests) for as long as its connection lives.
-    let mut resolver = resolver;
     let limit = inbound.header_read_timeout;
     let head = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
     let Ok(frame) = tokio::time::timeout(limit, head).await else {
