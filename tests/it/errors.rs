@@ -403,13 +403,7 @@ async fn a_peers_request_with_an_invalid_content_length_never_reaches_the_app() 
         let body = Bytes::from_static(b"x");
         let answer = async {
             // HTTP/3.
-            let (_endpoint, conn) = h3_caller(pki, inbound).await;
-            let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
-                .await
-                .unwrap();
-            let driving = tokio::spawn(async move {
-                std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-            });
+            let (_endpoint, mut send, driving) = h3_client(pki, inbound).await;
             let mut stream = send.send_request(req.clone()).await.unwrap();
             // The sidecar may answer before it reads the body.
             let _ = stream.send_data(body.clone()).await;

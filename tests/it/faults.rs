@@ -1329,15 +1329,6 @@ async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     peer.2.abort();
 }
 
-/// An HTTP/3 request head: HEADERS for `GET https://hello/` in QPACK's static table and one
-/// literal (no dynamic table), as raw frame bytes.
-const GET_HEAD: [u8; 14] = [
-    0x01, 12, // HEADERS, 12 bytes
-    0x00, 0x00, // required insert count 0, base 0
-    0xd1, 0xd7, 0xc1, // :method GET, :scheme https, :path /
-    0x50, 5, b'h', b'e', b'l', b'l', b'o', // :authority hello
-];
-
 /// A peer that opens an HTTP/3 stream and never finishes its head holds that stream only until
 /// `inbound.header_read_timeout`: then the stream is reset and stopped with
 /// `H3_REQUEST_INCOMPLETE`, the connection goes on serving, and a sidecar stopping meanwhile
@@ -1355,19 +1346,25 @@ async fn a_peers_stalled_request_head_is_reset_after_the_header_read_timeout() {
     let server = sidecar(&pki, &toml).await;
     let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
     let incomplete = quinn::VarInt::from_u32(0x10d);
+    // `GET https://hello/` as a raw HEADERS frame (14 bytes).
+    let get = crate::hostile::get();
     let checks = async {
         // Half a head, then nothing.
         let (mut stalled_send, mut stalled_recv) = conn.open_bi().await.unwrap();
-        stalled_send.write_all(&GET_HEAD[..4]).await.unwrap();
+        stalled_send.write_all(&get[..4]).await.unwrap();
         // A head in two pieces 100 ms apart, well within the time: served.
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&GET_HEAD[..5]).await.unwrap();
+        send.write_all(&get[..5]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        send.write_all(&GET_HEAD[5..]).await.unwrap();
+        send.write_all(&get[5..]).await.unwrap();
         send.finish().unwrap();
         let resp = recv.read_to_end(64 * 1024).await.unwrap();
         // A HEADERS frame whose first field line is `:status 200` (static index 25).
-        assert_eq!((resp[0], resp.get(4)), (0x01, Some(&0xd9)), "{resp:x?}");
+        assert_eq!(
+            crate::hostile::first_field_line(&resp),
+            Some(0xd9),
+            "{resp:x?}"
+        );
         // The stalled stream: reset and stopped.
         let read = stalled_recv.read_to_end(1024).await;
         assert!(
@@ -1377,7 +1374,7 @@ async fn a_peers_stalled_request_head_is_reset_after_the_header_read_timeout() {
         assert_eq!(stalled_send.stopped().await.unwrap(), Some(incomplete));
         // The connection goes on: another stalled stream, then the sidecar stops.
         let (mut stalled_send, _stalled_recv) = conn.open_bi().await.unwrap();
-        stalled_send.write_all(&GET_HEAD[..4]).await.unwrap();
+        stalled_send.write_all(&get[..4]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         server.shutdown().await;
     };
@@ -1458,13 +1455,7 @@ crate::over_transports! {
         let req = || http::Request::get("https://hello/endless").body(()).unwrap();
         let slow_for = Duration::from_secs(4);
         if t == "quic" {
-            let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
-            let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
-                .await
-                .unwrap();
-            let driving = tokio::spawn(async move {
-                std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-            });
+            let (_endpoint, mut send, driving) = h3_client(&pki, server.inbound).await;
             let mut stuck = send.send_request(req()).await.unwrap();
             stuck.finish().await.unwrap();
             stuck.recv_response().await.unwrap();

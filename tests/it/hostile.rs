@@ -36,7 +36,7 @@ const LENGTH_1: &[u8] = &[0x54, 1, b'1']; // content-length: 1
 const LENGTH_5: &[u8] = &[0x54, 1, b'5']; // content-length: 5
 
 /// A well-formed `GET https://hello/`.
-fn get() -> Vec<u8> {
+pub(crate) fn get() -> Vec<u8> {
     headers(&[GET, HTTPS, ROOT, HELLO])
 }
 

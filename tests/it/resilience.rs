@@ -194,13 +194,7 @@ async fn as_peer(
     let req = req.body(()).unwrap();
     let answer = async {
         let head = if t == "quic" {
-            let (_endpoint, conn) = h3_caller(pki, inbound).await;
-            let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
-                .await
-                .unwrap();
-            let driving = tokio::spawn(async move {
-                std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-            });
+            let (_endpoint, mut send, driving) = h3_client(pki, inbound).await;
             let mut stream = send.send_request(req).await.unwrap();
             if let Some(b) = body {
                 stream.send_data(b).await.unwrap();

@@ -111,6 +111,26 @@ pub async fn h3_caller(pki: &Pki, inbound: SocketAddr) -> (quinn::Endpoint, quin
     (endpoint, conn)
 }
 
+/// An HTTP/3 client on `h3_caller`'s connection, driven by a spawned task (abort it when
+/// done); the endpoint lives as long as it is held.
+pub async fn h3_client(
+    pki: &Pki,
+    inbound: SocketAddr,
+) -> (
+    quinn::Endpoint,
+    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (endpoint, conn) = h3_caller(pki, inbound).await;
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    let driving = tokio::spawn(async move {
+        std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    (endpoint, send, driving)
+}
+
 /// The same over the TCP transport: HTTP/2 over TLS, its connection driven by a spawned task.
 pub async fn h2_caller(pki: &Pki, inbound: SocketAddr) -> h2::client::SendRequest<Bytes> {
     let tcp = TcpStream::connect(inbound).await.unwrap();
