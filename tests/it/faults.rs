@@ -1528,3 +1528,50 @@ crate::over_transports! {
         far.abort();
     }
 }
+
+crate::over_transports! {
+    // What must not trip `response_stall_timeout`: a response that is quiet (a long poll, an
+    // event stream between events) writes nothing, so nothing stalls. With 1 s on both
+    // sidecars, a caller waiting 3 s on a silent event stream keeps it, and the far app's
+    // connection is closed only when the caller hangs up.
+    async fn a_quiet_event_stream_is_not_cut_by_the_stall_timeout(t) {
+        init_tracing();
+        let pki = Pki::new();
+        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nevent1\r\n";
+        let app = SilentApp::start(reply).await;
+        let toml = server_toml(&pki, app.addr, "127.0.0.1:0", "timeout = \"60s\"").replace(
+            "[inbound]\n",
+            "[inbound]\nresponse_stall_timeout = \"1s\"\n",
+        );
+        let server = sidecar(&pki, &toml).await;
+        let toml = client_toml(
+            &pki,
+            &[server.inbound],
+            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+        )
+        .replace(
+            "[outbound]\nlisten = \"127.0.0.1:0\"",
+            "[outbound]\nlisten = \"127.0.0.1:0\"\nresponse_stall_timeout = \"1s\"",
+        );
+        let client = sidecar(&pki, &toml).await;
+        let mut s = tokio::net::TcpStream::connect(client.outbound).await.unwrap();
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: hello\r\n\r\n")
+            .await
+            .unwrap();
+        let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+        while !got.windows(6).any(|w| w == b"event1") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the response ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(app.closed(), 0, "a quiet stream was cut");
+        // Still open at the caller too: no end, no reset.
+        let still = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
+        assert!(still.is_err(), "the caller's response ended: {still:?}");
+        drop(s);
+        settle(|| app.closed(), 1).await;
+        assert_eq!(app.closed(), 1, "the far app freed after the caller hung up");
+        app.task.abort();
+    }
+}
