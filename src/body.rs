@@ -29,6 +29,9 @@ pub(crate) trait RecvHalf: Send + Unpin + 'static {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BodyError>>;
     fn poll_trailers(&mut self, cx: &mut Context<'_>)
         -> Poll<Result<Option<HeaderMap>, BodyError>>;
+    /// Asks the peer to stop sending (STOP_SENDING with an HTTP/3 error code; dropped
+    /// unstopped, quinn would send code 0, which HTTP/3 does not define).
+    fn stop(&mut self, code: h3::error::Code);
 }
 
 impl RecvHalf for h3::client::RequestStream<h3_quinn::RecvStream, Bytes> {
@@ -45,6 +48,9 @@ impl RecvHalf for h3::client::RequestStream<h3_quinn::RecvStream, Bytes> {
     ) -> Poll<Result<Option<HeaderMap>, BodyError>> {
         self.poll_recv_trailers(cx).map_err(Into::into)
     }
+    fn stop(&mut self, code: h3::error::Code) {
+        self.stop_sending(code);
+    }
 }
 
 impl RecvHalf for h3::server::RequestStream<h3_quinn::RecvStream, Bytes> {
@@ -60,6 +66,9 @@ impl RecvHalf for h3::server::RequestStream<h3_quinn::RecvStream, Bytes> {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<HeaderMap>, BodyError>> {
         self.poll_recv_trailers(cx).map_err(Into::into)
+    }
+    fn stop(&mut self, code: h3::error::Code) {
+        self.stop_sending(code);
     }
 }
 
@@ -84,12 +93,17 @@ pub(crate) struct H3Body<R: RecvHalf> {
 }
 
 impl<R: RecvHalf> H3Body<R> {
-    /// `drain`: when dropped before its end, keep reading the stream to its FIN in the
-    /// background (bounded). HTTP/1.1 stops reading a sized body at its last byte, before the
-    /// HTTP/3 stream's FIN; dropping the stream then makes quinn send STOP_SENDING with code 0,
-    /// which is not an HTTP/3 error code (RFC 9114 §8.1), and some peers (Envoy) then drop the
-    /// response. h3-quinn cannot send `H3_NO_ERROR` instead while a read is in flight (it
-    /// panics), so the stream is read to its end.
+    /// `drain` (the server side of a request): when dropped before its end, keep reading the
+    /// stream to its FIN in the background, bounded by `DRAIN_TIME` and `DRAIN_BYTES`.
+    /// HTTP/1.1 stops reading a sized body at its last byte, before the HTTP/3 stream's FIN,
+    /// and a peer that is asked to stop there may drop the response (Envoy did); read on, the
+    /// FIN arrives and nothing is stopped. A body the app left unread past the bounds is
+    /// stopped with `H3_NO_ERROR` (RFC 9114 §4.1.2: the response is complete, the rest of the
+    /// request is not needed).
+    ///
+    /// Without `drain` (the client side, a response), a body dropped before its end is a
+    /// response the caller gave up: it is stopped at once with `H3_REQUEST_CANCELLED`
+    /// (RFC 9114 §4.1.1).
     pub(crate) fn new(recv: R, content_length: Option<u64>, drain: bool) -> Self {
         Self {
             recv: Some(recv),
@@ -112,27 +126,38 @@ const DRAIN_BYTES: u64 = 1 << 20;
 
 impl<R: RecvHalf> Drop for H3Body<R> {
     fn drop(&mut self) {
-        if self.state == State::Done || !self.drain {
+        if self.state == State::Done {
             return;
         }
-        let (Some(mut recv), Ok(rt)) = (self.recv.take(), tokio::runtime::Handle::try_current())
-        else {
+        let Some(mut recv) = self.recv.take() else {
             return;
         };
-        let (deadline, mut left) = (DRAIN_TIME, DRAIN_BYTES);
+        if !self.drain {
+            return recv.stop(h3::error::Code::H3_REQUEST_CANCELLED);
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return recv.stop(h3::error::Code::H3_NO_ERROR);
+        };
+        let mut left = DRAIN_BYTES;
         rt.spawn(async move {
-            let drained = tokio::time::timeout(deadline, async {
+            let drained = tokio::time::timeout(DRAIN_TIME, async {
                 loop {
                     match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
                         Ok(Some(data)) if (data.len() as u64) < left => left -= data.len() as u64,
-                        _ => break,
+                        // Past the bytes a drain reads: the app left the body unread.
+                        Ok(Some(_)) => return false,
+                        Ok(None) => break,
+                        // Reset by the peer: nothing left to stop.
+                        Err(_) => return true,
                     }
                 }
                 let _ = std::future::poll_fn(|cx| recv.poll_trailers(cx)).await;
+                true
             })
             .await;
-            if drained.is_err() {
-                tracing::debug!("request stream not finished within the drain time");
+            if drained != Ok(true) {
+                tracing::debug!("an unread request body stopped after the drain's bounds");
+                recv.stop(h3::error::Code::H3_NO_ERROR);
             }
         });
     }

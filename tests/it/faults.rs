@@ -1178,10 +1178,16 @@ const BAD_LENGTHS: [&str; 4] = [
     "/bad-length/two",
 ];
 
-/// A hand-written HTTP/3 peer with the `hello` identity: `/drop` finishes its stream without
-/// a response (what a peer whose handler is dropped sends: quinn finishes a dropped stream),
-/// `/reset` resets it, anything else answers 200 `slow` after 300 ms (with `answer`'s head).
-async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
+/// A request stream as a hand-written HTTP/3 peer holds it.
+type H3PeerStream = h3::server::RequestStream<h3_quinn::BidiStream<bytes::Bytes>, bytes::Bytes>;
+
+/// A hand-written HTTP/3 peer with the `hello` identity: each request on each connection it
+/// accepts goes to `handle` in a task of its own.
+async fn h3_hand_peer<F, Fut>(pki: &Pki, handle: F) -> HandPeer
+where
+    F: Fn(http::Request<()>, H3PeerStream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let tls = hello_material(pki)
@@ -1200,6 +1206,7 @@ async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
         while let Some(incoming) = endpoint.accept().await {
             let Ok(conn) = incoming.await else { continue };
             counted.fetch_add(1, Ordering::SeqCst);
+            let handle = handle.clone();
             tokio::spawn(async move {
                 let Ok(mut h3) =
                     h3::server::Connection::<_, bytes::Bytes>::new(h3_quinn::Connection::new(conn))
@@ -1208,26 +1215,10 @@ async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
                     return;
                 };
                 while let Ok(Some(resolver)) = h3.accept().await {
+                    let handle = handle.clone();
                     tokio::spawn(async move {
-                        let Ok((req, mut stream)) = resolver.resolve_request().await else {
-                            return;
-                        };
-                        match req.uri().path() {
-                            "/drop" => return drop(stream),
-                            "/reset" => {
-                                stream.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
-                                return;
-                            }
-                            _ => {}
-                        }
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        if stream.send_response(answer(req.uri().path())).await.is_ok()
-                            && stream
-                                .send_data(bytes::Bytes::from_static(b"slow"))
-                                .await
-                                .is_ok()
-                        {
-                            let _ = stream.finish().await;
+                        if let Ok((req, stream)) = resolver.resolve_request().await {
+                            handle(req, stream).await;
                         }
                     });
                 }
@@ -1235,6 +1226,136 @@ async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
         }
     });
     (addr, conns, task)
+}
+
+/// A hand-written HTTP/3 peer: `/drop` finishes its stream without a response (what a peer
+/// whose handler is dropped sends: quinn finishes a dropped stream), `/reset` resets it,
+/// anything else answers 200 `slow` after 300 ms (with `answer`'s head).
+async fn h3_peer_that_drops_streams(pki: &Pki) -> HandPeer {
+    h3_hand_peer(pki, |req, mut stream| async move {
+        match req.uri().path() {
+            "/drop" => return drop(stream),
+            "/reset" => {
+                stream.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if stream.send_response(answer(req.uri().path())).await.is_ok()
+            && stream
+                .send_data(bytes::Bytes::from_static(b"slow"))
+                .await
+                .is_ok()
+        {
+            let _ = stream.finish().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_caller_hangs_up_on_is_stopped_with_h3_request_cancelled() {
+    // RFC 9114 §4.1.1: a client cancels with H3_REQUEST_CANCELLED. quicar dropped the stream's
+    // receive half, and quinn sent STOP_SENDING with code 0, which HTTP/3 does not define.
+    init_tracing();
+    let pki = Pki::new();
+    let (stops, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    let peer = h3_hand_peer(&pki, move |req, mut stream| {
+        let stops = stops.clone();
+        async move {
+            stream.send_response(http::Response::new(())).await.unwrap();
+            if req.uri().path() != "/endless" {
+                stream
+                    .send_data(bytes::Bytes::from_static(b"ok"))
+                    .await
+                    .unwrap();
+                return stream.finish().await.unwrap();
+            }
+            let chunk = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+            let e = loop {
+                if let Err(e) = stream.send_data(chunk.clone()).await {
+                    break e;
+                }
+            };
+            let _ = stops.send(e);
+        }
+    })
+    .await;
+    let client = sidecar(&pki, &client_toml(&pki, &[peer.0], "")).await;
+    drop(start_download(client.outbound, 64 * 1024).await);
+    let e = tokio::time::timeout(Duration::from_secs(10), stopped.recv())
+        .await
+        .expect("the peer's stream was never stopped")
+        .unwrap();
+    assert!(
+        matches!(e, h3::error::StreamError::RemoteTerminate { code, .. } if code == h3::error::Code::H3_REQUEST_CANCELLED),
+        "{e:?}"
+    );
+    // The connection goes on.
+    let got = get(client.outbound, "hello", "/next").await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    client.shutdown().await;
+    peer.2.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_app_leaves_unread_is_stopped_with_h3_no_error_after_its_whole_response() {
+    // RFC 9114 §4.1.2: a server that needs no more of a request sends its whole response and
+    // stops the request stream with H3_NO_ERROR. quicar drained such an upload (bounded) and
+    // then dropped it, and quinn sent STOP_SENDING with code 0, which HTTP/3 does not define.
+    init_tracing();
+    let pki = Pki::new();
+    // An app that answers as soon as it has the head, then holds its connection unread.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let app_task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        next_head(&mut s, &mut buf).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", "")).await;
+    let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    const DECLARED: usize = 8 << 20;
+    // `POST https://hello/`, then a DATA frame of 8 MiB (a four-byte varint length).
+    let mut head = crate::hostile::post();
+    head.extend_from_slice(&[0x00, 0x80, 0x80, 0x00, 0x00]);
+    send.write_all(&head).await.unwrap();
+    let upload = async {
+        let chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < DECLARED {
+            match send.write_all(&chunk).await {
+                Ok(()) => sent += chunk.len(),
+                Err(quinn::WriteError::Stopped(code)) => return Some(code),
+                Err(e) => panic!("after {sent} bytes: {e}"),
+            }
+        }
+        None
+    };
+    let (stopped, resp) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(upload, recv.read_to_end(64 * 1024))
+    })
+    .await
+    .expect("the upload was neither stopped nor taken");
+    let resp = resp.unwrap();
+    assert_eq!(
+        crate::hostile::first_field_line(&resp),
+        Some(0xd9),
+        "a 200: {resp:x?}"
+    );
+    assert!(
+        resp.windows(7).any(|w| w == b"\x00\x05early"),
+        "a DATA frame with the whole body: {resp:x?}"
+    );
+    assert_eq!(stopped, Some(quinn::VarInt::from_u32(0x100)), "H3_NO_ERROR");
+    server.shutdown().await;
+    app_task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

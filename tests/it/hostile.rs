@@ -40,6 +40,11 @@ pub(crate) fn get() -> Vec<u8> {
     headers(&[GET, HTTPS, ROOT, HELLO])
 }
 
+/// A well-formed `POST https://hello/` head (no length: a body of any size may follow).
+pub(crate) fn post() -> Vec<u8> {
+    headers(&[POST, HTTPS, ROOT, HELLO])
+}
+
 /// Each malformed request stream, and whether its head is well-formed (so the app may see it).
 fn bad_request_streams() -> Vec<(&'static str, Vec<u8>, bool)> {
     let cat = |parts: &[Vec<u8>]| parts.concat();
