@@ -188,6 +188,55 @@ crate::over_transports! {
         }
     }
 
+    async fn a_peer_frozen_mid_response_cuts_100_downloads_and_is_replaced_when_back(t) {
+        let (_pki, _upstream, server, client) = peer_process(t).await;
+        let out = client.outbound;
+        // 100 downloads of a gigabyte each, every one well into its body.
+        let downloads: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(async move { start_stream(out, 1 << 30, 64 * 1024).await }))
+            .collect();
+        let mut conns = Vec::new();
+        for d in downloads {
+            conns.push(d.await.unwrap());
+        }
+        let pid = server.child.id().to_string();
+        let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
+        assert!(signal("-STOP").success());
+        // Nothing cuts a response that is only quiet (a stall counts writes the app does not
+        // take, and a slow event stream is no fault), so only the dead peer's detection
+        // (`dead_peer_timeout`, 3 s) ends these: without it they wait for the peer for ever.
+        let ends: Vec<_> = conns
+            .into_iter()
+            .map(|mut s| {
+                tokio::spawn(async move {
+                    let mut tail = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return tail,
+                            Ok(n) => {
+                                tail.extend_from_slice(&buf[..n]);
+                                let keep = tail.len().saturating_sub(16);
+                                tail.drain(..keep);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let cut = tokio::time::timeout(Duration::from_secs(45), futures_util::future::join_all(ends))
+            .await
+            .expect("downloads from a frozen peer were held, not cut");
+        signal("-CONT");
+        for tail in cut {
+            // Chunked (the app's length is unknown): a cut body never has its last chunk.
+            assert!(!tail.unwrap().ends_with(b"0\r\n\r\n"), "a cut download looked whole");
+        }
+        // Back, the peer is reached on a new connection.
+        let got = get(out, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    }
+
     async fn a_peer_killed_and_not_restarted_fails_requests_instead_of_holding_them(t) {
         let (_pki, _upstream, mut server, client) = peer_process(t).await;
         server.child.kill().unwrap(); // SIGKILL: no GOAWAY, no CONNECTION_CLOSE, no restart.
@@ -541,18 +590,36 @@ async fn endless_app() -> (
     (app, ended, far)
 }
 
-/// Sends `GET /endless` to `out` and reads `bytes` of the response.
-async fn start_download(out: std::net::SocketAddr, bytes: usize) -> tokio::net::TcpStream {
+/// Sends `GET /stream/{total}` for `hello` to `out` and reads `bytes` of the response.
+async fn start_stream(
+    out: std::net::SocketAddr,
+    total: usize,
+    bytes: usize,
+) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-    s.write_all(b"GET /endless HTTP/1.1\r\nHost: hello\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!("GET /stream/{total} HTTP/1.1\r\nHost: hello\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_some(&mut s, bytes).await;
+    s
+}
+
+/// Reads at least `bytes` from `s`, asserting it does not end first.
+async fn read_some(s: &mut tokio::net::TcpStream, bytes: usize) {
     let (mut got, mut buf) = (0, vec![0u8; 16384]);
     while got < bytes {
         let n = s.read(&mut buf).await.unwrap();
         assert!(n > 0, "the download ended early");
         got += n;
     }
+}
+
+/// Sends `GET /endless` to `out` and reads `bytes` of the response.
+async fn start_download(out: std::net::SocketAddr, bytes: usize) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    read_some(&mut s, bytes).await;
     s
 }
 
