@@ -24,7 +24,7 @@ use super::bbr::{PathModel, ResumedBbr};
 use super::pool::{self, InFlight, Pooled, Slots, Usage};
 use super::wire::{
     self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
-    MAX_FIELD_SECTION, STREAM_WINDOW,
+    MAX_FIELD_SECTION, SEND_WINDOW, STREAM_WINDOW,
 };
 use crate::body::{unless_stalled, BodyError, H3Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
@@ -134,7 +134,7 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     ));
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
-    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.send_window(SEND_WINDOW);
     // UDP segmentation offload batches datagrams; a receiver reading with 1,500-byte buffers
     // (Envoy without `prefer_gro`) drops the batches, so it can be turned off.
     t.enable_segmentation_offload(cfg.segmentation_offload);

@@ -18,10 +18,20 @@ use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
 /// Largest header section we accept or send, on HTTP/3 and HTTP/2 alike.
 pub(crate) const MAX_FIELD_SECTION: u64 = 64 * 1024;
-/// Flow-control windows, both wires: a slow reader holds at most this much per stream and per
-/// connection, so memory stays bounded whatever the body size.
+/// Flow-control windows, both wires: a reader that stops holds at most `STREAM_WINDOW` on its
+/// stream and all of them together at most `CONNECTION_WINDOW`, so memory stays bounded
+/// whatever the body size. The connection's window is credited only as readers take their
+/// data, so readers that stop hold it too: it is `CONNECTION_STREAMS` streams' windows, so
+/// that it takes that many callers that stopped reading (or apps that stopped taking an
+/// upload) to stop every other request on the connection; at 16 stream windows, 16 did
+/// (`faults::readers_that_stop_do_not_hold_the_other_requests_to_their_peer`). 256 MiB is the
+/// most a connection can buffer, as in Envoy's default HTTP/2 window.
 pub(crate) const STREAM_WINDOW: u32 = 1024 * 1024;
-pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const CONNECTION_STREAMS: u32 = 256;
+pub(crate) const CONNECTION_WINDOW: u32 = CONNECTION_STREAMS * STREAM_WINDOW;
+/// The most a QUIC connection sends without acknowledgment (quinn's `send_window`): a bound on
+/// what the sender buffers, which flow control does not need to match.
+pub(crate) const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 /// How long an inbound TLS-over-TCP handshake may take.
 pub(crate) const TLS_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1763,3 +1763,34 @@ crate::over_transports! {
         app.task.abort();
     }
 }
+
+crate::over_transports! {
+    async fn readers_that_stop_do_not_hold_the_other_requests_to_their_peer(t) {
+        // Flow control credits a connection's window only as readers take their data, so
+        // readers that stop hold it. With a connection window of 16 stream windows, 16
+        // callers that stopped reading big responses stopped every other request to the
+        // peer, both transports, until the stall timeout cut them (5 minutes).
+        let pair = Pair::over(t).await;
+        let out = pair.out();
+        let mut stopped = Vec::new();
+        for _ in 0..40 {
+            stopped.push(start_stream(out, 1 << 30, 1024).await);
+        }
+        // Time for their windows to fill (40 MiB: well under a second on loopback).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let calls: Vec<_> = (0..20)
+            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/after/{i}")).await }))
+            .collect();
+        let others = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
+            .await
+            .expect("readers that stopped held the other requests to their peer");
+        for got in others {
+            let got = got.unwrap();
+            assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        }
+        // Nothing cut the stopped ones: each goes on when its reader does.
+        for s in &mut stopped {
+            read_some(s, 2 << 20).await;
+        }
+    }
+}
