@@ -1,7 +1,7 @@
-//! A hostile peer on the HTTP/3 wire: a real `quicar run` process takes malformed request
-//! streams, bad unidirectional streams and random bytes from a peer with a valid identity, and
-//! must answer each (a response, a stream reset or a connection close, never a hang), never
-//! hand a malformed head to its app, never panic, and go on serving.
+//! A hostile peer on the HTTP/3 and HTTP/2 wires: a real `quicar run` process takes malformed
+//! request streams, bad unidirectional streams (HTTP/3) and random bytes from a peer with a
+//! valid identity, and must answer each (a response, a stream reset or a connection close,
+//! never a hang), never hand a malformed head to its app, never panic, and go on serving.
 
 use std::time::Duration;
 
@@ -337,6 +337,285 @@ async fn a_hostile_http3_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     // Still alive, no task panicked, and a new connection is served.
     let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
     assert_eq!(outcome(&conn, &get()).await, "200", "{failures:?}");
+    let mut child = server;
+    assert!(
+        child.child.try_wait().unwrap().is_none(),
+        "the sidecar exited"
+    );
+    let panics = child.panics.lock().unwrap().clone();
+    assert!(panics.is_empty(), "{panics:#?}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// An HTTP/2 frame: length, type, flags, stream.
+fn h2_frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[ty, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+// HPACK field representations (RFC 7541): static-table indexes, and literals not indexed.
+const H2_GET: &[u8] = &[0x82]; // :method GET (2)
+const H2_POST: &[u8] = &[0x83]; // :method POST (3)
+const H2_ROOT: &[u8] = &[0x84]; // :path / (4)
+const H2_HTTPS: &[u8] = &[0x87]; // :scheme https (7)
+const H2_HELLO: &[u8] = &[0x01, 5, b'h', b'e', b'l', b'l', b'o']; // :authority hello
+const H2_LENGTH_1: &[u8] = &[0x0f, 0x0d, 1, b'1']; // content-length: 1 (index 28)
+
+/// A literal field with a new name, not indexed.
+fn h2_field(name: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x00, name.len() as u8];
+    out.extend_from_slice(name);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value);
+    out
+}
+
+/// HEADERS on `stream` holding `fields` whole (END_HEADERS), and END_STREAM when `end`.
+fn h2_headers(stream: u32, end: bool, fields: &[&[u8]]) -> Vec<u8> {
+    h2_frame(0x01, 0x04 | u8::from(end), stream, &fields.concat())
+}
+
+/// Each malformed request (RFC 9113 §8.1.1, §8.2, §8.3) as the frames after the preface, on
+/// stream 1, and whether its head is well-formed (so the app may see it).
+fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let upper = h2_field(b"X-A", b"1");
+    let connection = h2_field(b"connection", b"close");
+    let te = h2_field(b"te", b"gzip");
+    let crlf = h2_field(b"x-a", b"a\r\nb: c");
+    let unknown = h2_field(b":foo", b"1");
+    let regular = h2_field(b"x-a", b"1");
+    let other = [0x01, 7, b'n', b'o', b'-', b's', b'u', b'c', b'h'];
+    vec![
+        (
+            "no :path",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_HELLO]),
+            false,
+        ),
+        (
+            "no :method",
+            h2_headers(1, true, &[H2_HTTPS, H2_ROOT, H2_HELLO]),
+            false,
+        ),
+        (
+            "two :method fields",
+            h2_headers(1, true, &[H2_GET, H2_POST, H2_HTTPS, H2_ROOT, H2_HELLO]),
+            false,
+        ),
+        (
+            "a pseudo-header after a regular field",
+            h2_headers(1, true, &[&regular, H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO]),
+            false,
+        ),
+        (
+            "an unknown pseudo-header",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &unknown]),
+            false,
+        ),
+        (
+            "an uppercase field name",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &upper]),
+            false,
+        ),
+        (
+            "a connection-specific field",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &connection]),
+            false,
+        ),
+        (
+            "TE other than trailers",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &te]),
+            false,
+        ),
+        (
+            "CR LF in a field value",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &crlf]),
+            false,
+        ),
+        (
+            "an authority that names no service here",
+            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, &other]),
+            false,
+        ),
+        (
+            "a static index past the table",
+            h2_headers(
+                1,
+                true,
+                &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &[0xff, 0x7f]],
+            ),
+            false,
+        ),
+        (
+            "a body past its Content-Length",
+            [
+                h2_headers(
+                    1,
+                    false,
+                    &[H2_POST, H2_HTTPS, H2_ROOT, H2_HELLO, H2_LENGTH_1],
+                ),
+                h2_frame(0x00, 0x01, 1, b"abcde"),
+            ]
+            .concat(),
+            true,
+        ),
+        (
+            "a body short of its Content-Length",
+            [
+                h2_headers(
+                    1,
+                    false,
+                    &[H2_POST, H2_HTTPS, H2_ROOT, H2_HELLO, H2_LENGTH_1],
+                ),
+                h2_frame(0x00, 0x01, 1, b""),
+            ]
+            .concat(),
+            true,
+        ),
+        (
+            "HEADERS on stream 0",
+            h2_headers(0, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO]),
+            false,
+        ),
+        (
+            "HEADERS on an even (server) stream",
+            h2_headers(2, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO]),
+            false,
+        ),
+        (
+            "DATA on an idle stream",
+            h2_frame(0x00, 0x01, 1, b"abc"),
+            false,
+        ),
+        (
+            "a CONTINUATION with no HEADERS before it",
+            h2_frame(0x09, 0x04, 1, H2_GET),
+            false,
+        ),
+        (
+            "a frame longer than the largest frame size",
+            h2_frame(0x00, 0x00, 1, &vec![0u8; 20_000]),
+            false,
+        ),
+    ]
+}
+
+/// What became of a request on a new HTTP/2 connection: the status of its response, a stream
+/// reset, a GOAWAY, a close, or nothing within 10 s.
+async fn h2_outcome(pki: &Pki, inbound: std::net::SocketAddr, frames: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut tls = h2_tls(pki, inbound).await;
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x04, 0, 0, &[]));
+        out.extend_from_slice(frames);
+        // The sidecar may close before it has read everything; that is an outcome.
+        let _ = tls.write_all(&out).await;
+        let mut buf = Vec::new();
+        loop {
+            // Whole frames first.
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (ty, flags, stream) = (
+                    buf[3],
+                    buf[4],
+                    u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
+                );
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                match ty {
+                    // The server's SETTINGS, acknowledged.
+                    0x04 if flags & 1 == 0 => {
+                        let _ = tls.write_all(&h2_frame(0x04, 0x01, 0, &[])).await;
+                    }
+                    // A response head: `:status` as the first field (indexed 200 is 0x88).
+                    0x01 if stream != 0 => {
+                        return match payload.first() {
+                            Some(0x88) => "200".to_string(),
+                            Some(b) => format!("a response ({b:#x})"),
+                            None => "an empty head".to_string(),
+                        }
+                    }
+                    0x03 => return format!("a reset ({:x?})", payload),
+                    0x07 => return "a GOAWAY".to_string(),
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => return "a close".to_string(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| "no answer in 10 s".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = process::run(
+        &pki,
+        "server",
+        &server_toml(&pki, upstream.addr, "127.0.0.1:0", ""),
+    );
+    let inbound = server.inbound;
+    let get = h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO]);
+    assert_eq!(h2_outcome(&pki, inbound, &get).await, "200");
+    assert_eq!(upstream.count(), 1);
+    let mut failures = Vec::new();
+
+    for (name, frames, well_formed_head) in h2_bad_requests() {
+        let before = upstream.count();
+        let got = h2_outcome(&pki, inbound, &frames).await;
+        eprintln!("{name}: {got}");
+        if got == "200" || got.starts_with("no answer") {
+            failures.push(format!("{name}: {got}"));
+        }
+        if !well_formed_head && upstream.count() > before {
+            failures.push(format!("{name}: reached the app"));
+        }
+    }
+
+    // Random field sections (for HPACK and the field checks), and well-formed heads with one
+    // byte changed, from a fixed seed, each on its own connection.
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..60 {
+        let section: Vec<u8> = if i % 2 == 0 {
+            (0..next() % 60).map(|_| next() as u8).collect()
+        } else {
+            let mut head = [H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO].concat();
+            let at = (next() as usize) % head.len();
+            head[at] = next() as u8;
+            head
+        };
+        let got = h2_outcome(&pki, inbound, &h2_frame(0x01, 0x05, 1, &section)).await;
+        *seen.entry(got.clone()).or_default() += 1;
+        if got.starts_with("no answer") {
+            failures.push(format!("random head {i} {section:x?}: {got}"));
+        }
+    }
+    eprintln!("random heads' outcomes: {seen:#?}");
+
+    // Still alive, no task panicked, and a new connection is served.
+    assert_eq!(h2_outcome(&pki, inbound, &get).await, "200", "{failures:?}");
     let mut child = server;
     assert!(
         child.child.try_wait().unwrap().is_none(),

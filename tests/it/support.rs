@@ -131,13 +131,18 @@ pub async fn h3_client(
     (endpoint, send, driving)
 }
 
-/// The same over the TCP transport: HTTP/2 over TLS, its connection driven by a spawned task.
-pub async fn h2_caller(pki: &Pki, inbound: SocketAddr) -> h2::client::SendRequest<Bytes> {
+/// A TLS connection to a sidecar's TCP inbound listener as the `web` identity, ALPN `h2`.
+pub async fn h2_tls(pki: &Pki, inbound: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(inbound).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(caller_tls(pki, b"h2")))
+    tokio_rustls::TlsConnector::from(Arc::new(caller_tls(pki, b"h2")))
         .connect("hello".try_into().unwrap(), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The same over the TCP transport: HTTP/2 over TLS, its connection driven by a spawned task.
+pub async fn h2_caller(pki: &Pki, inbound: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tls = h2_tls(pki, inbound).await;
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     send
