@@ -1,6 +1,6 @@
 //! The connection pool both wires share: one slot per (peer address, expected identity)
-//! holding at most one connection, a per-connection count of requests in flight, and the idle
-//! sweep.
+//! holding its connections (one, unless the requests in flight fill the streams a connection
+//! allows: then another), a per-connection count of requests in flight, and the idle sweep.
 
 use rustc_hash::FxHashMap;
 use std::future::Future;
@@ -32,7 +32,7 @@ impl Default for Usage {
 
 impl Usage {
     /// Counts a request until the returned guard drops.
-    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+    fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
@@ -61,6 +61,8 @@ impl Drop for InFlight {
 pub(crate) trait Pooled: Clone + Send + 'static {
     fn is_alive(&self) -> bool;
     fn usage(&self) -> &Arc<Usage>;
+    /// The most requests the peer lets this connection carry at once (its stream limit).
+    fn stream_limit(&self) -> usize;
     /// Called when the idle sweep drops the connection.
     fn close_idle(&self) {}
 }
@@ -68,12 +70,20 @@ pub(crate) trait Pooled: Clone + Send + 'static {
 /// A handshake in progress, shared by every request waiting for it.
 type Connecting<C> = Shared<BoxFuture<'static, Result<C, ProxyError>>>;
 
-/// What one slot holds.
-enum State<C> {
-    Empty,
-    /// A handshake in progress (numbered, so only its own result is stored).
-    Connecting(u64, Connecting<C>),
-    Ready(C),
+/// What one slot holds: its connections (nearly always one), and a handshake in progress
+/// (numbered, so only its own result is stored).
+struct State<C> {
+    ready: Vec<C>,
+    connecting: Option<(u64, Connecting<C>)>,
+}
+
+impl<C> Default for State<C> {
+    fn default() -> Self {
+        Self {
+            ready: Vec::new(),
+            connecting: None,
+        }
+    }
 }
 
 type Slot<C> = Arc<Mutex<State<C>>>;
@@ -100,7 +110,7 @@ impl<C: Pooled + Sync> Slots<C> {
             .lock()
             .expect("not poisoned")
             .entry((addr, id.clone()))
-            .or_insert_with(|| Arc::new(Mutex::new(State::Empty)))
+            .or_default()
             .clone()
     }
 
@@ -121,15 +131,20 @@ impl<C: Pooled + Sync> Slots<C> {
             .collect()
     }
 
-    /// The live connection, or a new one from `connect`. Single flight: concurrent callers
-    /// for the same peer share one handshake and all get its result, so when it fails they
-    /// fail together (within the connect timeout), not one after another.
+    /// A live connection with a stream to spare, or a new one from `connect`. Single flight:
+    /// concurrent callers for the same peer share one handshake and all get its result, so
+    /// when it fails they fail together (within the connect timeout), not one after another.
+    ///
+    /// A connection whose requests in flight fill its stream limit takes no more: the next
+    /// request opens another (HTTP/2 and QUIC make a request over the limit wait for a stream,
+    /// and long-lived ones, event streams, long polls, would hold every later request to the
+    /// peer until they end). Should that handshake fail, the full connection is used.
     pub(crate) async fn get<F, Fut>(
         &self,
         addr: SocketAddr,
         id: &PeerId,
         connect: F,
-    ) -> Result<C, ProxyError>
+    ) -> Result<(C, InFlight), ProxyError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, ProxyError>> + Send + 'static,
@@ -137,80 +152,93 @@ impl<C: Pooled + Sync> Slots<C> {
         let slot = self.slot(addr, id);
         let (n, handshake) = {
             let mut g = slot.lock().expect("not poisoned");
-            match &*g {
-                State::Ready(c) if c.is_alive() => return Ok(c.clone()),
-                State::Connecting(n, f) => (*n, f.clone()),
-                _ => {
+            // Counted as it is picked (under the slot's lock), so a burst spreads at once.
+            if let Some(c) = g.ready.iter().find(|c| c.is_alive() && has_room(*c)) {
+                return Ok((c.clone(), c.usage().start()));
+            }
+            match &g.connecting {
+                Some((n, f)) => (*n, f.clone()),
+                None => {
                     let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
                     let f = connect().boxed().shared();
-                    *g = State::Connecting(n, f.clone());
+                    g.connecting = Some((n, f.clone()));
                     (n, f)
                 }
             }
         };
         let result = handshake.await;
         let mut g = slot.lock().expect("not poisoned");
-        if matches!(&*g, State::Connecting(m, _) if *m == n) {
-            *g = match &result {
-                Ok(c) => State::Ready(c.clone()),
-                Err(_) => State::Empty,
-            };
+        if matches!(&g.connecting, Some((m, _)) if *m == n) {
+            g.connecting = None;
+            g.ready.retain(Pooled::is_alive);
+            if let Ok(c) = &result {
+                g.ready.push(c.clone());
+            }
         }
-        result
+        let c = match result {
+            Ok(c) => c,
+            Err(e) => g.ready.iter().find(|c| c.is_alive()).cloned().ok_or(e)?,
+        };
+        let counted = c.usage().start();
+        Ok((c, counted))
     }
 
-    /// The connection in the slot now, without waiting for a handshake in progress.
+    /// The first connection in the slot now, without waiting for a handshake in progress.
     pub(crate) fn current(&self, addr: SocketAddr, id: &PeerId) -> Option<C> {
-        match &*self.existing(addr, id)?.lock().expect("not poisoned") {
-            State::Ready(c) => Some(c.clone()),
-            _ => None,
-        }
+        let slot = self.existing(addr, id)?;
+        let g = slot.lock().expect("not poisoned");
+        g.ready.first().cloned()
     }
 
     /// Every pooled connection with its peer address.
     pub(crate) fn each(&self) -> Vec<(SocketAddr, C)> {
         self.all()
             .into_iter()
-            .filter_map(|((addr, _), s)| match &*s.lock().expect("not poisoned") {
-                State::Ready(c) => Some((addr, c.clone())),
-                _ => None,
+            .flat_map(|((addr, _), s)| {
+                let g = s.lock().expect("not poisoned");
+                g.ready
+                    .iter()
+                    .map(|c| (addr, c.clone()))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
 
-    /// Empties the slot if it still holds a connection `which` picks.
+    /// Drops from the slot the connections `which` picks.
     pub(crate) fn evict(&self, addr: SocketAddr, id: &PeerId, which: impl Fn(&C) -> bool) {
         if let Some(slot) = self.existing(addr, id) {
-            let mut g = slot.lock().expect("not poisoned");
-            if matches!(&*g, State::Ready(c) if which(c)) {
-                *g = State::Empty;
-            }
+            slot.lock()
+                .expect("not poisoned")
+                .ready
+                .retain(|c| !which(c));
         }
     }
 
-    /// Connections open now (a slot busy connecting counts).
+    /// Connections open now (a slot busy connecting counts one more).
     pub(crate) fn active(&self) -> usize {
         self.all()
             .iter()
-            .filter(|(_, s)| match &*s.lock().expect("not poisoned") {
-                State::Ready(c) => c.is_alive(),
-                State::Connecting(..) => true,
-                State::Empty => false,
+            .map(|(_, s)| {
+                let g = s.lock().expect("not poisoned");
+                g.ready.iter().filter(|c| c.is_alive()).count()
+                    + usize::from(g.connecting.is_some())
             })
-            .count()
+            .sum()
     }
 
     /// Drops dead connections, and live ones that carried no request for `idle`.
     pub(crate) fn sweep(&self, idle: Duration) {
         for (_, slot) in self.all() {
-            let mut g = slot.lock().expect("not poisoned");
-            let State::Ready(c) = &*g else { continue };
-            if !c.is_alive() {
-                *g = State::Empty;
-            } else if c.usage().idle_for(idle) {
-                c.close_idle();
-                *g = State::Empty;
-            }
+            slot.lock().expect("not poisoned").ready.retain(|c| {
+                if !c.is_alive() {
+                    return false;
+                }
+                if c.usage().idle_for(idle) {
+                    c.close_idle();
+                    return false;
+                }
+                true
+            });
         }
     }
 
@@ -224,9 +252,14 @@ impl<C: Pooled + Sync> Slots<C> {
             .map(|(_, s)| s)
             .collect();
         for s in slots {
-            *s.lock().expect("not poisoned") = State::Empty;
+            *s.lock().expect("not poisoned") = State::default();
         }
     }
+}
+
+/// Whether a connection can carry another request without waiting for a stream.
+fn has_room<C: Pooled>(c: &C) -> bool {
+    c.usage().in_flight() < c.stream_limit()
 }
 
 /// Runs `sweep` every quarter of the idle timeout until `shutdown`.

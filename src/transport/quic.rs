@@ -568,6 +568,7 @@ struct PeerConn {
     send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     conn: quinn::Connection,
     usage: Arc<Usage>,
+    stream_limit: usize,
     /// Lost packets, datagrams sent and received at the last telemetry sample.
     sampled: Arc<Mutex<(u64, u64, u64)>>,
 }
@@ -575,6 +576,12 @@ struct PeerConn {
 impl Pooled for PeerConn {
     fn is_alive(&self) -> bool {
         self.conn.close_reason().is_none()
+    }
+
+    /// The peer's stream limit is taken to be ours (`quic.max_concurrent_streams`), as between
+    /// quicar sidecars; quinn does not tell the peer's.
+    fn stream_limit(&self) -> usize {
+        self.stream_limit
     }
 
     fn usage(&self) -> &Arc<Usage> {
@@ -689,7 +696,7 @@ impl Pool {
         self: &Arc<Self>,
         ep: &Endpoint,
         connect_timeout: Duration,
-    ) -> Result<PeerConn, ProxyError> {
+    ) -> Result<(PeerConn, InFlight), ProxyError> {
         let addr = ep.address;
         // What a handshake needs is copied only when one starts, not on every request.
         self.slots
@@ -794,6 +801,7 @@ impl Pool {
             send,
             conn,
             usage: Arc::default(),
+            stream_limit: self.cfg.max_concurrent_streams as usize,
             sampled: Arc::default(),
         })
     }
@@ -827,7 +835,7 @@ impl Pool {
         let mut attempt = 0;
         let (mut recv, in_flight, upload_guard, resp) = loop {
             attempt += 1;
-            let conn = match self.get(ep, connect_timeout).await {
+            let (conn, in_flight) = match self.get(ep, connect_timeout).await {
                 Ok(c) => c,
                 Err(e) => return Err(SendError::new(e, unsent(&mut body))),
             };
@@ -858,7 +866,6 @@ impl Pool {
                     continue;
                 }
             };
-            let in_flight: InFlight = conn.usage.start();
             if bodyless {
                 body = None;
             }

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::pool::{self, Pooled, Slots, Usage};
+use super::pool::{self, InFlight, Pooled, Slots, Usage};
 use super::wire::{
     self, connect_failed, find_rustls, rustls_failure, ConnState, SendError, Upload,
     CONNECTION_WINDOW, MAX_FIELD_SECTION, STREAM_WINDOW, TLS_ACCEPT_TIMEOUT,
@@ -254,6 +254,11 @@ impl Pooled for H2Conn {
     fn usage(&self) -> &Arc<Usage> {
         &self.usage
     }
+
+    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, as h2 last heard it.
+    fn stream_limit(&self) -> usize {
+        self.send.current_max_send_streams()
+    }
 }
 
 impl H2Conn {
@@ -357,7 +362,7 @@ impl Pool {
         self: &Arc<Self>,
         ep: &Endpoint,
         connect_timeout: Duration,
-    ) -> Result<H2Conn, ProxyError> {
+    ) -> Result<(H2Conn, InFlight), ProxyError> {
         let addr = ep.address;
         // What a handshake needs is copied only when one starts, not on every request.
         self.slots
@@ -514,11 +519,10 @@ impl Pool {
     ) -> Result<Response<ProxyBody>, SendError> {
         let (addr, identity) = (ep.address, &ep.identity);
         let method = head.method().clone();
-        let conn = match self.get(ep, connect_timeout).await {
+        let (conn, in_flight) = match self.get(ep, connect_timeout).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::new(e, body.unread())),
         };
-        let in_flight = conn.usage.start();
         let Ok(mut send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
             let e = conn

@@ -1793,4 +1793,31 @@ crate::over_transports! {
             read_some(s, 2 << 20).await;
         }
     }
+
+    async fn requests_beyond_a_connections_streams_go_on_another_connection(t) {
+        // A request over a connection's stream limit waits for a stream (HTTP/2 and QUIC
+        // alike), so long-lived requests that filled it held every later request to the peer.
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let pair = Pair::over_with(t, limit, limit).await;
+        let out = pair.out();
+        // Four downloads whose callers stopped reading hold the first connection's streams.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(start_stream(out, 1 << 30, 1024).await);
+        }
+        let calls: Vec<_> = (0..8)
+            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/more/{i}")).await }))
+            .collect();
+        let more = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
+            .await
+            .expect("requests beyond one connection's streams waited for them");
+        for got in more {
+            let got = got.unwrap();
+            assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        }
+        assert_eq!(pair.client.connections_opened(wire(t)), 2);
+        for s in &mut held {
+            read_some(s, 1 << 20).await;
+        }
+    }
 }
