@@ -27,7 +27,7 @@ pub(crate) const MAX_FIELD_SECTION: u64 = 64 * 1024;
 /// (`faults::readers_that_stop_do_not_hold_the_other_requests_to_their_peer`). 256 MiB is the
 /// most a connection can buffer, as in Envoy's default HTTP/2 window.
 pub(crate) const STREAM_WINDOW: u32 = 1024 * 1024;
-pub(crate) const CONNECTION_STREAMS: u32 = 256;
+const CONNECTION_STREAMS: u32 = 256;
 pub(crate) const CONNECTION_WINDOW: u32 = CONNECTION_STREAMS * STREAM_WINDOW;
 /// The most a QUIC connection sends without acknowledgment (quinn's `send_window`): a bound on
 /// what the sender buffers, which flow control does not need to match.
