@@ -173,6 +173,7 @@ pub(crate) fn server_endpoint(
     material: &Material,
     cfg: &QuicConfig,
 ) -> Result<quinn::Endpoint, std::io::Error> {
+    size_receive_buffer(&socket);
     let server = server_config(material, cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
@@ -186,6 +187,32 @@ pub(crate) fn server_endpoint(
         socket,
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+/// The receive buffer asked for on each QUIC socket. The kernel's default (208 KiB on Linux)
+/// holds about 90 datagrams: a burst of responses past that is dropped before quinn sees it,
+/// and each drop costs a loss-recovery delay. On loopback under 32 concurrent 16 KiB responses
+/// the default dropped 16,000 datagrams in 10 s and put a 30 ms tail on 0.1–1 % of requests
+/// (BENCHMARKS.md, fifteenth session); TCP's buffers grow by themselves, UDP's do not.
+const RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Asks for `RECEIVE_BUFFER` on `socket`; the kernel caps it at `net.core.rmem_max`, and a
+/// smaller buffer is logged once, with the setting that raises it.
+fn size_receive_buffer(socket: &std::net::UdpSocket) {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(RECEIVE_BUFFER);
+    // Linux reports twice what it grants (its bookkeeping overhead).
+    let got = socket.recv_buffer_size().unwrap_or(0);
+    if got < RECEIVE_BUFFER {
+        LOGGED.call_once(|| {
+            tracing::info!(
+                bytes = got,
+                wanted = RECEIVE_BUFFER,
+                "QUIC socket receive buffer below what bursts need; raise net.core.rmem_max"
+            );
+        });
+    }
 }
 
 fn server_config(
@@ -617,6 +644,7 @@ impl Pool {
         // Dual-stack where the host has IPv6, IPv4 only where it does not.
         let socket = std::net::UdpSocket::bind(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))))?;
+        size_receive_buffer(&socket);
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
@@ -1090,6 +1118,24 @@ async fn upload(mut send: ClientSend, body: Upload, cancel: CancellationToken) {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn quic_sockets_get_the_receive_buffer_bursts_need_as_far_as_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        size_receive_buffer(&socket);
+        let got = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        // Linux grants up to `rmem_max` and reports twice what it grants.
+        let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        let want = max.map_or(RECEIVE_BUFFER, |m| RECEIVE_BUFFER.min(2 * m));
+        assert!(
+            got >= want,
+            "{got} bytes, default {default}, rmem_max {max:?}"
+        );
+        assert!(got >= default);
+    }
 
     #[test]
     fn a_handshake_starts_from_the_last_rtt_within_bounds() {
