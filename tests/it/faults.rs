@@ -1815,7 +1815,11 @@ crate::over_transports! {
             let got = got.unwrap();
             assert_eq!(got.status, StatusCode::OK, "{got:?}");
         }
-        assert_eq!(pair.client.connections_opened(wire(t)), 2);
+        // One more, or two: the eight that waited for the second handshake all take its
+        // connection (four of them wait there for a stream, briefly), and one that came after
+        // them may find it full and open a third.
+        let opened = pair.client.connections_opened(wire(t));
+        assert!((2..=3).contains(&opened), "{opened} connections");
         for s in &mut held {
             read_some(s, 1 << 20).await;
         }
