@@ -183,11 +183,16 @@ impl<C: Pooled + Sync> Slots<C> {
         Ok((c, counted))
     }
 
-    /// The first connection in the slot now, without waiting for a handshake in progress.
+    /// A connection in the slot now (a live one if there is one), without waiting for a
+    /// handshake in progress.
     pub(crate) fn current(&self, addr: SocketAddr, id: &PeerId) -> Option<C> {
         let slot = self.existing(addr, id)?;
         let g = slot.lock().expect("not poisoned");
-        g.ready.first().cloned()
+        g.ready
+            .iter()
+            .find(|c| c.is_alive())
+            .or(g.ready.first())
+            .cloned()
     }
 
     /// Every pooled connection with its peer address.
