@@ -229,17 +229,22 @@ pub(crate) fn first_field_line(resp: &[u8]) -> Option<u8> {
     resp.get(1 + len_bytes + 2).copied()
 }
 
-/// Random streams from a fixed seed (xorshift), so a failure can be replayed: a third raw
-/// bytes, a third a HEADERS frame of random field lines (for the QPACK and field parsers), a
-/// third a well-formed GET with one byte of its field section changed.
-fn garbage(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
+/// A xorshift generator from `seed`, so a failure found by random input can be replayed.
+fn seeded(seed: u64) -> impl FnMut() -> u64 {
     let mut x = seed;
-    let mut next = move || {
+    move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         x
-    };
+    }
+}
+
+/// Random streams from a fixed seed, so a failure can be replayed: a third raw bytes, a third
+/// a HEADERS frame of random field lines (for the QPACK and field parsers), a third a
+/// well-formed GET with one byte of its field section changed.
+fn garbage(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut next = seeded(seed);
     (0..n)
         .map(|i| {
             let bytes = match i % 3 {
@@ -258,6 +263,18 @@ fn garbage(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
             (format!("random stream {i} (seed {seed:#x})"), bytes)
         })
         .collect()
+}
+
+/// The end of a hostile run: the process is still up, no task of it panicked (its stderr),
+/// and nothing was recorded in `failures`.
+fn still_serving_without_panics(mut server: process::Sidecar, failures: &[String]) {
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the sidecar exited"
+    );
+    let panics = server.panics.lock().unwrap().clone();
+    assert!(panics.is_empty(), "{panics:#?}");
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,14 +354,7 @@ async fn a_hostile_http3_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     // Still alive, no task panicked, and a new connection is served.
     let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
     assert_eq!(outcome(&conn, &get()).await, "200", "{failures:?}");
-    let mut child = server;
-    assert!(
-        child.child.try_wait().unwrap().is_none(),
-        "the sidecar exited"
-    );
-    let panics = child.panics.lock().unwrap().clone();
-    assert!(panics.is_empty(), "{panics:#?}");
-    assert!(failures.is_empty(), "{failures:#?}");
+    still_serving_without_panics(server, &failures);
 }
 
 /// An HTTP/2 frame: length, type, flags, stream.
@@ -389,6 +399,9 @@ fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
     let unknown = h2_field(b":foo", b"1");
     let regular = h2_field(b"x-a", b"1");
     let other = [0x01, 7, b'n', b'o', b'-', b's', b'u', b'c', b'h'];
+    // `GET https://hello/` with one more field line.
+    let get_with =
+        |field: &[u8]| h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, field]);
     vec![
         (
             "no :path",
@@ -410,31 +423,11 @@ fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
             h2_headers(1, true, &[&regular, H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO]),
             false,
         ),
-        (
-            "an unknown pseudo-header",
-            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &unknown]),
-            false,
-        ),
-        (
-            "an uppercase field name",
-            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &upper]),
-            false,
-        ),
-        (
-            "a connection-specific field",
-            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &connection]),
-            false,
-        ),
-        (
-            "TE other than trailers",
-            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &te]),
-            false,
-        ),
-        (
-            "CR LF in a field value",
-            h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &crlf]),
-            false,
-        ),
+        ("an unknown pseudo-header", get_with(&unknown), false),
+        ("an uppercase field name", get_with(&upper), false),
+        ("a connection-specific field", get_with(&connection), false),
+        ("TE other than trailers", get_with(&te), false),
+        ("CR LF in a field value", get_with(&crlf), false),
         (
             "an authority that names no service here",
             h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, &other]),
@@ -442,11 +435,7 @@ fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         ),
         (
             "a static index past the table",
-            h2_headers(
-                1,
-                true,
-                &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &[0xff, 0x7f]],
-            ),
+            get_with(&[0xff, 0x7f]),
             false,
         ),
         (
@@ -590,13 +579,7 @@ async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     // Random field sections (for HPACK and the field checks), and well-formed heads with one
     // byte changed, from a fixed seed, each on its own connection.
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = seeded(0x2545_f491_4f6c_dd1d);
     for i in 0..60 {
         let section: Vec<u8> = if i % 2 == 0 {
             (0..next() % 60).map(|_| next() as u8).collect()
@@ -616,12 +599,5 @@ async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
 
     // Still alive, no task panicked, and a new connection is served.
     assert_eq!(h2_outcome(&pki, inbound, &get).await, "200", "{failures:?}");
-    let mut child = server;
-    assert!(
-        child.child.try_wait().unwrap().is_none(),
-        "the sidecar exited"
-    );
-    let panics = child.panics.lock().unwrap().clone();
-    assert!(panics.is_empty(), "{panics:#?}");
-    assert!(failures.is_empty(), "{failures:#?}");
+    still_serving_without_panics(server, &failures);
 }
