@@ -1824,4 +1824,45 @@ crate::over_transports! {
             read_some(s, 1 << 20).await;
         }
     }
+
+    async fn a_peer_killed_while_a_connections_streams_are_full_fails_the_rest_fast(t) {
+        // With the first connection full, a new request's handshake fails and it falls back
+        // to the full connection: that must end with the dead peer's detection, not the
+        // service timeout (60 s here), and the held downloads must end too.
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let mut server = process::run(
+            &pki,
+            "server",
+            &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit),
+        );
+        let service = format!("transport = \"{t}\"\ntimeout = \"60s\"");
+        let client = sidecar(&pki, &(client_toml(&pki, &[server.inbound], &service) + limit)).await;
+        let out = client.outbound;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(start_stream(out, 1 << 30, 1024).await);
+        }
+        server.child.kill().unwrap(); // SIGKILL: no GOAWAY, no CONNECTION_CLOSE.
+        server.child.wait().unwrap();
+        let calls: Vec<_> = (0..20)
+            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/late/{i}")).await }))
+            .collect();
+        for c in calls {
+            let got = c.await.unwrap();
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+            let kind = got.error_kind().unwrap_or("none");
+            assert!(kind == "connect-failed" || kind == "peer-reset", "{got:?}");
+        }
+        for mut s in held {
+            let mut buf = vec![0u8; 64 * 1024];
+            let ended = tokio::time::timeout(Duration::from_secs(30), async {
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            assert!(ended.is_ok(), "a download from the killed peer was held");
+        }
+    }
 }
