@@ -1,6 +1,7 @@
 //! The connection pool both wires share: one slot per (peer address, expected identity)
 //! holding its connections (one, unless the requests in flight fill the streams a connection
-//! allows: then another), a per-connection count of requests in flight, and the idle sweep.
+//! allows: then another), the handshakes in progress, a per-connection count of requests in
+//! flight, and the idle sweep.
 
 use rustc_hash::FxHashMap;
 use std::future::Future;
@@ -70,18 +71,26 @@ pub(crate) trait Pooled: Clone + Send + 'static {
 /// A handshake in progress, shared by every request waiting for it.
 type Connecting<C> = Shared<BoxFuture<'static, Result<C, ProxyError>>>;
 
-/// What one slot holds: its connections (nearly always one), and a handshake in progress
-/// (numbered, so only its own result is stored).
+/// A handshake in progress: numbered, so only its own result is stored, with the usage its
+/// connection will carry (the requests waiting for it are counted there from the start).
+struct Handshake<C> {
+    n: u64,
+    done: Connecting<C>,
+    usage: Arc<Usage>,
+}
+
+/// What one slot holds: its connections (nearly always one), and the handshakes in progress
+/// (one, unless a burst of requests is more than one connection's streams).
 struct State<C> {
     ready: Vec<C>,
-    connecting: Option<(u64, Connecting<C>)>,
+    connecting: Vec<Handshake<C>>,
 }
 
 impl<C> Default for State<C> {
     fn default() -> Self {
         Self {
             ready: Vec::new(),
-            connecting: None,
+            connecting: Vec::new(),
         }
     }
 }
@@ -138,49 +147,66 @@ impl<C: Pooled + Sync> Slots<C> {
     /// A connection whose requests in flight fill its stream limit takes no more: the next
     /// request opens another (HTTP/2 and QUIC make a request over the limit wait for a stream,
     /// and long-lived ones, event streams, long polls, would hold every later request to the
-    /// peer until they end). Should that handshake fail, the full connection is used.
+    /// peer until they end). Should that handshake fail, the full connection is used. A
+    /// handshake, likewise, takes at most `streams` waiting requests (the limit a connection
+    /// is expected to have): a burst beyond that, as when a peer comes back to many callers,
+    /// starts another handshake beside it. `connect` gets the usage its connection must
+    /// carry, where the requests that waited for it are already counted.
     pub(crate) async fn get<F, Fut>(
         &self,
         addr: SocketAddr,
         id: &PeerId,
+        streams: usize,
         connect: F,
     ) -> Result<(C, InFlight), ProxyError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Arc<Usage>) -> Fut,
         Fut: Future<Output = Result<C, ProxyError>> + Send + 'static,
     {
         let slot = self.slot(addr, id);
-        let (n, handshake) = {
+        let (n, handshake, counted) = {
             let mut g = slot.lock().expect("not poisoned");
             // Counted as it is picked (under the slot's lock), so a burst spreads at once.
             if let Some(c) = g.ready.iter().find(|c| c.is_alive() && has_room(*c)) {
                 return Ok((c.clone(), c.usage().start()));
             }
-            match &g.connecting {
-                Some((n, f)) => (*n, f.clone()),
+            match g.connecting.iter().find(|h| h.usage.in_flight() < streams) {
+                Some(h) => (h.n, h.done.clone(), h.usage.start()),
                 None => {
                     let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
-                    let f = connect().boxed().shared();
-                    g.connecting = Some((n, f.clone()));
-                    (n, f)
+                    let usage = Arc::new(Usage::default());
+                    let counted = usage.start();
+                    let done = connect(usage.clone()).boxed().shared();
+                    g.connecting.push(Handshake {
+                        n,
+                        done: done.clone(),
+                        usage,
+                    });
+                    (n, done, counted)
                 }
             }
         };
         let result = handshake.await;
         let mut g = slot.lock().expect("not poisoned");
-        if matches!(&g.connecting, Some((m, _)) if *m == n) {
-            g.connecting = None;
+        if let Some(i) = g.connecting.iter().position(|h| h.n == n) {
+            g.connecting.swap_remove(i);
             g.ready.retain(Pooled::is_alive);
             if let Ok(c) = &result {
                 g.ready.push(c.clone());
             }
         }
-        let c = match result {
-            Ok(c) => c,
-            Err(e) => g.ready.iter().find(|c| c.is_alive()).cloned().ok_or(e)?,
-        };
-        let counted = c.usage().start();
-        Ok((c, counted))
+        match result {
+            Ok(c) => {
+                debug_assert!(Arc::ptr_eq(c.usage(), &counted.0), "connect kept the usage");
+                Ok((c, counted))
+            }
+            Err(e) => {
+                drop(counted);
+                let c = g.ready.iter().find(|c| c.is_alive()).cloned().ok_or(e)?;
+                let counted = c.usage().start();
+                Ok((c, counted))
+            }
+        }
     }
 
     /// A connection in the slot now (a live one if there is one), without waiting for a
@@ -219,14 +245,13 @@ impl<C: Pooled + Sync> Slots<C> {
         }
     }
 
-    /// Connections open now (a slot busy connecting counts one more).
+    /// Connections open now (each handshake in progress counts one more).
     pub(crate) fn active(&self) -> usize {
         self.all()
             .iter()
             .map(|(_, s)| {
                 let g = s.lock().expect("not poisoned");
-                g.ready.iter().filter(|c| c.is_alive()).count()
-                    + usize::from(g.connecting.is_some())
+                g.ready.iter().filter(|c| c.is_alive()).count() + g.connecting.len()
             })
             .sum()
     }

@@ -605,8 +605,7 @@ impl Pooled for PeerConn {
         self.conn.close_reason().is_none()
     }
 
-    /// The peer's stream limit is taken to be ours (`quic.max_concurrent_streams`), as between
-    /// quicar sidecars; quinn does not tell the peer's.
+    /// `Pool::stream_limit`.
     fn stream_limit(&self) -> usize {
         self.stream_limit
     }
@@ -728,11 +727,17 @@ impl Pool {
         let addr = ep.address;
         // What a handshake needs is copied only when one starts, not on every request.
         self.slots
-            .get(addr, &ep.identity, || {
+            .get(addr, &ep.identity, self.stream_limit(), |usage| {
                 let (this, id, sni) = (self.clone(), ep.identity.clone(), server_name(ep));
-                async move { this.connect(addr, &id, &sni, connect_timeout).await }
+                async move { this.connect(addr, &id, &sni, connect_timeout, usage).await }
             })
             .await
+    }
+
+    /// The streams a peer's connection is taken to allow: ours (`quic.max_concurrent_streams`),
+    /// as between quicar sidecars; quinn does not tell the peer's.
+    fn stream_limit(&self) -> usize {
+        self.cfg.max_concurrent_streams as usize
     }
 
     /// Whether a QUIC handshake with the endpoint succeeds now (the `auto` fallback's probe).
@@ -757,6 +762,7 @@ impl Pool {
         expected: &PeerId,
         sni: &str,
         connect_timeout: Duration,
+        usage: Arc<Usage>,
     ) -> Result<PeerConn, ProxyError> {
         let mismatch = wire::Mismatch::default();
         let material = self.identity.borrow().clone();
@@ -828,8 +834,8 @@ impl Pool {
         Ok(PeerConn {
             send,
             conn,
-            usage: Arc::default(),
-            stream_limit: self.cfg.max_concurrent_streams as usize,
+            usage,
+            stream_limit: self.stream_limit(),
             sampled: Arc::default(),
         })
     }

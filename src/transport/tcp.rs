@@ -315,6 +315,9 @@ pub(crate) struct Pool {
     idle_timeout: Duration,
     keep_alive: Duration,
     dead_peer: Duration,
+    /// The streams a peer is expected to allow (ours, `quic.max_concurrent_streams`) until
+    /// its SETTINGS say.
+    streams: usize,
     slots: Arc<Slots<H2Conn>>,
     opened: AtomicU64,
     tel: Arc<Telemetry>,
@@ -327,6 +330,7 @@ impl Pool {
             idle_timeout: cfg.idle_timeout,
             keep_alive: cfg.keep_alive_interval,
             dead_peer: cfg.dead_peer_timeout,
+            streams: cfg.max_concurrent_streams as usize,
             slots: Arc::default(),
             opened: AtomicU64::new(0),
             tel,
@@ -366,14 +370,18 @@ impl Pool {
         let addr = ep.address;
         // What a handshake needs is copied only when one starts, not on every request.
         self.slots
-            .get(addr, &ep.identity, || {
+            .get(addr, &ep.identity, self.streams, |usage| {
                 let (this, id, sni) = (
                     self.clone(),
                     ep.identity.clone(),
                     super::quic::server_name(ep),
                 );
                 async move {
-                    match tokio::time::timeout(connect_timeout, this.connect(addr, &id, &sni)).await
+                    match tokio::time::timeout(
+                        connect_timeout,
+                        this.connect(addr, &id, &sni, usage),
+                    )
+                    .await
                     {
                         Ok(r) => r,
                         Err(_) => {
@@ -400,6 +408,7 @@ impl Pool {
         addr: SocketAddr,
         expected: &PeerId,
         sni: &str,
+        usage: Arc<Usage>,
     ) -> Result<H2Conn, ProxyError> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -445,6 +454,7 @@ impl Pool {
             .max_concurrent_reset_streams(RESET_STREAMS)
             .reset_stream_duration(RESET_STREAM_TIME)
             .enable_push(false)
+            .initial_max_send_streams(self.streams)
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| connect_failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
@@ -491,7 +501,7 @@ impl Pool {
             send,
             closed,
             ended,
-            usage: Arc::default(),
+            usage,
             answered: Arc::new(AtomicBool::new(false)),
         })
     }

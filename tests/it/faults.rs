@@ -1815,11 +1815,38 @@ crate::over_transports! {
             let got = got.unwrap();
             assert_eq!(got.status, StatusCode::OK, "{got:?}");
         }
-        // One more, or two: the eight that waited for the second handshake all take its
-        // connection (four of them wait there for a stream, briefly), and one that came after
-        // them may find it full and open a third.
+        // Two more as a rule (four of the eight per handshake); one, if the first four
+        // were answered before the last four came.
         let opened = pair.client.connections_opened(wire(t));
         assert!((2..=3).contains(&opened), "{opened} connections");
+        for s in &mut held {
+            read_some(s, 1 << 20).await;
+        }
+    }
+
+    async fn a_burst_beyond_one_connections_streams_opens_the_connections_it_needs_at_once(t) {
+        // When many callers wait for one handshake (a cold start, a peer back from a
+        // restart), its connection takes only its stream limit of them: the others would
+        // wait there for streams that long-lived requests hold.
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let pair = Pair::over_with(t, limit, limit).await;
+        let out = pair.out();
+        let starts: Vec<_> = (0..12)
+            .map(|_| tokio::spawn(start_stream(out, 1 << 30, 1024)))
+            .collect();
+        let started = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(starts),
+        )
+        .await
+        .expect("a long-lived request of the burst waited for a stream");
+        let mut held: Vec<_> = started.into_iter().map(Result::unwrap).collect();
+        // Twelve requests, four streams a connection: three connections, not more.
+        assert_eq!(pair.client.connections_opened(wire(t)), 3);
+        // All three are full: one more request opens a fourth.
+        let got = get(out, "hello", "/after").await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(pair.client.connections_opened(wire(t)), 4);
         for s in &mut held {
             read_some(s, 1 << 20).await;
         }
