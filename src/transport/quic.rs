@@ -605,7 +605,7 @@ impl Pooled for PeerConn {
         self.conn.close_reason().is_none()
     }
 
-    /// `Pool::stream_limit`.
+    /// The peer's limit on the requests we open at once (`peer_stream_limit`).
     fn stream_limit(&self) -> usize {
         self.stream_limit
     }
@@ -619,6 +619,30 @@ impl Pooled for PeerConn {
         self.conn
             .close(quinn::VarInt::from_u32(CLOSE_IDLE), b"idle");
     }
+}
+
+/// The requests the peer lets us have open at once on `conn`: its
+/// `initial_max_streams_bidi` transport parameter (RFC 9000 §18.2), which quinn, like other
+/// stacks, keeps as the number open at once by raising MAX_STREAMS as streams end. At least
+/// one, so a peer that gives none still gets a connection to refuse on.
+fn peer_stream_limit(conn: &quinn::Connection) -> Option<usize> {
+    use quinn_proto::coding::Codec;
+    const INITIAL_MAX_STREAMS_BIDI: u64 = 0x08;
+    let mut raw = Vec::new();
+    conn.peer_transport_parameters()?.write(&mut raw);
+    let mut r = &raw[..];
+    while !r.is_empty() {
+        let id = quinn::VarInt::decode(&mut r).ok()?.into_inner();
+        let len = usize::try_from(quinn::VarInt::decode(&mut r).ok()?.into_inner()).ok()?;
+        let value = r.get(..len)?;
+        r = &r[len..];
+        if id == INITIAL_MAX_STREAMS_BIDI {
+            let n = quinn::VarInt::decode(&mut &value[..]).ok()?.into_inner();
+            return Some(usize::try_from(n).unwrap_or(usize::MAX).max(1));
+        }
+    }
+    // Absent, the parameter is zero (RFC 9000 §18.2).
+    Some(1)
 }
 
 /// One QUIC client endpoint and the connections it holds, one per (address, identity).
@@ -734,8 +758,8 @@ impl Pool {
             .await
     }
 
-    /// The streams a peer's connection is taken to allow: ours (`quic.max_concurrent_streams`),
-    /// as between quicar sidecars; quinn does not tell the peer's.
+    /// The streams a peer's connection is expected to allow until its handshake says: ours
+    /// (`quic.max_concurrent_streams`), as between quicar sidecars.
     fn stream_limit(&self) -> usize {
         self.cfg.max_concurrent_streams as usize
     }
@@ -831,11 +855,12 @@ impl Pool {
             tracing::debug!(peer = %addr, reason = %err, "QUIC connection closed");
             paths.remember(addr, &closing);
         });
+        let stream_limit = peer_stream_limit(&conn).unwrap_or(self.stream_limit());
         Ok(PeerConn {
             send,
             conn,
             usage,
-            stream_limit: self.stream_limit(),
+            stream_limit,
             sampled: Arc::default(),
         })
     }

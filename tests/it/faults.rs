@@ -1824,6 +1824,31 @@ crate::over_transports! {
         }
     }
 
+    async fn a_peer_that_allows_fewer_streams_gets_another_connection_past_its_limit(t) {
+        // The calling sidecar allows 1024 streams, the peer 4: the peer's limit is the one
+        // that makes requests wait (QUIC's transport parameter, HTTP/2's SETTINGS).
+        let pair = Pair::over_with(t, "", "\n[quic]\nmax_concurrent_streams = 4\n").await;
+        let out = pair.out();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(start_stream(out, 1 << 30, 1024).await);
+        }
+        let calls: Vec<_> = (0..8)
+            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/more/{i}")).await }))
+            .collect();
+        let more = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
+            .await
+            .expect("requests beyond the peer's stream limit waited for a stream");
+        for got in more {
+            let got = got.unwrap();
+            assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        }
+        assert!(pair.client.connections_opened(wire(t)) >= 2);
+        for s in &mut held {
+            read_some(s, 1 << 20).await;
+        }
+    }
+
     async fn a_burst_beyond_one_connections_streams_opens_the_connections_it_needs_at_once(t) {
         // When many callers wait for one handshake (a cold start, a peer back from a
         // restart), its connection takes only its stream limit of them: the others would

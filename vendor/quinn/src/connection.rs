@@ -581,6 +581,21 @@ impl Connection {
             .handshake_data()
     }
 
+    /// quicar: the transport parameters the peer sent, once the handshake has them (its stream
+    /// limits, which quinn does not otherwise tell).
+    pub fn peer_transport_parameters(
+        &self,
+    ) -> Option<proto::transport_parameters::TransportParameters> {
+        self.0
+            .state
+            .lock("peer_transport_parameters")
+            .inner
+            .crypto_session()
+            .transport_parameters()
+            .ok()
+            .flatten()
+    }
+
     /// Cryptographic identity of the peer
     ///
     /// The dynamic type returned is determined by the configured
