@@ -68,6 +68,12 @@ pub(crate) trait Pooled: Clone + Send + 'static {
     fn close_idle(&self) {}
 }
 
+/// The most connections a pool holds to one peer (address and identity), handshakes included.
+/// They are opened only as requests in flight fill the streams the ones before allow (at
+/// quicar's default, 1,024 each); the cap bounds what a peer that allows few streams (or a
+/// hostile one that allows one) can make a sidecar open.
+pub(crate) const MAX_CONNECTIONS: usize = 16;
+
 /// A handshake in progress, shared by every request waiting for it.
 type Connecting<C> = Shared<BoxFuture<'static, Result<C, ProxyError>>>;
 
@@ -148,10 +154,13 @@ impl<C: Pooled + Sync> Slots<C> {
     /// request opens another (HTTP/2 and QUIC make a request over the limit wait for a stream,
     /// and long-lived ones, event streams, long polls, would hold every later request to the
     /// peer until they end). Should that handshake fail, the full connection is used. A
-    /// handshake, likewise, takes at most `streams` waiting requests (the limit a connection
-    /// is expected to have): a burst beyond that, as when a peer comes back to many callers,
-    /// starts another handshake beside it. `connect` gets the usage its connection must
-    /// carry, where the requests that waited for it are already counted.
+    /// handshake, likewise, takes at most a connection's worth of waiting requests (the limit
+    /// of the peer's live connections, else `streams`, the limit expected): a burst beyond
+    /// that, as when a peer comes back to many callers, starts another handshake beside it,
+    /// and the requests a new connection turns out to have no streams for go on to another.
+    /// At most `MAX_CONNECTIONS` per peer: past that, a request waits for a stream on the
+    /// least busy one. `connect` gets the usage its connection must carry, where the
+    /// requests that waited for it are already counted.
     pub(crate) async fn get<F, Fut>(
         &self,
         addr: SocketAddr,
@@ -160,53 +169,104 @@ impl<C: Pooled + Sync> Slots<C> {
         connect: F,
     ) -> Result<(C, InFlight), ProxyError>
     where
-        F: FnOnce(Arc<Usage>) -> Fut,
+        F: Fn(Arc<Usage>) -> Fut,
         Fut: Future<Output = Result<C, ProxyError>> + Send + 'static,
     {
         let slot = self.slot(addr, id);
-        let (n, handshake, counted) = {
+        for round in 1.. {
+            let (n, handshake, counted) = {
+                let mut g = slot.lock().expect("not poisoned");
+                let (mut live, mut limit) = (0, None);
+                for c in g.ready.iter().filter(|c| c.is_alive()) {
+                    // Counted as it is picked (under the slot's lock), so a burst spreads at
+                    // once.
+                    if has_room(c) {
+                        return Ok((c.clone(), c.usage().start()));
+                    }
+                    (live, limit) = (live + 1, Some(c.stream_limit()));
+                }
+                let limit = limit.unwrap_or(streams);
+                let spare = g
+                    .connecting
+                    .iter()
+                    .position(|h| h.usage.in_flight() < limit);
+                let join = match spare {
+                    Some(i) => Some(i),
+                    None if live + g.connecting.len() >= MAX_CONNECTIONS => {
+                        // At the cap: the least busy connection or handshake, where the
+                        // request waits for a stream.
+                        let c = g
+                            .ready
+                            .iter()
+                            .filter(|c| c.is_alive())
+                            .min_by_key(|c| c.usage().in_flight());
+                        let h = (0..g.connecting.len())
+                            .min_by_key(|i| g.connecting[*i].usage.in_flight());
+                        match (c, h) {
+                            (Some(c), Some(i))
+                                if c.usage().in_flight() <= g.connecting[i].usage.in_flight() =>
+                            {
+                                return Ok((c.clone(), c.usage().start()));
+                            }
+                            (Some(c), None) => return Ok((c.clone(), c.usage().start())),
+                            (_, h) => h,
+                        }
+                    }
+                    None => None,
+                };
+                match join {
+                    Some(i) => {
+                        let h = &g.connecting[i];
+                        (h.n, h.done.clone(), h.usage.start())
+                    }
+                    None => {
+                        let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
+                        let usage = Arc::new(Usage::default());
+                        let counted = usage.start();
+                        let done = connect(usage.clone()).boxed().shared();
+                        g.connecting.push(Handshake {
+                            n,
+                            done: done.clone(),
+                            usage,
+                        });
+                        (n, done, counted)
+                    }
+                }
+            };
+            let result = handshake.await;
             let mut g = slot.lock().expect("not poisoned");
-            // Counted as it is picked (under the slot's lock), so a burst spreads at once.
-            if let Some(c) = g.ready.iter().find(|c| c.is_alive() && has_room(*c)) {
-                return Ok((c.clone(), c.usage().start()));
-            }
-            match g.connecting.iter().find(|h| h.usage.in_flight() < streams) {
-                Some(h) => (h.n, h.done.clone(), h.usage.start()),
-                None => {
-                    let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
-                    let usage = Arc::new(Usage::default());
-                    let counted = usage.start();
-                    let done = connect(usage.clone()).boxed().shared();
-                    g.connecting.push(Handshake {
-                        n,
-                        done: done.clone(),
-                        usage,
-                    });
-                    (n, done, counted)
+            if let Some(i) = g.connecting.iter().position(|h| h.n == n) {
+                g.connecting.swap_remove(i);
+                g.ready.retain(Pooled::is_alive);
+                if let Ok(c) = &result {
+                    g.ready.push(c.clone());
                 }
             }
-        };
-        let result = handshake.await;
-        let mut g = slot.lock().expect("not poisoned");
-        if let Some(i) = g.connecting.iter().position(|h| h.n == n) {
-            g.connecting.swap_remove(i);
-            g.ready.retain(Pooled::is_alive);
-            if let Ok(c) = &result {
-                g.ready.push(c.clone());
+            match result {
+                Ok(c) => {
+                    debug_assert!(Arc::ptr_eq(c.usage(), &counted.0), "connect kept the usage");
+                    // More waited for it than the peer allows (its limit was not yet known):
+                    // the ones over go on to another, while there may be another.
+                    let count = g.ready.len() + g.connecting.len();
+                    if c.usage().in_flight() > c.stream_limit()
+                        && count < MAX_CONNECTIONS
+                        && round < MAX_CONNECTIONS
+                    {
+                        drop(counted); // before the slot's lock, so the next one sees it
+                        drop(g);
+                        continue;
+                    }
+                    return Ok((c, counted));
+                }
+                Err(e) => {
+                    drop(counted);
+                    let c = g.ready.iter().find(|c| c.is_alive()).cloned().ok_or(e)?;
+                    let counted = c.usage().start();
+                    return Ok((c, counted));
+                }
             }
         }
-        match result {
-            Ok(c) => {
-                debug_assert!(Arc::ptr_eq(c.usage(), &counted.0), "connect kept the usage");
-                Ok((c, counted))
-            }
-            Err(e) => {
-                drop(counted);
-                let c = g.ready.iter().find(|c| c.is_alive()).cloned().ok_or(e)?;
-                let counted = c.usage().start();
-                Ok((c, counted))
-            }
-        }
+        unreachable!("the rounds are unbounded")
     }
 
     /// A connection in the slot now (a live one if there is one), without waiting for a

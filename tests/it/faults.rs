@@ -256,6 +256,32 @@ crate::over_transports! {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_peer_allowing_one_stream_gets_no_more_than_the_pools_cap_of_connections() {
+    // The calling sidecar expects 1,024 streams a connection, the peer allows one. A burst
+    // spreads over new connections as the peer's limit becomes known (those that waited for
+    // a handshake and find no stream there go on to another), up to the pool's cap of 16 a
+    // peer; past it, requests wait for a stream. Every request is answered. (HTTP/2 learns
+    // the limit from the peer's SETTINGS, which come after the handshake: there, the first
+    // handshake's waiters stay on its connection.)
+    let pair = Pair::over_with("quic", "", "\n[quic]\nmax_concurrent_streams = 1\n").await;
+    let out = pair.out();
+    let calls: Vec<_> = (0..24)
+        .map(|_| tokio::spawn(async move { get(out, "hello", "/slow/1000").await }))
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("requests held");
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    }
+    assert_eq!(pair.client.connections_opened(wire("quic")), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_quic_sidecar_refuses_new_handshakes_at_once() {
     let pair = Pair::start().await;
     assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
