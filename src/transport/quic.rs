@@ -421,62 +421,124 @@ async fn connection(
 
 type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
 
+type RequestHalves = (
+    Request<()>,
+    h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+);
+
 /// One request stream: its head resolved, then served.
+///
+/// Each phase is an async fn of its own, awaited once, so that the futures of the phases
+/// share their room in this task's future: a value an async fn holds across two or more
+/// awaits is kept in every state of its future, beside whatever any other await holds
+/// (this one was 7.3 KB, copied into the task's box on every request; BENCHMARKS.md,
+/// eighteenth session).
 async fn stream_request(
-    mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     inbound: Arc<Inbound>,
     peer: Arc<PeerId>,
     remote: SocketAddr,
 ) {
-    // A peer that opens a stream and never finishes its head would hold the stream, this task
-    // and a drain (which waits for accepted requests) for as long as its connection lives.
-    let limit = inbound.header_read_timeout;
+    let Some((req, stream)) = read_request(resolver, inbound.header_read_timeout, remote).await
+    else {
+        return;
+    };
+    serve_stream(req, stream, &inbound, &peer, remote).await;
+}
+
+/// The request's head, within `limit`: a peer that opens a stream and never finishes its
+/// head would hold the stream, its task and a drain (which waits for accepted requests) for
+/// as long as its connection lives.
+async fn read_request(
+    mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    limit: Duration,
+    remote: SocketAddr,
+) -> Option<RequestHalves> {
     let head = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
     let Ok(frame) = tokio::time::timeout(limit, head).await else {
         resolver.abandon();
-        return tracing::debug!(%remote, "request head not whole within inbound.header_read_timeout");
+        tracing::debug!(%remote, "request head not whole within inbound.header_read_timeout");
+        return None;
     };
     let resolved = match resolver.accept_with_frame(frame) {
         Ok(r) => r.resolve().await,
         Err(e) => Err(e),
     };
-    let (req, stream) = match resolved {
-        Ok(r) => r,
-        Err(e) => return tracing::debug!(%remote, error = %e, "bad request stream"),
-    };
+    resolved
+        .inspect_err(|e| tracing::debug!(%remote, error = %e, "bad request stream"))
+        .ok()
+}
+
+/// A request stream whose head is resolved: the request to the local app, its response back.
+/// (A plain fn returning an async block, not an async fn: an async fn keeps a second copy of
+/// each argument it uses after its first await.)
+fn serve_stream<'a>(
+    req: Request<()>,
+    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    inbound: &'a Inbound,
+    peer: &'a Arc<PeerId>,
+    remote: SocketAddr,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
     let (mut send, recv) = stream.split();
-    let (inbound, peer) = (&*inbound, &peer);
-    // Counted as RFC 9114 §4.2.2 counts a field section: name + value + 32 per field.
+    let checked = check_request(&req);
+    async move {
+        let resp = match checked {
+            Err(e) => e.into_response(),
+            Ok(length) => {
+                let body = H3Body::new(recv, length, true).boxed_unsync();
+                let (interim, interims) = interim::channel();
+                let req = req.map(|()| body);
+                let handled = inbound.settle_and_handle(req, peer, Transport::Quic, Some(interim));
+                let Some(resp) =
+                    answer_with_interims(std::pin::pin!(handled), &interims, &mut send).await
+                else {
+                    return tracing::debug!(
+                        %remote,
+                        "the caller stopped the stream before the response"
+                    );
+                };
+                while let Some(info) = interims.try_recv() {
+                    let _ = send.send_response(info).await;
+                }
+                resp
+            }
+        };
+        respond(&mut send, resp, inbound.response_stall_timeout).await;
+    }
+}
+
+/// A request's head as the far app may get it: within the size a field section may have
+/// (counted as RFC 9114 §4.2.2 counts it: name + value + 32 per field), and not malformed
+/// (RFC 9114 §4.1.2; h2 refuses such a request itself). The declared body length if so.
+fn check_request(req: &Request<()>) -> Result<Option<u64>, ProxyError> {
     let size: u64 = req
         .headers()
         .iter()
         .map(|(k, v)| (k.as_str().len() + v.len() + 32) as u64)
         .sum();
     if size > MAX_FIELD_SECTION {
-        let e = ProxyError::new(
+        return Err(ProxyError::new(
             ErrorKind::HeadersTooLarge,
             Side::Peer,
             format!("the request header section is {size} bytes, over {MAX_FIELD_SECTION}"),
-        );
-        return respond(&mut send, e.into_response(), inbound.response_stall_timeout).await;
+        ));
     }
-    // RFC 9114 §4.1.2: malformed, so never forwarded (h2 refuses such a request itself).
-    let length = match crate::h1::declared_length(req.headers()) {
-        Ok(length) => length,
-        Err(why) => {
-            let e = ProxyError::new(ErrorKind::BadRequest, Side::Peer, why);
-            return respond(&mut send, e.into_response(), inbound.response_stall_timeout).await;
-        }
-    };
-    let body = H3Body::new(recv, length, true).boxed_unsync();
-    let (interim, interims) = interim::channel();
-    let req = req.map(|()| body);
-    let handled = inbound.settle_and_handle(req, peer, Transport::Quic, Some(interim));
-    tokio::pin!(handled);
-    // Interim responses (103…) go out on the stream as they arrive, ahead of the final one. A
-    // caller that stops the stream (it hung up) drops the request, and with it the local
-    // app's call.
-    let resp = loop {
+    crate::h1::declared_length(req.headers())
+        .map_err(|why| ProxyError::new(ErrorKind::BadRequest, Side::Peer, why))
+}
+
+/// The local app's response, with its interim responses (103…) sent on the stream as they
+/// arrive, ahead of it; `None` if the caller stops the stream first (it hung up), which drops
+/// the request, and with it the local app's call. A function of its own, with the handler's
+/// future pinned by its caller: there it is live across this one await only, so it shares its
+/// room with the response's (an async fn keeps a value live across two awaits, as this loop's
+/// are, in every state of its future).
+async fn answer_with_interims(
+    mut handled: Pin<&mut impl std::future::Future<Output = Response<ProxyBody>>>,
+    interims: &interim::Queue,
+    send: &mut ServerStream<h3_quinn::SendStream<Bytes>>,
+) -> Option<Response<ProxyBody>> {
+    loop {
         let mut info = std::pin::pin!(interims.recv());
         let next = std::future::poll_fn(|cx| {
             if let Poll::Ready(resp) = handled.as_mut().poll(cx) {
@@ -488,22 +550,16 @@ async fn stream_request(
             send.poll_stopped(cx).map(|_| None)
         })
         .await;
-        match next {
-            Some(Ok(resp)) => break resp,
-            Some(Err(info)) => {
-                if let Err(e) = send.send_response(info).await {
+        match next? {
+            Ok(resp) => return Some(resp),
+            Err(info) => {
+                // Boxed: rare, and its future would take room in every request's task.
+                if let Err(e) = Box::pin(send.send_response(info)).await {
                     tracing::debug!(error = %e, "could not send an interim response");
                 }
             }
-            None => {
-                return tracing::debug!(%remote, "the caller stopped the stream before the response")
-            }
         }
-    };
-    while let Some(info) = interims.try_recv() {
-        let _ = send.send_response(info).await;
     }
-    respond(&mut send, resp, inbound.response_stall_timeout).await;
 }
 
 /// Sends a response on the HTTP/3 stream: headers (the sidecar's facts written as headers
@@ -1166,6 +1222,19 @@ mod tests {
             "{got} bytes, default {default}, rmem_max {max:?}"
         );
         assert!(got >= default);
+    }
+
+    /// A request stream's task is boxed as it is spawned, so its future's size is copied and
+    /// touched on every request: 7.3 KB when the handler's future was live across several
+    /// awaits of one async fn (BENCHMARKS.md, eighteenth session).
+    #[test]
+    fn a_request_streams_future_stays_small() {
+        fn of4<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let served = of4(stream_request);
+        eprintln!("request stream future {served} bytes");
+        assert!(served <= 6 * 1024, "request stream future is {served} bytes");
     }
 
     #[test]
