@@ -194,15 +194,18 @@ async fn stream_request(
 ) {
     let (interim, interims) = interim::channel();
     let req = req.map(|recv| H2Body::new(recv).boxed_unsync());
-    let handled = inbound.settle_and_handle(req, &peer, Transport::Tcp, Some(interim));
-    tokio::pin!(handled);
-    let resp = loop {
-        tokio::select! {
-            biased;
-            resp = &mut handled => break resp,
-            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
-            info = interims.recv() => {
-                let _ = respond.send_informational(info);
+    // In a block, so the handler's future is gone (and its room free) while the body is sent.
+    let resp = {
+        let handled = inbound.settle_and_handle(req, &peer, Transport::Tcp, Some(interim));
+        let mut handled = std::pin::pin!(handled);
+        loop {
+            tokio::select! {
+                biased;
+                resp = &mut handled => break resp,
+                _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+                info = interims.recv() => {
+                    let _ = respond.send_informational(info);
+                }
             }
         }
     };
@@ -865,5 +868,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TlsErrors<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A request stream's task is boxed as it is spawned, so its future's size is copied on
+    /// every request: the handler's future stayed in it while the body was sent (4.9 KB,
+    /// BENCHMARKS.md, eighteenth session).
+    #[test]
+    fn a_request_streams_future_stays_small() {
+        fn of4<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let served = of4(super::stream_request);
+        eprintln!("request stream future {served} bytes");
+        assert!(served <= 4608, "request stream future is {served} bytes");
     }
 }
