@@ -421,90 +421,57 @@ async fn connection(
 
 type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
 
-type RequestHalves = (
-    Request<()>,
-    h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
-);
-
 /// One request stream: its head resolved, then served.
 ///
-/// Each phase is an async fn of its own, awaited once, so that the futures of the phases
-/// share their room in this task's future: a value an async fn holds across two or more
-/// awaits is kept in every state of its future, beside whatever any other await holds
-/// (this one was 7.3 KB, copied into the task's box on every request; BENCHMARKS.md,
-/// eighteenth session).
+/// The handler's future is awaited at one point only (`answer_with_interims`, with the
+/// handler pinned here): rustc keeps a value that is live across two or more awaits of an
+/// async fn in every state of its future, beside whatever any other await holds, and this
+/// one was 7.3 KB, copied into the task's box on every request (BENCHMARKS.md, eighteenth
+/// session).
 async fn stream_request(
-    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     inbound: Arc<Inbound>,
     peer: Arc<PeerId>,
     remote: SocketAddr,
 ) {
-    let Some((req, stream)) = read_request(resolver, inbound.header_read_timeout, remote).await
-    else {
-        return;
-    };
-    serve_stream(req, stream, &inbound, &peer, remote).await;
-}
-
-/// The request's head, within `limit`: a peer that opens a stream and never finishes its
-/// head would hold the stream, its task and a drain (which waits for accepted requests) for
-/// as long as its connection lives.
-async fn read_request(
-    mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
-    limit: Duration,
-    remote: SocketAddr,
-) -> Option<RequestHalves> {
+    // A peer that opens a stream and never finishes its head would hold the stream, this task
+    // and a drain (which waits for accepted requests) for as long as its connection lives.
+    let limit = inbound.header_read_timeout;
     let head = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
     let Ok(frame) = tokio::time::timeout(limit, head).await else {
         resolver.abandon();
-        tracing::debug!(%remote, "request head not whole within inbound.header_read_timeout");
-        return None;
+        return tracing::debug!(%remote, "request head not whole within inbound.header_read_timeout");
     };
     let resolved = match resolver.accept_with_frame(frame) {
         Ok(r) => r.resolve().await,
         Err(e) => Err(e),
     };
-    resolved
-        .inspect_err(|e| tracing::debug!(%remote, error = %e, "bad request stream"))
-        .ok()
-}
-
-/// A request stream whose head is resolved: the request to the local app, its response back.
-/// (A plain fn returning an async block, not an async fn: an async fn keeps a second copy of
-/// each argument it uses after its first await.)
-fn serve_stream<'a>(
-    req: Request<()>,
-    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
-    inbound: &'a Inbound,
-    peer: &'a Arc<PeerId>,
-    remote: SocketAddr,
-) -> impl std::future::Future<Output = ()> + Send + 'a {
+    let (req, stream) = match resolved {
+        Ok(r) => r,
+        Err(e) => return tracing::debug!(%remote, error = %e, "bad request stream"),
+    };
     let (mut send, recv) = stream.split();
-    let checked = check_request(&req);
-    async move {
-        let resp = match checked {
-            Err(e) => e.into_response(),
-            Ok(length) => {
-                let body = H3Body::new(recv, length, true).boxed_unsync();
-                let (interim, interims) = interim::channel();
-                let req = req.map(|()| body);
-                let handled = inbound.settle_and_handle(req, peer, Transport::Quic, Some(interim));
-                let Some(resp) =
-                    answer_with_interims(std::pin::pin!(handled), &interims, &mut send).await
-                else {
-                    return tracing::debug!(
-                        %remote,
-                        "the caller stopped the stream before the response"
-                    );
-                };
-                while let Some(info) = interims.try_recv() {
-                    let _ = send.send_response(info).await;
-                }
-                resp
+    let resp = match check_request(&req) {
+        Err(e) => e.into_response(),
+        Ok(length) => {
+            let body = H3Body::new(recv, length, true).boxed_unsync();
+            let (interim, interims) = interim::channel();
+            let req = req.map(|()| body);
+            // In a block, so the handler's future is gone before the response goes out.
+            let resp = {
+                let handled = inbound.settle_and_handle(req, &peer, Transport::Quic, Some(interim));
+                answer_with_interims(std::pin::pin!(handled), &interims, &mut send).await
+            };
+            let Some(resp) = resp else {
+                return tracing::debug!(%remote, "the caller stopped the stream before the response");
+            };
+            while let Some(info) = interims.try_recv() {
+                let _ = send.send_response(info).await;
             }
-        };
-        respond(&mut send, resp, inbound.response_stall_timeout).await;
-    }
+            resp
+        }
+    };
+    respond(&mut send, resp, inbound.response_stall_timeout).await;
 }
 
 /// A request's head as the far app may get it: within the size a field section may have
