@@ -426,7 +426,7 @@ type ServerStream<S> = h3::server::RequestStream<S, Bytes>;
 /// The handler's future is awaited at one point only (`answer_with_interims`, with the
 /// handler pinned here): rustc keeps a value that is live across two or more awaits of an
 /// async fn in every state of its future, beside whatever any other await holds, and this
-/// one was 7.3 KB, copied into the task's box on every request (BENCHMARKS.md, eighteenth
+/// one was 7.3 KB, copied into the task's box on every request (BENCHMARKS.md, sixteenth
 /// session).
 async fn stream_request(
     mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
@@ -1193,7 +1193,7 @@ mod tests {
 
     /// A request stream's task is boxed as it is spawned, so its future's size is copied and
     /// touched on every request: 7.3 KB when the handler's future was live across several
-    /// awaits of one async fn (BENCHMARKS.md, eighteenth session).
+    /// awaits of one async fn (BENCHMARKS.md, sixteenth session of round 2).
     #[test]
     fn a_request_streams_future_stays_small() {
         fn of4<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {

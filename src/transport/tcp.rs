@@ -875,7 +875,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TlsErrors<S> {
 mod tests {
     /// A request stream's task is boxed as it is spawned, so its future's size is copied on
     /// every request: the handler's future stayed in it while the body was sent (4.9 KB,
-    /// BENCHMARKS.md, eighteenth session).
+    /// BENCHMARKS.md, sixteenth session of round 2).
     #[test]
     fn a_request_streams_future_stays_small() {
         fn of4<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {

@@ -164,6 +164,34 @@ crate::over_transports! {
         }
     }
 
+    async fn a_burst_to_a_dead_endpoint_starts_no_more_handshakes_than_the_pools_cap(t) {
+        // At four streams a connection, 100 callers are 25 connections' worth: the burst
+        // spreads over handshakes side by side, but no more than the pool's 16 a peer, and
+        // every caller still fails fast with the kind of its failure.
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let pki = Pki::new();
+        let service = format!("transport = \"{t}\"\ntimeout = \"60s\"");
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let client = sidecar(&pki, &(client_toml(&pki, &[dead], &service) + limit)).await;
+        let out = client.outbound;
+        let calls: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
+            .collect();
+        for c in calls {
+            let got = c.await.unwrap();
+            assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+        }
+        if t == "quic" {
+            let metrics = admin_get(&format!("http://{}/metrics", client.admin)).await;
+            let handshakes: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("quicar_handshake_failures_total{direction=\"outbound\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert!((2.0..=16.0).contains(&handshakes), "{handshakes} handshakes\n{metrics}");
+        }
+    }
+
     async fn a_frozen_peer_fails_requests_after_the_dead_peer_timeout_not_the_service_timeout(t) {
         let (_pki, _upstream, server, client) = peer_process(t).await;
         // SIGSTOP: the process and its sockets stay, nothing answers (a hung host, a partition).
