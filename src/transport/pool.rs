@@ -173,7 +173,9 @@ impl<C: Pooled + Sync> Slots<C> {
         Fut: Future<Output = Result<C, ProxyError>> + Send + 'static,
     {
         let slot = self.slot(addr, id);
-        for round in 1.. {
+        let mut round = 0;
+        loop {
+            round += 1;
             let (n, handshake, counted) = {
                 let mut g = slot.lock().expect("not poisoned");
                 let (mut live, mut limit) = (0, None);
@@ -266,7 +268,6 @@ impl<C: Pooled + Sync> Slots<C> {
                 }
             }
         }
-        unreachable!("the rounds are unbounded")
     }
 
     /// A connection in the slot now (a live one if there is one), without waiting for a
