@@ -180,7 +180,8 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
 /// The congestion controller of a connection; under BBR, from the model of the path a
 /// previous connection measured if there is one (`Paths`). Over loopback, Cubic and NewReno
 /// start from ten of its datagrams: their own initial window (14,720 bytes) is less than one,
-/// and a sender whose window holds no datagram sends nothing (BBR's is at least four).
+/// and a sender whose window holds no datagram sends nothing (BBR's, 240 KB and at least four
+/// datagrams once it has a path model, holds three).
 fn controller(
     cfg: &QuicConfig,
     model: Option<PathModel>,
