@@ -667,6 +667,36 @@ async fn read_some(s: &mut tokio::net::TcpStream, bytes: usize) {
     }
 }
 
+/// `n` downloads of 1 GiB through `out` whose callers read 1 KiB and stop.
+async fn stopped_downloads(out: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(start_stream(out, 1 << 30, 1024).await);
+    }
+    held
+}
+
+/// Sends `n` requests at once through `out` (`GET {prefix}{i}`) and asserts each is answered
+/// 200 within 30 s; `held` says what would have held them.
+async fn all_answered(out: std::net::SocketAddr, n: usize, prefix: &str, held: &str) {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let path = format!("{prefix}{i}");
+            tokio::spawn(async move { get(out, "hello", &path).await })
+        })
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect(held);
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    }
+}
+
 /// Sends `GET /endless` to `out` and reads `bytes` of the response.
 async fn start_download(out: std::net::SocketAddr, bytes: usize) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
@@ -1826,22 +1856,10 @@ crate::over_transports! {
         // peer, both transports, until the stall timeout cut them (5 minutes).
         let pair = Pair::over(t).await;
         let out = pair.out();
-        let mut stopped = Vec::new();
-        for _ in 0..40 {
-            stopped.push(start_stream(out, 1 << 30, 1024).await);
-        }
+        let mut stopped = stopped_downloads(out, 40).await;
         // Time for their windows to fill (40 MiB: well under a second on loopback).
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let calls: Vec<_> = (0..20)
-            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/after/{i}")).await }))
-            .collect();
-        let others = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
-            .await
-            .expect("readers that stopped held the other requests to their peer");
-        for got in others {
-            let got = got.unwrap();
-            assert_eq!(got.status, StatusCode::OK, "{got:?}");
-        }
+        all_answered(out, 20, "/after/", "readers that stopped held the other requests to their peer").await;
         // Nothing cut the stopped ones: each goes on when its reader does.
         for s in &mut stopped {
             read_some(s, 2 << 20).await;
@@ -1855,20 +1873,8 @@ crate::over_transports! {
         let pair = Pair::over_with(t, limit, limit).await;
         let out = pair.out();
         // Four downloads whose callers stopped reading hold the first connection's streams.
-        let mut held = Vec::new();
-        for _ in 0..4 {
-            held.push(start_stream(out, 1 << 30, 1024).await);
-        }
-        let calls: Vec<_> = (0..8)
-            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/more/{i}")).await }))
-            .collect();
-        let more = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
-            .await
-            .expect("requests beyond one connection's streams waited for them");
-        for got in more {
-            let got = got.unwrap();
-            assert_eq!(got.status, StatusCode::OK, "{got:?}");
-        }
+        let mut held = stopped_downloads(out, 4).await;
+        all_answered(out, 8, "/more/", "requests beyond one connection's streams waited for them").await;
         // Two more as a rule (four of the eight per handshake); one, if the first four
         // were answered before the last four came.
         let opened = pair.client.connections_opened(wire(t));
@@ -1883,20 +1889,8 @@ crate::over_transports! {
         // that makes requests wait (QUIC's transport parameter, HTTP/2's SETTINGS).
         let pair = Pair::over_with(t, "", "\n[quic]\nmax_concurrent_streams = 4\n").await;
         let out = pair.out();
-        let mut held = Vec::new();
-        for _ in 0..4 {
-            held.push(start_stream(out, 1 << 30, 1024).await);
-        }
-        let calls: Vec<_> = (0..8)
-            .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/more/{i}")).await }))
-            .collect();
-        let more = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
-            .await
-            .expect("requests beyond the peer's stream limit waited for a stream");
-        for got in more {
-            let got = got.unwrap();
-            assert_eq!(got.status, StatusCode::OK, "{got:?}");
-        }
+        let mut held = stopped_downloads(out, 4).await;
+        all_answered(out, 8, "/more/", "requests beyond the peer's stream limit waited for a stream").await;
         assert!(pair.client.connections_opened(wire(t)) >= 2);
         for s in &mut held {
             read_some(s, 1 << 20).await;
@@ -1947,10 +1941,7 @@ crate::over_transports! {
         let service = format!("transport = \"{t}\"\ntimeout = \"60s\"");
         let client = sidecar(&pki, &(client_toml(&pki, &[server.inbound], &service) + limit)).await;
         let out = client.outbound;
-        let mut held = Vec::new();
-        for _ in 0..4 {
-            held.push(start_stream(out, 1 << 30, 1024).await);
-        }
+        let held = stopped_downloads(out, 4).await;
         server.child.kill().unwrap(); // SIGKILL: no GOAWAY, no CONNECTION_CLOSE.
         server.child.wait().unwrap();
         let calls: Vec<_> = (0..20)
