@@ -1925,6 +1925,46 @@ crate::over_transports! {
         }
     }
 
+    async fn callers_that_give_up_waiting_for_a_handshake_leave_no_count_behind(t) {
+        // Requests that wait for a handshake are counted on the connection-to-be: a caller
+        // that hangs up meanwhile must free its place, or the connection looks full when it
+        // comes and the next requests open another.
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let server = process::run(
+            &pki,
+            "server",
+            &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit),
+        );
+        // Time for the handshake to outlast the freeze (the tests' default is 500 ms).
+        let toml = client_toml(&pki, &[server.inbound], &format!("transport = \"{t}\"\ntimeout = \"60s\""))
+            .replace("connect_timeout = \"500ms\"", "connect_timeout = \"20s\"");
+        let client = sidecar(&pki, &(toml + limit)).await;
+        let out = client.outbound;
+        let pid = server.child.id().to_string();
+        let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
+        // The peer is frozen: four callers wait for its handshake, then hang up.
+        assert!(signal("-STOP").success());
+        let mut callers = Vec::new();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: hello\r\n\r\n").await.unwrap();
+            callers.push(s);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(callers);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(signal("-CONT").success());
+        // Four long-lived requests then fill the one connection the handshake brings.
+        let held = tokio::time::timeout(Duration::from_secs(30), stopped_downloads(out, 4))
+            .await
+            .expect("the downloads after the hang-ups waited");
+        assert_eq!(client.connections_opened(wire(t)), 1);
+        drop(held);
+    }
+
     async fn a_peer_killed_while_a_connections_streams_are_full_fails_the_rest_fast(t) {
         // With the first connection full, a new request's handshake fails and it falls back
         // to the full connection: that must end with the dead peer's detection, not the
