@@ -5,11 +5,13 @@
 //! - `quic`: HTTP/3 over QUIC: server loop, client pool, exchange, error mapping.
 //! - `tcp`: HTTP/2 over TLS 1.3: the same four.
 //! - `fallback`: `auto`: per-endpoint fallback to TCP and the background QUIC probe.
+//! - `mtu`: the MTU of the route to a peer, for QUIC's datagram size.
 //! - `pool`: the slot map, in-flight counts and idle sweep both client pools use.
 //! - `wire`: what both wires share: limits, uploads, failures, handshake reasons.
 
 pub(crate) mod bbr;
 pub(crate) mod fallback;
+pub(crate) mod mtu;
 pub(crate) mod pool;
 pub(crate) mod quic;
 pub(crate) mod tcp;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::bbr::{PathModel, ResumedBbr};
+use super::mtu;
 use super::pool::{self, InFlight, Pooled, Slots, Usage};
 use super::wire::{
     self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
@@ -106,45 +107,56 @@ impl Paths {
     }
 }
 
-/// The transport of a connection over a path a previous connection measured: its handshake
-/// from that RTT, and its congestion controller from that model (BBR only).
-fn resumed_transport(
+/// The largest UDP payload quicar takes from a peer: a UDP datagram's own limit (65,535
+/// bytes less its header), so that whatever a route allows the peer can send.
+const MAX_PAYLOAD: u16 = 65_527;
+
+/// The largest datagram quinn probes for when it knows nothing of the path: an Ethernet
+/// MTU's (1,500 − 40 − 8).
+const ETHERNET_PAYLOAD: u16 = 1_452;
+
+/// The transport of a connection to `peer`, where it differs from `transport_config`'s, or
+/// `None`:
+///
+/// - Over a route whose MTU allows datagrams larger than Ethernet's (`mtu::route_payload`),
+///   quinn's MTU discovery may probe up to it: 9,000-byte frames carry six times the bytes a
+///   datagram. Over loopback (a peer on the same host) the route is the whole path, so
+///   datagrams start at that size, 64 KiB on Linux: a 16 KiB response is one datagram instead
+///   of twelve. Elsewhere they start at 1,200 bytes and quinn keeps the largest probe that
+///   arrives; if its black-hole detection later drops to 1,200 (large datagrams lost while
+///   small ones pass), it searches again after its cooldown.
+/// - Over a path a previous connection measured (`Paths`), the handshake starts from its RTT
+///   and, under BBR, the congestion controller from its model.
+fn path_transport(
     cfg: &QuicConfig,
     server: bool,
     peer: SocketAddr,
-    path: Path,
-) -> quinn::TransportConfig {
-    if let Some(model) = path.model {
-        tracing::debug!(%peer, ?model, "QUIC connection starts from the last one's path model");
+    path: Option<Path>,
+) -> Option<quinn::TransportConfig> {
+    let payload = mtu::route_payload(peer).filter(|&p| p > ETHERNET_PAYLOAD);
+    if payload.is_none() && path.is_none() {
+        return None;
     }
-    let mut t = path_transport(cfg, server, peer);
-    t.initial_rtt(handshake_rtt(Some(path.rtt)));
-    t.congestion_controller_factory(controller(cfg, path.model, is_loopback(peer)));
-    t
-}
-
-/// The largest UDP payload quicar takes from a peer, and sends to one over loopback: the
-/// loopback interface's 64 KiB MTU less the IPv6 and UDP headers (65,536 − 40 − 8).
-const LOOPBACK_PAYLOAD: u16 = 65_488;
-
-/// The transport of a connection to `peer`: `transport_config`'s, and over loopback (a peer
-/// on the same host) datagrams of up to `LOOPBACK_PAYLOAD` from the start, where other paths
-/// start at 1,200 bytes and probe up to quinn's 1,452 (an Ethernet MTU): a 16 KiB response is
-/// one datagram instead of twelve. Discovery stays on with that bound, so that if quinn's
-/// black-hole detection drops to 1,200 bytes (large datagrams lost while small ones pass) it
-/// searches again after its cooldown. GSO is off there: quinn would batch up to ten such
-/// datagrams in one send, past the kernel's 64 KiB limit on one.
-fn path_transport(cfg: &QuicConfig, server: bool, peer: SocketAddr) -> quinn::TransportConfig {
     let mut t = transport_config(cfg, server);
-    if is_loopback(peer) {
+    let mut first = None;
+    if let Some(payload) = payload {
         let mut mtud = quinn::MtuDiscoveryConfig::default();
-        mtud.upper_bound(LOOPBACK_PAYLOAD);
-        t.initial_mtu(LOOPBACK_PAYLOAD);
+        mtud.upper_bound(payload);
         t.mtu_discovery_config(Some(mtud));
-        t.enable_segmentation_offload(false);
-        t.congestion_controller_factory(controller(cfg, None, true));
+        if is_loopback(peer) {
+            t.initial_mtu(payload);
+            first = Some(payload);
+        }
     }
-    t
+    let model = path.and_then(|p| p.model);
+    if let Some(path) = path {
+        t.initial_rtt(handshake_rtt(Some(path.rtt)));
+        if let Some(model) = model {
+            tracing::debug!(%peer, ?model, "QUIC connection starts from the last one's path model");
+        }
+    }
+    t.congestion_controller_factory(controller(cfg, model, first));
+    Some(t)
 }
 
 fn is_loopback(peer: SocketAddr) -> bool {
@@ -173,32 +185,33 @@ fn transport_config(cfg: &QuicConfig, server: bool) -> quinn::TransportConfig {
     };
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(bidi));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
-    t.congestion_controller_factory(controller(cfg, None, false));
+    t.congestion_controller_factory(controller(cfg, None, None));
     t
 }
 
 /// The congestion controller of a connection; under BBR, from the model of the path a
-/// previous connection measured if there is one (`Paths`). Over loopback, Cubic and NewReno
-/// start from ten of its datagrams: their own initial window (14,720 bytes) is less than one,
-/// and a sender whose window holds no datagram sends nothing (BBR's, 240 KB and at least four
+/// previous connection measured if there is one (`Paths`). A connection whose datagrams start
+/// larger than 1,200 bytes (`first`: over loopback), under Cubic and NewReno, starts from ten
+/// of them: their own initial window (14,720 bytes) holds less than one 64 KiB datagram, and
+/// a sender whose window holds no datagram sends nothing (BBR's, 240 KB and at least four
 /// datagrams once it has a path model, holds three).
 fn controller(
     cfg: &QuicConfig,
     model: Option<PathModel>,
-    loopback: bool,
+    first: Option<u16>,
 ) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
-    let window = 10 * u64::from(LOOPBACK_PAYLOAD);
+    let window = first.map(|payload| 10 * u64::from(payload));
     match (cfg.congestion, model) {
         (crate::config::Congestion::Cubic, _) => {
             let mut c = quinn::congestion::CubicConfig::default();
-            if loopback {
+            if let Some(window) = window {
                 c.initial_window(window);
             }
             Arc::new(c)
         }
         (crate::config::Congestion::Newreno, _) => {
             let mut c = quinn::congestion::NewRenoConfig::default();
-            if loopback {
+            if let Some(window) = window {
                 c.initial_window(window);
             }
             Arc::new(c)
@@ -219,7 +232,7 @@ pub(crate) fn server_endpoint(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(material.reset_key()));
     endpoint_cfg
-        .max_udp_payload_size(LOOPBACK_PAYLOAD)
+        .max_udp_payload_size(MAX_PAYLOAD)
         .expect("within QUIC's bounds");
     let cid_key = material.cid_key();
     endpoint_cfg.cid_generator(move || {
@@ -356,11 +369,7 @@ fn accept(
 ) -> Result<quinn::Connecting, quinn::ConnectionError> {
     let remote = incoming.remote_address();
     let resumed = current.and_then(|server| {
-        let transport = match paths.recall(remote) {
-            Some(path) => resumed_transport(cfg, true, remote, path),
-            None if is_loopback(remote) => path_transport(cfg, true, remote),
-            None => return None,
-        };
+        let transport = path_transport(cfg, true, remote, paths.recall(remote))?;
         let mut server = server.clone();
         server.transport_config(Arc::new(transport));
         Some(Arc::new(server))
@@ -721,9 +730,8 @@ fn peer_stream_limit(conn: &quinn::Connection) -> Option<usize> {
 pub(crate) struct Pool {
     endpoint: quinn::Endpoint,
     identity: IdentityRx,
+    /// The transport to a peer whose route and path are nothing special (`path_transport`).
     transport: Arc<quinn::TransportConfig>,
-    /// The transport to a peer over loopback (`path_transport`).
-    loopback: Arc<quinn::TransportConfig>,
     cfg: QuicConfig,
     paths: Arc<Paths>,
     idle_timeout: Duration,
@@ -744,7 +752,7 @@ impl Pool {
         size_receive_buffer(&socket);
         let mut endpoint_cfg = quinn::EndpointConfig::default();
         endpoint_cfg
-            .max_udp_payload_size(LOOPBACK_PAYLOAD)
+            .max_udp_payload_size(MAX_PAYLOAD)
             .expect("within QUIC's bounds");
         let endpoint =
             quinn::Endpoint::new(endpoint_cfg, None, socket, Arc::new(quinn::TokioRuntime))?;
@@ -752,11 +760,6 @@ impl Pool {
             endpoint,
             identity,
             transport: Arc::new(transport_config(cfg, false)),
-            loopback: Arc::new(path_transport(
-                cfg,
-                false,
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-            )),
             cfg: cfg.clone(),
             paths: Arc::default(),
             idle_timeout: cfg.idle_timeout,
@@ -875,11 +878,12 @@ impl Pool {
         let quic = QuicClientConfig::try_from(tls)
             .map_err(|e| connect_failed(format!("cannot build QUIC config: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        client.transport_config(match self.paths.recall(addr) {
-            None if is_loopback(addr) => self.loopback.clone(),
-            None => self.transport.clone(),
-            Some(path) => Arc::new(resumed_transport(&self.cfg, false, addr, path)),
-        });
+        client.transport_config(
+            match path_transport(&self.cfg, false, addr, self.paths.recall(addr)) {
+                Some(t) => Arc::new(t),
+                None => self.transport.clone(),
+            },
+        );
         // Names are checked by SPIFFE ID, never DNS; SNI is for peers that route by it.
         let connecting = self
             .endpoint
@@ -1313,11 +1317,11 @@ mod tests {
                 congestion,
                 ..QuicConfig::default()
             };
-            let window = controller(&cfg, None, true)
-                .build(Instant::now(), LOOPBACK_PAYLOAD)
+            let window = controller(&cfg, None, Some(MAX_PAYLOAD))
+                .build(Instant::now(), MAX_PAYLOAD)
                 .window();
             assert!(
-                window >= 3 * u64::from(LOOPBACK_PAYLOAD),
+                window >= 3 * u64::from(MAX_PAYLOAD),
                 "{congestion:?}: {window}"
             );
         }
@@ -1331,7 +1335,7 @@ mod tests {
                 congestion,
                 ..QuicConfig::default()
             };
-            controller(&cfg, model, false)
+            controller(&cfg, model, None)
                 .build(Instant::now(), 1200)
                 .window()
         };

@@ -1046,7 +1046,12 @@ impl State {
                 Some(t) => t,
                 None => {
                     self.send_buffer.clear();
-                    self.send_buffer.reserve(self.inner.current_mtu() as usize);
+                    let mtu = self.inner.current_mtu() as usize;
+                    self.send_buffer.reserve(mtu);
+                    // quicar: a batch is one UDP send, which the kernel takes only up to
+                    // 64 KiB, IP and UDP headers included: ten 9,000-byte datagrams would fail
+                    // with EMSGSIZE, a 64 KiB one goes alone.
+                    let max_datagrams = max_datagrams.min(MAX_BATCH_BYTES / mtu).max(1);
                     match self
                         .inner
                         .poll_transmit(now, max_datagrams, &mut self.send_buffer)
@@ -1363,3 +1368,7 @@ const MAX_TRANSMIT_DATAGRAMS: usize = 20;
 /// memory allocations when calling `poll_transmit()`. Benchmarks have shown
 /// that numbers around 10 are a good compromise.
 const MAX_TRANSMIT_SEGMENTS: usize = 10;
+
+/// quicar: the most UDP payload one send may carry: an IPv4 packet's 65,535 bytes less its
+/// 20-byte header and the 8-byte UDP header (IPv6 allows 20 more).
+const MAX_BATCH_BYTES: usize = 65_507;
