@@ -1360,14 +1360,22 @@ pub enum SendDatagramError {
 ///
 /// This limits the amount of CPU resources consumed by datagram generation,
 /// and allows other tasks (like receiving ACKs) to run in between.
-const MAX_TRANSMIT_DATAGRAMS: usize = 20;
+///
+/// quicar: two batches of `MAX_TRANSMIT_SEGMENTS`, where quinn has two of its 10.
+const MAX_TRANSMIT_DATAGRAMS: usize = 88;
 
 /// The maximum amount of datagrams that are sent in a single transmit
 ///
 /// This can be lower than the maximum platform capabilities, to avoid excessive
 /// memory allocations when calling `poll_transmit()`. Benchmarks have shown
 /// that numbers around 10 are a good compromise.
-const MAX_TRANSMIT_SEGMENTS: usize = 10;
+///
+/// quicar: 44, as many 1,472-byte datagrams as one send carries (`MAX_BATCH_BYTES`), where
+/// quinn has 10: on a 1,500-byte veth link, 1 MiB downloads 8 at once moved 1.06-1.19 x the
+/// requests at 0.81-0.93 x the CPU per GB (BENCHMARKS.md, seventeenth session of round 2).
+/// The buffer it needs is 64 KiB per connection, which a loopback connection's 64 KiB
+/// datagram needed already.
+const MAX_TRANSMIT_SEGMENTS: usize = 44;
 
 /// quicar: the most UDP payload one send may carry: an IPv4 packet's 65,535 bytes less its
 /// 20-byte header and the 8-byte UDP header (IPv6 allows 20 more).
