@@ -338,18 +338,20 @@ impl Netns {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// A veth link with `mtu` from this namespace (`v0`, 198.18.0.1) to `other` (`v1`,
-    /// 198.18.0.2), and both namespaces' loopback up.
+    /// A veth link with `mtu` from this namespace (`v0`, 198.18.0.1 and 2001:2::1, the
+    /// benchmarking ranges) to `other` (`v1`, 198.18.0.2 and 2001:2::2), and both namespaces'
+    /// loopback up.
     fn link(&self, other: &Self, mtu: &str) {
         self.run(&[
             "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
         ]);
         self.run(&["ip", "link", "set", "v1", "netns", &other.0]);
-        for (ns, dev, addr) in [
-            (self, "v0", "198.18.0.1/24"),
-            (other, "v1", "198.18.0.2/24"),
+        for (ns, dev, v4, v6) in [
+            (self, "v0", "198.18.0.1/24", "2001:2::1/64"),
+            (other, "v1", "198.18.0.2/24", "2001:2::2/64"),
         ] {
-            ns.run(&["ip", "addr", "add", addr, "dev", dev]);
+            ns.run(&["ip", "addr", "add", v4, "dev", dev]);
+            ns.run(&["ip", "-6", "addr", "add", v6, "dev", dev, "nodad"]);
             ns.run(&["ip", "link", "set", dev, "mtu", mtu, "up"]);
             ns.run(&["ip", "link", "set", "lo", "up"]);
         }
@@ -380,14 +382,14 @@ impl Netns {
         }
     }
 
-    /// The datagrams the client sidecar from `across` has received from its peer (its metric,
-    /// sampled each second).
-    fn received_datagrams(&self) -> f64 {
-        let series = "quicar_quic_received_datagrams_total{peer=\"198.18.0.2:14443\"}";
+    /// The datagrams the client sidecar from `across` has received from its peer at `peer`
+    /// (its metric, sampled each second).
+    fn received_datagrams(&self, peer: &str) -> f64 {
+        let series = format!("quicar_quic_received_datagrams_total{{peer=\"{peer}\"}}");
         let read = || {
             let m = self.run(&["curl", "-sS", "-m", "5", &format!("http://{ADMIN}/metrics")]);
             m.lines()
-                .find_map(|l| l.strip_prefix(series))
+                .find_map(|l| l.strip_prefix(series.as_str()))
                 .map_or(0.0, |v| v.trim().parse().unwrap())
         };
         // Keep-alives move it a little: two samples after the downloads it covers them.
@@ -511,20 +513,24 @@ fn a_full_udp_send_buffer_is_waited_out_and_loses_nothing() {
 /// in under 1,000 datagrams, where 1,452-byte ones take 2,900. The server's sends also pass
 /// the bound on one UDP send's size: quinn batches up to ten datagrams (GSO), 90 KB of these,
 /// which the kernel refuses.
+/// Over IPv4 (the route's `IP_MTU`) and IPv6 (the MTU of the interface that holds the source
+/// address) alike.
 #[test]
 #[ignore = "needs ip (and root): apt-get install iproute2"]
 fn sidecars_on_a_jumbo_frame_link_carry_a_download_in_jumbo_datagrams() {
-    let (a, b) = (Netns::named("a"), Netns::named("b"));
-    a.link(&b, "9000");
-    let (_pki, out, _sidecars) = across(&a, &b, "");
-    a.downloads(&out, 1, 1 << 20);
-    let before = a.received_datagrams();
-    a.downloads(&out, 4, 1 << 20);
-    let datagrams = a.received_datagrams() - before;
-    assert!(
-        ((4 << 20) as f64 / 8_952.0..1_000.0).contains(&datagrams),
-        "{datagrams} datagrams for 4 MiB"
-    );
+    for server in ["198.18.0.2:14443", "[2001:2::2]:14443"] {
+        let (a, b) = (Netns::named("a"), Netns::named("b"));
+        a.link(&b, "9000");
+        let (_pki, out, _sidecars) = across(&a, &b, "", server);
+        a.downloads(&out, 1, 1 << 20);
+        let before = a.received_datagrams(server);
+        a.downloads(&out, 4, 1 << 20);
+        let datagrams = a.received_datagrams(server) - before;
+        assert!(
+            ((4 << 20) as f64 / 8_952.0..1_000.0).contains(&datagrams),
+            "{server}: {datagrams} datagrams for 4 MiB"
+        );
+    }
 }
 
 /// Failure scope of the jumbo datagrams: a link whose interfaces claim 9,000 bytes while a
@@ -554,11 +560,12 @@ fn a_hop_that_drops_jumbo_frames_leaves_downloads_whole() {
         "counter", "drop",
     ]);
     let no_gso = "[quic]\nsegmentation_offload = false\n";
-    let (_pki, out, _sidecars) = across(&a, &b, no_gso);
+    let server = "198.18.0.2:14443";
+    let (_pki, out, _sidecars) = across(&a, &b, no_gso, server);
     a.downloads(&out, 1, 1 << 20);
-    let before = a.received_datagrams();
+    let before = a.received_datagrams(server);
     a.downloads(&out, 4, 1 << 20);
-    let datagrams = a.received_datagrams() - before;
+    let datagrams = a.received_datagrams(server) - before;
     let rules = a.run(&["nft", "list", "chain", "inet", "t", "in"]);
     let dropped: u64 = rules
         .split_whitespace()
@@ -579,10 +586,10 @@ fn a_hop_that_drops_jumbo_frames_leaves_downloads_whole() {
 /// The admin address of the sidecars `across` starts (each in its own namespace).
 const ADMIN: &str = "127.0.0.1:19901";
 
-/// A server sidecar (with the benchmark backend) in `b` at 198.18.0.2 and a client sidecar
-/// in `a` that calls it, both with `extra` config; returns the PKI, the client's outbound
-/// address and both sidecars.
-fn across(a: &Netns, b: &Netns, extra: &str) -> (Pki, String, (Reaper, Reaper)) {
+/// A server sidecar (with the benchmark backend) in `b` listening on `server` and a client
+/// sidecar in `a` that calls it, both with `extra` config; returns the PKI, the client's
+/// outbound address and both sidecars.
+fn across(a: &Netns, b: &Netns, extra: &str, server: &str) -> (Pki, String, (Reaper, Reaper)) {
     let pki = Pki::new();
     let admin = |toml: String| {
         let any = "[admin]\nlisten = \"127.0.0.1:0\"";
@@ -593,9 +600,9 @@ fn across(a: &Netns, b: &Netns, extra: &str) -> (Pki, String, (Reaper, Reaper)) 
         )
     };
     let backend = "127.0.0.1:18080";
-    let server_toml = server_toml(&pki, backend.parse().unwrap(), "198.18.0.2:14443", "");
-    let (server, _) = b.node(&pki, "server", &admin(server_toml), Some(backend));
-    let client_toml = client_toml(&pki, &["198.18.0.2:14443".parse().unwrap()], "");
+    let server_toml = server_toml(&pki, backend.parse().unwrap(), server, "");
+    let (far, _) = b.node(&pki, "server", &admin(server_toml), Some(backend));
+    let client_toml = client_toml(&pki, &[server.parse().unwrap()], "");
     let (client, out) = a.node(&pki, "client", &admin(client_toml), None);
-    (pki, out, (server, client))
+    (pki, out, (far, client))
 }
