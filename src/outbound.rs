@@ -129,6 +129,7 @@ impl Outbound {
                                 .as_ref()
                                 .and_then(|s| s.rtt)
                                 .map(|rtt| rtt.as_secs_f64() * 1000.0),
+                            datagram_bytes: state.as_ref().and_then(|s| s.datagram_bytes),
                             in_flight: state.as_ref().map_or(0, |s| s.in_flight),
                             handshake_rtt_ms: (transport == Transport::Quic)
                                 .then(|| self.clients.handshake_rtt(ep).as_secs_f64() * 1000.0),
@@ -224,6 +225,9 @@ pub(crate) struct EndpointView {
     transport: Transport,
     connected: bool,
     rtt_ms: Option<f64>,
+    /// QUIC: the largest UDP payload the live connection sends, as its MTU discovery found
+    /// it (64 KiB less headers between sidecars on one host, up to the route's MTU elsewhere).
+    datagram_bytes: Option<u16>,
     in_flight: usize,
     /// QUIC: the initial RTT of the next handshake with the endpoint (the RTT its last
     /// connection measured; a lost handshake packet is sent again after three of these).

@@ -794,6 +794,7 @@ impl Pool {
         Some(ConnState {
             alive,
             rtt: alive.then(|| c.conn.rtt()),
+            datagram_bytes: alive.then(|| c.conn.stats().path.current_mtu),
             in_flight: c.usage.in_flight(),
             close_reason: c.conn.close_reason().map(|r| r.to_string()),
         })

@@ -359,6 +359,7 @@ impl Pool {
         Some(ConnState {
             alive: c.is_alive(),
             rtt: None,
+            datagram_bytes: None,
             in_flight: c.usage.in_flight(),
             close_reason,
         })

@@ -95,6 +95,8 @@ impl SendError {
 pub(crate) struct ConnState {
     pub(crate) alive: bool,
     pub(crate) rtt: Option<Duration>,
+    /// QUIC: the largest UDP payload the connection sends now (what MTU discovery found).
+    pub(crate) datagram_bytes: Option<u16>,
     pub(crate) in_flight: usize,
     pub(crate) close_reason: Option<String>,
 }

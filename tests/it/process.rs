@@ -397,6 +397,17 @@ impl Netns {
         read()
     }
 
+    /// The largest UDP payload the client sidecar from `across` sends to its one endpoint
+    /// (`/endpoints`' `datagram_bytes`).
+    fn datagram_bytes(&self) -> u64 {
+        let url = format!("http://{ADMIN}/endpoints");
+        let body = self.run(&["curl", "-sS", "-m", "5", &url]);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v[0]["endpoints"][0]["datagram_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no datagram_bytes in {body}"))
+    }
+
     /// `quicar internal node` in the namespace; returns it and the outbound address it printed.
     fn node(&self, pki: &Pki, name: &str, toml: &str, backend: Option<&str>) -> (Reaper, String) {
         let path = pki.path().join(format!("{name}.toml"));
@@ -529,6 +540,12 @@ fn sidecars_on_a_jumbo_frame_link_carry_a_download_in_jumbo_datagrams() {
         assert!(
             ((4 << 20) as f64 / 8_952.0..1_000.0).contains(&datagrams),
             "{server}: {datagrams} datagrams for 4 MiB"
+        );
+        // The caller's own sends found the route's MTU too (less 28 or 48 bytes of headers).
+        let sent = a.datagram_bytes();
+        assert!(
+            (1_473..=8_972).contains(&sent),
+            "{server}: {sent}-byte datagrams"
         );
     }
 }

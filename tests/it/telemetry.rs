@@ -267,6 +267,13 @@ async fn admin_api_answers() {
     assert_eq!(ep["transport"], "quic");
     assert_eq!(ep["connected"], true, "{after}");
     assert!(ep["rtt_ms"].as_f64().is_some());
+    // Sidecars on one host send the loopback MTU's datagrams from the start.
+    let lo: u64 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(ep["datagram_bytes"], lo.min(65_535) - 28, "{after}");
 
     let missing = admin_get(admin, "/nope").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
