@@ -118,9 +118,9 @@ const ETHERNET_PAYLOAD: u16 = 1_452;
 /// The transport of a connection to `peer`, where it differs from `transport_config`'s, or
 /// `None`:
 ///
-/// - Over a route whose MTU allows datagrams larger than Ethernet's (`mtu::route_payload`),
-///   quinn's MTU discovery may probe up to it: 9,000-byte frames carry six times the bytes a
-///   datagram. Over loopback (a peer on the same host) the route is the whole path, so
+/// - quinn's MTU discovery probes up to the route's MTU (`mtu::route_payload`,
+///   `discovery_bound`): 9,000-byte frames carry six times the bytes a datagram, and a tunnel
+///   with a smaller MTU gets no probes that cannot leave the host. Over loopback (a peer on the same host) the route is the whole path, so
 ///   datagrams start at that size, 64 KiB on Linux: a 16 KiB response is one datagram instead
 ///   of twelve. Elsewhere they start at 1,200 bytes and quinn keeps the largest probe that
 ///   arrives; if its black-hole detection later drops to 1,200 (large datagrams lost while
@@ -133,7 +133,7 @@ fn path_transport(
     peer: SocketAddr,
     path: Option<Path>,
 ) -> Option<quinn::TransportConfig> {
-    let payload = mtu::route_payload(peer).filter(|&p| p > ETHERNET_PAYLOAD);
+    let payload = discovery_bound(mtu::route_payload(peer));
     if payload.is_none() && path.is_none() {
         return None;
     }
@@ -145,7 +145,7 @@ fn path_transport(
         t.mtu_discovery_config(Some(mtud));
         if is_loopback(peer) {
             t.initial_mtu(payload);
-            first = Some(payload);
+            first = Some(payload).filter(|&p| p > ETHERNET_PAYLOAD);
         }
     }
     let model = path.and_then(|p| p.model);
@@ -158,6 +158,17 @@ fn path_transport(
     t.congestion_controller_factory(controller(cfg, model, first));
     Some(t)
 }
+
+/// The bound of MTU discovery over a route that allows `route` bytes of UDP payload, where it
+/// differs from quinn's (`ETHERNET_PAYLOAD`). Below that too: over a tunnel (a 1,420-byte
+/// WireGuard MTU, say) probes past the route's MTU fail at the sender (`EMSGSIZE`) and are
+/// wasted. `None` under QUIC's minimum of 1,200 bytes, which discovery cannot go below.
+fn discovery_bound(route: Option<u16>) -> Option<u16> {
+    route.filter(|&p| p >= QUIC_MIN_PAYLOAD && p != ETHERNET_PAYLOAD)
+}
+
+/// The smallest datagram QUIC allows a path (RFC 9000 §14), where quinn starts.
+const QUIC_MIN_PAYLOAD: u16 = 1_200;
 
 fn is_loopback(peer: SocketAddr) -> bool {
     peer.ip().to_canonical().is_loopback()
@@ -1303,6 +1314,18 @@ mod tests {
         paths.0.lock().unwrap().insert(addr, remembered(old));
         let path = paths.recall(addr).expect("remembered");
         assert_eq!((path.rtt, path.model), (Duration::from_millis(52), None));
+    }
+
+    #[test]
+    fn discovery_is_bounded_by_the_route_wherever_quic_allows() {
+        // Jumbo frames, IPv4 over Ethernet, a WireGuard tunnel: the route's payload.
+        for p in [8_972, 1_472, 1_372, 1_200] {
+            assert_eq!(discovery_bound(Some(p)), Some(p));
+        }
+        // quinn's own bound already; below QUIC's minimum; no route known.
+        for route in [Some(ETHERNET_PAYLOAD), Some(1_199), Some(0), None] {
+            assert_eq!(discovery_bound(route), None, "{route:?}");
+        }
     }
 
     #[test]

@@ -600,6 +600,26 @@ fn a_hop_that_drops_jumbo_frames_leaves_downloads_whole() {
     );
 }
 
+/// A link with a smaller MTU than Ethernet's (1,400 bytes, as a tunnel's): downloads arrive
+/// whole, and the caller's datagrams stay within the route (at most 1,372 bytes of payload):
+/// the route bounds discovery downwards too, and nothing starts above it.
+#[test]
+#[ignore = "needs ip (and root): apt-get install iproute2"]
+fn a_link_with_a_tunnels_mtu_carries_downloads_within_it() {
+    let (a, b) = (Netns::named("a"), Netns::named("b"));
+    a.link(&b, "1400");
+    let server = "198.18.0.2:14443";
+    let (_pki, out, _sidecars) = across(&a, &b, "", server);
+    a.downloads(&out, 4, 1 << 20);
+    let datagrams = a.received_datagrams(server);
+    assert!(
+        datagrams >= (4 << 20) as f64 / 1_372.0,
+        "{datagrams} datagrams for 4 MiB"
+    );
+    let sent = a.datagram_bytes();
+    assert!((1_200..=1_372).contains(&sent), "{sent}-byte datagrams");
+}
+
 /// The admin address of the sidecars `across` starts (each in its own namespace).
 const ADMIN: &str = "127.0.0.1:19901";
 
