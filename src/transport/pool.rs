@@ -90,6 +90,11 @@ struct Handshake<C> {
 struct State<C> {
     ready: Vec<C>,
     connecting: Vec<Handshake<C>>,
+    /// The stream limit the last connection to leave the slot had: what a handshake expects
+    /// when no live connection says. HTTP/2 hears a peer's limit in its SETTINGS, a round
+    /// trip after the handshake, so without it a burst after a reconnect (an idle close, a
+    /// peer's restart) all waited on one new connection, past a lower limit of the peer's.
+    last_limit: Option<usize>,
 }
 
 impl<C> Default for State<C> {
@@ -97,7 +102,23 @@ impl<C> Default for State<C> {
         Self {
             ready: Vec::new(),
             connecting: Vec::new(),
+            last_limit: None,
         }
+    }
+}
+
+impl<C: Pooled> State<C> {
+    /// Drops the connections `keep` refuses, remembering the stream limit of the last (a
+    /// limit of 0, a peer refusing streams for now, is not one to plan by).
+    fn retain(&mut self, mut keep: impl FnMut(&C) -> bool) {
+        let last_limit = &mut self.last_limit;
+        self.ready.retain(|c| {
+            let kept = keep(c);
+            if !kept {
+                *last_limit = Some(c.stream_limit()).filter(|&n| n > 0).or(*last_limit);
+            }
+            kept
+        });
     }
 }
 
@@ -155,7 +176,8 @@ impl<C: Pooled + Sync> Slots<C> {
     /// and long-lived ones, event streams, long polls, would hold every later request to the
     /// peer until they end). Should that handshake fail, the full connection is used. A
     /// handshake, likewise, takes at most a connection's worth of waiting requests (the limit
-    /// of the peer's live connections, else `streams`, the limit expected): a burst beyond
+    /// of the peer's live connections, else the one its last connection had, else `streams`,
+    /// the limit expected): a burst beyond
     /// that, as when a peer comes back to many callers, starts another handshake beside it,
     /// and the requests a new connection turns out to have no streams for go on to another.
     /// At most `MAX_CONNECTIONS` per peer: past that, a request waits for a stream on the
@@ -187,7 +209,7 @@ impl<C: Pooled + Sync> Slots<C> {
                     }
                     (live, limit) = (live + 1, Some(c.stream_limit()));
                 }
-                let limit = limit.unwrap_or(streams);
+                let limit = limit.or(g.last_limit).unwrap_or(streams);
                 let spare = g
                     .connecting
                     .iter()
@@ -239,7 +261,7 @@ impl<C: Pooled + Sync> Slots<C> {
             let mut g = slot.lock().expect("not poisoned");
             if let Some(i) = g.connecting.iter().position(|h| h.n == n) {
                 g.connecting.swap_remove(i);
-                g.ready.retain(Pooled::is_alive);
+                g.retain(Pooled::is_alive);
                 if let Ok(c) = &result {
                     g.ready.push(c.clone());
                 }
@@ -299,10 +321,7 @@ impl<C: Pooled + Sync> Slots<C> {
     /// Drops from the slot the connections `which` picks.
     pub(crate) fn evict(&self, addr: SocketAddr, id: &PeerId, which: impl Fn(&C) -> bool) {
         if let Some(slot) = self.existing(addr, id) {
-            slot.lock()
-                .expect("not poisoned")
-                .ready
-                .retain(|c| !which(c));
+            slot.lock().expect("not poisoned").retain(|c| !which(c));
         }
     }
 
@@ -320,7 +339,7 @@ impl<C: Pooled + Sync> Slots<C> {
     /// Drops dead connections, and live ones that carried no request for `idle`.
     pub(crate) fn sweep(&self, idle: Duration) {
         for (_, slot) in self.all() {
-            slot.lock().expect("not poisoned").ready.retain(|c| {
+            slot.lock().expect("not poisoned").retain(|c| {
                 if !c.is_alive() {
                     return false;
                 }

@@ -1925,6 +1925,37 @@ crate::over_transports! {
         }
     }
 
+    async fn a_burst_after_a_reconnect_is_spread_by_the_limit_the_peer_last_gave(t) {
+        // The peer allows 4 streams, the caller 1,024. HTTP/2 hears the peer's limit in its
+        // SETTINGS a round trip after the handshake (QUIC in the handshake), so a burst on a
+        // new connection waited there past the peer's limit: after an idle close (or a
+        // peer's restart) the pool now plans by the limit the last connection had.
+        let idle = "[quic]\nidle_timeout = \"200ms\"";
+        let pair = Pair::over_with(t, idle, "\n[quic]\nmax_concurrent_streams = 4\n").await;
+        let out = pair.out();
+        assert_eq!(get(out, "hello", "/").await.status, StatusCode::OK);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pair.client.connections_active(wire(t)) > 0 {
+            assert!(std::time::Instant::now() < deadline, "the idle connection stayed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let starts: Vec<_> = (0..12)
+            .map(|_| tokio::spawn(start_stream(out, 1 << 30, 1024)))
+            .collect();
+        let started = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(starts),
+        )
+        .await
+        .expect("a long-lived request of the burst waited for a stream");
+        let mut held: Vec<_> = started.into_iter().map(Result::unwrap).collect();
+        // The first connection, then three for the burst.
+        assert_eq!(pair.client.connections_opened(wire(t)), 4);
+        for s in &mut held {
+            read_some(s, 1 << 20).await;
+        }
+    }
+
     async fn callers_that_give_up_waiting_for_a_handshake_leave_no_count_behind(t) {
         // Requests that wait for a handshake are counted on the connection-to-be: a caller
         // that hangs up meanwhile must free its place, or the connection looks full when it
