@@ -250,6 +250,7 @@ impl Telemetry {
         peer: &str,
         rtt: Duration,
         cwnd: u64,
+        datagram: u16,
         lost: u64,
         sent: u64,
         received: u64,
@@ -257,6 +258,7 @@ impl Telemetry {
         let labels = [("peer", peer.to_string())];
         self.gauge(QUIC_RTT, &labels).set(rtt.as_secs_f64());
         self.gauge(QUIC_CWND, &labels).set(cwnd as f64);
+        self.gauge(QUIC_DATAGRAM, &labels).set(f64::from(datagram));
         self.counter(QUIC_LOST, &labels).increment(lost);
         self.counter(QUIC_SENT, &labels).increment(sent);
         self.counter(QUIC_RECEIVED, &labels).increment(received);

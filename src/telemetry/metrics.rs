@@ -13,6 +13,7 @@ pub const CONNECTIONS_ACTIVE: &str = "quicar_connections_active";
 pub const HANDSHAKE_FAILURES: &str = "quicar_handshake_failures_total";
 pub const QUIC_RTT: &str = "quicar_quic_rtt_seconds";
 pub const QUIC_CWND: &str = "quicar_quic_congestion_window_bytes";
+pub const QUIC_DATAGRAM: &str = "quicar_quic_datagram_bytes";
 pub const QUIC_LOST: &str = "quicar_quic_lost_packets_total";
 pub const QUIC_SENT: &str = "quicar_quic_sent_datagrams_total";
 pub const QUIC_RECEIVED: &str = "quicar_quic_received_datagrams_total";
@@ -63,6 +64,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         QUIC_CWND,
         "gauge",
         "Congestion window of the QUIC connection to a peer endpoint.",
+    ),
+    (
+        QUIC_DATAGRAM,
+        "gauge",
+        "Largest UDP payload the QUIC connection to a peer endpoint sends (as its MTU discovery found it).",
     ),
     (
         QUIC_LOST,

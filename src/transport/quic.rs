@@ -827,6 +827,7 @@ impl Pool {
                 &addr.to_string(),
                 stats.path.rtt,
                 stats.path.cwnd,
+                stats.path.current_mtu,
                 delta(now.0, last.0),
                 delta(now.1, last.1),
                 delta(now.2, last.2),

@@ -237,6 +237,17 @@ async fn sidecars_on_one_host_carry_a_download_in_datagrams_of_up_to_64_kib() {
         (at_least..(4 << 20) as f64 / 1452.0 / 4.0).contains(&datagrams),
         "{datagrams} datagrams for 4 MiB"
     );
+    // The gauge operators watch: the loopback route's payload (65,507 at a 64 KiB MTU).
+    let gauge = format!(
+        "quicar_quic_datagram_bytes{{peer=\"{}\"}}",
+        pair.server.inbound
+    );
+    let lo: f64 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(value(&m, &gauge), Some(lo.min(65_535.0) - 28.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
