@@ -71,6 +71,18 @@ struct RequestHandles {
     bytes_out: Counter,
 }
 
+/// One second's statistics of a QUIC connection to a peer endpoint (`quic_sample`): the
+/// path's state now, and the packets counted since the last sample.
+pub struct QuicSample {
+    pub rtt: Duration,
+    pub cwnd: u64,
+    /// The largest UDP payload the connection sends (its MTU discovery's result).
+    pub datagram: u16,
+    pub lost: u64,
+    pub sent: u64,
+    pub received: u64,
+}
+
 impl Telemetry {
     pub fn new(access: &AccessLogConfig) -> Result<Arc<Self>, std::io::Error> {
         let recorder = PrometheusBuilder::new()
@@ -245,27 +257,19 @@ impl Telemetry {
     }
 
     /// QUIC path statistics of a peer endpoint's connection, sampled once a second.
-    pub fn quic_sample(
-        &self,
-        peer: &str,
-        rtt: Duration,
-        cwnd: u64,
-        datagram: u16,
-        lost: u64,
-        sent: u64,
-        received: u64,
-    ) {
+    pub fn quic_sample(&self, peer: &str, s: &QuicSample) {
         let labels = [("peer", peer.to_string())];
-        self.gauge(QUIC_RTT, &labels).set(rtt.as_secs_f64());
-        self.gauge(QUIC_CWND, &labels).set(cwnd as f64);
-        self.gauge(QUIC_DATAGRAM, &labels).set(f64::from(datagram));
-        self.counter(QUIC_LOST, &labels).increment(lost);
-        self.counter(QUIC_SENT, &labels).increment(sent);
-        self.counter(QUIC_RECEIVED, &labels).increment(received);
+        self.gauge(QUIC_RTT, &labels).set(s.rtt.as_secs_f64());
+        self.gauge(QUIC_CWND, &labels).set(s.cwnd as f64);
+        self.gauge(QUIC_DATAGRAM, &labels)
+            .set(f64::from(s.datagram));
+        self.counter(QUIC_LOST, &labels).increment(s.lost);
+        self.counter(QUIC_SENT, &labels).increment(s.sent);
+        self.counter(QUIC_RECEIVED, &labels).increment(s.received);
         self.live
             .lock()
             .expect("not poisoned")
-            .peer(peer, rtt, cwnd, lost, sent);
+            .peer(peer, s.rtt, s.cwnd, s.lost, s.sent);
     }
 
     pub fn cache_bytes(&self, service: &str, bytes: u64) {

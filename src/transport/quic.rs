@@ -823,15 +823,15 @@ impl Pool {
             let mut last = c.sampled.lock().expect("not poisoned");
             let delta = |a: u64, b: u64| a.saturating_sub(b);
             // Labelled by the configured endpoint address: bounded, and as the user wrote it.
-            self.tel.quic_sample(
-                &addr.to_string(),
-                stats.path.rtt,
-                stats.path.cwnd,
-                stats.path.current_mtu,
-                delta(now.0, last.0),
-                delta(now.1, last.1),
-                delta(now.2, last.2),
-            );
+            let sample = crate::telemetry::QuicSample {
+                rtt: stats.path.rtt,
+                cwnd: stats.path.cwnd,
+                datagram: stats.path.current_mtu,
+                lost: delta(now.0, last.0),
+                sent: delta(now.1, last.1),
+                received: delta(now.2, last.2),
+            };
+            self.tel.quic_sample(&addr.to_string(), &sample);
             *last = now;
         }
     }
