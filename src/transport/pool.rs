@@ -177,9 +177,9 @@ impl<C: Pooled + Sync> Slots<C> {
     /// peer until they end). Should that handshake fail, the full connection is used. A
     /// handshake, likewise, takes at most a connection's worth of waiting requests (the limit
     /// of the peer's live connections, else the one its last connection had, else `streams`,
-    /// the limit expected): a burst beyond
-    /// that, as when a peer comes back to many callers, starts another handshake beside it,
-    /// and the requests a new connection turns out to have no streams for go on to another.
+    /// the limit expected): a burst beyond that, as when a peer comes back to many callers,
+    /// starts another handshake beside it, and the requests a new connection turns out to
+    /// have no streams for go on to another.
     /// At most `MAX_CONNECTIONS` per peer: past that, a request waits for a stream on the
     /// least busy one. `connect` gets the usage its connection must carry, where the
     /// requests that waited for it are already counted.

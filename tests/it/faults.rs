@@ -676,6 +676,21 @@ async fn stopped_downloads(out: std::net::SocketAddr, n: usize) -> Vec<tokio::ne
     held
 }
 
+/// Starts `n` stopped downloads through `out` at once, as a burst (where `stopped_downloads`
+/// starts them one after another); asserts all started within 30 s.
+async fn burst_of_downloads(out: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let starts: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(start_stream(out, 1 << 30, 1024)))
+        .collect();
+    let started = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(starts),
+    )
+    .await
+    .expect("a long-lived request of the burst waited for a stream");
+    started.into_iter().map(Result::unwrap).collect()
+}
+
 /// Sends `n` requests at once through `out` (`GET {prefix}{i}`) and asserts each is answered
 /// 200 within 30 s; `held` says what would have held them.
 async fn all_answered(out: std::net::SocketAddr, n: usize, prefix: &str, held: &str) {
@@ -1904,16 +1919,7 @@ crate::over_transports! {
         let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
         let pair = Pair::over_with(t, limit, limit).await;
         let out = pair.out();
-        let starts: Vec<_> = (0..12)
-            .map(|_| tokio::spawn(start_stream(out, 1 << 30, 1024)))
-            .collect();
-        let started = tokio::time::timeout(
-            Duration::from_secs(30),
-            futures_util::future::join_all(starts),
-        )
-        .await
-        .expect("a long-lived request of the burst waited for a stream");
-        let mut held: Vec<_> = started.into_iter().map(Result::unwrap).collect();
+        let mut held = burst_of_downloads(out, 12).await;
         // Twelve requests, four streams a connection: three connections, not more.
         assert_eq!(pair.client.connections_opened(wire(t)), 3);
         // All three are full: one more request opens a fourth.
@@ -1939,16 +1945,7 @@ crate::over_transports! {
             assert!(std::time::Instant::now() < deadline, "the idle connection stayed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let starts: Vec<_> = (0..12)
-            .map(|_| tokio::spawn(start_stream(out, 1 << 30, 1024)))
-            .collect();
-        let started = tokio::time::timeout(
-            Duration::from_secs(30),
-            futures_util::future::join_all(starts),
-        )
-        .await
-        .expect("a long-lived request of the burst waited for a stream");
-        let mut held: Vec<_> = started.into_iter().map(Result::unwrap).collect();
+        let mut held = burst_of_downloads(out, 12).await;
         // The first connection, then three for the burst.
         assert_eq!(pair.client.connections_opened(wire(t)), 4);
         for s in &mut held {
