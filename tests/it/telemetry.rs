@@ -431,7 +431,10 @@ async fn gone_peer_after_a_remembered_path(with_model: bool) {
     .await;
     let admin = client.admin;
     let got = if with_model {
-        post(client.outbound, "/sink", body(pattern(16 << 20), true)).await
+        // 64 MiB, as in the path-model test above: over loopback a 16 MiB upload can end
+        // while BBR is still in STARTUP (its sends are flow-control bound and count as
+        // app-limited), and then no model is left (1 run in 3 failed so).
+        post(client.outbound, "/sink", body(pattern(64 << 20), true)).await
     } else {
         get(client.outbound, "hello", "/").await
     };
