@@ -120,11 +120,12 @@ const ETHERNET_PAYLOAD: u16 = 1_452;
 ///
 /// - quinn's MTU discovery probes up to the route's MTU (`mtu::route_payload`,
 ///   `discovery_bound`): 9,000-byte frames carry six times the bytes a datagram, and a tunnel
-///   with a smaller MTU gets no probes that cannot leave the host. Over loopback (a peer on the same host) the route is the whole path, so
-///   datagrams start at that size, 64 KiB on Linux: a 16 KiB response is one datagram instead
-///   of twelve. Elsewhere they start at 1,200 bytes and quinn keeps the largest probe that
-///   arrives; if its black-hole detection later drops to 1,200 (large datagrams lost while
-///   small ones pass), it searches again after its cooldown.
+///   with a smaller MTU gets no probes that cannot leave the host. Over loopback (a peer on
+///   the same host) the route is the whole path, so datagrams start at that size, 64 KiB on
+///   Linux: a 16 KiB response is one datagram instead of twelve. Elsewhere they start at
+///   1,200 bytes and quinn keeps the largest probe that arrives; if its black-hole detection
+///   later drops to 1,200 (large datagrams lost while small ones pass), it searches again
+///   after its cooldown.
 /// - Over a path a previous connection measured (`Paths`), the handshake starts from its RTT
 ///   and, under BBR, the congestion controller from its model.
 fn path_transport(
