@@ -387,3 +387,87 @@ pub(crate) async fn reap_idle<C: Pooled + Sync>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone)]
+    struct Conn {
+        limit: usize,
+        usage: Arc<Usage>,
+    }
+
+    impl Pooled for Conn {
+        fn is_alive(&self) -> bool {
+            true
+        }
+        fn usage(&self) -> &Arc<Usage> {
+            &self.usage
+        }
+        fn stream_limit(&self) -> usize {
+            self.limit
+        }
+    }
+
+    fn conn(limit: usize) -> Conn {
+        Conn {
+            limit,
+            usage: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn the_limit_remembered_is_the_last_leavers_unless_it_allowed_no_streams() {
+        let mut s = State::default();
+        s.ready.push(conn(4));
+        s.retain(|_| true);
+        assert_eq!(
+            s.last_limit, None,
+            "a connection that stays is not remembered"
+        );
+        s.retain(|_| false);
+        assert_eq!(s.last_limit, Some(4));
+        // A peer that allowed no streams when its connection left (draining, or hostile)
+        // says nothing to plan the next one by.
+        s.ready.push(conn(0));
+        s.retain(|_| false);
+        assert_eq!(s.last_limit, Some(4));
+        s.ready.extend([conn(8), conn(2)]);
+        s.retain(|c| c.limit == 8);
+        assert_eq!(s.last_limit, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_burst_joins_handshakes_by_the_remembered_limit() {
+        let slots = Slots::<Conn>::default();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let id = PeerId::parse("spiffe://quicar.local/peer").unwrap();
+        slots.slot(addr, &id).lock().unwrap().last_limit = Some(2);
+        // Five callers at once and no connection: the handshakes take two waiters each (the
+        // limit the last connection had), not the 1,024 expected of a peer never met. The new
+        // connections say 1,024 themselves, as HTTP/2's do until the peer's SETTINGS come.
+        let (gate, opened) = (
+            Arc::new(tokio::sync::Semaphore::new(0)),
+            AtomicUsize::new(0),
+        );
+        let callers = (0..5).map(|_| {
+            slots.get(addr, &id, 1024, |usage| {
+                opened.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                async move {
+                    let _open = gate.acquire().await;
+                    Ok(Conn { limit: 1024, usage })
+                }
+            })
+        });
+        let release = async {
+            tokio::task::yield_now().await;
+            gate.add_permits(5);
+        };
+        let (got, ()) =
+            futures_util::future::join(futures_util::future::join_all(callers), release).await;
+        assert!(got.iter().all(Result::is_ok));
+        assert_eq!(opened.load(Ordering::SeqCst), 3);
+    }
+}

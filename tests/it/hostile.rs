@@ -601,3 +601,46 @@ async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     assert_eq!(h2_outcome(&pki, inbound, &get).await, "200", "{failures:?}");
     still_serving_without_panics(server, &failures);
 }
+
+/// Between sidecars on one host QUIC starts at 64 KiB datagrams (the route's MTU). A caller
+/// that accepts less (another vendor's HTTP/3 stack says so in its `max_udp_payload_size`, as
+/// small as QUIC's 1,200 bytes) must get none larger: a datagram over its limit would be cut
+/// or dropped by its receiver, and the download would stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_takes_only_small_datagrams_gets_its_download_within_them() {
+    const BYTES: usize = 4 << 20;
+    let pair = Pair::start().await;
+    for limit in [1200u16, 1350] {
+        let mut config = quinn::EndpointConfig::default();
+        config.max_udp_payload_size(limit).unwrap();
+        let (_endpoint, conn) = h3_caller_with(&pair.pki, pair.server.inbound, config).await;
+        let (mut send, driving) = h3_over(conn.clone()).await;
+        let download = async {
+            let req = http::Request::get(format!("https://hello/stream/{BYTES}"))
+                .body(())
+                .unwrap();
+            let mut stream = send.send_request(req).await.unwrap();
+            stream.finish().await.unwrap();
+            assert_eq!(
+                stream.recv_response().await.unwrap().status(),
+                http::StatusCode::OK
+            );
+            let mut got = 0;
+            while let Some(chunk) = stream.recv_data().await.unwrap() {
+                got += bytes::Buf::remaining(&chunk);
+            }
+            got
+        };
+        let got = tokio::time::timeout(Duration::from_secs(30), download)
+            .await
+            .expect("the download stalled");
+        assert_eq!(got, BYTES, "at {limit} bytes");
+        let rx = conn.stats().udp_rx;
+        assert!(rx.bytes >= BYTES as u64, "{rx:?}");
+        assert!(
+            rx.bytes <= rx.datagrams * u64::from(limit),
+            "datagrams over the caller's {limit} bytes: {rx:?}"
+        );
+        driving.abort();
+    }
+}

@@ -104,8 +104,19 @@ fn caller_tls(pki: &Pki, alpn: &[u8]) -> rustls::ClientConfig {
 /// sends whatever a peer sidecar (or a hostile one) could. The endpoint is returned with the
 /// connection, which lives as long as it does.
 pub async fn h3_caller(pki: &Pki, inbound: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    h3_caller_with(pki, inbound, quinn::EndpointConfig::default()).await
+}
+
+/// `h3_caller` from an endpoint of the given config (what it tells the sidecar it accepts).
+pub async fn h3_caller_with(
+    pki: &Pki,
+    inbound: SocketAddr,
+    config: quinn::EndpointConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(caller_tls(pki, b"h3")).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let mut endpoint = quinn::Endpoint::new(config, None, socket, runtime).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
     let conn = endpoint.connect(inbound, "hello").unwrap().await.unwrap();
     (endpoint, conn)
@@ -122,13 +133,24 @@ pub async fn h3_client(
     tokio::task::JoinHandle<()>,
 ) {
     let (endpoint, conn) = h3_caller(pki, inbound).await;
+    let (send, driving) = h3_over(conn).await;
+    (endpoint, send, driving)
+}
+
+/// An HTTP/3 client on `conn`, driven by a spawned task (abort it when done).
+pub async fn h3_over(
+    conn: quinn::Connection,
+) -> (
+    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
     let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
         .await
         .unwrap();
     let driving = tokio::spawn(async move {
         std::future::poll_fn(|cx| driver.poll_close(cx)).await;
     });
-    (endpoint, send, driving)
+    (send, driving)
 }
 
 /// A TLS connection to a sidecar's TCP inbound listener as the `web` identity, ALPN `h2`.
