@@ -182,7 +182,8 @@ impl<C: Pooled + Sync> Slots<C> {
     /// have no streams for go on to another.
     /// At most `MAX_CONNECTIONS` per peer: past that, a request waits for a stream on the
     /// least busy one. `connect` gets the usage its connection must carry, where the
-    /// requests that waited for it are already counted.
+    /// requests that waited for it are already counted, and the peer's stream limit when a
+    /// live or earlier connection told it (`None` for a peer this pool has not met).
     pub(crate) async fn get<F, Fut>(
         &self,
         addr: SocketAddr,
@@ -191,7 +192,7 @@ impl<C: Pooled + Sync> Slots<C> {
         connect: F,
     ) -> Result<(C, InFlight), ProxyError>
     where
-        F: Fn(Arc<Usage>) -> Fut,
+        F: Fn(Arc<Usage>, Option<usize>) -> Fut,
         Fut: Future<Output = Result<C, ProxyError>> + Send + 'static,
     {
         let slot = self.slot(addr, id);
@@ -209,7 +210,8 @@ impl<C: Pooled + Sync> Slots<C> {
                     }
                     (live, limit) = (live + 1, Some(c.stream_limit()));
                 }
-                let limit = limit.or(g.last_limit).unwrap_or(streams);
+                let known = limit.or(g.last_limit);
+                let limit = known.unwrap_or(streams);
                 let spare = g
                     .connecting
                     .iter()
@@ -247,7 +249,7 @@ impl<C: Pooled + Sync> Slots<C> {
                         let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
                         let usage = Arc::new(Usage::default());
                         let counted = usage.start();
-                        let done = connect(usage.clone()).boxed().shared();
+                        let done = connect(usage.clone(), known).boxed().shared();
                         g.connecting.push(Handshake {
                             n,
                             done: done.clone(),
@@ -452,7 +454,8 @@ mod tests {
             AtomicUsize::new(0),
         );
         let callers = (0..5).map(|_| {
-            slots.get(addr, &id, 1024, |usage| {
+            slots.get(addr, &id, 1024, |usage, known| {
+                assert_eq!(known, Some(2));
                 opened.fetch_add(1, Ordering::SeqCst);
                 let gate = gate.clone();
                 async move {

@@ -847,7 +847,7 @@ impl Pool {
         let addr = ep.address;
         // What a handshake needs is copied only when one starts, not on every request.
         self.slots
-            .get(addr, &ep.identity, self.stream_limit(), |usage| {
+            .get(addr, &ep.identity, self.stream_limit(), |usage, _| {
                 let (this, id, sni) = (self.clone(), ep.identity.clone(), server_name(ep));
                 async move { this.connect(addr, &id, &sni, connect_timeout, usage).await }
             })

@@ -48,6 +48,10 @@ const ALPN_H2: &[u8] = b"h2";
 /// about 2,000 callers hung up mid-download on one connection (test
 /// `faults::a_storm_of_callers_hanging_up_…`); 8,192 over 5 s holds 1,600 hang-ups a second
 /// per connection, for a few MB while a storm lasts.
+/// The streams a new connection may open before the peer's SETTINGS say how many it allows,
+/// when no earlier connection told: h2's default, and the least RFC 9113 §6.5.2 advises a
+/// peer to allow. More would be refused by a peer that allows fewer.
+const UNHEARD_STREAMS: usize = 100;
 const RESET_STREAMS: usize = 8192;
 const RESET_STREAM_TIME: Duration = Duration::from_secs(5);
 
@@ -374,7 +378,7 @@ impl Pool {
         let addr = ep.address;
         // What a handshake needs is copied only when one starts, not on every request.
         self.slots
-            .get(addr, &ep.identity, self.streams, |usage| {
+            .get(addr, &ep.identity, self.streams, |usage, known| {
                 let (this, id, sni) = (
                     self.clone(),
                     ep.identity.clone(),
@@ -383,7 +387,7 @@ impl Pool {
                 async move {
                     match tokio::time::timeout(
                         connect_timeout,
-                        this.connect(addr, &id, &sni, usage),
+                        this.connect(addr, &id, &sni, usage, known),
                     )
                     .await
                     {
@@ -392,7 +396,7 @@ impl Pool {
                             this.tel
                                 .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
                             Err(connect_failed(format!(
-                                "no TLS handshake with peer {addr} (TCP) within {}",
+                                "no TLS handshake and HTTP/2 setup with peer {addr} (TCP) within {}",
                                 humantime::format_duration(connect_timeout)
                             )))
                         }
@@ -413,6 +417,7 @@ impl Pool {
         expected: &PeerId,
         sni: &str,
         usage: Arc<Usage>,
+        known: Option<usize>,
     ) -> Result<H2Conn, ProxyError> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -458,7 +463,7 @@ impl Pool {
             .max_concurrent_reset_streams(RESET_STREAMS)
             .reset_stream_duration(RESET_STREAM_TIME)
             .enable_push(false)
-            .initial_max_send_streams(self.streams)
+            .initial_max_send_streams(known.unwrap_or(self.streams.min(UNHEARD_STREAMS)))
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| connect_failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
@@ -469,6 +474,16 @@ impl Pool {
             .tel
             .connection_opened(Direction::Outbound, Transport::Tcp);
         let (keep_alive, dead_peer) = (self.keep_alive, self.dead_peer);
+        // A burst waits for this handshake and the peer's limit is unknown (the first
+        // connection to it): the peer's SETTINGS are waited for, so the burst is shared out by
+        // that limit. Sent at once, the streams over it would be refused (REFUSED_STREAM),
+        // and their retries, bounded by the budget, could fail.
+        let (settled, settling) = if known.is_none() && usage.in_flight() > 1 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         {
             let (closed, ended) = (closed.clone(), ended.clone());
             tokio::spawn(async move {
@@ -476,7 +491,7 @@ impl Pool {
                 // (then dropping it closes the socket and fails its streams).
                 let r = tokio::select! {
                     r = &mut conn => r.map_err(|e| crate::error::source_chain(&e)),
-                    why = keep_alive_pings(pings, &heard, keep_alive, dead_peer) => Err(why),
+                    why = keep_alive_pings(pings, settled, &heard, keep_alive, dead_peer) => Err(why),
                 };
                 drop(conn);
                 let end = match r {
@@ -501,6 +516,17 @@ impl Pool {
             });
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
+        if let Some(rx) = settling {
+            // The pong comes after the peer's SETTINGS (its first frame), so h2 has applied
+            // them. The caller's connect timeout bounds the wait.
+            rx.await.map_err(|_| {
+                let why = ended.lock().expect("not poisoned").clone();
+                connect_failed(format!(
+                    "peer {addr} closed the connection before its HTTP/2 SETTINGS: {}",
+                    why.map_or_else(|| "closed".into(), |e| e.text)
+                ))
+            })?;
+        }
         Ok(H2Conn {
             send,
             closed,
@@ -761,11 +787,19 @@ async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Opt
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer`.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
+    settled: Option<tokio::sync::oneshot::Sender<()>>,
     heard: &AtomicBool,
     interval: Duration,
     dead_peer: Duration,
 ) -> String {
     let step = interval.min(dead_peer) / 4;
+    if let Some(settled) = settled {
+        // A ping at once: its pong says the peer's SETTINGS have been applied.
+        if let Err(e) = pings.ping(h2::Ping::opaque()).await {
+            return format!("first ping failed: {e}");
+        }
+        let _ = settled.send(());
+    }
     loop {
         tokio::time::sleep(interval).await;
         // Bytes arriving prove the peer alive; only a quiet connection is pinged.

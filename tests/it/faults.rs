@@ -1931,6 +1931,30 @@ crate::over_transports! {
         }
     }
 
+    async fn a_first_burst_to_a_peer_that_allows_fewer_streams_is_spread_by_its_limit(t) {
+        // The caller has never met the peer, which allows 4 streams to its 1,024: QUIC hears
+        // the limit in the handshake, HTTP/2 in the peer's SETTINGS, a round trip later. A
+        // burst of long-lived requests on the first connection must not wait there for streams.
+        let pair = Pair::over_with(t, "", "\n[quic]\nmax_concurrent_streams = 4\n").await;
+        let out = pair.out();
+        let mut held = burst_of_downloads(out, 12).await;
+        assert_eq!(pair.client.connections_opened(wire(t)), 3);
+        for s in &mut held {
+            read_some(s, 1 << 20).await;
+        }
+    }
+
+    async fn a_first_burst_to_a_peer_that_allows_few_streams_has_none_refused(t) {
+        // 150 requests at once to a peer never met that allows 4 streams. Sent before the
+        // peer's HTTP/2 SETTINGS, those over its limit were refused (REFUSED_STREAM), and their
+        // retries, bounded by the budget, failed with 502 (1 run in 2). With no retries at
+        // all, every request must be answered.
+        let no_retries = "retry = { attempts = 1 }";
+        let pair = Pair::over_with(t, no_retries, "\n[quic]\nmax_concurrent_streams = 4\n").await;
+        all_answered(pair.out(), 150, "/cold/", "a request of a cold burst waited").await;
+        assert_eq!(pair.client.connections_opened(wire(t)), 16, "the most to one peer");
+    }
+
     async fn a_burst_after_a_reconnect_is_spread_by_the_limit_the_peer_last_gave(t) {
         // The peer allows 4 streams, the caller 1,024. HTTP/2 hears the peer's limit in its
         // SETTINGS a round trip after the handshake (QUIC in the handshake), so a burst on a
