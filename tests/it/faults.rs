@@ -1605,6 +1605,55 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
     (addr, conns, task)
 }
 
+/// A cold burst waits for the first HTTP/2 connection's SETTINGS: a peer that takes the TLS
+/// handshake and then says nothing (a stuck process, a TLS terminator with nothing behind it)
+/// must fail the whole burst together at the connect timeout, not hold it for the request
+/// timeout, and the sidecar must go on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_connect_timeout() {
+    use std::sync::Arc;
+    init_tracing();
+    let pki = Pki::new();
+    let tls = hello_material(&pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(mut tls) = acceptor.accept(tcp).await {
+                // Reads what comes, writes nothing.
+                held.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+                }));
+            }
+        }
+    });
+    let toml = client_toml(&pki, &[peer], "transport = \"tcp\"\ntimeout = \"60s\"");
+    let client = sidecar(&pki, &toml).await;
+    let out = client.outbound;
+    let calls: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("the burst waited past the connect timeout");
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains("HTTP/2 setup"), "{text}");
+    }
+    client.shutdown().await;
+    silent.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     init_tracing();
