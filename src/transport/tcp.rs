@@ -238,6 +238,8 @@ async fn stream_request(
 struct Ended {
     /// The peer refused our TLS handshake (it sent an alert).
     refused: bool,
+    /// The keep-alive ended it: nothing arrived from the peer for the dead-peer timeout.
+    silent: bool,
     text: String,
 }
 
@@ -489,14 +491,17 @@ impl Pool {
             tokio::spawn(async move {
                 // The connection runs until it ends, or until the peer stops answering pings
                 // (then dropping it closes the socket and fails its streams).
-                let r = tokio::select! {
-                    r = &mut conn => r.map_err(|e| crate::error::source_chain(&e)),
-                    why = keep_alive_pings(pings, settled, &heard, keep_alive, dead_peer) => Err(why),
+                let (r, silent) = tokio::select! {
+                    r = &mut conn => (r.map_err(|e| crate::error::source_chain(&e)), false),
+                    why = keep_alive_pings(pings, settled, &heard, keep_alive, dead_peer) => {
+                        (Err(why), true)
+                    }
                 };
                 drop(conn);
                 let end = match r {
                     Ok(()) => Ended {
                         refused: false,
+                        silent,
                         text: "closed".into(),
                     },
                     // A TLS 1.3 server that refuses our certificate says so with an alert
@@ -506,6 +511,7 @@ impl Pool {
                             *tls_error.lock().expect("not poisoned"),
                             Some(rustls::Error::AlertReceived(_))
                         ),
+                        silent,
                         text,
                     },
                 };
@@ -615,15 +621,28 @@ impl Pool {
                 // end (up to 300 ms) before answering.
                 let stream_only =
                     e.is_reset() && e.is_remote() && !conn.never_answered() && conn.is_alive();
-                let refusal = if stream_only {
+                let end = if stream_only {
                     None
                 } else {
-                    conn.refusal(addr).await
+                    conn.ended().await
                 };
-                let err = match refusal {
-                    Some(r) => r,
+                let err = match end {
+                    Some(r) if r.refused => {
+                        connect_failed(format!("peer {addr} refused the handshake: {}", r.text))
+                    }
+                    // Our keep-alive closed it: the peer went quiet (on a new connection, it
+                    // never spoke HTTP/2 at all).
+                    Some(r) if r.silent => ProxyError::new(
+                        if conn.never_answered() {
+                            ErrorKind::ConnectFailed
+                        } else {
+                            ErrorKind::PeerReset
+                        },
+                        Side::Peer,
+                        format!("peer {addr} stopped answering: {}", r.text),
+                    ),
                     // RFC 9113 §8.7: REFUSED_STREAM means the peer did not process it.
-                    None if e.reason() == Some(h2::Reason::REFUSED_STREAM) => ProxyError::new(
+                    _ if e.reason() == Some(h2::Reason::REFUSED_STREAM) => ProxyError::new(
                         conn.unsent_kind(),
                         Side::Peer,
                         format!("peer {addr} did not take the request: {text}"),
@@ -632,14 +651,14 @@ impl Pool {
                     // TLS 1.3: a server that refuses our certificate sends an alert and closes;
                     // if our request reached it first, the close can come as a reset that
                     // discards the alert. On a connection that never answered, say so.
-                    None if conn.never_answered() => ProxyError::new(
+                    _ if conn.never_answered() => ProxyError::new(
                         ErrorKind::ConnectFailed,
                         Side::Peer,
                         format!(
                             "peer {addr} closed a new connection before answering (its TLS handshake may have refused our certificate): {text}"
                         ),
                     ),
-                    None => ProxyError::new(
+                    _ => ProxyError::new(
                         ErrorKind::PeerReset,
                         Side::Peer,
                         format!("peer {addr} reset the request before responding: {text}"),

@@ -1608,7 +1608,7 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
 /// A cold burst waits for the first HTTP/2 connection's SETTINGS: a peer that takes the TLS
 /// handshake and then says nothing (a stuck process, a TLS terminator with nothing behind it)
 /// must fail the whole burst together at the connect timeout, not hold it for the request
-/// timeout, and the sidecar must go on answering.
+/// timeout; a lone request fails at the dead-peer timeout, and both say what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_connect_timeout() {
     use std::sync::Arc;
@@ -1650,6 +1650,17 @@ async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_c
         let text = String::from_utf8_lossy(&got.body);
         assert!(text.contains("HTTP/2 setup"), "{text}");
     }
+    // A lone request does not wait for the SETTINGS: it fails when the keep-alive finds the
+    // peer dead, and says so (it used to blame our certificate).
+    let got = tokio::time::timeout(Duration::from_secs(20), get(out, "hello", "/alone"))
+        .await
+        .expect("the lone request waited past the dead-peer timeout");
+    assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+    let text = String::from_utf8_lossy(&got.body);
+    assert!(
+        text.contains("stopped answering: nothing arrived"),
+        "{text}"
+    );
     client.shutdown().await;
     silent.abort();
 }
