@@ -40,6 +40,11 @@ use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
 const ALPN_H2: &[u8] = b"h2";
 
+/// The streams a new connection may open before the peer's SETTINGS say how many it allows,
+/// when no earlier connection told: h2's default, and the least RFC 9113 §6.5.2 advises a
+/// peer to allow. More would be refused by a peer that allows fewer.
+const UNHEARD_STREAMS: usize = 100;
+
 /// Streams reset in the last `RESET_STREAM_TIME` that h2 remembers, both sides. Frames the peer
 /// sent before it saw a reset still arrive (up to a stream window each); on a remembered stream
 /// they are dropped, on a forgotten one h2 answers each with a reset of its own and counts it
@@ -48,10 +53,6 @@ const ALPN_H2: &[u8] = b"h2";
 /// about 2,000 callers hung up mid-download on one connection (test
 /// `faults::a_storm_of_callers_hanging_up_…`); 8,192 over 5 s holds 1,600 hang-ups a second
 /// per connection, for a few MB while a storm lasts.
-/// The streams a new connection may open before the peer's SETTINGS say how many it allows,
-/// when no earlier connection told: h2's default, and the least RFC 9113 §6.5.2 advises a
-/// peer to allow. More would be refused by a peer that allows fewer.
-const UNHEARD_STREAMS: usize = 100;
 const RESET_STREAMS: usize = 8192;
 const RESET_STREAM_TIME: Duration = Duration::from_secs(5);
 
@@ -491,11 +492,10 @@ impl Pool {
             tokio::spawn(async move {
                 // The connection runs until it ends, or until the peer stops answering pings
                 // (then dropping it closes the socket and fails its streams).
+                let pinging = keep_alive_pings(pings, settled, &heard, keep_alive, dead_peer);
                 let (r, silent) = tokio::select! {
                     r = &mut conn => (r.map_err(|e| crate::error::source_chain(&e)), false),
-                    why = keep_alive_pings(pings, settled, &heard, keep_alive, dead_peer) => {
-                        (Err(why), true)
-                    }
+                    (why, silent) = pinging => (Err(why), silent),
                 };
                 drop(conn);
                 let end = match r {
@@ -803,19 +803,20 @@ async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Opt
     }
 }
 
-/// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer`.
+/// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer` (and
+/// true), or a ping fails (false). With `settled`, pings at once and says when the pong came.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
     settled: Option<tokio::sync::oneshot::Sender<()>>,
     heard: &AtomicBool,
     interval: Duration,
     dead_peer: Duration,
-) -> String {
+) -> (String, bool) {
     let step = interval.min(dead_peer) / 4;
     if let Some(settled) = settled {
         // A ping at once: its pong says the peer's SETTINGS have been applied.
         if let Err(e) = pings.ping(h2::Ping::opaque()).await {
-            return format!("first ping failed: {e}");
+            return (format!("first ping failed: {e}"), false);
         }
         let _ = settled.send(());
     }
@@ -840,16 +841,17 @@ async fn keep_alive_pings(
                         heard.store(false, Ordering::Relaxed);
                         break;
                     }
-                    Err(e) => return format!("keep-alive ping failed: {e}"),
+                    Err(e) => return (format!("keep-alive ping failed: {e}"), false),
                 },
                 _ = tokio::time::sleep(step) => {
                     if heard.swap(false, Ordering::Relaxed) {
                         quiet_since = tokio::time::Instant::now();
                     } else if quiet_since.elapsed() >= dead_peer {
-                        return format!(
+                        let why = format!(
                             "nothing arrived from the peer for {}, keep-alive ping unanswered",
                             humantime::format_duration(dead_peer)
                         );
+                        return (why, true);
                     }
                 }
             }
