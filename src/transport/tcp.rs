@@ -522,24 +522,30 @@ impl Pool {
             });
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
-        if let Some(rx) = settling {
-            // The pong comes after the peer's SETTINGS (its first frame), so h2 has applied
-            // them. The caller's connect timeout bounds the wait.
-            rx.await.map_err(|_| {
-                let why = ended.lock().expect("not poisoned").clone();
-                connect_failed(format!(
-                    "peer {addr} closed the connection before its HTTP/2 SETTINGS: {}",
-                    why.map_or_else(|| "closed".into(), |e| e.text)
-                ))
-            })?;
-        }
-        Ok(H2Conn {
+        let conn = H2Conn {
             send,
             closed,
             ended,
             usage,
             answered: Arc::new(AtomicBool::new(false)),
-        })
+        };
+        if let Some(rx) = settling {
+            // The pong comes after the peer's SETTINGS (its first frame), so h2 has applied
+            // them. The caller's connect timeout bounds the wait. A peer that refused our
+            // certificate says so with an alert, which the connection's end records.
+            if rx.await.is_err() {
+                return Err(match conn.refusal(addr).await {
+                    Some(refused) => refused,
+                    None => connect_failed(format!(
+                        "peer {addr} closed the connection before its HTTP/2 SETTINGS: {}",
+                        conn.ended()
+                            .await
+                            .map_or_else(|| "closed".into(), |e| e.text)
+                    )),
+                });
+            }
+        }
+        Ok(conn)
     }
 
     /// Drops connections that carried no request for the idle timeout (HTTP/2 closes a

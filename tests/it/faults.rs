@@ -1623,16 +1623,22 @@ async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_c
     let silent = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((tcp, _)) = listener.accept().await {
-            if let Ok(mut tls) = acceptor.accept(tcp).await {
+            let acceptor = acceptor.clone();
+            held.push(tokio::spawn(async move {
+                // Slow to take the handshake, so that the whole burst waits for it (on a busy
+                // machine its first request could otherwise have the connection alone).
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 // Reads what comes, writes nothing.
-                held.push(tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16384];
-                    while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
-                }));
-            }
+                let mut buf = vec![0u8; 16384];
+                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
         }
     });
-    let toml = client_toml(&pki, &[peer], "transport = \"tcp\"\ntimeout = \"60s\"");
+    let toml = client_toml(&pki, &[peer], "transport = \"tcp\"\ntimeout = \"60s\"")
+        .replace("connect_timeout = \"500ms\"", "connect_timeout = \"2s\"");
     let client = sidecar(&pki, &toml).await;
     let out = client.outbound;
     let calls: Vec<_> = (0..20)
