@@ -75,14 +75,14 @@ crate::over_transports! {
         assert_eq!(got.status, StatusCode::BAD_GATEWAY);
         assert_eq!(got.error_kind(), Some("connect-failed"));
         // A cold burst from another such client (on HTTP/2 it waits for the peer's SETTINGS,
-        // which never come): each request says the handshake was refused.
+        // which never come): each request fails as connect-failed. (The text is not checked:
+        // on HTTP/2 a request races between the peer's alert and a broken pipe.)
         let cold = client_with_identity(&pair.pki, id, pair.server.inbound, &format!("transport = \"{t}\"")).await;
         let out = cold.outbound;
         let burst: Vec<_> = (0..10).map(|_| tokio::spawn(async move { get(out, "hello", "/").await })).collect();
         for got in futures_util::future::join_all(burst).await {
             let got = got.unwrap();
             assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
-            assert!(String::from_utf8_lossy(&got.body).contains("handshake"), "{got:?}");
         }
         assert_eq!(pair.upstream.count(), 0);
     }
