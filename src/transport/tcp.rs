@@ -244,6 +244,13 @@ struct Ended {
     text: String,
 }
 
+impl Ended {
+    /// `connect-failed` for a connection the peer ended by refusing our handshake.
+    fn refusal(&self, addr: SocketAddr) -> ProxyError {
+        connect_failed(format!("peer {addr} refused the handshake: {}", self.text))
+    }
+}
+
 /// A pooled HTTP/2 connection.
 #[derive(Clone)]
 struct H2Conn {
@@ -306,7 +313,7 @@ impl H2Conn {
         self.ended()
             .await
             .filter(|r| r.refused)
-            .map(|r| connect_failed(format!("peer {addr} refused the handshake: {}", r.text)))
+            .map(|r| r.refusal(addr))
     }
 
     /// Why this connection did not take a request: the peer's refusal when that is how the
@@ -633,9 +640,7 @@ impl Pool {
                     conn.ended().await
                 };
                 let err = match end {
-                    Some(r) if r.refused => {
-                        connect_failed(format!("peer {addr} refused the handshake: {}", r.text))
-                    }
+                    Some(r) if r.refused => r.refusal(addr),
                     // Our keep-alive closed it: the peer went quiet (on a new connection, it
                     // never spoke HTTP/2 at all).
                     Some(r) if r.silent => ProxyError::new(

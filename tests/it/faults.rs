@@ -676,6 +676,14 @@ async fn stopped_downloads(out: std::net::SocketAddr, n: usize) -> Vec<tokio::ne
     held
 }
 
+/// Reads 1 MiB more of each held download: the requests that filled the connections are
+/// still served.
+async fn still_flowing(held: &mut [tokio::net::TcpStream]) {
+    for s in held {
+        read_some(s, 1 << 20).await;
+    }
+}
+
 /// Starts `n` stopped downloads through `out` at once, as a burst (where `stopped_downloads`
 /// starts them one after another); asserts all started within 30 s.
 async fn burst_of_downloads(out: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
@@ -1960,9 +1968,7 @@ crate::over_transports! {
         // were answered before the last four came.
         let opened = pair.client.connections_opened(wire(t));
         assert!((2..=3).contains(&opened), "{opened} connections");
-        for s in &mut held {
-            read_some(s, 1 << 20).await;
-        }
+        still_flowing(&mut held).await;
     }
 
     async fn a_peer_that_allows_fewer_streams_gets_another_connection_past_its_limit(t) {
@@ -1973,9 +1979,7 @@ crate::over_transports! {
         let mut held = stopped_downloads(out, 4).await;
         all_answered(out, 8, "/more/", "requests beyond the peer's stream limit waited for a stream").await;
         assert!(pair.client.connections_opened(wire(t)) >= 2);
-        for s in &mut held {
-            read_some(s, 1 << 20).await;
-        }
+        still_flowing(&mut held).await;
     }
 
     async fn a_burst_beyond_one_connections_streams_opens_the_connections_it_needs_at_once(t) {
@@ -1992,9 +1996,7 @@ crate::over_transports! {
         let got = get(out, "hello", "/after").await;
         assert_eq!(got.status, StatusCode::OK, "{got:?}");
         assert_eq!(pair.client.connections_opened(wire(t)), 4);
-        for s in &mut held {
-            read_some(s, 1 << 20).await;
-        }
+        still_flowing(&mut held).await;
     }
 
     async fn a_first_burst_to_a_peer_that_allows_fewer_streams_is_spread_by_its_limit(t) {
@@ -2005,9 +2007,7 @@ crate::over_transports! {
         let out = pair.out();
         let mut held = burst_of_downloads(out, 12).await;
         assert_eq!(pair.client.connections_opened(wire(t)), 3);
-        for s in &mut held {
-            read_some(s, 1 << 20).await;
-        }
+        still_flowing(&mut held).await;
     }
 
     async fn a_first_burst_to_a_peer_that_allows_few_streams_has_none_refused(t) {
@@ -2038,9 +2038,7 @@ crate::over_transports! {
         let mut held = burst_of_downloads(out, 12).await;
         // The first connection, then three for the burst.
         assert_eq!(pair.client.connections_opened(wire(t)), 4);
-        for s in &mut held {
-            read_some(s, 1 << 20).await;
-        }
+        still_flowing(&mut held).await;
     }
 
     async fn callers_that_give_up_waiting_for_a_handshake_leave_no_count_behind(t) {
