@@ -11,6 +11,7 @@
 #   benches/callgrind_pair.sh target/release/quicar conc hello      # QUIC service
 #   benches/callgrind_pair.sh target/release/quicar seq hello-tcp   # TCP service
 #   benches/callgrind_pair.sh haproxy conc                          # HAProxy's pair
+#   benches/callgrind_pair.sh target/release/deps/floor-HASH conc   # benches/floor.rs's pair
 set -euo pipefail
 BIN=${1:?usage: callgrind_pair.sh QUICAR_BIN|haproxy seq|conc [hello|hello-tcp]}
 MODE=${2:?seq or conc}
@@ -62,6 +63,10 @@ run() {
   if [ "$BIN" = haproxy ]; then
     url=http://127.0.0.1:15001/
     cmd_b=(haproxy -db -f "$CFG/haproxy-b.cfg") cmd_a=(haproxy -db -f "$CFG/haproxy-a.cfg")
+  elif [ "$FLOOR" = 1 ]; then
+    url=http://$HOST:24001/
+    cmd_b=("$BIN" b 127.0.0.1:24443 127.0.0.1:18080 "$PKI")
+    cmd_a=("$BIN" a 127.0.0.1:24001 127.0.0.1:24443 "$PKI")
   else
     url=http://$HOST:24001/
     cmd_b=("$BIN" run --config "$CFG/quicar-b.toml") cmd_a=("$BIN" run --config "$CFG/quicar-a.toml")
@@ -85,7 +90,10 @@ run() {
 }
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 
-[ "$BIN" = haproxy ] || pair_configs
+# benches/floor.rs (its executable is target/release/deps/floor-*): the least a pair on
+# quicar's crates does per request, measured in the same harness.
+FLOOR=0; case $(basename "$BIN") in floor*) FLOOR=1 ;; esac
+[ "$BIN" = haproxy ] || [ $FLOOR = 1 ] || pair_configs
 trap 'stop_all' EXIT
 run $N1 > "$CFG/first"
 run $N2 > "$CFG/second"
