@@ -64,6 +64,11 @@ pub(crate) trait Pooled: Clone + Send + 'static {
     fn usage(&self) -> &Arc<Usage>;
     /// The most requests the peer lets this connection carry at once (its stream limit).
     fn stream_limit(&self) -> usize;
+    /// The stream limit when the peer has said it (what a next connection may plan by);
+    /// `None` while it is a plan of ours.
+    fn limit_heard(&self) -> Option<usize> {
+        Some(self.stream_limit())
+    }
     /// Called when the idle sweep drops the connection.
     fn close_idle(&self) {}
 }
@@ -115,7 +120,7 @@ impl<C: Pooled> State<C> {
         self.ready.retain(|c| {
             let kept = keep(c);
             if !kept {
-                *last_limit = Some(c.stream_limit()).filter(|&n| n > 0).or(*last_limit);
+                *last_limit = c.limit_heard().filter(|&n| n > 0).or(*last_limit);
             }
             kept
         });
@@ -208,7 +213,7 @@ impl<C: Pooled + Sync> Slots<C> {
                     if has_room(c) {
                         return Ok((c.clone(), c.usage().start()));
                     }
-                    (live, limit) = (live + 1, Some(c.stream_limit()));
+                    (live, limit) = (live + 1, c.limit_heard().or(limit));
                 }
                 let known = limit.or(g.last_limit);
                 let limit = known.unwrap_or(streams);

@@ -40,9 +40,10 @@ use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
 const ALPN_H2: &[u8] = b"h2";
 
-/// The streams a new connection may open before the peer's SETTINGS say how many it allows,
-/// when no earlier connection told: h2's default, and the least RFC 9113 §6.5.2 advises a
-/// peer to allow. More would be refused by a peer that allows fewer.
+/// The streams the pool plans a new connection for while the peer's SETTINGS have not come,
+/// when no earlier connection told its limit: h2's default, and the least RFC 9113 §6.5.2
+/// advises a peer to allow. On the wire such a connection opens one stream until they come
+/// (h2 holds the others, unsent), so a peer that allows fewer refuses none.
 const UNHEARD_STREAMS: usize = 100;
 
 /// Streams reset in the last `RESET_STREAM_TIME` that h2 remembers, both sides. Frames the peer
@@ -260,6 +261,11 @@ struct H2Conn {
     usage: Arc<Usage>,
     /// Set once any response arrived on this connection.
     answered: Arc<AtomicBool>,
+    /// Set once the peer's SETTINGS are known to be applied (at once, when the connection
+    /// opened knowing the peer's limit).
+    settled: Arc<AtomicBool>,
+    /// The pool's plan for the connection until then.
+    unheard: usize,
 }
 
 impl Pooled for H2Conn {
@@ -272,9 +278,19 @@ impl Pooled for H2Conn {
         &self.usage
     }
 
-    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, as h2 last heard it.
+    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, as h2 last heard it; until the peer's
+    /// SETTINGS came (on a first connection to it), `UNHEARD_STREAMS`: h2 sends one of them
+    /// and holds the rest until they come, so the requests a burst brings in that round trip
+    /// wait on this connection, neither refused by a peer that allows fewer nor opening a
+    /// connection each.
     fn stream_limit(&self) -> usize {
-        self.send.current_max_send_streams()
+        self.limit_heard().unwrap_or(self.unheard)
+    }
+
+    fn limit_heard(&self) -> Option<usize> {
+        self.settled
+            .load(Ordering::Acquire)
+            .then(|| self.send.current_max_send_streams())
     }
 }
 
@@ -473,7 +489,9 @@ impl Pool {
             .max_concurrent_reset_streams(RESET_STREAMS)
             .reset_stream_duration(RESET_STREAM_TIME)
             .enable_push(false)
-            .initial_max_send_streams(known.unwrap_or(self.streams.min(UNHEARD_STREAMS)))
+            // With no limit known, one stream until the peer's SETTINGS come (h2 holds the
+            // others): streams sent past a lower limit of the peer's would be refused.
+            .initial_max_send_streams(known.unwrap_or(1))
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| connect_failed(format!("HTTP/2 setup with peer {addr} failed: {e}")))?;
@@ -484,22 +502,24 @@ impl Pool {
             .tel
             .connection_opened(Direction::Outbound, Transport::Tcp);
         let (keep_alive, dead_peer) = (self.keep_alive, self.dead_peer);
-        // A burst waits for this handshake and the peer's limit is unknown (the first
-        // connection to it): the peer's SETTINGS are waited for, so the burst is shared out by
-        // that limit. Sent at once, the streams over it would be refused (REFUSED_STREAM),
-        // and their retries, bounded by the budget, could fail.
-        let (settled, settling) = if known.is_none() && usage.in_flight() > 1 {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
+        // The peer's limit is unknown (the first connection to it): a ping at once says when
+        // its SETTINGS are applied. A burst waiting for this handshake waits for that too, so
+        // it is shared out by the peer's limit; a lone request goes at once.
+        let settled = Arc::new(AtomicBool::new(known.is_some()));
+        let (settle, settling) = match known {
+            Some(_) => (None, None),
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let wait = usage.in_flight() > 1;
+                (Some((tx, settled.clone())), wait.then_some(rx))
+            }
         };
         {
             let (closed, ended) = (closed.clone(), ended.clone());
             tokio::spawn(async move {
                 // The connection runs until it ends, or until the peer stops answering pings
                 // (then dropping it closes the socket and fails its streams).
-                let pinging = keep_alive_pings(pings, settled, &heard, keep_alive, dead_peer);
+                let pinging = keep_alive_pings(pings, settle, &heard, keep_alive, dead_peer);
                 let (r, silent) = tokio::select! {
                     r = &mut conn => (r.map_err(|e| crate::error::source_chain(&e)), false),
                     (why, silent) = pinging => (Err(why), silent),
@@ -535,6 +555,8 @@ impl Pool {
             ended,
             usage,
             answered: Arc::new(AtomicBool::new(false)),
+            settled,
+            unheard: self.streams.min(UNHEARD_STREAMS),
         };
         if let Some(rx) = settling {
             // The pong comes after the peer's SETTINGS (its first frame), so h2 has applied
@@ -815,21 +837,25 @@ async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Opt
 }
 
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer` (and
-/// true), or a ping fails (false). With `settled`, pings at once and says when the pong came.
+/// true), or a ping fails (false). With `settle`, pings at once and, when the pong came, sets
+/// the flag and says so.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
-    settled: Option<tokio::sync::oneshot::Sender<()>>,
+    settle: Option<(tokio::sync::oneshot::Sender<()>, Arc<AtomicBool>)>,
     heard: &AtomicBool,
     interval: Duration,
     dead_peer: Duration,
 ) -> (String, bool) {
     let step = interval.min(dead_peer) / 4;
-    if let Some(settled) = settled {
-        // A ping at once: its pong says the peer's SETTINGS have been applied.
-        if let Err(e) = pings.ping(h2::Ping::opaque()).await {
-            return (format!("first ping failed: {e}"), false);
+    if let Some((said, settled)) = settle {
+        // A ping at once: its pong says the peer's SETTINGS have been applied (they are its
+        // first frame). A peer silent from the start is found dead by the same rule.
+        let now = tokio::time::Instant::now();
+        if let Err(why) = answered(&mut pings, heard, step, dead_peer, now).await {
+            return why;
         }
-        let _ = settled.send(());
+        settled.store(true, Ordering::Release);
+        let _ = said.send(());
     }
     loop {
         tokio::time::sleep(interval).await;
@@ -837,33 +863,46 @@ async fn keep_alive_pings(
         if heard.swap(false, Ordering::Relaxed) {
             continue;
         }
-        // The peer is dead when nothing at all arrives for `dead_peer`: a pong stuck behind
-        // retransmissions on a lossy path, while data still flows, is not death (the rule
-        // QUIC's idle timeout follows).
         let now = tokio::time::Instant::now();
-        let mut quiet_since = now.checked_sub(interval).unwrap_or(now);
-        let ping = pings.ping(h2::Ping::opaque());
-        tokio::pin!(ping);
-        loop {
-            tokio::select! {
-                r = &mut ping => match r {
-                    Ok(_pong) => {
-                        // The pong's own bytes say nothing about the next interval.
-                        heard.store(false, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) => return (format!("keep-alive ping failed: {e}"), false),
-                },
-                _ = tokio::time::sleep(step) => {
-                    if heard.swap(false, Ordering::Relaxed) {
-                        quiet_since = tokio::time::Instant::now();
-                    } else if quiet_since.elapsed() >= dead_peer {
-                        let why = format!(
-                            "nothing arrived from the peer for {}, keep-alive ping unanswered",
-                            humantime::format_duration(dead_peer)
-                        );
-                        return (why, true);
-                    }
+        let quiet_since = now.checked_sub(interval).unwrap_or(now);
+        if let Err(why) = answered(&mut pings, heard, step, dead_peer, quiet_since).await {
+            return why;
+        }
+    }
+}
+
+/// Pings the peer and waits for the pong. The peer is dead when nothing at all arrives from it
+/// for `dead_peer` (counted from `quiet_since`, looked at every `step`): a pong stuck behind
+/// retransmissions on a lossy path, while data still flows, is not death (the rule QUIC's idle
+/// timeout follows). `Err` says why, and whether the peer went silent.
+async fn answered(
+    pings: &mut h2::PingPong,
+    heard: &AtomicBool,
+    step: Duration,
+    dead_peer: Duration,
+    mut quiet_since: tokio::time::Instant,
+) -> Result<(), (String, bool)> {
+    let ping = pings.ping(h2::Ping::opaque());
+    tokio::pin!(ping);
+    loop {
+        tokio::select! {
+            r = &mut ping => return match r {
+                Ok(_pong) => {
+                    // The pong's own bytes say nothing about the next interval.
+                    heard.store(false, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => Err((format!("keep-alive ping failed: {e}"), false)),
+            },
+            _ = tokio::time::sleep(step) => {
+                if heard.swap(false, Ordering::Relaxed) {
+                    quiet_since = tokio::time::Instant::now();
+                } else if quiet_since.elapsed() >= dead_peer {
+                    let why = format!(
+                        "nothing arrived from the peer for {}, keep-alive ping unanswered",
+                        humantime::format_duration(dead_peer)
+                    );
+                    return Err((why, true));
                 }
             }
         }

@@ -1613,6 +1613,179 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
     (addr, conns, task)
 }
 
+/// A peer that takes the TLS handshake and closes the connection without a word of HTTP/2 (a
+/// process dying as it starts, a TLS terminator whose backend is gone): a cold burst waiting for
+/// its SETTINGS fails together when the connection closes, not at the connect timeout, and says
+/// what happened; so does a lone request after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_burst_to_a_tcp_peer_that_closes_before_its_settings_fails_at_once() {
+    use std::sync::Arc;
+    init_tracing();
+    let pki = Pki::new();
+    let tls = hello_material(&pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let closing = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // Slow to take the handshake, so the whole burst waits for it.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    // A connect timeout far beyond the test's own bound: only the close can end the wait.
+    let toml = client_toml(&pki, &[peer], "transport = \"tcp\"\ntimeout = \"120s\"")
+        .replace("connect_timeout = \"500ms\"", "connect_timeout = \"60s\"");
+    let client = sidecar(&pki, &toml).await;
+    let out = client.outbound;
+    let calls: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("the burst waited for the connect timeout after the peer closed");
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains("before its HTTP/2 SETTINGS"), "{text}");
+    }
+    let got = tokio::time::timeout(Duration::from_secs(20), get(out, "hello", "/alone"))
+        .await
+        .expect("the lone request waited after the peer closed");
+    assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+    client.shutdown().await;
+    closing.abort();
+}
+
+/// A relay to `to` that passes the TLS handshake at once and then holds what the peer sends
+/// for `hold` (once): the peer's HTTP/2 SETTINGS, its first frame after the handshake, come a
+/// round trip of `hold` late, as over a long path. The caller's first encrypted record (its
+/// Finished, sent once the peer's whole first flight has come) marks the handshake's end.
+async fn settings_held_back(
+    to: std::net::SocketAddr,
+    hold: Duration,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut relays = Vec::new();
+        while let Ok((caller, _)) = listener.accept().await {
+            let Ok(peer) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut caller_rd, mut caller_wr) = caller.into_split();
+            let (mut peer_rd, mut peer_wr) = peer.into_split();
+            let done = Arc::new(AtomicBool::new(false));
+            let seen = done.clone();
+            relays.push(tokio::spawn(async move {
+                // TLS records from the caller: 5-byte headers (type, version, length).
+                let (mut buf, mut at) = (vec![0u8; 65536], 0usize);
+                let mut head = Vec::new();
+                loop {
+                    let Ok(n) = caller_rd.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    for &b in &buf[..n] {
+                        if at > 0 {
+                            at -= 1;
+                            continue;
+                        }
+                        head.push(b);
+                        if head.len() == 5 {
+                            // 23: application data, encrypted (TLS 1.3 hides the handshake
+                            // under it).
+                            if head[0] == 23 {
+                                seen.store(true, Ordering::Release);
+                            }
+                            at = usize::from(u16::from_be_bytes([head[3], head[4]]));
+                            head.clear();
+                        }
+                    }
+                    if peer_wr.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            relays.push(tokio::spawn(async move {
+                let (mut buf, mut held) = (vec![0u8; 65536], false);
+                loop {
+                    let Ok(n) = peer_rd.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    if !held && done.load(Ordering::Acquire) {
+                        held = true;
+                        tokio::time::sleep(hold).await;
+                    }
+                    if caller_wr.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(relays);
+    });
+    (addr, task)
+}
+
+/// A first HTTP/2 connection opened by a lone request, then a burst inside its first round
+/// trip, before the peer's SETTINGS: the connection used to send up to 100 streams and a peer
+/// that allows 4 refused the rest (REFUSED_STREAM, a 502 with retries off). h2 now holds all
+/// but one until the SETTINGS come, and none is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+    let server = sidecar(
+        &pki,
+        &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit),
+    )
+    .await;
+    let (relay, relaying) = settings_held_back(server.inbound, Duration::from_millis(600)).await;
+    let toml = client_toml(
+        &pki,
+        &[relay],
+        "transport = \"tcp\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let out = client.outbound;
+    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    // The handshake takes a few ms on loopback; the SETTINGS come 600 ms after it. (On a
+    // machine so slow that the burst meets the handshake, the burst waits for the SETTINGS
+    // as a cold burst does, and the test still holds.)
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    all_answered(out, 40, "/first-rtt/", "a request of the burst waited").await;
+    assert_eq!(lone.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        client.connections_opened(Transport::Tcp),
+        1,
+        "the burst waited on the one"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+    relaying.abort();
+}
+
 /// A cold burst waits for the first HTTP/2 connection's SETTINGS: a peer that takes the TLS
 /// handshake and then says nothing (a stuck process, a TLS terminator with nothing behind it)
 /// must fail the whole burst together at the connect timeout, not hold it for the request
