@@ -243,20 +243,22 @@ impl Inbound {
                 "request without :authority",
             ));
         }
-        let name = service_of_authority(authority).ok_or_else(|| {
-            ProxyError::new(
-                ErrorKind::BadRequest,
-                Side::Peer,
-                format!("`{authority}` is not a service name"),
-            )
-        })?;
-        let local = local.ok_or_else(|| {
-            ProxyError::new(
+        // `local` was looked up by the authority's service name (`handle`): the name is parsed
+        // again only to say why there is none.
+        let Some(local) = local else {
+            let name = service_of_authority(authority).ok_or_else(|| {
+                ProxyError::new(
+                    ErrorKind::BadRequest,
+                    Side::Peer,
+                    format!("`{authority}` is not a service name"),
+                )
+            })?;
+            return Err(ProxyError::new(
                 ErrorKind::UnknownService,
                 Side::Peer,
                 format!("no local service `{name}` behind this sidecar"),
-            )
-        })?;
+            ));
+        };
         if !authorize(local.allow.as_deref(), &self.trust_domain, peer) {
             tracing::info!(service = %local.name, caller = %peer, "request denied by policy");
             return Err(ProxyError::new(

@@ -17,7 +17,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, Uri};
-use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,7 +28,7 @@ use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::{CacheOutcome, Transport, Upstream};
 use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, write_facts};
 use crate::interim::Interim;
-use crate::telemetry::{ensure_traceparent, Direction, Telemetry};
+use crate::telemetry::{ensure_traceparent, Direction, RequestGuard, Telemetry};
 use crate::transport::Clients;
 use attempts::AppBody;
 use route::Route;
@@ -296,13 +295,17 @@ async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
     .await;
 }
 
+/// A response on its way to the app: counted, and holding the request's record until it ends
+/// (not boxed again: the app connection writes it as it is).
+type AppResponseBody = Counted<ProxyBody, RequestGuard>;
+
 /// Telemetry around `forward`: trace context in, the route looked up once, the sidecar's facts
 /// written as headers on the way out (the edge), one record when the response ends.
 async fn handle(
     mut req: Request<app_conn::RequestBody>,
     state: Arc<Outbound>,
     interim: Option<Interim>,
-) -> Response<ProxyBody> {
+) -> Response<AppResponseBody> {
     let mut guard = state.tel.request(Direction::Outbound);
     let traceparent = ensure_traceparent(req.headers_mut());
     let logs = guard.logs();
@@ -347,10 +350,7 @@ async fn handle(
         .headers
         .insert(crate::headers::KEEP_ALIVE, state.keep_alive.clone());
     let bytes_out = guard.bytes_out();
-    Response::from_parts(
-        parts,
-        Counted::new(body, bytes_out).hold(guard).boxed_unsync(),
-    )
+    Response::from_parts(parts, Counted::new(body, bytes_out).hold(guard))
 }
 
 /// Where the app wants to go: the absolute URI's authority (forward-proxy form) or Host.
@@ -407,20 +407,22 @@ async fn forward(
         ));
     }
     let authority = target?;
-    let name = service_of_authority(&authority).ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::BadRequest,
-            Side::Downstream,
-            format!("`{authority}` is not a service name"),
-        )
-    })?;
-    let route = route.ok_or_else(|| {
-        ProxyError::new(
+    // `route` was looked up by the authority's service name (`handle`): the name is parsed
+    // again only to say why there is none.
+    let Some(route) = route else {
+        let name = service_of_authority(&authority).ok_or_else(|| {
+            ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Downstream,
+                format!("`{authority}` is not a service name"),
+            )
+        })?;
+        return Err(ProxyError::new(
             ErrorKind::UnknownService,
             Side::Downstream,
             format!("no service `{name}` is configured on this sidecar"),
-        )
-    })?;
+        ));
+    };
     let (mut parts, body) = req.into_parts();
     // A sized body over the limit is refused before anything is sent.
     if let (Some(limit), Some(len)) = (route.max_request_body, content_length(&parts.headers)) {

@@ -49,7 +49,6 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::Outbound;
-use crate::body::ProxyBody;
 use crate::error::{error_response, ErrorKind};
 use crate::h1::{
     chunk, last_chunk, poll_fill, poll_framed, put_field, put_length, write_bufs, Chunk, Framed,
@@ -537,15 +536,19 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
 /// Writes a response head and its body. `Ok(true)` when the whole message went out (the
 /// connection can carry another); `Ok(false)` when the body failed or broke its length, and
 /// the connection must close for the app to see that it was cut.
-async fn write_response(
+async fn write_response<B>(
     wr: &mut OwnedWriteHalf,
     parts: http::response::Parts,
-    mut body: ProxyBody,
+    mut body: B,
     asked: Asked,
     close: bool,
     mut watch: Option<(&mut Reader, usize)>,
     stall: Duration,
-) -> io::Result<bool> {
+) -> io::Result<bool>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let status = parts.status;
     let bodyless = asked.head
         || status.is_informational()
