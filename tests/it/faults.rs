@@ -1613,6 +1613,39 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
     (addr, conns, task)
 }
 
+/// An HTTP/2 peer whose SETTINGS name no stream limit allows any number (RFC 9113 §6.5.2, as
+/// h2 reads it): a cold burst of 150 slow requests all goes on one connection, not on two as
+/// if the 100 the pool plans by before the SETTINGS were the peer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_peer_that_names_no_stream_limit_takes_a_burst_on_one_connection() {
+    use std::sync::atomic::Ordering;
+    init_tracing();
+    let pki = Pki::new();
+    // h2's server sends no SETTINGS_MAX_CONCURRENT_STREAMS unless told to.
+    let (peer, conns, task) = h2_peer_that_resets_streams(&pki).await;
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    all_answered(
+        client.outbound,
+        150,
+        "/unlimited/",
+        "a request of the burst waited",
+    )
+    .await;
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "the peer saw more than one connection"
+    );
+    assert_eq!(client.connections_opened(Transport::Tcp), 1);
+    client.shutdown().await;
+    task.abort();
+}
+
 /// A peer that takes the TLS handshake and closes the connection without a word of HTTP/2 (a
 /// process dying as it starts, a TLS terminator whose backend is gone): a cold burst waiting for
 /// its SETTINGS fails together when the connection closes, not at the connect timeout, and says
