@@ -1613,6 +1613,68 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
     (addr, conns, task)
 }
 
+/// What `mute_h2_peer` does after the TLS handshake.
+enum Mute {
+    /// Reads what comes, writes nothing.
+    Silent,
+    /// Closes the connection.
+    Closes,
+}
+
+/// A peer with the `hello` identity that takes each TLS handshake 300 ms late (so that a
+/// whole burst waits for it: on a busy machine its first request could otherwise have the
+/// connection alone) and never says a word of HTTP/2.
+async fn mute_h2_peer(
+    pki: &Pki,
+    mute: Mute,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let tls = hello_material(pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let closes = matches!(mute, Mute::Closes);
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if closes {
+                    let _ = tls.shutdown().await;
+                    return;
+                }
+                let mut buf = vec![0u8; 16384];
+                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (peer, task)
+}
+
+/// 20 requests at once through `out`, each answered `connect-failed` with `text` in its body
+/// within 20 s (`held` says what a longer wait means).
+async fn burst_fails_to_connect(out: std::net::SocketAddr, text: &str, held: &str) {
+    let calls: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect(held);
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+        let body = String::from_utf8_lossy(&got.body);
+        assert!(body.contains(text), "{body}");
+    }
+}
+
 /// An HTTP/2 peer whose SETTINGS name no stream limit allows any number (RFC 9113 §6.5.2, as
 /// h2 reads it): a cold burst of 150 slow requests all goes on one connection, not on two as
 /// if the 100 the pool plans by before the SETTINGS were the peer's.
@@ -1652,47 +1714,16 @@ async fn a_tcp_peer_that_names_no_stream_limit_takes_a_burst_on_one_connection()
 /// what happened; so does a lone request after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_burst_to_a_tcp_peer_that_closes_before_its_settings_fails_at_once() {
-    use std::sync::Arc;
     init_tracing();
     let pki = Pki::new();
-    let tls = hello_material(&pki)
-        .server_config(vec![b"h2".to_vec()])
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
-    let closing = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                // Slow to take the handshake, so the whole burst waits for it.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let _ = tls.shutdown().await;
-                }
-            });
-        }
-    });
+    let (peer, closing) = mute_h2_peer(&pki, Mute::Closes).await;
     // A connect timeout far beyond the test's own bound: only the close can end the wait.
     let toml = client_toml(&pki, &[peer], "transport = \"tcp\"\ntimeout = \"120s\"")
         .replace("connect_timeout = \"500ms\"", "connect_timeout = \"60s\"");
     let client = sidecar(&pki, &toml).await;
     let out = client.outbound;
-    let calls: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
-        .collect();
-    let answered = tokio::time::timeout(
-        Duration::from_secs(20),
-        futures_util::future::join_all(calls),
-    )
-    .await
-    .expect("the burst waited for the connect timeout after the peer closed");
-    for got in answered {
-        let got = got.unwrap();
-        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
-        let text = String::from_utf8_lossy(&got.body);
-        assert!(text.contains("before its HTTP/2 SETTINGS"), "{text}");
-    }
+    let held = "the burst waited for the connect timeout after the peer closed";
+    burst_fails_to_connect(out, "before its HTTP/2 SETTINGS", held).await;
     let got = tokio::time::timeout(Duration::from_secs(20), get(out, "hello", "/alone"))
         .await
         .expect("the lone request waited after the peer closed");
@@ -1837,51 +1868,19 @@ async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() 
 /// timeout; a lone request fails at the dead-peer timeout, and both say what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_connect_timeout() {
-    use std::sync::Arc;
     init_tracing();
     let pki = Pki::new();
-    let tls = hello_material(&pki)
-        .server_config(vec![b"h2".to_vec()])
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            held.push(tokio::spawn(async move {
-                // Slow to take the handshake, so that the whole burst waits for it (on a busy
-                // machine its first request could otherwise have the connection alone).
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                // Reads what comes, writes nothing.
-                let mut buf = vec![0u8; 16384];
-                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
-            }));
-        }
-    });
+    let (peer, silent) = mute_h2_peer(&pki, Mute::Silent).await;
     let toml = client_toml(&pki, &[peer], "transport = \"tcp\"\ntimeout = \"60s\"")
         .replace("connect_timeout = \"500ms\"", "connect_timeout = \"2s\"");
     let client = sidecar(&pki, &toml).await;
     let out = client.outbound;
-    let calls: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
-        .collect();
-    let answered = tokio::time::timeout(
-        Duration::from_secs(20),
-        futures_util::future::join_all(calls),
+    burst_fails_to_connect(
+        out,
+        "HTTP/2 setup",
+        "the burst waited past the connect timeout",
     )
-    .await
-    .expect("the burst waited past the connect timeout");
-    for got in answered {
-        let got = got.unwrap();
-        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
-        let text = String::from_utf8_lossy(&got.body);
-        assert!(text.contains("HTTP/2 setup"), "{text}");
-    }
+    .await;
     // A lone request does not wait for the SETTINGS: it fails when the keep-alive finds the
     // peer dead, and says so (it used to blame our certificate).
     let got = tokio::time::timeout(Duration::from_secs(20), get(out, "hello", "/alone"))
