@@ -403,6 +403,9 @@ mod tests {
     struct Conn {
         limit: usize,
         usage: Arc<Usage>,
+        /// False: the limit is the pool's plan, not yet the peer's word (HTTP/2 before the
+        /// peer's SETTINGS).
+        heard: bool,
     }
 
     impl Pooled for Conn {
@@ -415,12 +418,16 @@ mod tests {
         fn stream_limit(&self) -> usize {
             self.limit
         }
+        fn limit_heard(&self) -> Option<usize> {
+            self.heard.then_some(self.limit)
+        }
     }
 
     fn conn(limit: usize) -> Conn {
         Conn {
             limit,
             usage: Arc::default(),
+            heard: true,
         }
     }
 
@@ -443,6 +450,43 @@ mod tests {
         s.ready.extend([conn(8), conn(2)]);
         s.retain(|c| c.limit == 8);
         assert_eq!(s.last_limit, Some(2));
+        // Nor does one that left before the peer said its limit: 100 was only our plan.
+        s.ready.push(Conn {
+            heard: false,
+            ..conn(100)
+        });
+        s.retain(|c| c.limit == 8);
+        assert_eq!(s.last_limit, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_that_has_not_heard_the_peers_limit_gives_none_to_the_next() {
+        let slots = Slots::<Conn>::default();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let id = PeerId::parse("spiffe://quicar.local/peer").unwrap();
+        // A first connection, planned for 2 before the peer's SETTINGS, with 2 in flight.
+        let first = Conn {
+            heard: false,
+            ..conn(2)
+        };
+        let held: Vec<_> = (0..2).map(|_| first.usage().start()).collect();
+        slots.slot(addr, &id).lock().unwrap().ready.push(first);
+        // The next request opens another, which must not plan by the first one's 2.
+        let (c, _counted) = slots
+            .get(addr, &id, 1024, |usage, known| {
+                assert_eq!(known, None, "planned by a limit the peer never said");
+                async move {
+                    Ok(Conn {
+                        limit: 1024,
+                        usage,
+                        heard: true,
+                    })
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(c.limit, 1024);
+        drop(held);
     }
 
     #[tokio::test]
@@ -465,7 +509,11 @@ mod tests {
                 let gate = gate.clone();
                 async move {
                     let _open = gate.acquire().await;
-                    Ok(Conn { limit: 1024, usage })
+                    Ok(Conn {
+                        limit: 1024,
+                        usage,
+                        heard: true,
+                    })
                 }
             })
         });
