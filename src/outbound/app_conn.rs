@@ -228,9 +228,15 @@ pub(crate) async fn serve(
     });
     let mut seq = 0u64;
     let mut interim = InterimOut::default();
+    // One timer and one wait for the shutdown for the connection's life, not one each per
+    // request: registering and dropping them cost every request a lock and a list or timer
+    // wheel insertion and removal.
+    let mut head_timer = std::pin::pin!(tokio::time::sleep(settings.header_read_timeout));
+    let mut cancelled = std::pin::pin!(shutdown.cancelled());
     // The read side is ours between requests, or given back by the body that ended.
     while let Some(mut rd) = reader.take() {
-        let head = match read_head(&mut rd, &settings, &shutdown).await {
+        let waits = (head_timer.as_mut(), cancelled.as_mut());
+        let head = match read_head(&mut rd, &settings, waits).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(refusal) => {
@@ -365,12 +371,17 @@ async fn linger(mut wr: OwnedWriteHalf, mut rd: Reader) {
 }
 
 /// The next request head. `Ok(None)` when the app closed the connection, sent nothing within
-/// `header_read_timeout`, or `shutdown` came while the connection was idle.
+/// `header_read_timeout`, or the shutdown came while the connection was idle. `waits`: the
+/// connection's head timer and its wait for the shutdown.
 async fn read_head(
     rd: &mut Reader,
     settings: &Settings,
-    shutdown: &CancellationToken,
+    waits: (
+        Pin<&mut tokio::time::Sleep>,
+        Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ),
 ) -> Result<Option<Head>, Refusal> {
+    let (mut timer, mut cancelled) = waits;
     let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
     loop {
         if !rd.buf.is_empty() {
@@ -385,8 +396,8 @@ async fn read_head(
                 Ok(true) => {}
                 Ok(false) | Err(_) => return Ok(None),
             },
-            () = shutdown.cancelled(), if idle => return Ok(None),
-            () = tokio::time::sleep_until(deadline) => {
+            () = cancelled.as_mut(), if idle => return Ok(None),
+            () = until(timer.as_mut(), deadline) => {
                 if idle {
                     return Ok(None);
                 }
@@ -401,6 +412,22 @@ async fn read_head(
             }
         }
     }
+}
+
+/// Waits on a connection's one timer until `deadline`. The timer may still be set for an
+/// earlier deadline (a previous request's): it is moved on when it fires, once per timeout
+/// at most, not for every request.
+fn until(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    deadline: tokio::time::Instant,
+) -> impl std::future::Future<Output = ()> + '_ {
+    poll_fn(move |cx| loop {
+        ready!(timer.as_mut().poll(cx));
+        if timer.deadline() >= deadline {
+            return Poll::Ready(());
+        }
+        timer.as_mut().reset(deadline);
+    })
 }
 
 /// A whole request head at the front of `buf`, taken off it; `None` while incomplete.

@@ -208,6 +208,37 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
     assert_eq!(upstream.count(), 1);
 }
 
+/// The head timeout counts from each request, not from the connection's first: one
+/// connection that carries a request every 200 ms for 2 s under a 500 ms timeout serves them
+/// all (the connection keeps one timer, moved on only when it fires), then closes when idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_timeout_counts_from_each_request_on_a_kept_connection() {
+    let pair = Pair::with_outbound("header_read_timeout = \"500ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(pair.client.outbound)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16384];
+    for i in 0..10 {
+        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no response")
+            .unwrap();
+        let resp = String::from_utf8_lossy(&buf[..n]);
+        assert!(resp.starts_with("HTTP/1.1 200 "), "request {i}: {resp}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(pair.upstream.count(), 10);
+    // Then nothing more: closed without a word.
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the idle connection was kept")
+        .unwrap();
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_that_reads_one_way_is_served_however_it_is_spelled() {
     // What the refusals must not catch: equal lengths given twice or as a list, and `chunked`
