@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures_util::task::AtomicWaker;
 use http::{Response, StatusCode};
-use tokio::sync::Notify;
 
 use crate::headers::{strip_hop_by_hop, strip_quicar};
 
@@ -81,19 +81,27 @@ pub(crate) fn forwardable(status: StatusCode) -> bool {
 #[derive(Default)]
 pub(crate) struct Queue {
     items: Mutex<VecDeque<Response<()>>>,
-    arrived: Notify,
+    /// The one task that sends them on, woken when one arrives. (A `Notify` put each request's
+    /// wait in a locked list and took it out again: a few hundred instructions a request, for
+    /// responses that seldom come.)
+    arrived: AtomicWaker,
     passed: AtomicU32,
 }
 
 impl Queue {
-    /// The next interim response, when one arrives.
+    /// The next interim response, when one arrives. One task at a time waits (the transport
+    /// server's request task).
     pub(crate) async fn recv(&self) -> Response<()> {
-        loop {
+        std::future::poll_fn(|cx| {
             if let Some(r) = self.try_recv() {
-                return r;
+                return std::task::Poll::Ready(r);
             }
-            self.arrived.notified().await;
-        }
+            self.arrived.register(cx.waker());
+            // One that arrived between the look and the registration is seen now.
+            self.try_recv()
+                .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+        })
+        .await
     }
 
     pub(crate) fn try_recv(&self) -> Option<Response<()>> {
@@ -102,8 +110,7 @@ impl Queue {
 
     fn push(&self, resp: Response<()>) {
         self.items.lock().expect("not poisoned").push_back(resp);
-        // A permit is kept when nobody waits, so an arrival is never missed.
-        self.arrived.notify_one();
+        self.arrived.wake();
     }
 }
 
@@ -117,6 +124,23 @@ pub(crate) fn channel() -> (Interim, Arc<Queue>) {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn the_sender_is_woken_by_an_arrival_and_finds_an_earlier_one_at_once() {
+        let hint = || Response::builder().status(103).body(()).expect("head");
+        let (interim, queue) = channel();
+        let q = queue.clone();
+        let waiting = tokio::spawn(async move { q.recv().await.status() });
+        // The sender waits (the test's runtime runs it here), then one arrives.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        interim.forward(hint());
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiting);
+        assert_eq!(woken.await.expect("not woken").unwrap(), 103);
+        interim.forward(hint());
+        let now = tokio::time::timeout(std::time::Duration::from_secs(5), queue.recv());
+        assert_eq!(now.await.expect("not found").status(), 103);
+    }
 
     #[test]
     fn only_forwardable_interim_responses_pass_cleaned_and_bounded() {
