@@ -81,9 +81,9 @@ pub(crate) fn forwardable(status: StatusCode) -> bool {
 #[derive(Default)]
 pub(crate) struct Queue {
     items: Mutex<VecDeque<Response<()>>>,
-    /// The one task that sends them on, woken when one arrives. (A `Notify` put each request's
-    /// wait in a locked list and took it out again: a few hundred instructions a request, for
-    /// responses that seldom come.)
+    /// The one task that sends them on, woken when one arrives (a `Notify` put each request's
+    /// wait in a locked list and took it out again, for responses that seldom come; callgrind
+    /// saw no difference in the far sidecar's instructions either way).
     arrived: AtomicWaker,
     passed: AtomicU32,
 }
