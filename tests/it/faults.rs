@@ -1558,7 +1558,7 @@ async fn a_peer_response_with_an_invalid_content_length_is_refused_not_forwarded
             (h3_peer_that_drops_streams(&pki).await, "")
         } else {
             (
-                h2_peer_that_resets_streams(&pki).await,
+                h2_peer_that_resets_streams(&pki, Duration::ZERO).await,
                 "transport = \"tcp\"",
             )
         };
@@ -1571,8 +1571,8 @@ async fn a_peer_response_with_an_invalid_content_length_is_refused_not_forwarded
 
 /// The TCP wire's counterpart of `h3_peer_that_drops_streams`: an HTTP/2-over-TLS peer with the
 /// `hello` identity that resets `/reset` (RST_STREAM) and answers anything else 200 `slow`
-/// after 300 ms (with `answer`'s head).
-async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
+/// after 300 ms (with `answer`'s head). Each TLS handshake is taken `late`.
+async fn h2_peer_that_resets_streams(pki: &Pki, late: Duration) -> HandPeer {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let tls = hello_material(pki)
@@ -1588,6 +1588,7 @@ async fn h2_peer_that_resets_streams(pki: &Pki) -> HandPeer {
             let acceptor = acceptor.clone();
             let counted = counted.clone();
             tokio::spawn(async move {
+                tokio::time::sleep(late).await;
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
@@ -1683,8 +1684,12 @@ async fn a_tcp_peer_that_names_no_stream_limit_takes_a_burst_on_one_connection()
     use std::sync::atomic::Ordering;
     init_tracing();
     let pki = Pki::new();
-    // h2's server sends no SETTINGS_MAX_CONCURRENT_STREAMS unless told to.
-    let (peer, conns, task) = h2_peer_that_resets_streams(&pki).await;
+    // h2's server sends no SETTINGS_MAX_CONCURRENT_STREAMS unless told to. Its handshakes
+    // are taken 300 ms late, so that the whole burst waits for the first (on a busy machine
+    // the first request could otherwise have it alone, and the requests after it find a
+    // connection still planned for 100, the limit not yet heard, and open a second).
+    let late = Duration::from_millis(300);
+    let (peer, conns, task) = h2_peer_that_resets_streams(&pki, late).await;
     let toml = client_toml(
         &pki,
         &[peer],
@@ -1900,7 +1905,7 @@ async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_c
 async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     init_tracing();
     let pki = Pki::new();
-    let peer = h2_peer_that_resets_streams(&pki).await;
+    let peer = h2_peer_that_resets_streams(&pki, Duration::ZERO).await;
     let client = sidecar(&pki, &client_toml(&pki, &[peer.0], "transport = \"tcp\"")).await;
     bad_streams_fail_alone(client.outbound, &["/reset"; 5], &peer).await;
     client.shutdown().await;
