@@ -563,13 +563,11 @@ impl Pool {
             // them. The caller's connect timeout bounds the wait. A peer that refused our
             // certificate says so with an alert, which the connection's end records.
             if rx.await.is_err() {
-                return Err(match conn.refusal(addr).await {
-                    Some(refused) => refused,
-                    None => connect_failed(format!(
+                return Err(match conn.ended().await {
+                    Some(r) if r.refused => r.refusal(addr),
+                    end => connect_failed(format!(
                         "peer {addr} closed the connection before its HTTP/2 SETTINGS: {}",
-                        conn.ended()
-                            .await
-                            .map_or_else(|| "closed".into(), |e| e.text)
+                        end.map_or_else(|| "closed".into(), |e| e.text)
                     )),
                 });
             }
