@@ -1745,6 +1745,7 @@ async fn a_cold_burst_to_a_tcp_peer_that_closes_before_its_settings_fails_at_onc
 async fn settings_held_back(
     to: std::net::SocketAddr,
     hold: Duration,
+    then_close: bool,
 ) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -1811,6 +1812,10 @@ async fn settings_held_back(
                     if !held && done.load(Ordering::Acquire) {
                         held = true;
                         tokio::time::sleep(hold).await;
+                        if then_close {
+                            // The peer gone before its SETTINGS reach the caller.
+                            return;
+                        }
                     }
                     if caller_wr.write_all(&buf[..n]).await.is_err() {
                         return;
@@ -1839,7 +1844,7 @@ async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() 
     )
     .await;
     let hold = Duration::from_millis(600);
-    let (relay, passed, relaying) = settings_held_back(server.inbound, hold).await;
+    let (relay, passed, relaying) = settings_held_back(server.inbound, hold, false).await;
     let toml = client_toml(
         &pki,
         &[relay],
@@ -1862,6 +1867,53 @@ async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() 
     tokio::time::sleep(Duration::from_millis(20)).await;
     all_answered(out, 40, "/first-rtt/", "a request of the burst waited").await;
     assert_eq!(lone.await.unwrap().status, StatusCode::OK);
+    client.shutdown().await;
+    server.shutdown().await;
+    relaying.abort();
+}
+
+/// The peer lost inside a first connection's first round trip, while h2 holds a burst for its
+/// SETTINGS: the lone request and the held burst all fail when the connection closes, each
+/// with its kind, none held for its 60 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_tcp_connection_lost_before_its_settings_fails_the_held_burst_at_once() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+    let server_toml = server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit;
+    let server = sidecar(&pki, &server_toml).await;
+    let hold = Duration::from_millis(600);
+    let (relay, passed, relaying) = settings_held_back(server.inbound, hold, true).await;
+    let service = "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }";
+    let client = sidecar(&pki, &client_toml(&pki, &[relay], service)).await;
+    let out = client.outbound;
+    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !passed.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake through the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let calls: Vec<_> = (0..40)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/held/{i}")).await }))
+        .chain([lone])
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("a held request waited past the peer's loss");
+    for got in answered {
+        let got = got.unwrap();
+        assert!(
+            matches!(got.error_kind(), Some("connect-failed" | "peer-reset")),
+            "{got:?}"
+        );
+    }
     client.shutdown().await;
     server.shutdown().await;
     relaying.abort();
