@@ -253,6 +253,56 @@ async fn the_head_timeout_counts_from_each_request_on_a_kept_connection() {
     assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
 }
 
+/// A shutdown closes an app connection kept idle between requests at once (the connection's
+/// one wait for the shutdown, made before its first request, still hears it after several),
+/// not when its 60 s head timeout or the 60 s drain would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_closes_a_kept_idle_app_connection_at_once() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let toml = client_toml(&pki, &[server.inbound], "")
+        .replace("drain_timeout = \"2s\"", "drain_timeout = \"60s\"")
+        .replace(
+            "[outbound]\nlisten = \"127.0.0.1:0\"",
+            "[outbound]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"60s\"",
+        );
+    let client = sidecar(&pki, &toml).await;
+    let mut s = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16384];
+    for i in 0..3 {
+        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        while !whole_response(&resp) {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("no response")
+                .unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&resp));
+            resp.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            resp.starts_with(b"HTTP/1.1 200 "),
+            "{}",
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(20), client.shutdown())
+        .await
+        .expect("the shutdown waited for the idle app connection");
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the idle connection stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    server.shutdown().await;
+}
+
 /// Whether `bytes` hold a whole HTTP/1.1 response with a `content-length`.
 fn whole_response(bytes: &[u8]) -> bool {
     let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
