@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::resilience::Limit;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use tokio::sync::Semaphore;
 
 use crate::body::{Counted, ProxyBody};
 use crate::config::Config;
@@ -41,7 +41,7 @@ pub(crate) struct Inbound {
     /// Time a peer may take no byte of a response before its stream is reset.
     pub(crate) response_stall_timeout: std::time::Duration,
     /// Requests in flight from all peers.
-    requests: Arc<Semaphore>,
+    requests: Arc<Limit>,
     max_requests: usize,
 }
 
@@ -82,7 +82,7 @@ impl Inbound {
             max_per_peer: config.inbound.max_connections_per_peer,
             header_read_timeout: config.inbound.header_read_timeout,
             response_stall_timeout: config.inbound.response_stall_timeout,
-            requests: Arc::new(Semaphore::new(config.inbound.max_requests)),
+            requests: Limit::new(config.inbound.max_requests),
             max_requests: config.inbound.max_requests,
         }
     }
@@ -174,7 +174,7 @@ impl Inbound {
         interim: Option<Interim>,
     ) -> Response<ProxyBody> {
         let mut guard = self.tel.request(Direction::Inbound);
-        let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+        let Some(permit) = self.requests.try_take() else {
             guard.facts.transport = Some(transport);
             guard.facts.status = 503;
             guard.facts.error_kind = Some(ErrorKind::Overloaded);

@@ -2,7 +2,8 @@
 //! and how many retries a service may add on top of its requests.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -139,9 +140,65 @@ impl RetryBudget {
     }
 }
 
+/// Requests in flight under a limit that is never waited for: a request over it is refused at
+/// once (`max_concurrent`, `inbound.max_requests`). A count, not a semaphore: tokio's permit
+/// takes the semaphore's waiter lock as it is released, waiters or not, twice per request on the
+/// far sidecar.
+#[derive(Debug)]
+pub(crate) struct Limit {
+    max: usize,
+    used: AtomicUsize,
+}
+
+/// One place under a [`Limit`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Taken(Arc<Limit>);
+
+impl Limit {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// A place, unless all `max` are taken.
+    pub(crate) fn try_take(self: &Arc<Self>) -> Option<Taken> {
+        self.used
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Taken(self.clone()))
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_refuses_past_its_max_and_takes_again_once_a_place_is_given_back() {
+        let limit = Limit::new(2);
+        let a = limit.try_take().expect("first place");
+        let b = limit.try_take().expect("second place");
+        assert!(limit.try_take().is_none(), "a third is refused");
+        drop(a);
+        let c = limit.try_take().expect("a place given back is taken again");
+        assert!(limit.try_take().is_none());
+        drop((b, c));
+        assert_eq!(limit.used.load(Ordering::Relaxed), 0);
+        assert!(
+            Limit::new(0).try_take().is_none(),
+            "a limit of 0 takes nothing"
+        );
+    }
 
     #[test]
     fn only_safe_retries() {

@@ -297,8 +297,8 @@ pub(crate) async fn serve(
         });
         // Pinned in place, in this connection's future (boxed once, when the connection is
         // spawned): a box per request would be an allocation and a copy of its several KB.
-        let work = super::handle(req, state.clone(), hints);
-        let mut work = std::pin::pin!(work);
+        // Built where it is pinned: a `let` first would move its several KB once more.
+        let mut work = std::pin::pin!(super::handle(req, state.clone(), hints));
         // The request runs; meanwhile its interim responses go out, and an app that hangs up
         // (seen while the read side is ours: a request without a body) cancels it.
         let resp = poll_fn(|cx| {

@@ -40,7 +40,7 @@ pub(crate) async fn fetch(
     body: Option<AppBody>,
     interim: Option<&Interim>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Ok(permit) = route.limit.clone().try_acquire_owned() else {
+    let Some(permit) = route.limit.try_take() else {
         return Err(ProxyError::new(
             ErrorKind::Overloaded,
             Side::Downstream,
@@ -258,7 +258,7 @@ async fn attempts(
     tel: &Telemetry,
     outgoing: Outgoing<'_>,
     progress: Option<&Progress>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: crate::resilience::Taken,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Outgoing {
         mut head,

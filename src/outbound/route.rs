@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+
+use crate::resilience::Limit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,7 +32,7 @@ pub(crate) struct Route {
     pub(crate) retry: RetryConfig,
     pub(crate) budget: RetryBudget,
     pub(crate) breaker: BreakerConfig,
-    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) limit: Arc<Limit>,
     pub(crate) max_concurrent: usize,
     pub(crate) transport: TransportKind,
 }
@@ -77,7 +79,7 @@ impl Route {
             budget: RetryBudget::new(&svc.retry),
             retry: svc.retry.clone(),
             breaker: svc.breaker.clone(),
-            limit: Arc::new(Semaphore::new(svc.max_concurrent)),
+            limit: Limit::new(svc.max_concurrent),
             max_concurrent: svc.max_concurrent,
             transport: svc.transport,
         }

@@ -442,9 +442,12 @@ async fn connection(
     let requests = TaskTracker::new();
     let peer = Arc::new(peer);
     let mut draining = false;
+    // One wait for the shutdown for the connection's life: made anew in the loop, it was
+    // registered with the token and removed again for every request.
+    let mut cancelled = std::pin::pin!(shutdown.cancelled());
     loop {
         tokio::select! {
-            _ = shutdown.cancelled(), if !draining => {
+            () = cancelled.as_mut(), if !draining => {
                 draining = true;
                 requests.close();
                 // GOAWAY: requests already accepted finish; later ones are refused as never

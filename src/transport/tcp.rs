@@ -160,9 +160,12 @@ async fn connection(
     // `accept` also drives the connection: it runs until the connection ends, also while
     // draining (GOAWAY sent, streams already accepted finish).
     let mut draining = false;
+    // One wait for the shutdown for the connection's life: made anew in the loop, it was
+    // registered with the token and removed again for every request.
+    let mut cancelled = std::pin::pin!(shutdown.cancelled());
     loop {
         let next = tokio::select! {
-            _ = shutdown.cancelled(), if !draining => {
+            () = cancelled.as_mut(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;

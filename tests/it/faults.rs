@@ -451,6 +451,45 @@ crate::over_transports! {
         assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
     }
 
+    async fn requests_from_peers_over_inbound_max_requests_are_overloaded_then_taken_again(t) {
+        // The far sidecar takes 2 requests from peers at a time (`inbound.max_requests`), with
+        // room for more at its app; no retries, so its answer is what the app sees.
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let server = sidecar(
+            &pki,
+            &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
+                .replace("[inbound]\n", "[inbound]\nmax_requests = 2\n"),
+        )
+        .await;
+        let extra = format!("transport = \"{t}\"\nretry = {{ attempts = 1 }}");
+        let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
+        let out = client.outbound;
+        let slow: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/slow/4000").await }))
+            .collect();
+        while upstream.count_of("/slow") < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..3 {
+            let got = get(out, "hello", "/").await;
+            assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{got:?}");
+            assert_eq!(got.error_kind(), Some("overloaded"));
+            let text = String::from_utf8_lossy(&got.body);
+            assert!(text.contains("inbound.max_requests"), "{text}");
+        }
+        assert_eq!(upstream.count_of("/slow"), 2);
+        for s in slow {
+            assert_eq!(s.await.unwrap().status, StatusCode::OK);
+        }
+        // Each place is given back as its response ends, refused ones included: two at a time
+        // pass again, over and over.
+        for _ in 0..3 {
+            let (a, b) = tokio::join!(get(out, "hello", "/"), get(out, "hello", "/"));
+            assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+        }
+    }
+
     async fn one_identity_cannot_hold_more_than_its_share_of_connections(t) {
         // The server admits one connection per identity; two client sidecars with the same
         // identity ("web") each want one.

@@ -533,6 +533,11 @@ crate::over_transports! {
         }
         assert!((1..=2).contains(&ok), "{ok} ok");
         assert_eq!(ok + overloaded, 6);
+        // Every place came back as its request ended, refused ones included.
+        for _ in 0..3 {
+            let (a, b) = tokio::join!(get(out, "hello", "/"), get(out, "hello", "/"));
+            assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+        }
     }
 
     async fn all_endpoints_ejected_is_503_circuit_open(t) {
