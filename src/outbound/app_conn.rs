@@ -23,8 +23,10 @@
 //!   `Date` when it has none. What the body has ready is gathered and written with one
 //!   vectored write.
 //! - **The connection** is kept alive as RFC 9112 §9.3 says, serves pipelined requests in
-//!   order, is dropped (and the request with it) when the app hangs up while a body-less
-//!   request runs or while its response waits for body bytes (a long poll), is closed when
+//!   order, is dropped (and the request with it) when the app hangs up while a request runs
+//!   whose body (if any) was read to its end, or while its response waits for body bytes (a
+//!   long poll): a request held anywhere on its way (for a peer's first HTTP/2 SETTINGS, a
+//!   connection, a retry's pause) is then never sent. It is closed when
 //!   idle for `header_read_timeout`, and on shutdown closes when idle or after the response
 //!   in progress.
 
@@ -112,6 +114,15 @@ impl Shared {
         let mut q = self.interim.lock().expect("not poisoned");
         q.items.push((seq, bytes));
         if let Some(w) = &q.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// The read side, from a request body read to its end; the connection task is woken to
+    /// watch it for a hang-up while the request runs (the body may end in another task).
+    fn give_back(&self, rd: Reader) {
+        *self.returned.lock().expect("not poisoned") = Some(rd);
+        if let Some(w) = &self.interim.lock().expect("not poisoned").waker {
             w.wake_by_ref();
         }
     }
@@ -300,13 +311,19 @@ pub(crate) async fn serve(
         // Built where it is pinned: a `let` first would move its several KB once more.
         let mut work = std::pin::pin!(super::handle(req, state.clone(), hints));
         // The request runs; meanwhile its interim responses go out, and an app that hangs up
-        // (seen while the read side is ours: a request without a body) cancels it.
+        // (seen while the read side is ours: a request without a body, or one whose body was
+        // read to its end) cancels it.
         let resp = poll_fn(|cx| {
             if let Poll::Ready(Err(_)) = interim.poll(&mut wr, &shared, seq, cx) {
                 return Poll::Ready(None);
             }
             if let Poll::Ready(resp) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(resp));
+            }
+            // A request body read to its end gave the read side back: a hang-up is seen from
+            // then on, as for a request without a body.
+            if reader.is_none() {
+                reader = shared.returned.lock().expect("not poisoned").take();
             }
             let limit = settings.max_header_bytes;
             if reader.as_mut().is_some_and(|rd| rd.poll_hung_up(limit, cx)) {
@@ -804,7 +821,7 @@ impl RequestBody {
     fn ended(&mut self) {
         self.kind = Framed::Done;
         if let (Some(rd), Some(shared)) = (self.reader.take(), &self.shared) {
-            *shared.returned.lock().expect("not poisoned") = Some(rd);
+            shared.give_back(rd);
         }
     }
 

@@ -1911,6 +1911,75 @@ async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() 
     relaying.abort();
 }
 
+/// Callers that hang up while h2 holds their requests for a first connection's SETTINGS: their
+/// requests are dropped where they wait, never sent once the SETTINGS come (the far app would
+/// run work nobody waits for, and a POST would happen that its caller saw fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_app() {
+    use tokio::io::AsyncWriteExt as _;
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+    let server = sidecar(
+        &pki,
+        &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit),
+    )
+    .await;
+    let hold = Duration::from_millis(1500);
+    let (relay, passed, relaying) = settings_held_back(server.inbound, hold, false).await;
+    let toml = client_toml(
+        &pki,
+        &[relay],
+        "transport = \"tcp\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let out = client.outbound;
+    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !passed.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake through the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Ten callers send a request each (a GET and a POST in turn) and hang up while the
+    // SETTINGS are held.
+    let mut callers = Vec::new();
+    for i in 0..10 {
+        let mut app = tokio::net::TcpStream::connect(out).await.unwrap();
+        let head = if i % 2 == 0 {
+            format!("GET /gone/{i} HTTP/1.1\r\nHost: hello\r\n\r\n")
+        } else {
+            format!("POST /gone/{i} HTTP/1.1\r\nHost: hello\r\nContent-Length: 2\r\n\r\nhi")
+        };
+        app.write_all(head.as_bytes()).await.unwrap();
+        callers.push(app);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(callers);
+    // The SETTINGS come; the lone request and a later one are answered on the connection.
+    assert_eq!(lone.await.unwrap().status, StatusCode::OK);
+    assert_eq!(get(out, "hello", "/after").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reached: Vec<String> = upstream
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path.clone())
+        .filter(|p| p.starts_with("/gone"))
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "hung-up requests reached the far app: {reached:?}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+    relaying.abort();
+}
+
 /// The peer lost inside a first connection's first round trip, while h2 holds a burst for its
 /// SETTINGS: the lone request and the held burst all fail when the connection closes, each
 /// with its kind, none held for its 60 s timeout.
