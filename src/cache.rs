@@ -129,7 +129,7 @@ pub struct Cache {
     /// How long past freshness a stored response may answer when the peer is unreachable.
     stale_on_connect_failure: Duration,
     clock: Arc<Clock>,
-    flights: Arc<Mutex<HashMap<String, watch::Receiver<()>>>>,
+    flights: Arc<Mutex<HashMap<String, watch::Receiver<Landing>>>>,
     refreshing: Mutex<std::collections::HashSet<String>>,
     pub stats: Stats,
 }
@@ -452,23 +452,26 @@ impl Cache {
     }
 
     /// Request collapsing: the first caller for a key leads (fetches upstream); later ones get
-    /// a receiver that resolves when the leader is done (stored, or gave up).
+    /// a receiver that resolves when the leader is done (stored, or gave up) or went away.
     pub fn join(&self, key: &str) -> Flight {
         let mut flights = self.flights.lock().expect("not poisoned");
         if let Some(rx) = flights.get(key) {
             return Flight::Follower(rx.clone());
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(Landing::Abandoned);
         flights.insert(key.to_string(), rx);
         Flight::Leader(FlightGuard {
             tx,
             key: key.to_string(),
             flights: self.flights.clone(),
+            landed: false,
         })
     }
 
-    /// Ends a leader's flight: followers wake and look again.
-    pub fn land(&self, guard: FlightGuard) {
+    /// Ends a leader's flight with an answer (stored, not storable, or failed): followers wake
+    /// and look again, and fetch for themselves what was not stored.
+    pub fn land(&self, mut guard: FlightGuard) {
+        guard.landed = true;
         drop(guard);
     }
 
@@ -485,11 +488,24 @@ impl Cache {
     }
 }
 
-/// A leader's claim on a key; dropping it (even by panic or cancel) releases followers.
+/// How a leader's flight ended, as its followers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// With an answer: stored (followers find it), or not storable or failed (each fetches
+    /// for itself).
+    Landed,
+    /// Without one: the leader's caller went away (its fetch or its body was dropped). One
+    /// follower takes the lead rather than all of them fetching.
+    Abandoned,
+}
+
+/// A leader's claim on a key; dropping it (even by panic or cancel) releases followers, as
+/// abandoned unless it was `Cache::land`ed.
 pub struct FlightGuard {
-    tx: watch::Sender<()>,
+    tx: watch::Sender<Landing>,
     key: String,
-    flights: Arc<Mutex<HashMap<String, watch::Receiver<()>>>>,
+    flights: Arc<Mutex<HashMap<String, watch::Receiver<Landing>>>>,
+    landed: bool,
 }
 
 impl Drop for FlightGuard {
@@ -501,19 +517,23 @@ impl Drop for FlightGuard {
         {
             flights.remove(&self.key);
         }
+        if self.landed {
+            self.tx.send_replace(Landing::Landed);
+        }
         // The sender drops after this: followers' `changed()` ends.
     }
 }
 
 pub enum Flight {
     Leader(FlightGuard),
-    Follower(watch::Receiver<()>),
+    Follower(watch::Receiver<Landing>),
 }
 
 impl Flight {
-    /// Waits until the leader is done.
-    pub async fn wait(rx: &mut watch::Receiver<()>) {
+    /// Waits until the leader is done, and says how.
+    pub async fn wait(rx: &mut watch::Receiver<Landing>) -> Landing {
         while rx.changed().await.is_ok() {}
+        *rx.borrow()
     }
 }
 
@@ -522,6 +542,17 @@ pub fn cache_control<'a>(
     values: impl IntoIterator<Item = &'a HeaderValue>,
 ) -> HashMap<String, Option<String>> {
     normalize::directives(values).into_iter().collect()
+}
+
+/// What a [`TeeBody`] kept when it ended.
+#[derive(Debug)]
+pub enum Kept {
+    /// The whole body, which fit.
+    Whole(Bytes),
+    /// Nothing: the body was too large to keep, or it failed.
+    Nothing,
+    /// Nothing: the body was dropped before its end (the client went away).
+    Dropped,
 }
 
 /// A response body passed through to the client while a copy is kept, up to a limit; when the
@@ -533,15 +564,11 @@ pub struct TeeBody {
     /// The declared length: HTTP/1.1 stops reading a sized body at its last byte, so reaching
     /// it counts as the end.
     expected: Option<u64>,
-    done: Option<Box<dyn FnOnce(Option<Bytes>) + Send>>,
+    done: Option<Box<dyn FnOnce(Kept) + Send>>,
 }
 
 impl TeeBody {
-    pub fn new(
-        inner: ProxyBody,
-        limit: usize,
-        done: impl FnOnce(Option<Bytes>) + Send + 'static,
-    ) -> Self {
+    pub fn new(inner: ProxyBody, limit: usize, done: impl FnOnce(Kept) + Send + 'static) -> Self {
         let expected = inner.size_hint().exact();
         Self {
             inner,
@@ -553,13 +580,17 @@ impl TeeBody {
     }
 
     fn finish(&mut self, ok: bool) {
+        self.end(if ok { None } else { Some(Kept::Nothing) });
+    }
+
+    /// Hands `done` the copy, or `instead` of it.
+    fn end(&mut self, instead: Option<Kept>) {
         if let Some(done) = self.done.take() {
-            let copy = if ok {
-                self.buf.take().map(BytesMut::freeze)
-            } else {
-                None
-            };
-            done(copy);
+            done(match (instead, self.buf.take()) {
+                (Some(k), _) => k,
+                (None, Some(b)) => Kept::Whole(b.freeze()),
+                (None, None) => Kept::Nothing,
+            });
         }
     }
 }
@@ -567,12 +598,12 @@ impl TeeBody {
 impl Drop for TeeBody {
     fn drop(&mut self) {
         // Dropped after the declared length arrived: complete. Before: the client went away,
-        // nothing is stored and followers are released.
+        // nothing is stored and followers are released (one of them to fetch again).
         let complete = self
             .buf
             .as_ref()
             .is_some_and(|b| self.expected == Some(b.len() as u64));
-        self.finish(complete);
+        self.end((!complete).then_some(Kept::Dropped));
     }
 }
 

@@ -15,7 +15,8 @@ use http_body_util::BodyExt;
 use crate::body::{content_length, full, ProxyBody};
 use crate::cache::http_date;
 use crate::cache::{
-    is_conditional, is_error_status, Cache, Flight, FlightGuard, Lookup, TeeBody, Variant,
+    is_conditional, is_error_status, Cache, Flight, FlightGuard, Kept, Landing, Lookup, TeeBody,
+    Variant,
 };
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::facts::CacheOutcome;
@@ -62,6 +63,8 @@ pub(crate) async fn serve(
         return fetch(req).await;
     }
     let mut followed = false;
+    // Leaders whose callers went away, after which this request looked again (and may lead).
+    let mut abandoned = 0;
     loop {
         match cache.lookup(&key, &req) {
             Lookup::Fresh(parts, body) => {
@@ -94,9 +97,13 @@ pub(crate) async fn serve(
             Lookup::Miss if !followed => match cache.join(&key) {
                 Flight::Leader(guard) => return miss(&fetch, cache, key, req, Some(guard)).await,
                 Flight::Follower(mut rx) => {
-                    // Another request is fetching this: wait for it, then look again once.
-                    followed = true;
-                    let _ = tokio::time::timeout(wait, Flight::wait(&mut rx)).await;
+                    // Another request is fetching this: wait for it, then look again once. A
+                    // leader whose caller went away hands the fetch to one follower (the first
+                    // to join again), not to all of them at once.
+                    match tokio::time::timeout(wait, Flight::wait(&mut rx)).await {
+                        Ok(Landing::Abandoned) if abandoned < MAX_ABANDONED => abandoned += 1,
+                        _ => followed = true,
+                    }
                 }
             },
             // The leader's response was not storable (or it failed): fetch for ourselves.
@@ -104,6 +111,9 @@ pub(crate) async fn serve(
         }
     }
 }
+
+/// How many abandoned leaders a collapsed request follows before it fetches for itself.
+const MAX_ABANDONED: u32 = 8;
 
 async fn miss(
     fetch: &Fetch,
@@ -114,8 +124,17 @@ async fn miss(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     cache.stats.misses.fetch_add(1, Ordering::Relaxed);
     cache.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
-    // On an error `guard` drops here and followers go upstream themselves.
-    let resp = fetch(req.clone()).await?;
+    // On an error followers go upstream themselves; if this request is dropped while it
+    // fetches (its caller went away), `guard` drops unlanded and one follower leads.
+    let resp = match fetch(req.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(g) = guard {
+                cache.land(g);
+            }
+            return Err(e);
+        }
+    };
     if req.method == http::Method::HEAD && resp.status() == StatusCode::OK {
         // RFC 9111 §4.3.5: a HEAD response describing the stored GET response updates it.
         let (parts, body) = resp.into_parts();
@@ -251,11 +270,13 @@ fn store_while_streaming(
         return Response::from_parts(parts, body);
     };
     let c = cache.clone();
-    let tee = TeeBody::new(body, cache.max_entry_bytes(), move |copy| {
-        if let Some(bytes) = copy {
+    let tee = TeeBody::new(body, cache.max_entry_bytes(), move |kept| {
+        // A body dropped before its end leaves the guard unlanded: abandoned.
+        let dropped = matches!(kept, Kept::Dropped);
+        if let Kept::Whole(bytes) = kept {
             c.insert(&key, &req, &stored, policy, bytes);
         }
-        if let Some(g) = guard {
+        if let (Some(g), false) = (guard, dropped) {
             c.land(g);
         }
     });

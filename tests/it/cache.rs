@@ -174,6 +174,42 @@ async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
     assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
+/// The caller of a collapsed miss's leader hangs up while its fetch runs: one waiting request
+/// takes the lead and fetches again, and the others wait for it, rather than all of them
+/// going to the origin at once (20 fetches before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_caller_hangs_up_hands_the_fetch_to_one_follower() {
+    use tokio::io::AsyncWriteExt as _;
+    let pair = cached_pair().await;
+    let out = pair.out();
+    let url = "/c/lead?cc=max-age=60&delay=1500";
+    let mut leader = tokio::net::TcpStream::connect(out).await.unwrap();
+    let head = format!("GET {url} HTTP/1.1\r\nHost: hello\r\n\r\n");
+    leader.write_all(head.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pair.upstream.count_of("/c/lead") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let followers: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(leader);
+    for f in followers {
+        let got = f.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    }
+    // The leader's fetch and one more (or only the leader's, on a machine so slow that its
+    // response was whole and stored before the hang-up was seen).
+    let fetches = pair.upstream.count_of("/c/lead");
+    assert!(fetches <= 2, "{fetches} fetches for one key");
+    assert_eq!(how(&get(out, "hello", url).await), "hit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let pair = cached_pair().await;

@@ -763,3 +763,23 @@ pub async fn raw(out: std::net::SocketAddr, bytes: &[u8], close_write: bool) -> 
     .await;
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// Two requests at once both pass, within 10 s: the places of a concurrency limit came back.
+/// (A place is given back as the sidecar drops its response, which can be a moment after the
+/// client has read it, so a leak is told from that moment by trying again.)
+pub async fn two_at_once_pass(out: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (a, b) = tokio::join!(get(out, "hello", "/"), get(out, "hello", "/"));
+        if (a.status, b.status) == (StatusCode::OK, StatusCode::OK) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two at once still refused after 10 s: {} and {}",
+            a.status,
+            b.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
