@@ -11,6 +11,7 @@ use futures_util::future::BoxFuture;
 use http::header::{CACHE_CONTROL, RANGE};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
+use tokio::sync::watch;
 
 use crate::body::{content_length, full, ProxyBody};
 use crate::cache::http_date;
@@ -92,19 +93,23 @@ pub(crate) async fn serve(
                     let (parts, body) = cache.stale_response(&variant);
                     return Ok(cached(parts, body, CacheOutcome::Stale));
                 }
-                return revalidate_now(&fetch, cache, key, req, &variant, revalidate).await;
+                // Collapsed as misses are: an entry that expires under load is revalidated
+                // once, not once per request waiting for it.
+                let guard = match followed {
+                    true => None,
+                    false => match cache.join(&key) {
+                        Flight::Leader(guard) => Some(guard),
+                        Flight::Follower(rx) => {
+                            followed = follow(rx, wait, &mut abandoned).await;
+                            continue;
+                        }
+                    },
+                };
+                return revalidate_now(&fetch, cache, key, req, &variant, revalidate, guard).await;
             }
             Lookup::Miss if !followed => match cache.join(&key) {
                 Flight::Leader(guard) => return miss(&fetch, cache, key, req, Some(guard)).await,
-                Flight::Follower(mut rx) => {
-                    // Another request is fetching this: wait for it, then look again once. A
-                    // leader whose caller went away hands the fetch to one follower (the first
-                    // to join again), not to all of them at once.
-                    match tokio::time::timeout(wait, Flight::wait(&mut rx)).await {
-                        Ok(Landing::Abandoned) if abandoned < MAX_ABANDONED => abandoned += 1,
-                        _ => followed = true,
-                    }
-                }
+                Flight::Follower(rx) => followed = follow(rx, wait, &mut abandoned).await,
             },
             // The leader's response was not storable (or it failed): fetch for ourselves.
             Lookup::Miss => return miss(&fetch, cache, key, req, None).await,
@@ -114,6 +119,27 @@ pub(crate) async fn serve(
 
 /// How many abandoned leaders a collapsed request follows before it fetches for itself.
 const MAX_ABANDONED: u32 = 8;
+
+/// Another request is fetching (or revalidating) this key: waits for it (at most `wait`).
+/// Whether to look again as one that followed (fetching for itself what was not stored), or,
+/// after a leader whose caller went away, as one that may lead: the fetch goes to one
+/// follower, the first to join again, not to all of them at once.
+async fn follow(mut rx: watch::Receiver<Landing>, wait: Duration, abandoned: &mut u32) -> bool {
+    match tokio::time::timeout(wait, Flight::wait(&mut rx)).await {
+        Ok(Landing::Abandoned) if *abandoned < MAX_ABANDONED => {
+            *abandoned += 1;
+            false
+        }
+        _ => true,
+    }
+}
+
+/// Ends a leader's flight with an answer, if this request leads one.
+fn land(cache: &Cache, guard: Option<FlightGuard>) {
+    if let Some(g) = guard {
+        cache.land(g);
+    }
+}
 
 async fn miss(
     fetch: &Fetch,
@@ -129,9 +155,7 @@ async fn miss(
     let resp = match fetch(req.clone()).await {
         Ok(r) => r,
         Err(e) => {
-            if let Some(g) = guard {
-                cache.land(g);
-            }
+            land(cache, guard);
             return Err(e);
         }
     };
@@ -165,6 +189,7 @@ async fn revalidate_now(
     req: http::request::Parts,
     variant: &Variant,
     revalidate: http::request::Parts,
+    guard: Option<FlightGuard>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     cache.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
     let stale = |cache: &Cache| {
@@ -177,18 +202,21 @@ async fn revalidate_now(
             let (parts, _) = resp.into_parts();
             match cache.revalidated(&key, variant, &req, &parts) {
                 Some((parts, body)) => {
+                    land(cache, guard);
                     cache.stats.revalidated.fetch_add(1, Ordering::Relaxed);
                     Ok(answer(parts, body, &req, CacheOutcome::Revalidated))
                 }
                 // A 304 for the client's own validators: it can use it.
                 None if is_conditional(&req) => {
+                    land(cache, guard);
                     Ok(Response::from_parts(parts, crate::body::empty()))
                 }
                 // A 304 we cannot match to what we hold: ask again without conditions.
-                None => miss(fetch, cache, key, req, None).await,
+                None => miss(fetch, cache, key, req, guard).await,
             }
         }
         Ok(resp) if is_error_status(resp.status()) && cache.usable_on_error(variant) => {
+            land(cache, guard);
             Ok(stale(cache))
         }
         Ok(resp) => {
@@ -198,21 +226,26 @@ async fn revalidate_now(
                 key,
                 req,
                 resp,
-                None,
+                guard,
                 CacheOutcome::Miss,
             ))
         }
         Err(e) if cache.usable_on_error(variant) => {
+            land(cache, guard);
             tracing::debug!(error = %e.message, "origin failed; serving stale within stale-if-error");
             Ok(stale(cache))
         }
         // The peer cannot be reached at all (not an app status): keep answering from the
         // cache for `serve_stale_on_connect_failure`.
         Err(e) if unreachable(e.kind) && cache.usable_when_unreachable(variant) => {
+            land(cache, guard);
             tracing::debug!(error = %e.message, "peer unreachable; serving stale");
             Ok(stale(cache))
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            land(cache, guard);
+            Err(e)
+        }
     }
 }
 

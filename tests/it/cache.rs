@@ -174,6 +174,34 @@ async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
     assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
+/// A hot entry expires with a hundred requests for it at once: one revalidates it and the
+/// others wait for that one, as for a miss, rather than each asking the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_requests_for_an_expired_entry_revalidate_once() {
+    let pair = cached_pair().await;
+    let out = pair.out();
+    let url = "/c/exp?cc=max-age=5&etag=%22v1%22&delay=300";
+    let first = get(out, "hello", url).await;
+    assert_eq!(how(&first), "miss");
+    pair.client.clock().advance(Duration::from_secs(6));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
+        .collect();
+    let mut revalidated = 0;
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.body, first.body);
+        match how(&got) {
+            "revalidated" => revalidated += 1,
+            "hit" => {}
+            other => panic!("answered as {other:?}"),
+        }
+    }
+    assert_eq!(revalidated, 1);
+    assert_eq!(pair.upstream.count_of("/c/exp"), 2);
+}
+
 /// The caller of a collapsed miss's leader hangs up while its fetch runs: one waiting request
 /// takes the lead and fetches again, and the others wait for it, rather than all of them
 /// going to the origin at once (20 fetches before).
