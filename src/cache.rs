@@ -464,14 +464,19 @@ impl Cache {
             tx,
             key: key.to_string(),
             flights: self.flights.clone(),
-            landed: false,
+            landed: None,
         })
     }
 
     /// Ends a leader's flight with an answer (stored, not storable, or failed): followers wake
     /// and look again, and fetch for themselves what was not stored.
-    pub fn land(&self, mut guard: FlightGuard) {
-        guard.landed = true;
+    pub fn land(&self, guard: FlightGuard) {
+        self.land_as(guard, Landing::Landed);
+    }
+
+    /// Ends a leader's flight as `how`.
+    pub fn land_as(&self, mut guard: FlightGuard, how: Landing) {
+        guard.landed = Some(how);
         drop(guard);
     }
 
@@ -494,6 +499,10 @@ pub enum Landing {
     /// With an answer: stored (followers find it), or not storable or failed (each fetches
     /// for itself).
     Landed,
+    /// The origin failed (`unreachable`: the peer could not be reached at all) and the leader
+    /// answered from the stale copy: followers may too, within their own entry's allowance,
+    /// rather than each asking the failing origin again.
+    Failed { unreachable: bool },
     /// Without one: the leader's caller went away (its fetch or its body was dropped). One
     /// follower takes the lead rather than all of them fetching.
     Abandoned,
@@ -505,7 +514,7 @@ pub struct FlightGuard {
     tx: watch::Sender<Landing>,
     key: String,
     flights: Arc<Mutex<HashMap<String, watch::Receiver<Landing>>>>,
-    landed: bool,
+    landed: Option<Landing>,
 }
 
 impl Drop for FlightGuard {
@@ -517,8 +526,8 @@ impl Drop for FlightGuard {
         {
             flights.remove(&self.key);
         }
-        if self.landed {
-            self.tx.send_replace(Landing::Landed);
+        if let Some(how) = self.landed {
+            self.tx.send_replace(how);
         }
         // The sender drops after this: followers' `changed()` ends.
     }

@@ -66,6 +66,8 @@ pub(crate) async fn serve(
     let mut followed = false;
     // Leaders whose callers went away, after which this request looked again (and may lead).
     let mut abandoned = 0;
+    // The leader followed found the origin failing and answered from the stale copy.
+    let mut failed = None;
     loop {
         match cache.lookup(&key, &req) {
             Lookup::Fresh(parts, body) => {
@@ -93,6 +95,15 @@ pub(crate) async fn serve(
                     let (parts, body) = cache.stale_response(&variant);
                     return Ok(cached(parts, body, CacheOutcome::Stale));
                 }
+                if let Some(unreachable) = failed {
+                    if cache.usable_on_error(&variant)
+                        || (unreachable && cache.usable_when_unreachable(&variant))
+                    {
+                        cache.stats.stale.fetch_add(1, Ordering::Relaxed);
+                        let (parts, body) = cache.stale_response(&variant);
+                        return Ok(cached(parts, body, CacheOutcome::Stale));
+                    }
+                }
                 // Collapsed as misses are: an entry that expires under load is revalidated
                 // once, not once per request waiting for it.
                 let guard = match followed {
@@ -100,7 +111,7 @@ pub(crate) async fn serve(
                     false => match cache.join(&key) {
                         Flight::Leader(guard) => Some(guard),
                         Flight::Follower(rx) => {
-                            followed = follow(rx, wait, &mut abandoned).await;
+                            (followed, failed) = follow(rx, wait, &mut abandoned).await;
                             continue;
                         }
                     },
@@ -109,7 +120,9 @@ pub(crate) async fn serve(
             }
             Lookup::Miss if !followed => match cache.join(&key) {
                 Flight::Leader(guard) => return miss(&fetch, cache, key, req, Some(guard)).await,
-                Flight::Follower(rx) => followed = follow(rx, wait, &mut abandoned).await,
+                Flight::Follower(rx) => {
+                    (followed, failed) = follow(rx, wait, &mut abandoned).await;
+                }
             },
             // The leader's response was not storable (or it failed): fetch for ourselves.
             Lookup::Miss => return miss(&fetch, cache, key, req, None).await,
@@ -123,14 +136,20 @@ const MAX_ABANDONED: u32 = 8;
 /// Another request is fetching (or revalidating) this key: waits for it (at most `wait`).
 /// Whether to look again as one that followed (fetching for itself what was not stored), or,
 /// after a leader whose caller went away, as one that may lead: the fetch goes to one
-/// follower, the first to join again, not to all of them at once.
-async fn follow(mut rx: watch::Receiver<Landing>, wait: Duration, abandoned: &mut u32) -> bool {
+/// follower, the first to join again, not to all of them at once. And, when the leader found
+/// the origin failing, whether it could not be reached at all.
+async fn follow(
+    mut rx: watch::Receiver<Landing>,
+    wait: Duration,
+    abandoned: &mut u32,
+) -> (bool, Option<bool>) {
     match tokio::time::timeout(wait, Flight::wait(&mut rx)).await {
         Ok(Landing::Abandoned) if *abandoned < MAX_ABANDONED => {
             *abandoned += 1;
-            false
+            (false, None)
         }
-        _ => true,
+        Ok(Landing::Failed { unreachable }) => (true, Some(unreachable)),
+        _ => (true, None),
     }
 }
 
@@ -138,6 +157,13 @@ async fn follow(mut rx: watch::Receiver<Landing>, wait: Duration, abandoned: &mu
 fn land(cache: &Cache, guard: Option<FlightGuard>) {
     if let Some(g) = guard {
         cache.land(g);
+    }
+}
+
+/// Ends a leader's flight that found the origin failing and answered from the stale copy.
+fn land_failed(cache: &Cache, guard: Option<FlightGuard>, unreachable: bool) {
+    if let Some(g) = guard {
+        cache.land_as(g, Landing::Failed { unreachable });
     }
 }
 
@@ -216,7 +242,7 @@ async fn revalidate_now(
             }
         }
         Ok(resp) if is_error_status(resp.status()) && cache.usable_on_error(variant) => {
-            land(cache, guard);
+            land_failed(cache, guard, false);
             Ok(stale(cache))
         }
         Ok(resp) => {
@@ -231,14 +257,14 @@ async fn revalidate_now(
             ))
         }
         Err(e) if cache.usable_on_error(variant) => {
-            land(cache, guard);
+            land_failed(cache, guard, unreachable(e.kind));
             tracing::debug!(error = %e.message, "origin failed; serving stale within stale-if-error");
             Ok(stale(cache))
         }
         // The peer cannot be reached at all (not an app status): keep answering from the
         // cache for `serve_stale_on_connect_failure`.
         Err(e) if unreachable(e.kind) && cache.usable_when_unreachable(variant) => {
-            land(cache, guard);
+            land_failed(cache, guard, true);
             tracing::debug!(error = %e.message, "peer unreachable; serving stale");
             Ok(stale(cache))
         }

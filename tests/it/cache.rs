@@ -174,22 +174,48 @@ async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
     assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
+/// One request for `url`, and once its upstream request has arrived (the `seen`th with
+/// `prefix`), `n - 1` more while it runs (the upstream's `delay` in `url` keeps it running).
+async fn one_then_many(
+    pair: &Pair,
+    url: &'static str,
+    prefix: &str,
+    seen: usize,
+    n: usize,
+) -> Vec<Got> {
+    let out = pair.out();
+    let first = tokio::spawn(async move { get(out, "hello", url).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pair.upstream.count_of(prefix) < seen {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rest: Vec<_> = (1..n)
+        .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
+        .collect();
+    let mut all = vec![first.await.unwrap()];
+    for t in rest {
+        all.push(t.await.unwrap());
+    }
+    all
+}
+
 /// A hot entry expires with a hundred requests for it at once: one revalidates it and the
 /// others wait for that one, as for a miss, rather than each asking the origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_requests_for_an_expired_entry_revalidate_once() {
     let pair = cached_pair().await;
     let out = pair.out();
-    let url = "/c/exp?cc=max-age=5&etag=%22v1%22&delay=300";
+    // The revalidation takes 3 s: the other 99 come while it runs.
+    let url = "/c/exp?cc=max-age=5&etag=%22v1%22&delay=3000";
     let first = get(out, "hello", url).await;
     assert_eq!(how(&first), "miss");
     pair.client.clock().advance(Duration::from_secs(6));
-    let tasks: Vec<_> = (0..100)
-        .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
-        .collect();
     let mut revalidated = 0;
-    for t in tasks {
-        let got = t.await.unwrap();
+    for got in one_then_many(&pair, url, "/c/exp", 2, 100).await {
         assert_eq!(got.status, StatusCode::OK, "{got:?}");
         assert_eq!(got.body, first.body);
         match how(&got) {
@@ -290,6 +316,29 @@ async fn stale_if_error_serves_the_stored_copy_when_the_origin_fails() {
         get(pair.out(), "hello", sie).await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
+}
+
+/// The origin fails while a hot entry is past its freshness but within `stale-if-error`: one
+/// request finds it failing, and the others waiting on it are answered from the stale copy at
+/// once, rather than each asking the failing origin again (50 times before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_under_load_asks_the_failing_origin_once() {
+    // No retries: the one request's failure is one upstream request.
+    let pair = Pair::start_with(&format!("{CACHE}\nretry = {{ attempts = 1 }}"), "").await;
+    let out = pair.out();
+    // The failing revalidation takes 3 s: the other 49 come while it runs.
+    let url = "/c/sie-hot?cc=max-age=1,%20stale-if-error=60&delay=3000";
+    let first = get(out, "hello", url).await;
+    assert_eq!(how(&first), "miss");
+    pair.upstream
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    pair.client.clock().advance(Duration::from_secs(5));
+    for got in one_then_many(&pair, url, "/c/sie-hot", 2, 50).await {
+        assert_eq!((got.status, how(&got)), (StatusCode::OK, "stale"));
+        assert_eq!(got.body, first.body);
+    }
+    assert_eq!(pair.upstream.count_of("/c/sie-hot"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
