@@ -454,14 +454,7 @@ crate::over_transports! {
     async fn requests_from_peers_over_inbound_max_requests_are_overloaded_then_taken_again(t) {
         // The far sidecar takes 2 requests from peers at a time (`inbound.max_requests`), with
         // room for more at its app; no retries, so its answer is what the app sees.
-        let pki = Pki::new();
-        let upstream = Upstream::start().await;
-        let server = sidecar(
-            &pki,
-            &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
-                .replace("[inbound]\n", "[inbound]\nmax_requests = 2\n"),
-        )
-        .await;
+        let (pki, upstream, server) = server_with_inbound("max_requests = 2").await;
         let extra = format!("transport = \"{t}\"\nretry = {{ attempts = 1 }}");
         let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
         let out = client.outbound;
@@ -491,14 +484,7 @@ crate::over_transports! {
     async fn one_identity_cannot_hold_more_than_its_share_of_connections(t) {
         // The server admits one connection per identity; two client sidecars with the same
         // identity ("web") each want one.
-        let pki = Pki::new();
-        let upstream = Upstream::start().await;
-        let server = sidecar(
-            &pki,
-            &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
-                .replace("[inbound]\n", "[inbound]\nmax_connections_per_peer = 1\n"),
-        )
-        .await;
+        let (pki, _upstream, server) = server_with_inbound("max_connections_per_peer = 1").await;
         let extra = format!("transport = \"{t}\"\nretry = {{ attempts = 1 }}");
         let first = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
         let second = sidecar(&pki, &client_toml(&pki, &[server.inbound], &extra)).await;
@@ -1865,48 +1851,80 @@ async fn settings_held_back(
     (addr, passed, task)
 }
 
+/// A serving sidecar with `setting` in its `[inbound]` section, in front of a new upstream.
+async fn server_with_inbound(setting: &str) -> (Pki, Upstream, quicar::app::Bound) {
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let toml = server_toml(&pki, upstream.addr, "127.0.0.1:0", "")
+        .replace("[inbound]\n", &format!("[inbound]\n{setting}\n"));
+    let server = sidecar(&pki, &toml).await;
+    (pki, upstream, server)
+}
+
+/// A client sidecar whose first HTTP/2 connection, to a peer allowing 4 streams, runs through
+/// `settings_held_back(hold, then_close)`; retries off, `service` added to its service. Its
+/// lone request (`/lone`) opened the connection, and the handshake has passed the relay.
+struct HeldSettings {
+    client: quicar::app::Bound,
+    server: quicar::app::Bound,
+    upstream: Upstream,
+    lone: Option<tokio::task::JoinHandle<Got>>,
+    relaying: tokio::task::JoinHandle<()>,
+}
+
+impl HeldSettings {
+    async fn start(hold: Duration, then_close: bool, service: &str) -> Self {
+        init_tracing();
+        let pki = Pki::new();
+        let upstream = Upstream::start().await;
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let server_toml = server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit;
+        let server = sidecar(&pki, &server_toml).await;
+        let (relay, passed, relaying) = settings_held_back(server.inbound, hold, then_close).await;
+        let service = format!("transport = \"tcp\"\nretry = {{ attempts = 1 }}\n{service}");
+        let client = sidecar(&pki, &client_toml(&pki, &[relay], &service)).await;
+        let out = client.outbound;
+        let lone = Some(tokio::spawn(
+            async move { get(out, "hello", "/lone").await },
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !passed.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no handshake through the relay"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Self {
+            client,
+            server,
+            upstream,
+            lone,
+            relaying,
+        }
+    }
+    async fn stop(self) {
+        self.client.shutdown().await;
+        self.server.shutdown().await;
+        self.relaying.abort();
+    }
+}
+
 /// A first HTTP/2 connection opened by a lone request, then a burst inside its first round
 /// trip, before the peer's SETTINGS: the connection used to send up to 100 streams and a peer
 /// that allows 4 refused the rest (REFUSED_STREAM, a 502 with retries off). h2 now holds all
 /// but one until the SETTINGS come, and none is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() {
-    init_tracing();
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
-    let server = sidecar(
-        &pki,
-        &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit),
-    )
-    .await;
-    let hold = Duration::from_millis(600);
-    let (relay, passed, relaying) = settings_held_back(server.inbound, hold, false).await;
-    let toml = client_toml(
-        &pki,
-        &[relay],
-        "transport = \"tcp\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
-    let out = client.outbound;
-    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
     // The burst comes once the handshake has passed, inside the 600 ms the SETTINGS are held.
     // (A machine that stalls past them sends it after the SETTINGS, and the test holds
     // without testing much.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !passed.load(std::sync::atomic::Ordering::Acquire) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no handshake through the relay"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut h = HeldSettings::start(Duration::from_millis(600), false, "").await;
     tokio::time::sleep(Duration::from_millis(20)).await;
+    let out = h.client.outbound;
     all_answered(out, 40, "/first-rtt/", "a request of the burst waited").await;
-    assert_eq!(lone.await.unwrap().status, StatusCode::OK);
-    client.shutdown().await;
-    server.shutdown().await;
-    relaying.abort();
+    assert_eq!(h.lone.take().unwrap().await.unwrap().status, StatusCode::OK);
+    h.stop().await;
 }
 
 /// Callers that hang up while h2 holds their requests for a first connection's SETTINGS: their
@@ -1915,33 +1933,8 @@ async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_app() {
     use tokio::io::AsyncWriteExt as _;
-    init_tracing();
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
-    let server = sidecar(
-        &pki,
-        &(server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit),
-    )
-    .await;
-    let hold = Duration::from_millis(1500);
-    let (relay, passed, relaying) = settings_held_back(server.inbound, hold, false).await;
-    let toml = client_toml(
-        &pki,
-        &[relay],
-        "transport = \"tcp\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
-    let out = client.outbound;
-    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !passed.load(std::sync::atomic::Ordering::Acquire) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no handshake through the relay"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut h = HeldSettings::start(Duration::from_millis(1500), false, "").await;
+    let out = h.client.outbound;
     // Ten callers send a request each (a GET and a POST in turn) and hang up while the
     // SETTINGS are held.
     let mut callers = Vec::new();
@@ -1958,10 +1951,11 @@ async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(callers);
     // The SETTINGS come; the lone request and a later one are answered on the connection.
-    assert_eq!(lone.await.unwrap().status, StatusCode::OK);
+    assert_eq!(h.lone.take().unwrap().await.unwrap().status, StatusCode::OK);
     assert_eq!(get(out, "hello", "/after").await.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let reached: Vec<String> = upstream
+    let reached: Vec<String> = h
+        .upstream
         .seen
         .lock()
         .unwrap()
@@ -1973,9 +1967,7 @@ async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_
         reached.is_empty(),
         "hung-up requests reached the far app: {reached:?}"
     );
-    client.shutdown().await;
-    server.shutdown().await;
-    relaying.abort();
+    h.stop().await;
 }
 
 /// The peer lost inside a first connection's first round trip, while h2 holds a burst for its
@@ -1983,29 +1975,11 @@ async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_
 /// with its kind, none held for its 60 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_tcp_connection_lost_before_its_settings_fails_the_held_burst_at_once() {
-    init_tracing();
-    let pki = Pki::new();
-    let upstream = Upstream::start().await;
-    let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
-    let server_toml = server_toml(&pki, upstream.addr, "127.0.0.1:0", "") + limit;
-    let server = sidecar(&pki, &server_toml).await;
-    let hold = Duration::from_millis(600);
-    let (relay, passed, relaying) = settings_held_back(server.inbound, hold, true).await;
-    let service = "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }";
-    let client = sidecar(&pki, &client_toml(&pki, &[relay], service)).await;
-    let out = client.outbound;
-    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !passed.load(std::sync::atomic::Ordering::Acquire) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no handshake through the relay"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut h = HeldSettings::start(Duration::from_millis(600), true, "timeout = \"60s\"").await;
+    let out = h.client.outbound;
     let calls: Vec<_> = (0..40)
         .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/held/{i}")).await }))
-        .chain([lone])
+        .chain(h.lone.take())
         .collect();
     let answered = tokio::time::timeout(
         Duration::from_secs(20),
@@ -2020,9 +1994,7 @@ async fn a_first_tcp_connection_lost_before_its_settings_fails_the_held_burst_at
             "{got:?}"
         );
     }
-    client.shutdown().await;
-    server.shutdown().await;
-    relaying.abort();
+    h.stop().await;
 }
 
 /// A cold burst waits for the first HTTP/2 connection's SETTINGS: a peer that takes the TLS
