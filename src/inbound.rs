@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::resilience::Limit;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 
@@ -23,6 +22,7 @@ use crate::headers::{service_of_authority, strip_hop_by_hop, strip_quicar, DEADL
 use crate::identity::{IdentityError, PeerId};
 use crate::interim::Interim;
 use crate::policy::authorize;
+use crate::resilience::Limit;
 use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 use local_app::{CallerSide, Local, LocalApp};
 

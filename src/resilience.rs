@@ -142,8 +142,7 @@ impl RetryBudget {
 
 /// Requests in flight under a limit that is never waited for: a request over it is refused at
 /// once (`max_concurrent`, `inbound.max_requests`). A count, not a semaphore: tokio's permit
-/// takes the semaphore's waiter lock as it is released, waiters or not, twice per request on the
-/// far sidecar.
+/// takes the semaphore's waiter lock as it is released, waiters or not.
 #[derive(Debug)]
 pub(crate) struct Limit {
     max: usize,

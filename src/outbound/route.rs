@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-
-use crate::resilience::Limit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,7 +13,7 @@ use crate::balance::Balancer;
 use crate::cache::{Cache, Clock};
 use crate::config::{BreakerConfig, Config, RetryConfig, Service, TransportKind};
 use crate::discovery::{Endpoints, Source};
-use crate::resilience::RetryBudget;
+use crate::resilience::{Limit, RetryBudget};
 use crate::telemetry::ServiceTel;
 
 pub(crate) struct Route {
