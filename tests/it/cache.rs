@@ -174,6 +174,19 @@ async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
     assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
+/// Waits (10 s at most) until the origin has seen `n` requests starting with `prefix`.
+async fn seen_at_origin(pair: &Pair, prefix: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pair.upstream.count_of(prefix) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the origin saw {} of {n} requests for {prefix}",
+            pair.upstream.count_of(prefix)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// One request for `url`, and once its upstream request has arrived (the `seen`th with
 /// `prefix`), `n - 1` more while it runs (the upstream's `delay` in `url` keeps it running).
 async fn one_then_many(
@@ -185,14 +198,7 @@ async fn one_then_many(
 ) -> Vec<Got> {
     let out = pair.out();
     let first = tokio::spawn(async move { get(out, "hello", url).await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pair.upstream.count_of(prefix) < seen {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first never reached the origin"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    seen_at_origin(pair, prefix, seen).await;
     let rest: Vec<_> = (1..n)
         .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
         .collect();
@@ -230,7 +236,7 @@ async fn a_hundred_concurrent_requests_for_an_expired_entry_revalidate_once() {
 
 /// The caller of a collapsed miss's leader hangs up while its fetch runs: one waiting request
 /// takes the lead and fetches again, and the others wait for it, rather than all of them
-/// going to the origin at once (20 fetches before).
+/// going to the origin at once (21 fetches for 21 callers before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_caller_hangs_up_hands_the_fetch_to_one_follower() {
     use tokio::io::AsyncWriteExt as _;
@@ -240,14 +246,7 @@ async fn a_leader_whose_caller_hangs_up_hands_the_fetch_to_one_follower() {
     let mut leader = tokio::net::TcpStream::connect(out).await.unwrap();
     let head = format!("GET {url} HTTP/1.1\r\nHost: hello\r\n\r\n");
     leader.write_all(head.as_bytes()).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pair.upstream.count_of("/c/lead") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the leader never fetched"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    seen_at_origin(&pair, "/c/lead", 1).await;
     let followers: Vec<_> = (0..20)
         .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
         .collect();
