@@ -5,6 +5,9 @@
 # and the difference in instructions ÷ (N2 − N1) removes start-up and shutdown.
 #   seq   one request at a time (oha -c 1), 2,000 and 12,000 requests
 #   conc  50 in flight (oha -c 50), 4,000 and 24,000 requests: many requests per wake-up
+#   closed  no valgrind: peerbench's closed loop (wrk -t1 -c50 -d5s) with `perf stat` on A,
+#         B, nginx and wrk; prints each one's CPU µs, context switches and system calls per
+#         request, and the machine's idle share (needs perf with tracepoint access)
 # Needs ../shared/peerbench set up (its setup.sh: PKI, haproxy, nginx, oha), valgrind, curl,
 # and `127.0.0.1 hello hello-tcp` in /etc/hosts. Ports: 24001-24902 (quicar), peerbench's own
 # (HAProxy, nginx :18080). Every process is started and stopped by PID.
@@ -26,7 +29,8 @@ gen_configs >/dev/null
 case $MODE in
   seq) C=1 N1=2000 N2=12000 ;;
   conc) C=50 N1=4000 N2=24000 ;;
-  *) echo "mode is seq or conc" >&2; exit 2 ;;
+  closed) ;;
+  *) echo "mode is seq, conc or closed" >&2; exit 2 ;;
 esac
 
 # The quicar pair: A's app side on :24001, B in front of nginx, QUIC and TCP services.
@@ -71,10 +75,20 @@ run() {
     url=http://$HOST:24001/
     cmd_b=("$BIN" run --config "$CFG/quicar-b.toml") cmd_a=("$BIN" run --config "$CFG/quicar-a.toml")
   fi
-  start b - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-b.out" "${cmd_b[@]}"
-  start a - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-a.out" "${cmd_a[@]}"
+  if [ "$MODE" = closed ]; then
+    start b - "${cmd_b[@]}"
+    start a - "${cmd_a[@]}"
+  else
+    start b - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-b.out" "${cmd_b[@]}"
+    start a - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-a.out" "${cmd_a[@]}"
+  fi
   wait_http - "$url" 120 >/dev/null || { echo "$url never answered; logs in $CFG" >&2; stop_all; exit 1; }
   oha --no-tui -n 200 -c 10 "$url" >/dev/null 2>&1
+  if [ "$MODE" = closed ]; then
+    closed_loop "$url"
+    stop_all >/dev/null 2>&1 || true
+    return
+  fi
   local ok
   ok=$(oha --no-tui -n "$n" -c "$C" "$url" 2>&1 | awk '/Success rate/ {print $3}')
   # SIGINT, then time to exit on their own: valgrind writes its profile as a process exits,
@@ -90,11 +104,53 @@ run() {
 }
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 
+# closed_loop URL: wrk's closed loop through the running pair, each process under `perf stat`
+# (nginx: its worker); per request: CPU µs, context switches, system calls.
+closed_loop() {
+  local url=$1 events=task-clock,context-switches,raw_syscalls:sys_enter x p pids=() worker
+  worker=$(pgrep -P "${PID[nginx]}" | head -1)
+  for x in a b n; do
+    case $x in a) p=${PID[a]} ;; b) p=${PID[b]} ;; n) p=$worker ;; esac
+    perf stat -x, -e "$events" -p "$p" -o "$CFG/closed-$x.perf" & pids+=($!)
+  done
+  sleep 0.5
+  head -1 /proc/stat > "$CFG/stat1"
+  perf stat -x, -e "$events" -o "$CFG/closed-w.perf" wrk -t1 -c50 -d5s "$url" > "$CFG/closed.wrk" 2>&1
+  head -1 /proc/stat > "$CFG/stat2"
+  kill -INT "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+  python3 - "$CFG" "$(basename "$BIN") ${HOST}" <<'PY'
+import re, sys
+d, label = sys.argv[1], sys.argv[2]
+wrk = open(f"{d}/closed.wrk").read()
+n = int(re.search(r"(\d+) requests in", wrk).group(1))
+rps = float(re.search(r"Requests/sec:\s*([\d.]+)", wrk).group(1))
+print(f"{label} closed loop: {rps:.0f} req/s")
+names = {"a": "A", "b": "B", "n": "nginx", "w": "wrk"}
+for x in "abnw":
+    v = {}
+    for line in open(f"{d}/closed-{x}.perf"):
+        f = line.strip().split(",")
+        if len(f) > 2 and f[0].replace(".", "").isdigit():
+            v[f[2]] = float(f[0])
+    cpu_us = v.get("task-clock", 0) * 1000 / n   # task-clock is in ms
+    print(f"  {names[x]:5s} {cpu_us:6.2f} µs CPU, {v.get('context-switches', 0) / n:.3f} context switches, "
+          f"{v.get('raw_syscalls:sys_enter', 0) / n:.2f} system calls per request")
+s1 = list(map(int, open(f"{d}/stat1").read().split()[1:9]))
+s2 = list(map(int, open(f"{d}/stat2").read().split()[1:9]))
+delta = [b - a for a, b in zip(s1, s2)]
+print(f"  machine idle {100 * delta[3] / sum(delta):.0f} % of the run")
+PY
+}
+
 # benches/floor.rs (its executable is target/release/deps/floor-*): the least a pair on
 # quicar's crates does per request, measured in the same harness.
 FLOOR=0; case $(basename "$BIN") in floor*) FLOOR=1 ;; esac
 [ "$BIN" = haproxy ] || [ $FLOOR = 1 ] || pair_configs
 trap 'stop_all' EXIT
+if [ "$MODE" = closed ]; then
+  run closed
+  exit 0
+fi
 run $N1 > "$CFG/first"
 run $N2 > "$CFG/second"
 read -r a1 b1 < "$CFG/first"
