@@ -266,7 +266,7 @@ struct H2Conn {
     answered: Arc<AtomicBool>,
     /// Set once the peer's SETTINGS are known to be applied (at once, when the connection
     /// opened knowing the peer's limit).
-    settled: Arc<AtomicBool>,
+    settled: Arc<Settled>,
     /// The pool's plan for the connection until then.
     unheard: usize,
 }
@@ -292,12 +292,48 @@ impl Pooled for H2Conn {
 
     fn limit_heard(&self) -> Option<usize> {
         self.settled
+            .done
             .load(Ordering::Acquire)
             .then(|| self.send.current_max_send_streams())
     }
 }
 
+/// Whether a connection's peer SETTINGS are known to be applied, and the requests waiting for
+/// that (woken also when the connection ends).
+#[derive(Default)]
+struct Settled {
+    done: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Settled {
+    fn known() -> Arc<Self> {
+        Arc::new(Self {
+            done: AtomicBool::new(true),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn set(&self) {
+        self.done.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+}
+
 impl H2Conn {
+    /// Returns once the peer's SETTINGS are applied, or the connection has ended.
+    async fn settled(&self) {
+        loop {
+            let changed = self.settled.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.settled.done.load(Ordering::Acquire) || !self.is_alive() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// True while no response has ever arrived on this connection.
     fn never_answered(&self) -> bool {
         !self.answered.load(Ordering::Relaxed)
@@ -508,7 +544,10 @@ impl Pool {
         // The peer's limit is unknown (the first connection to it): a ping at once says when
         // its SETTINGS are applied. A burst waiting for this handshake waits for that too, so
         // it is shared out by the peer's limit; a lone request goes at once.
-        let settled = Arc::new(AtomicBool::new(known.is_some()));
+        let settled = match known {
+            Some(_) => Settled::known(),
+            None => Arc::default(),
+        };
         let (settle, settling) = match known {
             Some(_) => (None, None),
             None => {
@@ -518,7 +557,7 @@ impl Pool {
             }
         };
         {
-            let (closed, ended) = (closed.clone(), ended.clone());
+            let (closed, ended, ending) = (closed.clone(), ended.clone(), settled.clone());
             tokio::spawn(async move {
                 // The connection runs until it ends, or until the peer stops answering pings
                 // (then dropping it closes the socket and fails its streams).
@@ -548,6 +587,8 @@ impl Pool {
                 tracing::debug!(peer = %addr, reason = %end.text, "HTTP/2 connection closed");
                 *ended.lock().expect("not poisoned") = Some(end);
                 closed.store(true, Ordering::Release);
+                // Requests waiting for the SETTINGS find the connection gone.
+                ending.changed.notify_waiters();
                 drop(open);
             });
         }
@@ -605,6 +646,14 @@ impl Pool {
             Ok(c) => c,
             Err(e) => return Err(SendError::new(e, body.unread())),
         };
+        // On a first connection whose peer's SETTINGS have not come, h2 opens one stream and
+        // holds the others. A request that waits there and is dropped (its caller hung up)
+        // is still opened, then reset, when the SETTINGS come (hyperium/h2#125, #875), and the
+        // far app may get it. So every request but the connection's first waits here instead,
+        // where dropping it drops it. (No wait once the SETTINGS are known.)
+        if !conn.settled.done.load(Ordering::Acquire) && conn.usage.in_flight() > 1 {
+            conn.settled().await;
+        }
         let Ok(mut send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
             let e = conn
@@ -842,7 +891,7 @@ async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Opt
 /// the flag and says so.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
-    settle: Option<(tokio::sync::oneshot::Sender<()>, Arc<AtomicBool>)>,
+    settle: Option<(tokio::sync::oneshot::Sender<()>, Arc<Settled>)>,
     heard: &AtomicBool,
     interval: Duration,
     dead_peer: Duration,
@@ -855,7 +904,7 @@ async fn keep_alive_pings(
         if let Err(why) = answered(&mut pings, heard, step, dead_peer, now).await {
             return why;
         }
-        settled.store(true, Ordering::Release);
+        settled.set();
         let _ = said.send(());
     }
     loop {

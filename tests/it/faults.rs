@@ -1862,8 +1862,9 @@ async fn server_with_inbound(setting: &str) -> (Pki, Upstream, quicar::app::Boun
 }
 
 /// A client sidecar whose first HTTP/2 connection, to a peer allowing 4 streams, runs through
-/// `settings_held_back(hold, then_close)`; retries off, `service` added to its service. Its
-/// lone request (`/lone`) opened the connection, and the handshake has passed the relay.
+/// `settings_held_back(hold, then_close)`; retries off, a 10 s connect timeout, `service` added
+/// to its service. Its lone request (`/lone`) opened the connection, and the handshake has
+/// passed the relay.
 struct HeldSettings {
     client: quicar::app::Bound,
     server: quicar::app::Bound,
@@ -1882,7 +1883,11 @@ impl HeldSettings {
         let server = sidecar(&pki, &server_toml).await;
         let (relay, passed, relaying) = settings_held_back(server.inbound, hold, then_close).await;
         let service = format!("transport = \"tcp\"\nretry = {{ attempts = 1 }}\n{service}");
-        let client = sidecar(&pki, &client_toml(&pki, &[relay], &service)).await;
+        // A connect timeout past the hold: requests that meet the connection still opening
+        // wait for its SETTINGS within it, and would fail at 500 ms on a slow machine.
+        let toml = client_toml(&pki, &[relay], &service)
+            .replace("connect_timeout = \"500ms\"", "connect_timeout = \"10s\"");
+        let client = sidecar(&pki, &toml).await;
         let out = client.outbound;
         let lone = Some(tokio::spawn(
             async move { get(out, "hello", "/lone").await },
@@ -1951,8 +1956,10 @@ async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(callers);
     // The SETTINGS come; the lone request and a later one are answered on the connection.
-    assert_eq!(h.lone.take().unwrap().await.unwrap().status, StatusCode::OK);
-    assert_eq!(get(out, "hello", "/after").await.status, StatusCode::OK);
+    let lone = h.lone.take().unwrap().await.unwrap();
+    assert_eq!(lone.status, StatusCode::OK, "{lone:?}");
+    let after = get(out, "hello", "/after").await;
+    assert_eq!(after.status, StatusCode::OK, "{after:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reached: Vec<String> = h
         .upstream
@@ -1966,6 +1973,19 @@ async fn requests_whose_callers_hang_up_while_h2_holds_them_never_reach_the_far_
     assert!(
         reached.is_empty(),
         "hung-up requests reached the far app: {reached:?}"
+    );
+    // Nor did the far sidecar see them: h2 opens, then resets, a stream that waited in it for
+    // the SETTINGS and was dropped, and the far sidecar counts each stream it was opened (the
+    // app above sees one only when the reset loses a race).
+    let metrics = admin_get(&format!("http://{}/metrics", h.server.admin)).await;
+    let inbound: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("quicar_requests_total{") && l.contains("direction=\"inbound\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        inbound, 2.0,
+        "the far sidecar took more than /lone and /after:\n{metrics}"
     );
     h.stop().await;
 }
