@@ -650,9 +650,11 @@ impl Pool {
         // holds the others. A request that waits there and is dropped (its caller hung up)
         // is still opened, then reset, when the SETTINGS come (hyperium/h2#125, #875), and the
         // far app may get it. So every request but the connection's first waits here instead,
-        // where dropping it drops it. (No wait once the SETTINGS are known.)
+        // where dropping it drops it. (No wait once the SETTINGS are known.) A peer that
+        // never answers the settling ping (RFC 9113 says it must) is waited for no longer than
+        // the dead-peer timeout; then h2 holds the request as before.
         if !conn.settled.done.load(Ordering::Acquire) && conn.usage.in_flight() > 1 {
-            conn.settled().await;
+            let _ = tokio::time::timeout(self.dead_peer, conn.settled()).await;
         }
         let Ok(mut send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
