@@ -348,6 +348,28 @@ async fn endpoint_when(
     }
 }
 
+/// Uploads 64 MiB through `out` until the endpoint's closed connection has left a path model,
+/// three times at most, and returns the endpoint as `/endpoints` last showed it. Over loopback
+/// an upload can end while BBR is still in STARTUP (its sends flow-control bound, so counted
+/// as app-limited), and such a connection leaves no model: rare with 64 MiB, but it happens
+/// (CI, session 22). What is under test is that a measured path is remembered, not that one
+/// upload always measures it.
+async fn upload_until_modelled(out: SocketAddr, admin: SocketAddr) -> serde_json::Value {
+    let mut ep = serde_json::Value::Null;
+    for _ in 0..3 {
+        let got = post(out, "/sink", body(pattern(64 << 20), true)).await;
+        assert_eq!(got.status, StatusCode::OK);
+        ep = endpoint_when(admin, |ep| {
+            ep["connected"] == false && !ep["path_model"].is_null()
+        })
+        .await;
+        if !ep["path_model"].is_null() {
+            break;
+        }
+    }
+    ep
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_reconnect_starts_its_congestion_controller_from_the_last_connections_path() {
     // A connection whose BBR measured the path (a 64 MB upload fills its window, so it leaves
@@ -373,12 +395,13 @@ async fn a_quic_reconnect_starts_its_congestion_controller_from_the_last_connect
             "{congestion}: {ep}"
         );
 
-        let got = post(pair.out(), "/sink", upload()).await;
-        assert_eq!(got.status, StatusCode::OK);
-        let ep = endpoint_when(admin, |ep| {
-            closed(ep) && model != ep["path_model"].is_null()
-        })
-        .await;
+        let ep = if model {
+            upload_until_modelled(pair.out(), admin).await
+        } else {
+            let got = post(pair.out(), "/sink", upload()).await;
+            assert_eq!(got.status, StatusCode::OK);
+            endpoint_when(admin, closed).await
+        };
         assert_eq!(ep["connected"], false, "{ep}");
         if !model {
             assert_eq!(
@@ -430,15 +453,13 @@ async fn gone_peer_after_a_remembered_path(with_model: bool) {
     )
     .await;
     let admin = client.admin;
-    let got = if with_model {
-        // 64 MiB, as in the path-model test above: over loopback a 16 MiB upload can end
-        // while BBR is still in STARTUP (its sends are flow-control bound and count as
-        // app-limited), and then no model is left (1 run in 3 failed so).
-        post(client.outbound, "/sink", body(pattern(64 << 20), true)).await
+    if with_model {
+        // As in the path-model test above: 64 MiB uploads until one leaves a model.
+        upload_until_modelled(client.outbound, admin).await;
     } else {
-        get(client.outbound, "hello", "/").await
-    };
-    assert_eq!(got.status, StatusCode::OK);
+        let got = get(client.outbound, "hello", "/").await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
     let ep = endpoint_when(admin, |ep| {
         ep["handshake_rtt_ms"].as_f64() != Some(333.0) && with_model != ep["path_model"].is_null()
     })
