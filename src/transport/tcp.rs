@@ -548,14 +548,8 @@ impl Pool {
             Some(_) => Settled::known(),
             None => Arc::default(),
         };
-        let (settle, settling) = match known {
-            Some(_) => (None, None),
-            None => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let wait = usage.in_flight() > 1;
-                (Some((tx, settled.clone())), wait.then_some(rx))
-            }
-        };
+        let settle = known.is_none().then(|| settled.clone());
+        let burst = known.is_none() && usage.in_flight() > 1;
         {
             let (closed, ended, ending) = (closed.clone(), ended.clone(), settled.clone());
             tokio::spawn(async move {
@@ -602,11 +596,12 @@ impl Pool {
             settled,
             unheard: self.streams.min(UNHEARD_STREAMS),
         };
-        if let Some(rx) = settling {
+        if burst {
             // The pong comes after the peer's SETTINGS (its first frame), so h2 has applied
             // them. The caller's connect timeout bounds the wait. A peer that refused our
             // certificate says so with an alert, which the connection's end records.
-            if rx.await.is_err() {
+            conn.settled().await;
+            if !conn.settled.done.load(Ordering::Acquire) {
                 return Err(match conn.ended().await {
                     Some(r) if r.refused => r.refusal(addr),
                     end => connect_failed(format!(
@@ -890,16 +885,16 @@ async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Opt
 
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer` (and
 /// true), or a ping fails (false). With `settle`, pings at once and, when the pong came, sets
-/// the flag and says so.
+/// it (waking whoever waits).
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
-    settle: Option<(tokio::sync::oneshot::Sender<()>, Arc<Settled>)>,
+    settle: Option<Arc<Settled>>,
     heard: &AtomicBool,
     interval: Duration,
     dead_peer: Duration,
 ) -> (String, bool) {
     let step = interval.min(dead_peer) / 4;
-    if let Some((said, settled)) = settle {
+    if let Some(settled) = settle {
         // A ping at once: its pong says the peer's SETTINGS have been applied (they are its
         // first frame). A peer silent from the start is found dead by the same rule.
         let now = tokio::time::Instant::now();
@@ -907,7 +902,6 @@ async fn keep_alive_pings(
             return why;
         }
         settled.set();
-        let _ = said.send(());
     }
     loop {
         tokio::time::sleep(interval).await;

@@ -208,6 +208,29 @@ async fn a_slow_head_gets_408_and_an_idle_connection_is_closed() {
     assert_eq!(upstream.count(), 1);
 }
 
+/// Sends `GET path` on a kept connection and reads its whole response (its head and body may
+/// come in separate reads: by its length), each read within 10 s; panics if the connection
+/// closes first.
+async fn get_on(s: &mut tokio::net::TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (mut buf, mut resp) = (vec![0u8; 16384], Vec::new());
+    while !whole_response(&resp) {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no response")
+            .unwrap();
+        assert!(
+            n > 0,
+            "{path}: closed after {:?}",
+            String::from_utf8_lossy(&resp)
+        );
+        resp.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
 /// The head timeout counts from each request, not from the connection's first: one
 /// connection that carries a request every 300 ms for 2.4 s under a 1 s timeout serves them
 /// all (the connection keeps one timer, moved on only when it fires), then closes when idle.
@@ -220,27 +243,7 @@ async fn the_head_timeout_counts_from_each_request_on_a_kept_connection() {
         .unwrap();
     let mut buf = vec![0u8; 16384];
     for i in 0..8 {
-        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        // The whole response (its head and body may come in separate reads), by its length.
-        let mut resp = Vec::new();
-        loop {
-            let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
-                .await
-                .expect("no response")
-                .unwrap();
-            assert!(
-                n > 0,
-                "request {i}: closed after {:?}",
-                String::from_utf8_lossy(&resp)
-            );
-            resp.extend_from_slice(&buf[..n]);
-            if whole_response(&resp) {
-                break;
-            }
-        }
-        let resp = String::from_utf8_lossy(&resp);
+        let resp = get_on(&mut s, &format!("/{i}")).await;
         assert!(resp.starts_with("HTTP/1.1 200 "), "request {i}: {resp}");
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
@@ -274,23 +277,8 @@ async fn a_shutdown_closes_a_kept_idle_app_connection_at_once() {
         .unwrap();
     let mut buf = vec![0u8; 16384];
     for i in 0..3 {
-        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut resp = Vec::new();
-        while !whole_response(&resp) {
-            let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
-                .await
-                .expect("no response")
-                .unwrap();
-            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&resp));
-            resp.extend_from_slice(&buf[..n]);
-        }
-        assert!(
-            resp.starts_with(b"HTTP/1.1 200 "),
-            "{}",
-            String::from_utf8_lossy(&resp)
-        );
+        let resp = get_on(&mut s, &format!("/{i}")).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
     }
     tokio::time::timeout(std::time::Duration::from_secs(20), client.shutdown())
         .await
