@@ -2051,6 +2051,47 @@ async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_c
     silent.abort();
 }
 
+/// A lone request opens a connection to a peer that takes the TLS handshake and then says
+/// nothing; a burst of 20 comes while it waits. Past the first, requests on a connection whose
+/// SETTINGS have not come wait for them in quicar (not in h2): they must all fail together
+/// when the keep-alive finds the peer dead, never held for their 60 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_behind_a_lone_request_to_a_tcp_peer_gone_silent_fails_with_it() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, silent) = mute_h2_peer(&pki, Mute::Silent).await;
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let out = client.outbound;
+    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.connections_opened(Transport::Tcp) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no connection opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let calls: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
+        .chain([lone])
+        .collect();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("a request waited past the dead-peer timeout");
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+    }
+    assert_eq!(client.connections_opened(Transport::Tcp), 1);
+    client.shutdown().await;
+    silent.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     init_tracing();

@@ -177,6 +177,34 @@ crate::over_transports! {
         assert!(text[starts[2]..].contains("content-length: 7"), "{text}");
     }
 
+    async fn a_request_pipelined_behind_a_post_does_not_cancel_it(t) {
+        // Once a POST's body is read whole, the connection watches its read side for the app
+        // hanging up: the next request arriving there is kept for later, not taken for one.
+        let pair = Pair::over(t).await;
+        let mut stream = tokio::net::TcpStream::connect(pair.out()).await.unwrap();
+        stream
+            .write_all(b"POST /slow/300 HTTP/1.1\r\nHost: hello\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stream
+            .write_all(b"GET /bytes/7 HTTP/1.1\r\nHost: hello\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut resp),
+        )
+        .await
+        .expect("not answered")
+        .unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert!(text.ends_with(&String::from_utf8_lossy(&pattern(7)).to_string()), "{text}");
+        assert_eq!(pair.upstream.count_of("/slow"), 1);
+    }
+
     async fn headers_are_preserved_and_hop_by_hop_ones_dropped(t) {
         let pair = Pair::over(t).await;
         let req = Request::get("/headers")
