@@ -1679,6 +1679,78 @@ async fn mute_h2_peer(
     (peer, task)
 }
 
+/// The HTTP/2 wire carries field values as raw HPACK literals (our vendored h2; RFC 7541 §5.2
+/// lets the encoder choose): a per-request value such as the trace context is not Huffman-coded
+/// on one sidecar and decoded on the other. A hand-written peer reads the first HEADERS frame
+/// in plain text (after TLS), where the app's trace id and field value must appear as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
+    init_tracing();
+    let pki = Pki::new();
+    let tls = hello_material(&pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let (found, block) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        // The client preface, then frames (9-byte header: length, type, flags, stream).
+        let mut buf = Vec::new();
+        let mut at = 24;
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection closed before a HEADERS frame");
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= at + 9 {
+                let len = usize::from(buf[at]) << 16
+                    | usize::from(buf[at + 1]) << 8
+                    | usize::from(buf[at + 2]);
+                if buf.len() < at + 9 + len {
+                    break;
+                }
+                if buf[at + 3] == 0x1 {
+                    let _ = found.send(buf[at + 9..at + 9 + len].to_vec());
+                    return;
+                }
+                at += 9 + len;
+            }
+        }
+    });
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut app = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /raw HTTP/1.1\r\nHost: hello\r\ntraceparent: 00-{trace_id}-00f067aa0ba902b7-01\r\n\
+         x-note: a-value-sent-as-it-is\r\n\r\n"
+    );
+    app.write_all(head.as_bytes()).await.unwrap();
+    let block = tokio::time::timeout(Duration::from_secs(20), block)
+        .await
+        .expect("no HEADERS frame reached the peer")
+        .unwrap();
+    let has = |s: &str| block.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(has(trace_id), "trace id not a raw literal: {block:02x?}");
+    assert!(
+        has("a-value-sent-as-it-is"),
+        "value not a raw literal: {block:02x?}"
+    );
+    assert!(has("x-note"), "name not a raw literal: {block:02x?}");
+    drop(app);
+    client.shutdown().await;
+    task.abort();
+}
+
 /// 20 requests at once through `out`, each answered `connect-failed` with `text` in its body
 /// within 20 s (`held` says what a longer wait means).
 async fn burst_fails_to_connect(out: std::net::SocketAddr, text: &str, held: &str) {
