@@ -55,9 +55,8 @@ impl EndpointState {
 
     /// Peak EWMA: a slower sample takes over at once, faster ones pull the average down
     /// gradually, so a latency spike is reacted to immediately.
-    pub(crate) fn observe(&self, latency: Duration) {
+    pub(crate) fn observe(&self, latency: Duration, now: Instant) {
         let mut g = self.ewma.lock().expect("not poisoned");
-        let now = Instant::now();
         let rtt = latency.as_secs_f64();
         let elapsed = now.duration_since(g.1).as_secs_f64();
         let w = (-elapsed / DECAY.as_secs_f64()).exp();
@@ -204,11 +203,16 @@ impl Balancer {
     /// when it can), then the lowest priority with an admitting breaker. When fewer than
     /// `panic_threshold` percent of the endpoints admit requests, breakers are ignored: an
     /// ejection never takes the whole service down (Envoy's panic routing).
-    pub(crate) fn pick(&self, eps: &[Endpoint], tried: &[SocketAddr], panic_threshold: u8) -> Pick {
+    pub(crate) fn pick(
+        &self,
+        eps: &[Endpoint],
+        tried: &[SocketAddr],
+        panic_threshold: u8,
+        now: Instant,
+    ) -> Pick {
         if eps.is_empty() {
             return Pick::None;
         }
-        let now = Instant::now();
         if let [ep] = eps {
             // One endpoint (a sidecar peer, usually): the rule below without its lists. Which
             // endpoints were tried does not matter when there is no other.
@@ -378,14 +382,20 @@ mod tests {
         let one = [ep(1)];
         assert!(lb.state(&one[0]).failed(&cfg, "connect-failed"));
         // The only endpoint is ejected: below any threshold, so traffic still flows to it…
-        assert!(matches!(lb.pick(&one, &[], 50), Pick::Chosen(..)));
+        assert!(matches!(
+            lb.pick(&one, &[], 50, Instant::now()),
+            Pick::Chosen(..)
+        ));
         // …unless panic routing is disabled.
-        assert!(matches!(lb.pick(&one, &[], 0), Pick::AllOpen));
+        assert!(matches!(
+            lb.pick(&one, &[], 0, Instant::now()),
+            Pick::AllOpen
+        ));
         // One of four ejected (75 % admit) is above a 50 % threshold: breakers hold and the
         // ejected endpoint gets nothing.
         let four = [ep(1), ep(2), ep(3), ep(4)];
         for _ in 0..200 {
-            match lb.pick(&four, &[], 50) {
+            match lb.pick(&four, &[], 50, Instant::now()) {
                 Pick::Chosen(e, _) => assert_ne!(e.address.port(), 1),
                 _ => panic!("no pick"),
             }
@@ -396,7 +406,7 @@ mod tests {
         }
         let mut ports = std::collections::HashSet::new();
         for _ in 0..400 {
-            if let Pick::Chosen(e, _) = lb.pick(&four, &[], 50) {
+            if let Pick::Chosen(e, _) = lb.pick(&four, &[], 50, Instant::now()) {
                 ports.insert(e.address.port());
             }
         }
@@ -419,7 +429,7 @@ mod tests {
                 assert!(lb.state(e).failed(&cfg, "reset"));
             }
             let probes = (0..10)
-                .filter(|_| matches!(lb.pick(&eps, &[], 0), Pick::Chosen(..)))
+                .filter(|_| matches!(lb.pick(&eps, &[], 0, Instant::now()), Pick::Chosen(..)))
                 .count();
             assert_eq!(
                 probes, n as usize,
@@ -427,16 +437,19 @@ mod tests {
             );
             let lb = Balancer::default();
             let tried = [eps[0].address];
-            assert!(matches!(lb.pick(&eps[..1], &tried, 0), Pick::Chosen(..)));
+            assert!(matches!(
+                lb.pick(&eps[..1], &tried, 0, Instant::now()),
+                Pick::Chosen(..)
+            ));
         }
     }
 
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
         let s = EndpointState::default();
-        s.observe(Duration::from_millis(100));
+        s.observe(Duration::from_millis(100), Instant::now());
         assert!(s.ewma() >= Duration::from_millis(100));
-        s.observe(Duration::from_millis(1));
+        s.observe(Duration::from_millis(1), Instant::now());
         assert!(
             s.ewma() > Duration::from_millis(50),
             "one fast sample right after does not erase a spike"

@@ -71,6 +71,12 @@ pub(crate) fn chunk(data: Bytes) -> [Bytes; 3] {
 
 /// `content-length: n\r\n` (without `fmt`, a tenth of its cost).
 pub(crate) fn put_length(out: &mut Vec<u8>, n: u64) {
+    put_number(out, b"content-length: ", n);
+}
+
+/// A field line whose value ends in a decimal number: `prefix` (the name, `: ` and any text
+/// before the number), then `n`.
+pub(crate) fn put_number(out: &mut Vec<u8>, prefix: &[u8], n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut n = n;
@@ -82,7 +88,7 @@ pub(crate) fn put_length(out: &mut Vec<u8>, n: u64) {
             break;
         }
     }
-    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(prefix);
     out.extend_from_slice(&digits[at..]);
     out.extend_from_slice(b"\r\n");
 }

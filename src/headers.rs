@@ -25,8 +25,6 @@ pub(crate) const TRANSPORT: HeaderName = HeaderName::from_static("quicar-transpo
 /// From the outbound to the inbound sidecar: milliseconds left of the caller's deadline. The
 /// inbound sidecar gives the local app no longer than that.
 pub(crate) const DEADLINE: HeaderName = HeaderName::from_static("quicar-deadline");
-/// Set on every response to the calling app (`outbound`).
-pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub(crate) const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 

@@ -207,7 +207,14 @@ impl Inbound {
         let (parts, body) = req.into_parts();
         let body = Counted::new(body, guard.bytes_in()).boxed_unsync();
         let resp = match self
-            .to_app(parts, body, authority, local, peer, interim)
+            .to_app(
+                parts,
+                body,
+                authority,
+                local,
+                peer,
+                (interim, guard.began()),
+            )
             .await
         {
             Ok(r) => r,
@@ -234,7 +241,7 @@ impl Inbound {
         authority: &str,
         local: Option<&Local>,
         peer: &PeerId,
-        interim: Option<Interim>,
+        (interim, began): (Option<Interim>, std::time::Instant),
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if authority.is_empty() {
             return Err(ProxyError::new(
@@ -283,7 +290,11 @@ impl Inbound {
                 local,
                 authority,
                 peer,
-                CallerSide { deadline, interim },
+                CallerSide {
+                    deadline,
+                    interim,
+                    began,
+                },
                 parts,
                 body,
             )

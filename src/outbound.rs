@@ -40,9 +40,6 @@ pub(crate) struct Outbound {
     clients: Arc<Clients>,
     transport_header: bool,
     max_header_bytes: usize,
-    /// `Keep-Alive: timeout=…` on every response: a second under the idle close, so a client
-    /// that honours it never reuses a connection we are closing.
-    keep_alive: http::HeaderValue,
     tel: Arc<Telemetry>,
 }
 
@@ -70,16 +67,6 @@ impl Outbound {
             clients,
             transport_header: config.outbound.transport_header,
             max_header_bytes: config.outbound.max_header_bytes,
-            keep_alive: http::HeaderValue::try_from(format!(
-                "timeout={}",
-                config
-                    .outbound
-                    .header_read_timeout
-                    .as_secs()
-                    .saturating_sub(1)
-                    .max(1)
-            ))
-            .expect("digits"),
             tel,
         }
     }
@@ -256,6 +243,7 @@ pub(crate) async fn serve(
         max_header_bytes: cfg.max_header_bytes,
         header_read_timeout: cfg.header_read_timeout,
         response_stall_timeout: cfg.response_stall_timeout,
+        keep_alive: cfg.header_read_timeout.as_secs().saturating_sub(1).max(1),
     };
     let connections = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let tracker = TaskTracker::new();
@@ -315,7 +303,7 @@ async fn handle(
         f.method = Some(req.method().clone());
         f.path = req.uri().path_and_query().cloned();
     }
-    let target = target(&req);
+    let target = target(&mut req);
     let route = target
         .as_ref()
         .ok()
@@ -346,15 +334,14 @@ async fn handle(
         f.transport = Some(up.transport);
     }
     write_facts(&mut parts, state.transport_header);
-    parts
-        .headers
-        .insert(crate::headers::KEEP_ALIVE, state.keep_alive.clone());
     let bytes_out = guard.bytes_out();
     Response::from_parts(parts, Counted::new(body, bytes_out).hold(guard))
 }
 
-/// Where the app wants to go: the absolute URI's authority (forward-proxy form) or Host.
-fn target<B>(req: &Request<B>) -> Result<String, ProxyError> {
+/// Where the app wants to go: the absolute URI's authority (forward-proxy form) or Host. The
+/// Host field is taken out of the request (the authority goes on as `:authority`): one lookup
+/// finds, checks and removes it.
+fn target<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
     let bad = |m: &str| ProxyError::new(ErrorKind::BadRequest, Side::Downstream, m);
     if req.method() == Method::CONNECT {
         return Err(bad(
@@ -367,16 +354,24 @@ fn target<B>(req: &Request<B>) -> Result<String, ProxyError> {
                 "absolute-form targets must be http:// (TLS is the sidecar's job)",
             ));
         }
-        return Ok(authority.as_str().to_string());
+        let authority = authority.as_str().to_string();
+        crate::headers::remove_if_present(req.headers_mut(), &http::header::HOST);
+        return Ok(authority);
     }
-    let mut hosts = req.headers().get_all(http::header::HOST).iter();
-    let host = hosts.next().ok_or_else(|| bad("missing Host header"))?;
-    if hosts.next().is_some() {
+    let http::header::Entry::Occupied(hosts) = req.headers_mut().entry(http::header::HOST) else {
+        return Err(bad("missing Host header"));
+    };
+    let mut values = hosts.iter();
+    let host = values.next().expect("an occupied entry has a value");
+    if values.next().is_some() {
         return Err(bad("more than one Host header"));
     }
-    host.to_str()
+    let host = host
+        .to_str()
         .map(str::to_string)
-        .map_err(|_| bad("Host header is not visible ASCII"))
+        .map_err(|_| bad("Host header is not visible ASCII"));
+    hosts.remove();
+    host
 }
 
 /// header limit → target → route → cache → attempts; the response streams back as it arrives.
@@ -391,11 +386,16 @@ async fn forward(
     // hyper's read buffer does not bound a header section reliably; the limit is ours to keep.
     // Counted as HTTP/3 counts a field section (name + value + 32 per field, RFC 9114 §4.2.2),
     // so what passes here is not refused by the peer's HTTP/3 limit later, less clearly.
-    let head_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 32)
-        .sum();
+    // The authority (out of the fields: `target` took Host) counts as `:authority`.
+    let authority_bytes = target
+        .as_ref()
+        .map_or(0, |a| ":authority".len() + a.len() + 32);
+    let head_bytes: usize = authority_bytes
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>();
     if head_bytes > state.max_header_bytes {
         return Err(ProxyError::new(
             ErrorKind::HeadersTooLarge,
@@ -424,9 +424,10 @@ async fn forward(
         ));
     };
     let (mut parts, body) = req.into_parts();
-    // A sized body over the limit is refused before anything is sent.
-    if let (Some(limit), Some(len)) = (route.max_request_body, content_length(&parts.headers)) {
-        if len > limit {
+    // A sized body over the limit is refused before anything is sent. (The length is looked
+    // up only for a service with a limit.)
+    if let Some(limit) = route.max_request_body {
+        if let Some(len) = content_length(&parts.headers).filter(|&len| len > limit) {
             return Err(ProxyError::new(
                 ErrorKind::BodyTooLarge,
                 Side::Downstream,
@@ -439,7 +440,6 @@ async fn forward(
     }
     strip_hop_by_hop(&mut parts.headers);
     strip_quicar(&mut parts.headers);
-    parts.headers.remove(http::header::HOST);
     // 100-continue was answered on this hop (hyper sends it when the body is first read).
     crate::headers::remove_if_present(&mut parts.headers, &http::header::EXPECT);
     // The request's own path (parsed once by hyper) under the service's authority.

@@ -107,11 +107,7 @@ impl RetryBudget {
         f(&mut b)
     }
 
-    /// An original request (not a retry).
-    pub(crate) fn request(&self) {
-        self.request_at(Instant::now());
-    }
-
+    /// An original request (not a retry), begun at `now`.
     pub(crate) fn request_at(&self, now: Instant) {
         self.with_bucket(now, |b| b.back_mut().expect("pushed").1 += 1);
     }

@@ -375,6 +375,13 @@ impl RequestGuard {
     }
 }
 
+impl RequestGuard {
+    /// When the request began (the sidecar took it).
+    pub(crate) fn began(&self) -> Instant {
+        self.start
+    }
+}
+
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         let svc = &self.service;

@@ -64,8 +64,8 @@ impl PeerId {
     }
 
     /// The ID as a header value (`quicar-peer-identity`): a reference count, no copy.
-    pub fn header_value(&self) -> http::HeaderValue {
-        self.header.clone()
+    pub fn header_ref(&self) -> &http::HeaderValue {
+        &self.header
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -26,7 +26,7 @@ use crate::body::{
     after_body, content_length, BodyError, BodyFailure, Expired, Progress, ProxyBody,
 };
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::headers::{strip_quicar_from_response, PEER_IDENTITY};
+use crate::headers::strip_quicar_from_response;
 use crate::identity::PeerId;
 use crate::interim::Interim;
 use crate::telemetry::ServiceTel;
@@ -139,6 +139,9 @@ impl Local {
 pub(crate) struct CallerSide {
     pub(crate) deadline: Option<Duration>,
     pub(crate) interim: Option<Interim>,
+    /// When this sidecar took the request: the deadline of a request without a body to wait
+    /// for runs from then.
+    pub(crate) began: Instant,
 }
 
 impl LocalApp {
@@ -176,11 +179,11 @@ impl LocalApp {
     async fn send(
         &self,
         local: &Local,
-        parts: http::request::Parts,
+        (parts, ours): (http::request::Parts, h1::Added<'_>),
         body: ProxyBody,
         interim: Option<Interim>,
     ) -> Result<Response<h1::AppBody>, AppError> {
-        let (head, framing) = h1::encode_head(&parts, &body);
+        let (head, framing) = h1::encode_head(&parts, &body, &ours);
         let head_request = parts.method == http::Method::HEAD;
         let mut connecting = None;
         let exchange = 'found: loop {
@@ -222,9 +225,14 @@ impl LocalApp {
         mut parts: http::request::Parts,
         body: ProxyBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let CallerSide { deadline, interim } = caller;
-        if let (Some(limit), Some(len)) = (local.max_request_body, content_length(&parts.headers)) {
-            if len > limit {
+        let CallerSide {
+            deadline,
+            interim,
+            began,
+        } = caller;
+        // (The length is looked up only for a service with a limit.)
+        if let Some(limit) = local.max_request_body {
+            if content_length(&parts.headers).is_some_and(|len| len > limit) {
                 return Err(too_large(local, limit));
             }
         }
@@ -250,17 +258,16 @@ impl LocalApp {
             Some(p) => p.track(body, local.max_request_body),
             None => body,
         };
-        parts.headers.insert(PEER_IDENTITY, peer.header_value());
-        // We take response trailers and carry them on (an app on hyper, for one, sends them
-        // only to a client that says so).
-        parts
-            .headers
-            .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        // Host, `quicar-peer-identity` and `TE: trailers` are written with the head
+        // (`h1::encode_head`), not added to the caller's fields.
+        let made;
         let host = match &local.host {
-            Some(h) if h.as_bytes() == authority.as_bytes() => h.clone(),
-            _ => HeaderValue::from_str(authority).expect("authority is a valid header value"),
+            Some(h) if h.as_bytes() == authority.as_bytes() => h,
+            _ => {
+                made = HeaderValue::from_str(authority).expect("authority is a valid header value");
+                &made
+            }
         };
-        parts.headers.insert(http::header::HOST, host);
         // The request's own path, parsed once already, in origin form (RFC 9112 §3.2.1).
         parts.uri = match std::mem::take(&mut parts.uri).into_parts().path_and_query {
             Some(p) => p.into(),
@@ -268,14 +275,18 @@ impl LocalApp {
         };
         parts.version = http::Version::HTTP_11;
         // The app's interim responses (103 Early Hints…) go on toward the caller as they arrive.
-        let call = std::pin::pin!(self.send(local, parts, body, interim));
+        let ours = h1::Added {
+            host,
+            peer: peer.header_ref(),
+        };
+        let call = std::pin::pin!(self.send(local, (parts, ours), body, interim));
         // The caller's deadline can only shorten the local one: a peer (another vendor's, or a
         // compromised one) cannot hold the app and its slot longer than this sidecar allows.
         let limit = deadline.map_or(local.timeout, |d| d.min(local.timeout));
         // Dropping the call closes the connection to the app: it sees the cancellation.
         let result = match &progress {
             Some(p) => after_body(p, limit, local.timeout, call).await,
-            None => tokio::time::timeout(limit, call)
+            None => tokio::time::timeout_at((began + limit).into(), call)
                 .await
                 .map_err(|_| Expired::Timeout),
         };

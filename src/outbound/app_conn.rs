@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 use super::Outbound;
 use crate::error::{error_response, ErrorKind};
 use crate::h1::{
-    chunk, last_chunk, poll_fill, poll_framed, put_field, put_length, write_bufs, Chunk, Framed,
-    FramedError, MAX_HEADERS,
+    chunk, last_chunk, poll_fill, poll_framed, put_field, put_length, put_number, write_bufs,
+    Chunk, Framed, FramedError, MAX_HEADERS,
 };
 use crate::interim::Interim;
 
@@ -65,6 +65,10 @@ pub(crate) struct Settings {
     pub(crate) header_read_timeout: Duration,
     /// `outbound.response_stall_timeout`.
     pub(crate) response_stall_timeout: Duration,
+    /// `Keep-Alive: timeout=…` (seconds) on every response after which the connection stays
+    /// open: a second under the idle close, so a client that honours it never reuses a
+    /// connection we are closing. Written with the head, not added to the response's fields.
+    pub(crate) keep_alive: u64,
 }
 
 /// What the response writer gathers before it writes.
@@ -268,7 +272,7 @@ pub(crate) async fn serve(
                     asked,
                     true,
                     None,
-                    settings.response_stall_timeout,
+                    (settings.response_stall_timeout, settings.keep_alive),
                 )
                 .await;
                 linger(wr, rd).await;
@@ -351,8 +355,8 @@ pub(crate) async fn serve(
         let close = !keep_alive || reader.is_none() || shutdown.is_cancelled();
         let (parts, body) = resp.into_parts();
         let watch = reader.as_mut().map(|rd| (rd, settings.max_header_bytes));
-        let stall = settings.response_stall_timeout;
-        match write_response(&mut wr, parts, body, asked, close, watch, stall).await {
+        let times = (settings.response_stall_timeout, settings.keep_alive);
+        match write_response(&mut wr, parts, body, asked, close, watch, times).await {
             Ok(true) if !close => {}
             Ok(_) => return,
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -587,7 +591,7 @@ async fn write_response<B>(
     asked: Asked,
     close: bool,
     mut watch: Option<(&mut Reader, usize)>,
-    stall: Duration,
+    (stall, keep_alive): (Duration, u64),
 ) -> io::Result<bool>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -641,8 +645,11 @@ where
     }
     if close {
         head.extend_from_slice(b"connection: close\r\n");
-    } else if asked.version == Version::HTTP_10 {
-        head.extend_from_slice(b"connection: keep-alive\r\n");
+    } else {
+        if asked.version == Version::HTTP_10 {
+            head.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        put_number(&mut head, b"keep-alive: timeout=", keep_alive);
     }
     head.extend_from_slice(b"\r\n");
     let mut out = vec![Bytes::from(head)];

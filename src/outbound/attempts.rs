@@ -67,17 +67,19 @@ pub(crate) async fn fetch(
         body,
         interim,
     };
+    // One reading of the clock for the deadline and the first attempt.
+    let began = Instant::now();
     let work = std::pin::pin!(attempts(
         route,
         clients,
         tel,
         outgoing,
-        progress.as_deref(),
+        (progress.as_deref(), began),
         permit
     ));
     let done = match &progress {
         Some(p) => after_body(p, route.timeout, route.body_idle_timeout, work).await,
-        None => tokio::time::timeout(route.timeout, work)
+        None => tokio::time::timeout_at((began + route.timeout).into(), work)
             .await
             .map_err(|_| Expired::Timeout),
     };
@@ -257,7 +259,7 @@ async fn attempts(
     clients: &Clients,
     tel: &Telemetry,
     outgoing: Outgoing<'_>,
-    progress: Option<&Progress>,
+    (progress, began): (Option<&Progress>, Instant),
     permit: crate::resilience::Taken,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Outgoing {
@@ -266,19 +268,27 @@ async fn attempts(
         interim,
     } = outgoing;
     // Without a tracked body, the body "ended" as the attempts began.
-    let began = Instant::now();
-    route.budget.request();
+    route.budget.request_at(began);
     let method = head.method().clone();
     let mut body = ReqBody::prepare(body, route.retry.max_body.0, progress).await?;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        // The first attempt starts when the attempts began (one reading of the clock less);
+        // a body still streaming began them, and its end starts the deadline below.
+        let started = if attempt == 1 && progress.is_none() {
+            began
+        } else {
+            Instant::now()
+        };
         let eps = route.endpoints.borrow().clone();
-        let (ep, st) = match route
-            .balancer
-            .pick(&eps, &tried, route.breaker.panic_threshold)
-        {
+        let (ep, st) = match route.balancer.pick(
+            &eps,
+            &tried,
+            route.breaker.panic_threshold,
+            started,
+        ) {
             Pick::Chosen(ep, st) => (ep, st),
             Pick::None => {
                 return Err(ProxyError::new(
@@ -303,7 +313,6 @@ async fn attempts(
             }
         };
         let outstanding = st.start();
-        let started = Instant::now();
         // The far app gets what is left of the deadline after the request body ends (all of
         // it while the body is still streaming).
         let ended = progress.map_or(Some(began), Progress::ended_at);
@@ -342,7 +351,8 @@ async fn attempts(
         };
         // Failures count as slow as they were (a connect timeout is very slow), so the
         // balancer steers away even before the breaker opens.
-        st.observe(started.elapsed());
+        let now = Instant::now();
+        st.observe(now.saturating_duration_since(started), now);
         match path_verdict(&result, &route.breaker) {
             Some(PathVerdict::Carried) => st.succeeded(),
             Some(PathVerdict::Failed(why)) if st.failed(&route.breaker, &why) => {

@@ -511,7 +511,8 @@ async fn stream_request(
     // and a drain (which waits for accepted requests) for as long as its connection lives.
     let limit = inbound.header_read_timeout;
     let head = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
-    let Ok(frame) = tokio::time::timeout(limit, head).await else {
+    // Nearly always whole already: the timer is made only if it waits (`unless_stalled`).
+    let Some(frame) = unless_stalled(limit, head).await else {
         resolver.abandon();
         return tracing::debug!(%remote, "request head not whole within inbound.header_read_timeout");
     };

@@ -370,6 +370,10 @@ async fn http_10_clients_get_close_delimited_or_kept_alive_responses() {
         heads[1].contains("connection: close") && heads[1].contains("content-length: 20"),
         "{answer}"
     );
+    // The idle timeout is announced on the response after which the connection stays open,
+    // not on the one that closes it.
+    assert!(heads[0].contains("keep-alive: timeout="), "{answer}");
+    assert!(!heads[1].contains("keep-alive"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

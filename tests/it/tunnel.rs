@@ -235,6 +235,8 @@ crate::over_transports! {
         // The caller's TE is hop-by-hop; the far sidecar's own `TE: trailers` (it takes
         // response trailers and carries them on) is all the app sees.
         assert_eq!(values(&seen.headers, "te"), vec!["trailers"]);
+        // Host names the service, once (the far sidecar writes it from the authority).
+        assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
         assert_eq!(values(&got.headers, "x-multi"), vec!["one", "two"]);
         assert_eq!(values(&got.headers, "mixed-case-header"), vec!["kept"]);
         assert!(!got.headers.contains_key("x-hop-resp"), "{:?}", got.headers);

@@ -101,20 +101,43 @@ pub(crate) struct Started {
 /// A request's head in HTTP/1.1 bytes, framing chosen from its body: its size (exact, or as
 /// the caller declared it, and then held to it) as `Content-Length`, else chunked. The
 /// caller's own framing fields are replaced.
-pub(crate) fn encode_head(parts: &http::request::Parts, body: &ProxyBody) -> (Bytes, Framing) {
+pub(crate) fn encode_head(
+    parts: &http::request::Parts,
+    body: &ProxyBody,
+    ours: &Added<'_>,
+) -> (Bytes, Framing) {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = Vec::with_capacity(128 + parts.headers.len() * 32);
+    let mut head = Vec::with_capacity(160 + parts.headers.len() * 32);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    // Host first (RFC 9112 §3.2), then the caller's fields, then the sidecar's.
+    put_field(&mut head, &http::header::HOST, ours.host);
+    // The length is read here, from the one `Content-Length` field (two, even equal, are not
+    // taken), instead of looked up again in the map.
+    let (mut length, mut lengths, mut length_ok) = (None, 0u32, false);
     for (name, value) in &parts.headers {
-        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+        if name == http::header::CONTENT_LENGTH {
+            lengths += 1;
+            length_ok = crate::h1::add_length(&mut length, value).is_ok();
+            continue;
+        }
+        // Ours, written around them (`TE` is hop-by-hop and stripped before; skipped here too,
+        // so that one never goes twice).
+        if name == http::header::TRANSFER_ENCODING
+            || name == http::header::HOST
+            || name == http::header::TE
+        {
             continue;
         }
         put_field(&mut head, name, value);
     }
-    let declared = crate::body::content_length(&parts.headers);
+    put_field(&mut head, &crate::headers::PEER_IDENTITY, ours.peer);
+    // We take response trailers and carry them on (an app on hyper, for one, sends them only
+    // to a client that says so).
+    head.extend_from_slice(b"te: trailers\r\n");
+    let declared = length.filter(|_| lengths == 1 && length_ok);
     let known = if body.is_end_stream() {
         Some(0)
     } else {
@@ -134,6 +157,16 @@ pub(crate) fn encode_head(parts: &http::request::Parts, body: &ProxyBody) -> (By
     };
     head.extend_from_slice(b"\r\n");
     (Bytes::from(head), framing)
+}
+
+/// The fields the sidecar writes on every request to its app, beside (never from) the
+/// caller's: the caller's fields hold no Host (the authority names the service, and any Host
+/// field is skipped), no `TE` (hop-by-hop, stripped) and no `quicar-*` (stripped).
+pub(crate) struct Added<'a> {
+    /// The local service's name.
+    pub(crate) host: &'a http::HeaderValue,
+    /// `quicar-peer-identity`: the caller's SPIFFE ID, from its certificate.
+    pub(crate) peer: &'a http::HeaderValue,
 }
 
 /// How a request body is framed on the wire.
