@@ -552,11 +552,19 @@ async fn stream_request(
 /// (counted as RFC 9114 §4.2.2 counts it: name + value + 32 per field), and not malformed
 /// (RFC 9114 §4.1.2; h2 refuses such a request itself). The declared body length if so.
 fn check_request(req: &Request<()>) -> Result<Option<u64>, ProxyError> {
-    let size: u64 = req
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.as_str().len() + v.len() + 32) as u64)
-        .sum();
+    // One pass over the fields: the section's size, and the length its `Content-Length`
+    // fields agree on (not looked up again).
+    let (mut size, mut length) = (0u64, Ok(None));
+    for (k, v) in req.headers() {
+        size += (k.as_str().len() + v.len() + 32) as u64;
+        if k == http::header::CONTENT_LENGTH {
+            if let Ok(l) = &mut length {
+                if let Err(why) = crate::h1::add_length(l, v) {
+                    length = Err(why);
+                }
+            }
+        }
+    }
     if size > MAX_FIELD_SECTION {
         return Err(ProxyError::new(
             ErrorKind::HeadersTooLarge,
@@ -564,8 +572,7 @@ fn check_request(req: &Request<()>) -> Result<Option<u64>, ProxyError> {
             format!("the request header section is {size} bytes, over {MAX_FIELD_SECTION}"),
         ));
     }
-    crate::h1::declared_length(req.headers())
-        .map_err(|why| ProxyError::new(ErrorKind::BadRequest, Side::Peer, why))
+    length.map_err(|why| ProxyError::new(ErrorKind::BadRequest, Side::Peer, why))
 }
 
 /// The local app's response, with its interim responses (103…) sent on the stream as they

@@ -1216,6 +1216,10 @@ async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_d
             ("/garbage", "SSH-2.0-OpenSSH_9.2\r\n\r\n".into()),
             ("/bad-length", "HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nok".into()),
             (
+                "/two-lengths",
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!".into(),
+            ),
+            (
                 "/smuggle",
                 "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged".into(),
             ),
@@ -1244,6 +1248,7 @@ async fn a_hostile_app_response_is_a_502_with_its_reason_and_its_connection_is_d
         ("/switch", "101"),
         ("/garbage", "response head"),
         ("/bad-length", "invalid Content-Length"),
+        ("/two-lengths", "conflicting Content-Length"),
     ] {
         let got = get(client.outbound, "hello", path).await;
         assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{path}: {got:?}");

@@ -141,6 +141,11 @@ fn bad_request_streams() -> Vec<(&'static str, Vec<u8>, bool)> {
         ("GOAWAY on a request stream", frame(0x07, &[0]), false),
         ("an HTTP/2 frame type", frame(0x02, &[]), false),
         (
+            "two different Content-Lengths",
+            headers(&[POST, HTTPS, ROOT, HELLO, LENGTH_1, LENGTH_5]),
+            false,
+        ),
+        (
             "a body past its Content-Length",
             cat(&[
                 headers(&[POST, HTTPS, ROOT, HELLO, LENGTH_1]),

@@ -410,6 +410,11 @@ struct Head {
     keep_alive: bool,
     /// The last `Transfer-Encoding` field, for the framing.
     transfer_encoding: Option<HeaderValue>,
+    /// The length the `Content-Length` fields agree on (read as the fields are parsed, not
+    /// looked up again), or why they do not.
+    length: Result<Option<u64>, String>,
+    /// Whether a `Content-Length` field came.
+    has_length: bool,
 }
 
 /// A whole response head at the front of `read`, taken off it. `None` while incomplete.
@@ -450,12 +455,22 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
         headers: HeaderMap::with_capacity(named.len() + crate::headers::ADDED_FIELDS),
         keep_alive,
         transfer_encoding: None,
+        length: Ok(None),
+        has_length: false,
     };
     let mut dropped_by_connection = Vec::new();
     for (name, at) in named {
         let value = HeaderValue::from_maybe_shared(crate::h1::placed(&bytes, at))
             .map_err(|_| WireError::Malformed(format!("invalid value of field {name}")))?;
         if !crate::headers::is_hop_by_hop(&name) {
+            if name == http::header::CONTENT_LENGTH {
+                head.has_length = true;
+                if let Ok(length) = &mut head.length {
+                    if let Err(why) = crate::h1::add_length(length, &value) {
+                        head.length = Err(why);
+                    }
+                }
+            }
             head.headers.append(name, value);
         } else if name == http::header::CONNECTION {
             for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
@@ -472,6 +487,9 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
         }
     }
     for name in dropped_by_connection {
+        if name == http::header::CONTENT_LENGTH {
+            (head.length, head.has_length) = (Ok(None), false);
+        }
         head.headers.remove(name);
     }
     Ok(Some(head))
@@ -479,7 +497,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
 
 /// The response body's framing (RFC 9112 §6.3).
 fn body_kind(head_request: bool, head: &Head) -> Result<Framed, WireError> {
-    let (status, headers) = (head.status, &head.headers);
+    let status = head.status;
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framed::Done);
     }
@@ -490,7 +508,7 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Framed, WireError> {
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         // Chunked and a length besides is a request-smuggling shape (RFC 9112 §6.3): refused.
-        if headers.contains_key(http::header::CONTENT_LENGTH) {
+        if head.has_length {
             return Err(WireError::Malformed(
                 "both Transfer-Encoding and Content-Length".into(),
             ));
@@ -501,7 +519,7 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Framed, WireError> {
             Framed::Close
         });
     }
-    let length = crate::h1::declared_length(headers).map_err(WireError::Malformed)?;
+    let length = head.length.clone().map_err(WireError::Malformed)?;
     Ok(match length {
         Some(0) => Framed::Done,
         Some(n) => Framed::Sized(n),
