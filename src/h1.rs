@@ -110,7 +110,13 @@ pub(crate) fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
 /// values is that value); `Err` with the reason for an invalid or conflicting one.
 pub(crate) fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
     let mut length = None;
-    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+    // The fields are walked, not looked up: comparing a message's few names (standard ones
+    // compare as an index) costs less than hashing one, and the map holds at most the head
+    // limit's fields.
+    for (_, v) in headers
+        .iter()
+        .filter(|(k, _)| *k == http::header::CONTENT_LENGTH)
+    {
         add_length(&mut length, v)?;
     }
     Ok(length)

@@ -35,11 +35,13 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
@@ -100,45 +102,44 @@ impl Reader {
 /// What the connection task shares with the request in progress.
 #[derive(Default)]
 struct Shared {
-    interim: Mutex<Queue>,
+    /// Interim response heads (and `100 Continue`) in HTTP/1.1 bytes, each with the number of
+    /// its request.
+    interim: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Set when `interim` holds something: the connection task looks at the queue without the
+    /// lock on each wake-up (it is nearly always empty).
+    queued: AtomicBool,
+    /// The connection task, woken when an interim head is queued or the read side comes back.
+    waker: AtomicWaker,
     /// The read side, given back by a request body that was read to its end.
     returned: Mutex<Option<Reader>>,
 }
 
-/// Interim response heads (and `100 Continue`) in HTTP/1.1 bytes, each with the number of its
-/// request; the connection task, woken when one is queued.
-#[derive(Default)]
-struct Queue {
-    items: Vec<(u64, Vec<u8>)>,
-    waker: Option<Waker>,
-}
-
 impl Shared {
     fn queue(&self, seq: u64, bytes: Vec<u8>) {
-        let mut q = self.interim.lock().expect("not poisoned");
-        q.items.push((seq, bytes));
-        if let Some(w) = &q.waker {
-            w.wake_by_ref();
-        }
+        self.interim
+            .lock()
+            .expect("not poisoned")
+            .push((seq, bytes));
+        self.queued.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// The read side, from a request body read to its end; the connection task is woken to
     /// watch it for a hang-up while the request runs (the body may end in another task).
     fn give_back(&self, rd: Reader) {
         *self.returned.lock().expect("not poisoned") = Some(rd);
-        if let Some(w) = &self.interim.lock().expect("not poisoned").waker {
-            w.wake_by_ref();
-        }
+        self.waker.wake();
     }
 
     /// Appends to `out` what is queued for request `seq` (anything queued for an earlier
     /// request is dropped: its final head went out), and notes the task to wake.
     fn take(&self, seq: u64, waker: &Waker, out: &mut Vec<u8>) {
-        let mut q = self.interim.lock().expect("not poisoned");
-        if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            q.waker = Some(waker.clone());
+        // Registered before the flag is read: a head queued after the read wakes the task.
+        self.waker.register(waker);
+        if !self.queued.swap(false, Ordering::AcqRel) {
+            return;
         }
-        for (s, bytes) in q.items.drain(..) {
+        for (s, bytes) in self.interim.lock().expect("not poisoned").drain(..) {
             if s == seq {
                 out.extend_from_slice(&bytes);
             }

@@ -111,10 +111,18 @@ pub(crate) fn from_peer(
     body: impl FnOnce() -> ProxyBody,
 ) -> Response<ProxyBody> {
     headers::strip_hop_by_hop(&mut parts.headers);
-    if let Some(kind) = headers::error_kind(&parts.headers) {
-        parts.extensions.insert(kind);
+    // The peer sidecar's own fields (its error kind) and any `quicar-*` its app sent: nearly
+    // always none, found by one pass over the names, without a lookup.
+    if parts
+        .headers
+        .keys()
+        .any(|k| k.as_str().starts_with("quicar-"))
+    {
+        if let Some(kind) = headers::error_kind(&parts.headers) {
+            parts.extensions.insert(kind);
+        }
+        headers::strip_quicar_from_response(&mut parts.headers);
     }
-    headers::strip_quicar_from_response(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
     let bodyless = *method == Method::HEAD
         || parts.status == StatusCode::NO_CONTENT
