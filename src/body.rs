@@ -341,14 +341,7 @@ impl Body for H2Body {
 /// rule the HTTP/1.1 edges frame bodies with (`h1::add_length`: digits only, or a list of equal
 /// values). `str::parse` also took `+5`, which no edge would frame.
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    let mut length = None;
-    crate::h1::add_length(&mut length, first).ok()?;
-    length
+    crate::h1::lengths(headers).single()
 }
 
 /// `send` (a write toward a reader: a peer's stream), or `None` once it has waited `stall`

@@ -109,17 +109,67 @@ pub(crate) fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
 /// The one length all `Content-Length` fields agree on (RFC 9112 §6.3: a list of equal
 /// values is that value); `Err` with the reason for an invalid or conflicting one.
 pub(crate) fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
-    let mut length = None;
-    // The fields are walked, not looked up: comparing a message's few names (standard ones
-    // compare as an index) costs less than hashing one, and the map holds at most the head
-    // limit's fields.
+    lengths(headers).agreed()
+}
+
+/// The `Content-Length` fields of `headers`. They are walked, not looked up: comparing a
+/// message's few names (standard ones compare as an index) costs less than hashing one, and
+/// the map holds at most the head limit's fields.
+pub(crate) fn lengths(headers: &HeaderMap) -> Lengths {
+    let mut lengths = Lengths::default();
     for (_, v) in headers
         .iter()
         .filter(|(k, _)| *k == http::header::CONTENT_LENGTH)
     {
-        add_length(&mut length, v)?;
+        lengths.add(v);
     }
-    Ok(length)
+    lengths
+}
+
+/// A message's `Content-Length` fields, taken one at a time as its fields are walked (by a
+/// walk that happens anyway, instead of a lookup of its own).
+pub(crate) struct Lengths {
+    fields: u32,
+    /// What the fields so far agree on, or why they do not (the first reason).
+    length: Result<Option<u64>, String>,
+}
+
+impl Default for Lengths {
+    fn default() -> Self {
+        Self {
+            fields: 0,
+            length: Ok(None),
+        }
+    }
+}
+
+impl Lengths {
+    pub(crate) fn add(&mut self, value: &HeaderValue) {
+        self.fields += 1;
+        if let Ok(length) = &mut self.length {
+            if let Err(why) = add_length(length, value) {
+                self.length = Err(why);
+            }
+        }
+    }
+
+    /// Whether any `Content-Length` field came.
+    pub(crate) fn any(&self) -> bool {
+        self.fields > 0
+    }
+
+    /// The length all the fields agree on (RFC 9112 §6.3), or why they do not.
+    pub(crate) fn agreed(&self) -> Result<Option<u64>, String> {
+        self.length.clone()
+    }
+
+    /// The length, when exactly one field came and it is valid.
+    pub(crate) fn single(&self) -> Option<u64> {
+        match self.length {
+            Ok(length) if self.fields == 1 => length,
+            _ => None,
+        }
+    }
 }
 
 /// Takes one `Content-Length` field into `length` (the values seen so far).

@@ -85,9 +85,15 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether any `quicar-*` field is in `headers` (nearly never from an app): one pass over the
+/// names, no lookup.
+pub(crate) fn has_quicar(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| k.as_str().starts_with("quicar-"))
+}
+
 /// Drops every `quicar-*` header, so that no app can forge identity or control headers.
 pub(crate) fn strip_quicar(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| k.as_str().starts_with("quicar-")) {
+    if !has_quicar(headers) {
         return;
     }
     let ours: Vec<HeaderName> = headers
@@ -147,7 +153,7 @@ const CACHE_CONTROL_TARGETED_NAME: HeaderName = HeaderName::from_static(CACHE_CO
 
 /// Like `strip_quicar`, for responses: keeps the app's targeted cache directive.
 pub(crate) fn strip_quicar_from_response(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| k.as_str().starts_with("quicar-")) {
+    if !has_quicar(headers) {
         return;
     }
     let ours: Vec<HeaderName> = headers

@@ -373,9 +373,7 @@ impl RequestGuard {
     pub(crate) fn logs(&self) -> bool {
         self.tel.access.is_some()
     }
-}
 
-impl RequestGuard {
     /// When the request began (the sidecar took it).
     pub(crate) fn began(&self) -> Instant {
         self.start

@@ -610,15 +610,17 @@ where
     head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
     // The one valid length the response declares (a 204 has none); written with the framing.
-    let (mut length, mut length_ok) = (None, status != StatusCode::NO_CONTENT);
+    let mut lengths = crate::h1::Lengths::default();
     for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH {
-            length_ok &= crate::h1::add_length(&mut length, value).is_ok();
+            lengths.add(value);
         } else if name != TRANSFER_ENCODING && name != CONNECTION {
             put_field(&mut head, name, value);
         }
     }
-    let length = length.filter(|_| length_ok);
+    let length = (status != StatusCode::NO_CONTENT)
+        .then(|| lengths.agreed().ok().flatten())
+        .flatten();
     if !parts.headers.keys().any(|k| k == DATE) {
         put_field(&mut head, &DATE, &date());
     }

@@ -91,30 +91,27 @@ pub(crate) async fn serve(
                             revalidate,
                         ));
                     }
-                    cache.stats.stale.fetch_add(1, Ordering::Relaxed);
-                    let (parts, body) = cache.stale_response(&variant);
-                    return Ok(cached(parts, body, CacheOutcome::Stale));
+                    return Ok(stale(cache, &variant));
                 }
                 if let Some(unreachable) = failed {
                     if cache.usable_on_error(&variant)
                         || (unreachable && cache.usable_when_unreachable(&variant))
                     {
-                        cache.stats.stale.fetch_add(1, Ordering::Relaxed);
-                        let (parts, body) = cache.stale_response(&variant);
-                        return Ok(cached(parts, body, CacheOutcome::Stale));
+                        return Ok(stale(cache, &variant));
                     }
                 }
                 // Collapsed as misses are: an entry that expires under load is revalidated
                 // once, not once per request waiting for it.
-                let guard = match followed {
-                    true => None,
-                    false => match cache.join(&key) {
+                let guard = if followed {
+                    None
+                } else {
+                    match cache.join(&key) {
                         Flight::Leader(guard) => Some(guard),
                         Flight::Follower(rx) => {
                             (followed, failed) = follow(rx, wait, &mut abandoned).await;
                             continue;
                         }
-                    },
+                    }
                 };
                 return revalidate_now(&fetch, cache, key, req, &variant, revalidate, guard).await;
             }
@@ -128,6 +125,13 @@ pub(crate) async fn serve(
             Lookup::Miss => return miss(&fetch, cache, key, req, None).await,
         }
     }
+}
+
+/// The stored response, past its freshness, as the answer (counted as stale).
+fn stale(cache: &Cache, variant: &Variant) -> Response<ProxyBody> {
+    cache.stats.stale.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = cache.stale_response(variant);
+    cached(parts, body, CacheOutcome::Stale)
 }
 
 /// How many abandoned leaders a collapsed request follows before it fetches for itself.
@@ -218,11 +222,6 @@ async fn revalidate_now(
     guard: Option<FlightGuard>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     cache.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
-    let stale = |cache: &Cache| {
-        cache.stats.stale.fetch_add(1, Ordering::Relaxed);
-        let (parts, body) = cache.stale_response(variant);
-        cached(parts, body, CacheOutcome::Stale)
-    };
     match fetch(revalidate).await {
         Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
             let (parts, _) = resp.into_parts();
@@ -243,7 +242,7 @@ async fn revalidate_now(
         }
         Ok(resp) if is_error_status(resp.status()) && cache.usable_on_error(variant) => {
             land_failed(cache, guard, false);
-            Ok(stale(cache))
+            Ok(stale(cache, variant))
         }
         Ok(resp) => {
             cache.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -259,14 +258,14 @@ async fn revalidate_now(
         Err(e) if cache.usable_on_error(variant) => {
             land_failed(cache, guard, unreachable(e.kind));
             tracing::debug!(error = %e.message, "origin failed; serving stale within stale-if-error");
-            Ok(stale(cache))
+            Ok(stale(cache, variant))
         }
         // The peer cannot be reached at all (not an app status): keep answering from the
         // cache for `serve_stale_on_connect_failure`.
         Err(e) if unreachable(e.kind) && cache.usable_when_unreachable(variant) => {
             land_failed(cache, guard, true);
             tracing::debug!(error = %e.message, "peer unreachable; serving stale");
-            Ok(stale(cache))
+            Ok(stale(cache, variant))
         }
         Err(e) => {
             land(cache, guard);

@@ -554,15 +554,11 @@ async fn stream_request(
 fn check_request(req: &Request<()>) -> Result<Option<u64>, ProxyError> {
     // One pass over the fields: the section's size, and the length its `Content-Length`
     // fields agree on (not looked up again).
-    let (mut size, mut length) = (0u64, Ok(None));
+    let (mut size, mut lengths) = (0u64, crate::h1::Lengths::default());
     for (k, v) in req.headers() {
         size += (k.as_str().len() + v.len() + 32) as u64;
         if k == http::header::CONTENT_LENGTH {
-            if let Ok(l) = &mut length {
-                if let Err(why) = crate::h1::add_length(l, v) {
-                    length = Err(why);
-                }
-            }
+            lengths.add(v);
         }
     }
     if size > MAX_FIELD_SECTION {
@@ -572,7 +568,9 @@ fn check_request(req: &Request<()>) -> Result<Option<u64>, ProxyError> {
             format!("the request header section is {size} bytes, over {MAX_FIELD_SECTION}"),
         ));
     }
-    length.map_err(|why| ProxyError::new(ErrorKind::BadRequest, Side::Peer, why))
+    lengths
+        .agreed()
+        .map_err(|why| ProxyError::new(ErrorKind::BadRequest, Side::Peer, why))
 }
 
 /// The local app's response, with its interim responses (103…) sent on the stream as they

@@ -292,8 +292,7 @@ impl Pooled for H2Conn {
 
     fn limit_heard(&self) -> Option<usize> {
         self.settled
-            .done
-            .load(Ordering::Acquire)
+            .is_done()
             .then(|| self.send.current_max_send_streams())
     }
 }
@@ -314,6 +313,10 @@ impl Settled {
         })
     }
 
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
     fn set(&self) {
         self.done.store(true, Ordering::Release);
         self.changed.notify_waiters();
@@ -327,7 +330,7 @@ impl H2Conn {
             let changed = self.settled.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.settled.done.load(Ordering::Acquire) || !self.is_alive() {
+            if self.settled.is_done() || !self.is_alive() {
                 return;
             }
             changed.await;
@@ -601,7 +604,7 @@ impl Pool {
             // them. The caller's connect timeout bounds the wait. A peer that refused our
             // certificate says so with an alert, which the connection's end records.
             conn.settled().await;
-            if !conn.settled.done.load(Ordering::Acquire) {
+            if !conn.settled.is_done() {
                 return Err(match conn.ended().await {
                     Some(r) if r.refused => r.refusal(addr),
                     end => connect_failed(format!(
@@ -648,7 +651,7 @@ impl Pool {
         // where dropping it drops it. (No wait once the SETTINGS are known.) A peer that
         // never answers the settling ping (RFC 9113 says it must) is waited for no longer than
         // the dead-peer timeout; then h2 holds the request as before.
-        if !conn.settled.done.load(Ordering::Acquire) && conn.usage.in_flight() > 1 {
+        if !conn.settled.is_done() && conn.usage.in_flight() > 1 {
             let _ = tokio::time::timeout(self.dead_peer, conn.settled()).await;
         }
         let Ok(mut send) = conn.send.clone().ready().await else {

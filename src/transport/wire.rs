@@ -112,12 +112,8 @@ pub(crate) fn from_peer(
 ) -> Response<ProxyBody> {
     headers::strip_hop_by_hop(&mut parts.headers);
     // The peer sidecar's own fields (its error kind) and any `quicar-*` its app sent: nearly
-    // always none, found by one pass over the names, without a lookup.
-    if parts
-        .headers
-        .keys()
-        .any(|k| k.as_str().starts_with("quicar-"))
-    {
+    // always none, so looked for without a lookup.
+    if headers::has_quicar(&parts.headers) {
         if let Some(kind) = headers::error_kind(&parts.headers) {
             parts.extensions.insert(kind);
         }

@@ -116,11 +116,10 @@ pub(crate) fn encode_head(
     put_field(&mut head, &http::header::HOST, ours.host);
     // The length is read here, from the one `Content-Length` field (two, even equal, are not
     // taken), instead of looked up again in the map.
-    let (mut length, mut lengths, mut length_ok) = (None, 0u32, false);
+    let mut lengths = crate::h1::Lengths::default();
     for (name, value) in &parts.headers {
         if name == http::header::CONTENT_LENGTH {
-            lengths += 1;
-            length_ok = crate::h1::add_length(&mut length, value).is_ok();
+            lengths.add(value);
             continue;
         }
         // Ours, written around them (`TE` is hop-by-hop and stripped before; skipped here too,
@@ -137,7 +136,7 @@ pub(crate) fn encode_head(
     // We take response trailers and carry them on (an app on hyper, for one, sends them only
     // to a client that says so).
     head.extend_from_slice(b"te: trailers\r\n");
-    let declared = length.filter(|_| lengths == 1 && length_ok);
+    let declared = lengths.single();
     let known = if body.is_end_stream() {
         Some(0)
     } else {
@@ -410,11 +409,8 @@ struct Head {
     keep_alive: bool,
     /// The last `Transfer-Encoding` field, for the framing.
     transfer_encoding: Option<HeaderValue>,
-    /// The length the `Content-Length` fields agree on (read as the fields are parsed, not
-    /// looked up again), or why they do not.
-    length: Result<Option<u64>, String>,
-    /// Whether a `Content-Length` field came.
-    has_length: bool,
+    /// The `Content-Length` fields, read as the fields are parsed (not looked up again).
+    lengths: crate::h1::Lengths,
 }
 
 /// A whole response head at the front of `read`, taken off it. `None` while incomplete.
@@ -455,8 +451,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
         headers: HeaderMap::with_capacity(named.len() + crate::headers::ADDED_FIELDS),
         keep_alive,
         transfer_encoding: None,
-        length: Ok(None),
-        has_length: false,
+        lengths: crate::h1::Lengths::default(),
     };
     let mut dropped_by_connection = Vec::new();
     for (name, at) in named {
@@ -464,12 +459,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
             .map_err(|_| WireError::Malformed(format!("invalid value of field {name}")))?;
         if !crate::headers::is_hop_by_hop(&name) {
             if name == http::header::CONTENT_LENGTH {
-                head.has_length = true;
-                if let Ok(length) = &mut head.length {
-                    if let Err(why) = crate::h1::add_length(length, &value) {
-                        head.length = Err(why);
-                    }
-                }
+                head.lengths.add(&value);
             }
             head.headers.append(name, value);
         } else if name == http::header::CONNECTION {
@@ -488,7 +478,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
     }
     for name in dropped_by_connection {
         if name == http::header::CONTENT_LENGTH {
-            (head.length, head.has_length) = (Ok(None), false);
+            head.lengths = crate::h1::Lengths::default();
         }
         head.headers.remove(name);
     }
@@ -508,7 +498,7 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Framed, WireError> {
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         // Chunked and a length besides is a request-smuggling shape (RFC 9112 §6.3): refused.
-        if head.has_length {
+        if head.lengths.any() {
             return Err(WireError::Malformed(
                 "both Transfer-Encoding and Content-Length".into(),
             ));
@@ -519,7 +509,7 @@ fn body_kind(head_request: bool, head: &Head) -> Result<Framed, WireError> {
             Framed::Close
         });
     }
-    let length = head.length.clone().map_err(WireError::Malformed)?;
+    let length = head.lengths.agreed().map_err(WireError::Malformed)?;
     Ok(match length {
         Some(0) => Framed::Done,
         Some(n) => Framed::Sized(n),
