@@ -567,6 +567,32 @@ async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     let get = h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO]);
     assert_eq!(h2_outcome(&pki, inbound, &get).await, "200");
     assert_eq!(upstream.count(), 1);
+    // Another stack's Huffman-coded literal decodes (only what quicar sends is raw): RFC 7541
+    // C.4.1's "www.example.com".
+    let mut huffman = vec![0x00, 6];
+    huffman.extend_from_slice(b"x-huff");
+    huffman.push(0x80 | 12);
+    huffman.extend_from_slice(&[
+        0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff,
+    ]);
+    let coded = h2_headers(1, true, &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &huffman]);
+    assert_eq!(h2_outcome(&pki, inbound, &coded).await, "200");
+    assert_eq!(
+        values(&upstream.last().headers, "x-huff"),
+        vec!["www.example.com"]
+    );
+    // A peer's own Host (another than its :authority) and TE never reach the app beside the
+    // sidecar's: the app sees the service's name once, and `TE: trailers` once.
+    let forged = [h2_field(b"host", b"admin"), h2_field(b"te", b"trailers")];
+    let with_host = h2_headers(
+        1,
+        true,
+        &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO, &forged[0], &forged[1]],
+    );
+    assert_eq!(h2_outcome(&pki, inbound, &with_host).await, "200");
+    let seen = upstream.last();
+    assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
+    assert_eq!(values(&seen.headers, "te"), vec!["trailers"]);
     let mut failures = Vec::new();
 
     for (name, frames, well_formed_head) in h2_bad_requests() {
