@@ -58,15 +58,28 @@ pub struct Options {
 pub enum Workload {
     /// Many small requests (256 B responses) at a fixed rate, open loop.
     Small,
-    /// 32 concurrent 16 KiB responses, closed loop: one multiplexed connection between sidecars.
+    /// `--concurrent` requests in flight (32) for `--concurrent-size` responses (16 KiB), closed
+    /// loop: one multiplexed connection between sidecars.
     Concurrent,
 }
 
 impl Workload {
-    fn label(self) -> &'static str {
+    /// How the report's table and chart name it, with the sizes the run used ("32 concurrent
+    /// 16 KiB responses", "32×16KiB").
+    fn labels(self, opts: &Options) -> (String, String) {
         match self {
-            Self::Small => "small requests at a fixed rate",
-            Self::Concurrent => "32 concurrent 16 KiB responses",
+            Self::Small => ("small requests at a fixed rate".into(), "small".into()),
+            Self::Concurrent => {
+                let size = match opts.concurrent_size {
+                    n if n >= 1024 && n % 1024 == 0 => format!("{} KiB", n / 1024),
+                    n => format!("{n} B"),
+                };
+                let n = opts.concurrent;
+                (
+                    format!("{n} concurrent {size} responses"),
+                    format!("{n}×{}", size.replace(' ', "")),
+                )
+            }
         }
     }
 }
@@ -76,6 +89,9 @@ pub struct Scenario {
     pub loss: f64,
     pub delay_ms: u64,
     pub workload: Workload,
+    /// The workload as the report's table and its chart name it.
+    pub label: String,
+    pub short: String,
 }
 
 /// Where a benchmark run sends its load: through the sidecar pair over one wire, or straight
@@ -147,13 +163,37 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A child process killed by PID when dropped.
+/// A child process stopped by PID when dropped ([`Proc::stop`]).
 struct Proc(Child);
+
+/// How long a stopped child has to exit on its own (the nodes drain for 1 s).
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+impl Proc {
+    /// SIGTERM, so a node drains and exits as a sidecar does (and a build instrumented for
+    /// profile-guided optimisation writes its profile, `benches/pgo.sh`), then SIGKILL if it
+    /// is still there after `grace`. Returns how it ended.
+    fn stop(&mut self, grace: Duration) -> std::io::Result<std::process::ExitStatus> {
+        let pid = i32::try_from(self.0.id()).map(nix::unistd::Pid::from_raw);
+        if let (None, Ok(pid)) = (self.0.try_wait()?, pid) {
+            if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+                let until = std::time::Instant::now() + grace;
+                while std::time::Instant::now() < until {
+                    if let Some(status) = self.0.try_wait()? {
+                        return Ok(status);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = self.0.kill();
+        self.0.wait()
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.stop(STOP_GRACE);
     }
 }
 
@@ -266,7 +306,8 @@ async fn load_in(net: &Net, exe: &Path, spec: &LoadSpec) -> Result<LoadResult, S
     serde_json::from_slice(&out).map_err(|e| format!("load generator output: {e}"))
 }
 
-fn scenarios(quick: bool, loopback: bool) -> Vec<Scenario> {
+fn scenarios(opts: &Options) -> Vec<Scenario> {
+    let (quick, loopback) = (opts.quick, opts.loopback);
     let mut v = Vec::new();
     let losses: &[f64] = match (loopback, quick) {
         (true, _) => &[0.0],
@@ -286,10 +327,13 @@ fn scenarios(quick: bool, loopback: bool) -> Vec<Scenario> {
     for &workload in workloads {
         for &delay_ms in delays {
             for &loss in losses {
+                let (label, short) = workload.labels(opts);
                 v.push(Scenario {
                     loss,
                     delay_ms,
                     workload,
+                    label,
+                    short,
                 });
             }
         }
@@ -411,7 +455,7 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
 
     let mut runs = Vec::new();
     let rounds = opts.rounds.max(1);
-    for sc in scenarios(opts.quick, opts.loopback) {
+    for sc in scenarios(&opts) {
         net.set(LinkParams {
             delay: Duration::from_millis(sc.delay_ms),
             jitter: Duration::ZERO,
@@ -461,7 +505,7 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
                 let report = net.take();
                 eprintln!(
                     "{:>30} loss {:>4.1}% delay {:>2} ms {:>6} round {}: p50 {:>8.2} ms p99 {:>8.2} ms {:>8.0} rps {} errors",
-                    sc.workload.label(),
+                    sc.label,
                     sc.loss * 100.0,
                     sc.delay_ms,
                     target,
@@ -580,7 +624,7 @@ pub fn markdown(report: &Report) -> String {
             let late = g.iter().map(|r| r.link.late_p99_us).max().unwrap_or(0);
             md += &format!(
                 "| {} | {:.1}% | {} ms | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} / {} | {} |\n",
-                sc.workload.label(),
+                sc.label,
                 sc.loss * 100.0,
                 sc.delay_ms,
                 target,
@@ -662,10 +706,7 @@ pub fn svg(report: &Report) -> String {
                 colors[j]
             );
         }
-        let label = match sc.workload {
-            Workload::Small => "small",
-            Workload::Concurrent => "32×16KiB",
-        };
+        let label = &sc.short;
         out += &format!(
             "<text x=\"{x0:.1}\" y=\"{:.1}\">{label}</text><text x=\"{x0:.1}\" y=\"{:.1}\">loss {:.1}% · {} ms</text>",
             h - bottom + 20.0,
@@ -729,4 +770,40 @@ async fn backend_response(req: Request<Incoming>, body: &Bytes) -> Response<Prox
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     Response::new(full(body.slice(..size.min(body.len()))))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn shell(script: &str) -> Proc {
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .spawn()
+            .expect("sh runs");
+        // Give the shell time to set its trap before it is signalled.
+        std::thread::sleep(Duration::from_millis(300));
+        Proc(child)
+    }
+
+    #[test]
+    fn a_stopped_child_exits_on_its_own_when_it_can_and_is_killed_when_it_cannot() {
+        // A child that handles SIGTERM (as a node drains) ends with its own exit code, not
+        // SIGKILL: an instrumented node writes its profile on the way out.
+        let mut p = shell("trap 'exit 7' TERM; while :; do sleep 0.05; done");
+        let status = p.stop(Duration::from_secs(10)).expect("stops");
+        assert_eq!((status.code(), status.signal()), (Some(7), None));
+        // One that ignores it is killed after the grace period.
+        let mut p = shell("trap '' TERM; while :; do sleep 0.05; done");
+        let status = p.stop(Duration::from_millis(200)).expect("stops");
+        assert_eq!(status.signal(), Some(9));
+        // One already gone is not signalled again.
+        let mut p = shell("exit 3");
+        assert_eq!(
+            p.stop(Duration::from_secs(1)).expect("stops").code(),
+            Some(3)
+        );
+    }
 }

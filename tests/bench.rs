@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs `quicar bench ARGS --out DIR`, bounded in time (killed by PID past the bound), and
-/// returns the parsed results.json.
-fn bench(args: &[&str], bound: Duration) -> serde_json::Value {
+/// returns the parsed results.json, results.md and latency.svg.
+fn bench(args: &[&str], bound: Duration) -> (serde_json::Value, String, String) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_quicar"))
@@ -44,8 +44,10 @@ fn bench(args: &[&str], bound: Duration) -> serde_json::Value {
     assert!(md.contains("| quic |") && md.contains("| tcp |"), "{md}");
     let svg = std::fs::read_to_string(out.path().join("latency.svg")).unwrap();
     assert!(svg.starts_with("<svg"), "{svg}");
-    serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
-        .unwrap()
+    let json =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
+            .unwrap();
+    (json, md, svg)
 }
 
 /// The runs of one target in one scenario.
@@ -87,9 +89,23 @@ fn all_served(report: &serde_json::Value, workloads: &[&str], losses: &[f64]) {
 
 #[test]
 fn the_loopback_bench_needs_no_root_and_serves_every_request() {
-    let report = bench(&["--loopback", "--quick"], Duration::from_secs(120));
+    let (report, md, svg) = bench(
+        &[
+            "--loopback",
+            "--quick",
+            "--concurrent",
+            "8",
+            "--concurrent-size",
+            "512",
+        ],
+        Duration::from_secs(120),
+    );
     assert_eq!(report["network"], "loopback");
     all_served(&report, &["Small", "Concurrent"], &[0.0]);
+    // The report names the workload the run had, not the defaults.
+    assert!(md.contains("| 8 concurrent 512 B responses |"), "{md}");
+    assert!(!md.contains("32 concurrent"), "{md}");
+    assert!(svg.contains(">8×512B<"), "{svg}");
     // No link: the emulator forwarded nothing.
     for r in report["runs"].as_array().unwrap() {
         assert_eq!(r["link"]["forwarded"], 0, "{r}");
@@ -107,7 +123,7 @@ fn the_quick_bench_over_a_lossy_link_favours_quic_at_the_tail() {
     // and on a lossy link one stall more or less decides which transport wins. Two rounds
     // (targets interleaved), compared by their mean: in one round of this debug build TCP's p99
     // ranged 207-431 ms and QUIC's 171-226 over eight CI runs, so a single round could cross.
-    let report = bench(
+    let (report, md, _) = bench(
         &[
             "--quick",
             "--duration",
@@ -120,6 +136,7 @@ fn the_quick_bench_over_a_lossy_link_favours_quic_at_the_tail() {
         Duration::from_secs(420),
     );
     assert_eq!(report["network"], "emulated");
+    assert!(md.contains("| 32 concurrent 16 KiB responses |"), "{md}");
     all_served(&report, &["Concurrent"], &[0.0, 0.02]);
     // The link really dropped packets in the lossy scenario.
     let lossy = runs(&report, "quic", "Concurrent", 0.02);

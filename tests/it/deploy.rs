@@ -71,6 +71,125 @@ fn the_dockerfile_passes_hadolint() {
     assert!(ok, "{text}");
 }
 
+/// The target this machine builds for (`rustc -vV`'s host).
+fn host_target() -> String {
+    let (ok, text) = run(Command::new("rustc").arg("-vV"));
+    assert!(ok, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names its host")
+        .to_string()
+}
+
+/// The Dockerfile's build stage copies every file the manifest needs: the build context is
+/// rebuilt from its `COPY` lines alone, and cargo resolves it (the vendored crates under
+/// `[patch.crates-io]`) and finds every target's source (benches and tests are targets too);
+/// its Rust image is as new as the manifest's `rust-version`, which is as new as every crate
+/// the build resolves needs.
+#[test]
+fn the_dockerfile_copies_what_the_build_needs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(deploy("Dockerfile")).unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let build_stage = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("FROM "));
+    for line in build_stage {
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let (dest, sources) = args.split_last().expect("COPY names a destination");
+        // Docker's rules: a file into a directory destination keeps its name; a directory's
+        // contents go into the destination.
+        let into_dir = sources.len() > 1 || dest.ends_with('/');
+        for src in sources {
+            let from = root.join(src);
+            let to = if into_dir && from.is_file() {
+                ctx.path().join(dest).join(src)
+            } else {
+                ctx.path().join(dest)
+            };
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            let (ok, text) = run(Command::new("cp").arg("-rT").arg(&from).arg(&to));
+            assert!(ok, "COPY {src}: {text}");
+        }
+    }
+    let meta = |dir: &Path| -> serde_json::Value {
+        let out = Command::new(env!("CARGO"))
+            .args(["metadata", "--offline", "--locked", "--format-version", "1"])
+            .args(["--filter-platform", &host_target()])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo metadata in {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let quicar = |meta: &serde_json::Value| -> serde_json::Value {
+        meta["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "quicar")
+            .expect("quicar in the metadata")
+            .clone()
+    };
+    let (meta, repo) = (meta(ctx.path()), meta(root));
+    let ours = quicar(&meta);
+    // The toolchain the image builds with, and the one the manifest declares, are new enough
+    // for every crate the build resolves (a crate's `rust-version`, checked by cargo).
+    let version = |v: &str| -> [u32; 3] {
+        let mut n = v.split('.').map(|n| n.parse().unwrap());
+        [(); 3].map(|()| n.next().unwrap_or(0))
+    };
+    let image = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .and_then(|t| t.split('-').next())
+        .map(version)
+        .expect("the build stage is FROM rust:X.Y-…");
+    let declared = version(ours["rust_version"].as_str().expect("rust-version is set"));
+    let needed = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].to_string())))
+        .max()
+        .unwrap();
+    assert!(
+        declared >= needed.0 && image >= declared,
+        "{} needs Rust {:?}; Cargo.toml declares {declared:?}, the image has {image:?}",
+        needed.1,
+        needed.0
+    );
+    // cargo drops a target whose file is missing without an error, so the context's targets
+    // are compared with the repository's.
+    let names = |p: &serde_json::Value| -> Vec<String> {
+        let mut v: Vec<String> = p["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| format!("{} {}", t["kind"], t["name"]))
+            .collect();
+        v.sort();
+        v
+    };
+    let want = names(&quicar(&repo));
+    assert!(want.len() >= 7, "{want:?}");
+    assert_eq!(
+        names(&ours),
+        want,
+        "the targets the Dockerfile's build context has, and the repository's"
+    );
+}
+
 #[test]
 #[ignore = "needs systemd-analyze: apt-get install systemd"]
 fn the_systemd_unit_verifies_and_is_sandboxed() {
