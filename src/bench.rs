@@ -172,17 +172,18 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 impl Proc {
     /// SIGTERM, so a node drains and exits as a sidecar does (and a build instrumented for
     /// profile-guided optimisation writes its profile, `benches/pgo.sh`), then SIGKILL if it
-    /// is still there after `grace`. Returns how it ended.
+    /// is still there after `grace` (or if waiting for it failed). Returns how it ended.
     fn stop(&mut self, grace: Duration) -> std::io::Result<std::process::ExitStatus> {
         let pid = i32::try_from(self.0.id()).map(nix::unistd::Pid::from_raw);
-        if let (None, Ok(pid)) = (self.0.try_wait()?, pid) {
+        if let (Ok(None), Ok(pid)) = (self.0.try_wait(), pid) {
             if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
                 let until = std::time::Instant::now() + grace;
                 while std::time::Instant::now() < until {
-                    if let Some(status) = self.0.try_wait()? {
-                        return Ok(status);
+                    match self.0.try_wait() {
+                        Ok(Some(status)) => return Ok(status),
+                        Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                        Err(_) => break,
                     }
-                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
