@@ -618,9 +618,11 @@ where
             put_field(&mut head, name, value);
         }
     }
-    let length = (status != StatusCode::NO_CONTENT)
-        .then(|| lengths.agreed().ok().flatten())
-        .flatten();
+    let length = if status == StatusCode::NO_CONTENT {
+        None
+    } else {
+        lengths.agreed().ok().flatten()
+    };
     if !parts.headers.keys().any(|k| k == DATE) {
         put_field(&mut head, &DATE, &date());
     }

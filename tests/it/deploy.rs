@@ -117,10 +117,11 @@ fn the_dockerfile_copies_what_the_build_needs() {
             assert!(ok, "COPY {src}: {text}");
         }
     }
+    let host = host_target();
     let meta = |dir: &Path| -> serde_json::Value {
         let out = Command::new(env!("CARGO"))
             .args(["metadata", "--offline", "--locked", "--format-version", "1"])
-            .args(["--filter-platform", &host_target()])
+            .args(["--filter-platform", &host])
             .current_dir(dir)
             .output()
             .unwrap();
