@@ -61,10 +61,19 @@ fn main() -> Result<(), Error> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        match role.as_str() {
-            "a" => side_a(listen, other, pki).await,
-            "b" => side_b(listen, other, pki).await,
-            _ => Err(format!("role is a or b, not {role}").into()),
+        // SIGTERM returns from `main`, so exit handlers run: a build instrumented for a
+        // profile writes its counts then (`benches/pgo.sh floor`).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let serve = async {
+            match role.as_str() {
+                "a" => side_a(listen, other, pki).await,
+                "b" => side_b(listen, other, pki).await,
+                _ => Err(format!("role is a or b, not {role}").into()),
+            }
+        };
+        tokio::select! {
+            r = serve => r,
+            _ = term.recv() => Ok(()),
         }
     })
 }

@@ -3,6 +3,9 @@
 # (profile-guided optimisation, PGO). Writes target/pgo/quicar.
 #
 #   benches/pgo.sh               # about 14 minutes on 2 cores: two release builds and 1.5 min of load
+#   benches/pgo.sh floor         # the same for benches/floor.rs (target/pgo/floor), trained on
+#                                # peerbench's closed loop over both wires: needs ../shared/peerbench
+#                                # set up, as benches/callgrind_pair.sh does
 #
 # 1. builds quicar instrumented (`-Cprofile-generate`), in target/pgo/gen;
 # 2. trains it on `quicar bench --loopback` (no root, all on 127.0.0.1): a sidecar pair over QUIC
@@ -36,24 +39,51 @@ if [ -z "$profdata" ] || [ ! -x "$profdata" ]; then
   exit 1
 fi
 
-rm -rf "$OUT/raw" "$OUT/train"
-mkdir -p "$OUT/raw" "$OUT/train"
-echo "== 1/4 instrumented build (target/pgo/gen)"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$OUT/raw" CARGO_TARGET_DIR=$OUT/gen \
-  cargo build --release --locked --bin quicar
+# build DIR PROFILE_FLAG: a release build of $WHAT in $OUT/DIR; prints the executable's path.
+build() {
+  local dir=$1 flag=$2
+  if [ "$WHAT" = floor ]; then
+    RUSTFLAGS="${RUSTFLAGS:-} $flag" CARGO_TARGET_DIR=$OUT/$dir \
+      cargo build --release --locked --bench floor >&2
+    # the bench's executable is deps/floor-HASH (the newest, if several)
+    ls -t "$OUT/$dir"/release/deps/floor-* | grep -v '\.d$' | head -1
+  else
+    RUSTFLAGS="${RUSTFLAGS:-} $flag" CARGO_TARGET_DIR=$OUT/$dir \
+      cargo build --release --locked --bin quicar >&2
+    echo "$OUT/$dir/release/quicar"
+  fi
+}
 
-echo "== 2/4 training on quicar bench --loopback"
-gen=$OUT/gen/release/quicar
-"$gen" bench --loopback --rounds 1 --duration 10s --out "$OUT/train/get"
-"$gen" bench --loopback --rounds 1 --duration 5s --request-size 1024 \
-  --concurrent 50 --concurrent-size 256 --out "$OUT/train/post"
-ls "$OUT"/raw/*.profraw >/dev/null
+WHAT=${1:-quicar}
+case $WHAT in
+  quicar) RAW=$OUT/raw GEN=gen USE=use ;;
+  floor) RAW=$OUT/floor-raw GEN=floor-gen USE=floor-use ;;
+  *) echo "usage: benches/pgo.sh [floor]" >&2; exit 2 ;;
+esac
+rm -rf "$RAW" "$OUT/train"
+mkdir -p "$RAW" "$OUT/train"
+echo "== 1/4 instrumented build (target/pgo/$GEN)"
+gen=$(build "$GEN" "-Cprofile-generate=$RAW")
+
+if [ "$WHAT" = floor ]; then
+  echo "== 2/4 training on peerbench's closed loop (benches/callgrind_pair.sh closed)"
+  # the script knows the floor by its name; each node writes its counts when SIGTERM ends it
+  cp "$gen" "$OUT/train/floor-gen"
+  for host in hello hello-tcp; do
+    benches/callgrind_pair.sh "$OUT/train/floor-gen" closed "$host"
+  done
+else
+  echo "== 2/4 training on quicar bench --loopback"
+  "$gen" bench --loopback --rounds 1 --duration 10s --out "$OUT/train/get"
+  "$gen" bench --loopback --rounds 1 --duration 5s --request-size 1024 \
+    --concurrent 50 --concurrent-size 256 --out "$OUT/train/post"
+fi
+ls "$RAW"/*.profraw >/dev/null
 
 echo "== 3/4 merging the profile ($profdata)"
-"$profdata" merge -o "$OUT/quicar.profdata" "$OUT"/raw/*.profraw
+"$profdata" merge -o "$OUT/$WHAT.profdata" "$RAW"/*.profraw
 
-echo "== 4/4 optimised build (target/pgo/use)"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$OUT/quicar.profdata" CARGO_TARGET_DIR=$OUT/use \
-  cargo build --release --locked --bin quicar
-cp "$OUT/use/release/quicar" "$OUT/quicar"
-echo "written: target/pgo/quicar (profile: target/pgo/quicar.profdata)"
+echo "== 4/4 optimised build (target/pgo/$USE)"
+bin=$(build "$USE" "-Cprofile-use=$OUT/$WHAT.profdata")
+cp "$bin" "$OUT/$WHAT"
+echo "written: target/pgo/$WHAT (profile: target/pgo/$WHAT.profdata)"
