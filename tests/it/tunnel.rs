@@ -442,6 +442,32 @@ async fn auto_falls_back_to_tcp_when_udp_is_closed_and_returns_to_quic() {
     );
 }
 
+// Field sections longer than one frame (HTTP/2's default 16 KiB): over TCP the sending sidecar
+// splits each into HEADERS and CONTINUATION frames and the receiving one joins them, both ways
+// (the vendored h2 keeps a HEADERS frame's field block in a box).
+crate::over_transports! {
+    async fn a_field_section_longer_than_a_frame_crosses_both_ways(t) {
+        let pair = Pair::over(t).await;
+        let asked = "abcdefghij".repeat(2_000);
+        let answered = "klmnopqrst".repeat(2_000);
+        let got = send(
+            pair.out(),
+            Request::get(format!("/c/long?hdr=x-answered:{answered}"))
+                .header("host", "hello")
+                .header("x-asked", &asked)
+                .body(full(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{:?}", got.headers);
+        let seen = pair.upstream.last();
+        assert_eq!(seen.headers.get("x-asked").map(|v| v.len()), Some(asked.len()));
+        assert_eq!(seen.headers["x-asked"], asked.as_str());
+        assert_eq!(got.headers.get("x-answered").map(|v| v.len()), Some(answered.len()));
+        assert_eq!(got.headers["x-answered"], answered.as_str());
+    }
+}
+
 crate::over_transports! {
     async fn trailers_pass_both_ways(t) {
         use http_body_util::BodyExt;
