@@ -39,27 +39,26 @@ if [ -z "$profdata" ] || [ ! -x "$profdata" ]; then
   exit 1
 fi
 
+WHAT=${1:-quicar}
+case $WHAT in
+  quicar) RAW=$OUT/raw GEN=gen USE=use CARGO_TARGET=(--bin quicar) ;;
+  floor) RAW=$OUT/floor-raw GEN=floor-gen USE=floor-use CARGO_TARGET=(--bench floor) ;;
+  *) echo "usage: benches/pgo.sh [floor]" >&2; exit 2 ;;
+esac
+
 # build DIR PROFILE_FLAG: a release build of $WHAT in $OUT/DIR; prints the executable's path.
 build() {
   local dir=$1 flag=$2
+  RUSTFLAGS="${RUSTFLAGS:-} $flag" CARGO_TARGET_DIR=$OUT/$dir \
+    cargo build --release --locked "${CARGO_TARGET[@]}" >&2
   if [ "$WHAT" = floor ]; then
-    RUSTFLAGS="${RUSTFLAGS:-} $flag" CARGO_TARGET_DIR=$OUT/$dir \
-      cargo build --release --locked --bench floor >&2
-    # the bench's executable is deps/floor-HASH (the newest, if several)
+    # a bench's executable is deps/floor-HASH (the newest, if several)
     ls -t "$OUT/$dir"/release/deps/floor-* | grep -v '\.d$' | head -1
   else
-    RUSTFLAGS="${RUSTFLAGS:-} $flag" CARGO_TARGET_DIR=$OUT/$dir \
-      cargo build --release --locked --bin quicar >&2
     echo "$OUT/$dir/release/quicar"
   fi
 }
 
-WHAT=${1:-quicar}
-case $WHAT in
-  quicar) RAW=$OUT/raw GEN=gen USE=use ;;
-  floor) RAW=$OUT/floor-raw GEN=floor-gen USE=floor-use ;;
-  *) echo "usage: benches/pgo.sh [floor]" >&2; exit 2 ;;
-esac
 rm -rf "$RAW" "$OUT/train"
 mkdir -p "$RAW" "$OUT/train"
 echo "== 1/4 instrumented build (target/pgo/$GEN)"
