@@ -490,6 +490,25 @@ fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
             false,
         ),
         (
+            "CONTINUATION frames past the field-section limit (64 KiB)",
+            {
+                let filler: Vec<u8> = (0..100)
+                    .flat_map(|i| h2_field(format!("x-f{i}").as_bytes(), &[b'a'; 120]))
+                    .collect();
+                let mut frames = h2_frame(
+                    0x01,
+                    0x01,
+                    1,
+                    &[H2_GET, H2_HTTPS, H2_ROOT, H2_HELLO].concat(),
+                );
+                for last in [false; 10].into_iter().chain([true]) {
+                    frames.extend(h2_frame(0x09, if last { 0x04 } else { 0 }, 1, &filler));
+                }
+                frames
+            },
+            false,
+        ),
+        (
             "a frame longer than the largest frame size",
             h2_frame(0x00, 0x00, 1, &vec![0u8; 20_000]),
             false,
@@ -593,6 +612,13 @@ async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     let seen = upstream.last();
     assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
     assert_eq!(values(&seen.headers, "te"), vec!["trailers"]);
+    // A head split across HEADERS and CONTINUATION frames is joined and served.
+    let split = [
+        h2_frame(0x01, 0x01, 1, &[H2_GET, H2_HTTPS].concat()),
+        h2_frame(0x09, 0x04, 1, &[H2_ROOT, H2_HELLO].concat()),
+    ]
+    .concat();
+    assert_eq!(h2_outcome(&pki, inbound, &split).await, "200");
     let mut failures = Vec::new();
 
     for (name, frames, well_formed_head) in h2_bad_requests() {
