@@ -236,7 +236,12 @@ pub(crate) async fn serve(
     settings: Settings,
     shutdown: CancellationToken,
 ) {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    let mut wr = Writer {
+        io: wr,
+        head: Vec::new(),
+        out: Vec::new(),
+    };
     let shared = Arc::new(Shared::default());
     let mut reader = Some(Reader {
         io: rd,
@@ -276,7 +281,7 @@ pub(crate) async fn serve(
                     (settings.response_stall_timeout, settings.keep_alive),
                 )
                 .await;
-                linger(wr, rd).await;
+                linger(wr.io, rd).await;
                 return;
             }
         };
@@ -319,7 +324,7 @@ pub(crate) async fn serve(
         // (seen while the read side is ours: a request without a body, or one whose body was
         // read to its end) cancels it.
         let resp = poll_fn(|cx| {
-            if let Poll::Ready(Err(_)) = interim.poll(&mut wr, &shared, seq, cx) {
+            if let Poll::Ready(Err(_)) = interim.poll(&mut wr.io, &shared, seq, cx) {
                 return Poll::Ready(None);
             }
             if let Poll::Ready(resp) = work.as_mut().poll(cx) {
@@ -342,7 +347,7 @@ pub(crate) async fn serve(
             return;
         };
         // Interim responses still queued go before the final head, never after it.
-        if poll_fn(|cx| interim.poll(&mut wr, &shared, seq, cx))
+        if poll_fn(|cx| interim.poll(&mut wr.io, &shared, seq, cx))
             .await
             .is_err()
         {
@@ -586,7 +591,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
 /// connection can carry another); `Ok(false)` when the body failed or broke its length, and
 /// the connection must close for the app to see that it was cut.
 async fn write_response<B>(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Writer,
     parts: http::response::Parts,
     mut body: B,
     asked: Asked,
@@ -603,7 +608,9 @@ where
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
+    let Writer { io: wr, head, out } = wr;
+    out.clear();
+    head.clear();
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
@@ -615,7 +622,7 @@ where
         if name == CONTENT_LENGTH {
             lengths.add(value);
         } else if name != TRANSFER_ENCODING && name != CONNECTION {
-            put_field(&mut head, name, value);
+            put_field(head, name, value);
         }
     }
     let length = if status == StatusCode::NO_CONTENT {
@@ -624,7 +631,7 @@ where
         lengths.agreed().ok().flatten()
     };
     if !parts.headers.keys().any(|k| k == DATE) {
-        put_field(&mut head, &DATE, &date());
+        put_field(head, &DATE, &date());
     }
     let mut close = close;
     // How the body goes: `Some(n)` bytes, or chunked, or (HTTP/1.0) until the close.
@@ -633,12 +640,12 @@ where
     if bodyless {
         // A HEAD's or a 304's length is the one the full response would have.
         if let Some(n) = length {
-            put_length(&mut head, n);
+            put_length(head, n);
         }
     } else {
         match length.or_else(|| body.size_hint().exact()) {
             Some(n) => {
-                put_length(&mut head, n);
+                put_length(head, n);
                 left = Some(n);
             }
             None if asked.version == Version::HTTP_11 => {
@@ -654,13 +661,19 @@ where
         if asked.version == Version::HTTP_10 {
             head.extend_from_slice(b"connection: keep-alive\r\n");
         }
-        put_number(&mut head, b"keep-alive: timeout=", keep_alive);
+        put_number(head, b"keep-alive: timeout=", keep_alive);
     }
     head.extend_from_slice(b"\r\n");
-    let mut out = vec![Bytes::from(head)];
+    // Copied out at its exact size: one allocation (a vector made into `Bytes` costs two, as
+    // `Bytes` adds a shared header when the length is not the capacity).
+    out.push(Bytes::copy_from_slice(head));
+    // A connection keeps the room of an ordinary head, not of the largest it ever wrote.
+    if head.capacity() > 16 * 1024 {
+        *head = Vec::new();
+    }
     if bodyless {
         drop(body);
-        write_bufs(wr, &mut out, stall).await?;
+        write_bufs(wr, out, stall).await?;
         return Ok(true);
     }
     let mut gathered = 0;
@@ -686,7 +699,7 @@ where
         .await;
         let frame = match next {
             Next::Flush => {
-                write_bufs(wr, &mut out, stall).await?;
+                write_bufs(wr, out, stall).await?;
                 gathered = 0;
                 continue;
             }
@@ -694,7 +707,7 @@ where
             Next::Frame(Some(Ok(frame))) => frame,
             Next::Frame(None) => break,
             Next::Frame(Some(Err(e))) => {
-                write_bufs(wr, &mut out, stall).await?;
+                write_bufs(wr, out, stall).await?;
                 tracing::debug!(error = %e, "a response body failed on its way to the app");
                 return Ok(false);
             }
@@ -710,7 +723,7 @@ where
                     if n > *left {
                         data.truncate(*left as usize);
                         out.push(data);
-                        write_bufs(wr, &mut out, stall).await?;
+                        write_bufs(wr, out, stall).await?;
                         tracing::debug!("a response body was longer than its length");
                         return Ok(false);
                     }
@@ -722,7 +735,7 @@ where
                     out.push(data);
                 }
                 if gathered >= GATHER {
-                    write_bufs(wr, &mut out, stall).await?;
+                    write_bufs(wr, out, stall).await?;
                     gathered = 0;
                 }
             }
@@ -739,7 +752,7 @@ where
     if chunked {
         out.push(last_chunk(None));
     }
-    write_bufs(wr, &mut out, stall).await?;
+    write_bufs(wr, out, stall).await?;
     match left {
         Some(n) if n > 0 => {
             tracing::debug!(missing = n, "a response body ended short of its length");
@@ -747,6 +760,16 @@ where
         }
         _ => Ok(!close),
     }
+}
+
+/// The write side of an app connection, with the buffers each response is written from (kept
+/// for the connection's life: made anew, they cost every response three allocations more).
+struct Writer {
+    io: OwnedWriteHalf,
+    /// Each response head is written here, then copied out.
+    head: Vec<u8>,
+    /// What goes out in the next vectored write.
+    out: Vec<Bytes>,
 }
 
 /// What the response writer does next.
@@ -930,5 +953,62 @@ mod tests {
         let mut buf = BytesMut::from(&b"GET /aaaaaaaaaaaaaaaaaaaaaaaaa"[..]);
         let refusal = parse_head(&mut buf, 16).err().expect("over");
         assert_eq!(refusal.status, StatusCode::URI_TOO_LONG);
+    }
+
+    /// One connection's writer takes each response head's room back from the last one: heads
+    /// of different sizes in turn (the buffer grows, then is reused from its start) go out
+    /// whole and alone, with nothing of an earlier head left in a later one.
+    #[tokio::test]
+    async fn responses_in_turn_on_one_connection_are_written_whole_from_the_reused_buffer() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap());
+        let (app, (ours, _)) = tokio::try_join!(app, listener.accept()).unwrap();
+        let mut wr = Writer {
+            io: ours.into_split().1,
+            head: Vec::new(),
+            out: Vec::new(),
+        };
+        let asked = || Asked {
+            head: false,
+            version: Version::HTTP_11,
+            trailers: false,
+        };
+        let mut expected = Vec::new();
+        for (i, fields) in [40usize, 1, 200, 0, 3].into_iter().enumerate() {
+            let mut resp = Response::new(crate::body::full(Bytes::from(format!("body {i}"))));
+            for f in 0..fields {
+                resp.headers_mut().append(
+                    http::HeaderName::from_bytes(format!("x-f{f}").as_bytes()).unwrap(),
+                    HeaderValue::from_str(&format!("{i}-{f}")).unwrap(),
+                );
+            }
+            resp.headers_mut().insert(
+                DATE,
+                HeaderValue::from_static("Sun, 06 Dec 2026 16:00:00 GMT"),
+            );
+            let (parts, body) = resp.into_parts();
+            let times = (Duration::from_secs(5), 60);
+            let kept = write_response(&mut wr, parts, body, asked(), false, None, times)
+                .await
+                .unwrap();
+            assert!(kept, "response {i}");
+            assert!(wr.out.is_empty(), "response {i}");
+            expected.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            for f in 0..fields {
+                expected.extend_from_slice(format!("x-f{f}: {i}-{f}\r\n").as_bytes());
+            }
+            expected.extend_from_slice(b"date: Sun, 06 Dec 2026 16:00:00 GMT\r\n");
+            expected.extend_from_slice(b"content-length: 6\r\nkeep-alive: timeout=60\r\n\r\n");
+            expected.extend_from_slice(format!("body {i}").as_bytes());
+        }
+        drop(wr);
+        let mut got = Vec::new();
+        let mut app = app;
+        app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&expected)
+        );
     }
 }
