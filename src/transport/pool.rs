@@ -69,6 +69,13 @@ pub(crate) trait Pooled: Clone + Send + 'static {
     fn limit_heard(&self) -> Option<usize> {
         Some(self.stream_limit())
     }
+    /// Resolves when the peer's limit is heard (or the connection ends); `None` when it is
+    /// heard already or never will be. A request that finds such a connection full by our
+    /// plan waits for it (one round trip) rather than open another (a handshake of two or
+    /// three).
+    fn settling(&self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
     /// Called when the idle sweep drops the connection.
     fn close_idle(&self) {}
 }
@@ -204,9 +211,9 @@ impl<C: Pooled + Sync> Slots<C> {
         let mut round = 0;
         loop {
             round += 1;
-            let (n, handshake, counted) = {
+            let step = 'step: {
                 let mut g = slot.lock().expect("not poisoned");
-                let (mut live, mut limit) = (0, None);
+                let (mut live, mut limit, mut settling) = (0, None, None);
                 for c in g.ready.iter().filter(|c| c.is_alive()) {
                     // Counted as it is picked (under the slot's lock), so a burst spreads at
                     // once.
@@ -214,6 +221,7 @@ impl<C: Pooled + Sync> Slots<C> {
                         return Ok((c.clone(), c.usage().start()));
                     }
                     (live, limit) = (live + 1, c.limit_heard().or(limit));
+                    settling = settling.or_else(|| c.settling());
                 }
                 let known = limit.or(g.last_limit);
                 let limit = known.unwrap_or(streams);
@@ -221,6 +229,12 @@ impl<C: Pooled + Sync> Slots<C> {
                     .connecting
                     .iter()
                     .position(|h| h.usage.in_flight() < limit);
+                // Full only by our plan for a peer not yet heard (a lone first request's
+                // connection, then a burst within the round trip its SETTINGS take): wait for
+                // them, then look again. The peer's limit may well take the burst.
+                if let (None, Some(settled)) = (spare, settling) {
+                    break 'step Err(settled);
+                }
                 let join = match spare {
                     Some(i) => Some(i),
                     None if live + g.connecting.len() >= MAX_CONNECTIONS => {
@@ -245,7 +259,7 @@ impl<C: Pooled + Sync> Slots<C> {
                     }
                     None => None,
                 };
-                match join {
+                Ok(match join {
                     Some(i) => {
                         let h = &g.connecting[i];
                         (h.n, h.done.clone(), h.usage.start())
@@ -262,6 +276,13 @@ impl<C: Pooled + Sync> Slots<C> {
                         });
                         (n, done, counted)
                     }
+                })
+            };
+            let (n, handshake, counted) = match step {
+                Ok(go) => go,
+                Err(settled) => {
+                    settled.await;
+                    continue;
                 }
             };
             let result = handshake.await;

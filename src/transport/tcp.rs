@@ -295,6 +295,11 @@ impl Pooled for H2Conn {
             .is_done()
             .then(|| self.send.current_max_send_streams())
     }
+
+    fn settling(&self) -> Option<futures_util::future::BoxFuture<'static, ()>> {
+        let conn = self.clone();
+        (!self.settled.is_done()).then(|| Box::pin(async move { conn.settled().await }) as _)
+    }
 }
 
 /// Whether a connection's peer SETTINGS are known to be applied, and the requests waiting for

@@ -2609,3 +2609,106 @@ crate::over_transports! {
         }
     }
 }
+
+/// A lone first request to a TCP peer takes its connection at once, planned for 100 streams
+/// until the peer's SETTINGS come. A burst of 150 more within that round trip waits for them on
+/// that connection (the peer allows 1,000) instead of opening a connection of its own, which
+/// would take longer (a TCP and TLS handshake) than the SETTINGS' one round trip. The peer
+/// here sends its SETTINGS only when the test lets it, after the whole burst is in the
+/// sidecar. (The burst past the plan used to open a second connection:
+/// `tunnel::five_hundred_concurrent_requests_share_one_connection::tcp` failed so on a busy
+/// machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() {
+    use std::sync::Arc;
+    init_tracing();
+    let pki = Pki::new();
+    let tls = hello_material(&pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let settings = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = settings.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, gate) = (acceptor.clone(), gate.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // What the caller sends waits in the socket meanwhile; the SETTINGS go out
+                // when the handshake starts.
+                let Ok(_open) = gate.acquire().await else {
+                    return;
+                };
+                let Ok(mut h2) = h2::server::Builder::new()
+                    .max_concurrent_streams(1000)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = h2.accept().await {
+                    let _ = respond.send_response(answer(req.uri().path()), true);
+                }
+            });
+        }
+    });
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let (out, admin) = (client.outbound, client.admin);
+    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.connections_opened(Transport::Tcp) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no connection opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let calls: Vec<_> = (0..150)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
+        .chain([lone])
+        .collect();
+    // The whole burst is in the sidecar's request path (counted in flight) before the peer
+    // speaks; a little more time lets each request reach the pool.
+    loop {
+        let m = get(admin, "admin", "/metrics").await;
+        let m = String::from_utf8_lossy(&m.body).to_string();
+        let in_flight = m
+            .lines()
+            .find(|l| l.starts_with("quicar_requests_in_flight") && l.contains("outbound"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if in_flight == Some(151.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the burst never got in: {in_flight:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        client.connections_opened(Transport::Tcp),
+        1,
+        "the burst opened a connection of its own"
+    );
+    settings.add_permits(1000);
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("the burst was answered");
+    for got in answered {
+        assert_eq!(got.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(client.connections_opened(Transport::Tcp), 1);
+    client.shutdown().await;
+    task.abort();
+}
