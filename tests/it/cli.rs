@@ -233,3 +233,37 @@ fn completions_man_page_help_and_tidy_check_output() {
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("= []") && !text.contains("/../"), "{text}");
 }
+
+/// `benches/pgo.sh` (the production build) names what it needs and stops before building when
+/// rustc's LLVM has no `llvm-profdata` beside it or on the PATH: here a stand-in `rustc` that
+/// reports LLVM 999 and a sysroot without the tool.
+#[test]
+fn the_pgo_build_says_what_it_needs_without_llvm_profdata() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let rustc = dir.path().join("rustc");
+    std::fs::write(
+        &rustc,
+        "#!/bin/sh\ncase \"$*\" in\n  -vV) printf 'rustc 0.0.0\\nhost: x86_64-unknown-linux-gnu\\nLLVM version: 999.1.0\\n' ;;\n  '--print sysroot') echo /nonexistent-sysroot ;;\n  *) exit 1 ;;\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&rustc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pgo.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("benches/pgo.sh needs llvm-profdata for LLVM 999")
+            && stderr.contains("rustup component add llvm-tools")
+            && stderr.contains("apt-get install llvm-999"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("instrumented build"), "{stdout}");
+}
