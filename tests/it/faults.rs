@@ -2128,6 +2128,25 @@ async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_c
     silent.abort();
 }
 
+/// A lone request to `hello` over TCP, then, once its connection is open (the first to the
+/// peer, opened for it alone), `n` more at once; the lone one is last in the list.
+async fn lone_request_then_burst(
+    client: &quicar::app::Bound,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Got>> {
+    let out = client.outbound;
+    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.connections_opened(Transport::Tcp) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no connection opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (0..n)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
+        .chain([lone])
+        .collect()
+}
+
 /// A lone request opens a connection to a peer that takes the TLS handshake and then says
 /// nothing; a burst of 20 comes while it waits. Past the first, requests on a connection whose
 /// SETTINGS have not come wait for them in quicar (not in h2): they must all fail together
@@ -2143,17 +2162,7 @@ async fn a_burst_behind_a_lone_request_to_a_tcp_peer_gone_silent_fails_with_it()
         "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
     );
     let client = sidecar(&pki, &toml).await;
-    let out = client.outbound;
-    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while client.connections_opened(Transport::Tcp) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no connection opened");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let calls: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
-        .chain([lone])
-        .collect();
+    let calls = lone_request_then_burst(&client, 20).await;
     let answered = tokio::time::timeout(
         Duration::from_secs(20),
         futures_util::future::join_all(calls),
@@ -2662,17 +2671,9 @@ async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() 
         "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
     );
     let client = sidecar(&pki, &toml).await;
-    let (out, admin) = (client.outbound, client.admin);
-    let lone = tokio::spawn(async move { get(out, "hello", "/lone").await });
+    let admin = client.admin;
+    let calls = lone_request_then_burst(&client, 150).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while client.connections_opened(Transport::Tcp) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no connection opened");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let calls: Vec<_> = (0..150)
-        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/{i}")).await }))
-        .chain([lone])
-        .collect();
     // The whole burst is in the sidecar's request path (counted in flight) before the peer
     // speaks; a little more time lets each request reach the pool.
     loop {
