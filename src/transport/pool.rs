@@ -69,11 +69,12 @@ pub(crate) trait Pooled: Clone + Send + 'static {
     fn limit_heard(&self) -> Option<usize> {
         Some(self.stream_limit())
     }
-    /// Resolves when the peer's limit is heard (or the connection ends); `None` when it is
-    /// heard already or never will be. A request that finds such a connection full by our
-    /// plan waits for it (one round trip) rather than open another (a handshake of two or
-    /// three).
-    fn settling(&self) -> Option<BoxFuture<'static, ()>> {
+    /// Resolves when the peer's limit is heard, or with why the connection ended before it was;
+    /// `None` when it is heard already or never will be. A request that finds such a
+    /// connection full by our plan waits for it (one round trip) rather than open another (a
+    /// handshake of two or three), and fails with it when it ends unheard, as the requests it
+    /// carries do (a peer gone silent is not asked again on a new connection for each).
+    fn settling(&self) -> Option<BoxFuture<'static, Result<(), ProxyError>>> {
         None
     }
     /// Called when the idle sweep drops the connection.
@@ -281,7 +282,7 @@ impl<C: Pooled + Sync> Slots<C> {
             let (n, handshake, counted) = match step {
                 Ok(go) => go,
                 Err(settled) => {
-                    settled.await;
+                    settled.await?;
                     continue;
                 }
             };

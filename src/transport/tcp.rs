@@ -269,6 +269,7 @@ struct H2Conn {
     settled: Arc<Settled>,
     /// The pool's plan for the connection until then.
     unheard: usize,
+    addr: SocketAddr,
 }
 
 impl Pooled for H2Conn {
@@ -296,9 +297,20 @@ impl Pooled for H2Conn {
             .then(|| self.send.current_max_send_streams())
     }
 
-    fn settling(&self) -> Option<futures_util::future::BoxFuture<'static, ()>> {
+    fn settling(&self) -> Option<futures_util::future::BoxFuture<'static, Result<(), ProxyError>>> {
+        if self.settled.is_done() {
+            return None;
+        }
         let conn = self.clone();
-        (!self.settled.is_done()).then(|| Box::pin(async move { conn.settled().await }) as _)
+        Some(Box::pin(async move {
+            conn.settled().await;
+            if conn.settled.is_done() {
+                return Ok(());
+            }
+            let addr = conn.addr;
+            let what = format!("HTTP/2 connection to peer {addr} ended before its SETTINGS");
+            Err(conn.not_taken(addr, what).await)
+        }))
     }
 }
 
@@ -371,21 +383,17 @@ impl H2Conn {
         self.ended.lock().expect("not poisoned").clone()
     }
 
-    /// `connect-failed` when the connection ended because the peer refused our handshake.
-    async fn refusal(&self, addr: SocketAddr) -> Option<ProxyError> {
-        self.ended()
-            .await
-            .filter(|r| r.refused)
-            .map(|r| r.refusal(addr))
-    }
-
     /// Why this connection did not take a request: the peer's refusal when that is how the
-    /// connection ended, else `what`, never sent (so it may go again elsewhere).
+    /// connection ended, its silence when the keep-alive ended it, else `what` and the end's
+    /// reason; never sent (so it may go again elsewhere).
     async fn not_taken(&self, addr: SocketAddr, what: String) -> ProxyError {
-        match self.refusal(addr).await {
-            Some(e) => e,
-            None => ProxyError::new(self.unsent_kind(), Side::Peer, what).never_sent(),
-        }
+        let text = match self.ended().await {
+            Some(r) if r.refused => return r.refusal(addr),
+            Some(r) if r.silent => format!("peer {addr} stopped answering: {}", r.text),
+            Some(r) => format!("{what}: {}", r.text),
+            None => what,
+        };
+        ProxyError::new(self.unsent_kind(), Side::Peer, text).never_sent()
     }
 }
 
@@ -603,6 +611,7 @@ impl Pool {
             answered: Arc::new(AtomicBool::new(false)),
             settled,
             unheard: self.streams.min(UNHEARD_STREAMS),
+            addr,
         };
         if burst {
             // The pong comes after the peer's SETTINGS (its first frame), so h2 has applied

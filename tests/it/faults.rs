@@ -2178,6 +2178,39 @@ async fn a_burst_behind_a_lone_request_to_a_tcp_peer_gone_silent_fails_with_it()
     silent.abort();
 }
 
+/// As above with a burst of 150: past the 100 streams planned for the lone request's
+/// connection, the rest wait in the pool for its SETTINGS. When the keep-alive finds the peer
+/// dead, those fail with it too, at the same time and with the same kind, rather than opening
+/// a second connection to the silent peer and waiting out another connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_planned_streams_behind_a_silent_tcp_peer_fails_with_its_connection() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, silent) = mute_h2_peer(&pki, Mute::Silent).await;
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let calls = lone_request_then_burst(&client, 150).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("a request waited past the dead-peer timeout");
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(text.contains("stopped answering"), "{text}");
+    }
+    assert_eq!(client.connections_opened(Transport::Tcp), 1);
+    client.shutdown().await;
+    silent.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_peer_that_resets_a_stream_fails_that_request_alone() {
     init_tracing();
@@ -2619,30 +2652,29 @@ crate::over_transports! {
     }
 }
 
-/// A lone first request to a TCP peer takes its connection at once, planned for 100 streams
-/// until the peer's SETTINGS come. A burst of 150 more within that round trip waits for them on
-/// that connection (the peer allows 1,000) instead of opening a connection of its own, which
-/// would take longer (a TCP and TLS handshake) than the SETTINGS' one round trip. The peer
-/// here sends its SETTINGS only when the test lets it, after the whole burst is in the
-/// sidecar. (The burst past the plan used to open a second connection:
-/// `tunnel::five_hundred_concurrent_requests_share_one_connection::tcp` failed so on a busy
-/// machine.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() {
-    use std::sync::Arc;
-    init_tracing();
-    let pki = Pki::new();
-    let tls = hello_material(&pki)
+/// An HTTP/2 peer (allowing 1,000 streams) that takes the TLS handshake at once and sends its
+/// SETTINGS only when the returned semaphore has a permit; it records the paths it is asked.
+async fn gated_h2_peer(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<tokio::sync::Semaphore>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::{Arc, Mutex};
+    let tls = hello_material(pki)
         .server_config(vec![b"h2".to_vec()])
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer = listener.local_addr().unwrap();
     let settings = Arc::new(tokio::sync::Semaphore::new(0));
-    let gate = settings.clone();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let (gate, seen) = (settings.clone(), asked.clone());
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, gate) = (acceptor.clone(), gate.clone());
+            let (acceptor, gate, seen) = (acceptor.clone(), gate.clone(), seen.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -2660,22 +2692,19 @@ async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() 
                     return;
                 };
                 while let Some(Ok((req, mut respond))) = h2.accept().await {
-                    let _ = respond.send_response(answer(req.uri().path()), true);
+                    let path = req.uri().path().to_string();
+                    let _ = respond.send_response(answer(&path), true);
+                    seen.lock().unwrap().push(path);
                 }
             });
         }
     });
-    let toml = client_toml(
-        &pki,
-        &[peer],
-        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
-    let admin = client.admin;
-    let calls = lone_request_then_burst(&client, 150).await;
+    (peer, settings, asked, task)
+}
+
+/// Waits until the calling sidecar counts `n` outbound requests in flight.
+async fn until_in_flight(admin: std::net::SocketAddr, n: f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    // The whole burst is in the sidecar's request path (counted in flight) before the peer
-    // speaks; a little more time lets each request reach the pool.
     loop {
         let m = get(admin, "admin", "/metrics").await;
         let m = String::from_utf8_lossy(&m.body).to_string();
@@ -2684,15 +2713,40 @@ async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() 
             .find(|l| l.starts_with("quicar_requests_in_flight") && l.contains("outbound"))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok());
-        if in_flight == Some(151.0) {
-            break;
+        if in_flight == Some(n) {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the burst never got in: {in_flight:?}"
+            "in flight: {in_flight:?}, not {n}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A lone first request to a TCP peer takes its connection at once, planned for 100 streams
+/// until the peer's SETTINGS come. A burst of 150 more within that round trip waits for them on
+/// that connection (the peer allows 1,000) instead of opening a connection of its own, which
+/// would take longer (a TCP and TLS handshake) than the SETTINGS' one round trip. The peer
+/// here sends its SETTINGS only when the test lets it, after the whole burst is in the
+/// sidecar. (The burst past the plan used to open a second connection:
+/// `tunnel::five_hundred_concurrent_requests_share_one_connection::tcp` failed so on a busy
+/// machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, settings, _, task) = gated_h2_peer(&pki).await;
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let calls = lone_request_then_burst(&client, 150).await;
+    // The whole burst is in the sidecar's request path (counted in flight) before the peer
+    // speaks; a little more time lets each request reach the pool.
+    until_in_flight(client.admin, 151.0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         client.connections_opened(Transport::Tcp),
@@ -2709,6 +2763,46 @@ async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() 
     for got in answered {
         assert_eq!(got.unwrap().status, StatusCode::OK);
     }
+    assert_eq!(client.connections_opened(Transport::Tcp), 1);
+    client.shutdown().await;
+    task.abort();
+}
+
+/// Callers that hang up while their requests wait for a new TCP connection's SETTINGS (the 99
+/// past the lone first request in the sidecar's own wait, the 50 past the 100 planned in the
+/// pool's) leave nothing behind: none of their requests reaches the peer once the SETTINGS
+/// come (h2 would still open and reset a request it held, hyperium/h2#125, and the far app
+/// could act on it), the in-flight count falls back, and the connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_hang_up_during_the_settings_wait_send_nothing_to_the_peer() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, settings, asked, task) = gated_h2_peer(&pki).await;
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    let out = client.outbound;
+    let lone = lone_request_then_burst(&client, 0).await;
+    let mut callers = Vec::new();
+    for i in 0..149 {
+        let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+        let req = format!("GET /gone/{i} HTTP/1.1\r\nHost: hello\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        callers.push(s);
+    }
+    until_in_flight(client.admin, 150.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(callers);
+    until_in_flight(client.admin, 1.0).await;
+    settings.add_permits(1000);
+    for got in futures_util::future::join_all(lone).await {
+        assert_eq!(got.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(get(out, "hello", "/after").await.status, StatusCode::OK);
+    assert_eq!(*asked.lock().unwrap(), ["/lone", "/after"]);
     assert_eq!(client.connections_opened(Transport::Tcp), 1);
     client.shutdown().await;
     task.abort();
