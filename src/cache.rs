@@ -503,9 +503,18 @@ pub enum Landing {
     /// answered from the stale copy: followers may too, within their own entry's allowance,
     /// rather than each asking the failing origin again.
     Failed { unreachable: bool },
-    /// Without one: the leader's caller went away (its fetch or its body was dropped). One
-    /// follower takes the lead rather than all of them fetching.
+    /// Without one: the leader's caller went away (its fetch or its body was dropped), or its
+    /// fetch ran out of a time it had partly spent waiting itself. One follower takes the lead
+    /// rather than all of them fetching.
     Abandoned,
+    /// Not yet landed: the leader has its response and stores it as its body streams. A
+    /// follower whose time ends before the body does fetches for itself (with a timeout of its
+    /// own, as the origin answers) rather than answer `timeout`.
+    Responded,
+    /// The leader's fetch had the service's whole timeout and ran out of it: followers, whose
+    /// own time ends at most a little later, answer so too rather than each asking an origin
+    /// that just took that long again.
+    TimedOut,
 }
 
 /// A leader's claim on a key; dropping it (even by panic or cancel) releases followers, as
@@ -517,6 +526,13 @@ pub struct FlightGuard {
     landed: Option<Landing>,
 }
 
+impl FlightGuard {
+    /// The leader's response has begun (see `Landing::Responded`).
+    pub fn responded(&self) {
+        self.tx.send_replace(Landing::Responded);
+    }
+}
+
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         let mut flights = self.flights.lock().expect("not poisoned");
@@ -526,9 +542,8 @@ impl Drop for FlightGuard {
         {
             flights.remove(&self.key);
         }
-        if let Some(how) = self.landed {
-            self.tx.send_replace(how);
-        }
+        self.tx
+            .send_replace(self.landed.unwrap_or(Landing::Abandoned));
         // The sender drops after this: followers' `changed()` ends.
     }
 }

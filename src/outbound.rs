@@ -77,9 +77,14 @@ impl Outbound {
         Arc::new(move |mut head: http::request::Parts| {
             let (route, clients, tel) = (route.clone(), clients.clone(), tel.clone());
             let interim = head.extensions.remove::<Interim>();
+            // A request that waited for another's fetch has only the rest of its time.
+            let budget = head
+                .extensions
+                .remove::<caching::Deadline>()
+                .map_or(route.timeout, |d| d.left());
             Box::pin(async move {
                 let head = Request::from_parts(head, ());
-                attempts::fetch(&route, &clients, &tel, head, None, interim.as_ref()).await
+                attempts::fetch(&route, &clients, &tel, head, None, interim.as_ref(), budget).await
             })
         })
     }
@@ -482,6 +487,7 @@ async fn forward(
                 Request::from_parts(head, ()),
                 Some(body),
                 interim.as_ref(),
+                route.timeout,
             )
             .await;
             if let Ok(r) = &resp {
@@ -511,6 +517,7 @@ async fn forward(
         Request::from_parts(head, ()),
         Some(body),
         interim.as_ref(),
+        route.timeout,
     )
     .await
 }

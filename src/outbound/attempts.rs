@@ -5,7 +5,7 @@
 //! and the body can be sent again.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -32,6 +32,8 @@ pub(crate) type AppBody = Counted<super::app_conn::RequestBody>;
 
 /// The concurrency permit, then attempts (with retries) under the service's deadline, which
 /// runs from the end of the request body (a body that stalls for `body_idle_timeout` is cut).
+/// `budget` is the deadline's length: the service's `timeout`, or what is left of it for a
+/// request that spent some waiting in the cache step for another's fetch.
 pub(crate) async fn fetch(
     route: &Route,
     clients: &Clients,
@@ -39,6 +41,7 @@ pub(crate) async fn fetch(
     head: Request<()>,
     body: Option<AppBody>,
     interim: Option<&Interim>,
+    budget: Duration,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Some(permit) = route.limit.try_take() else {
         return Err(ProxyError::new(
@@ -74,12 +77,12 @@ pub(crate) async fn fetch(
         clients,
         tel,
         outgoing,
-        (progress.as_deref(), began),
+        (progress.as_deref(), began, budget),
         permit
     ));
     let done = match &progress {
-        Some(p) => after_body(p, route.timeout, route.body_idle_timeout, work).await,
-        None => tokio::time::timeout_at((began + route.timeout).into(), work)
+        Some(p) => after_body(p, budget, route.body_idle_timeout, work).await,
+        None => tokio::time::timeout_at((began + budget).into(), work)
             .await
             .map_err(|_| Expired::Timeout),
     };
@@ -259,7 +262,7 @@ async fn attempts(
     clients: &Clients,
     tel: &Telemetry,
     outgoing: Outgoing<'_>,
-    (progress, began): (Option<&Progress>, Instant),
+    (progress, began, budget): (Option<&Progress>, Instant, Duration),
     permit: crate::resilience::Taken,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Outgoing {
@@ -316,8 +319,8 @@ async fn attempts(
         // The far app gets what is left of the deadline after the request body ends (all of
         // it while the body is still streaming).
         let ended = progress.map_or(Some(began), Progress::ended_at);
-        let left = ended.map_or(route.timeout, |end| {
-            (end + route.timeout).saturating_duration_since(started)
+        let left = ended.map_or(budget, |end| {
+            (end + budget).saturating_duration_since(started)
         });
         head.headers_mut()
             .insert(DEADLINE, deadline_value(left.as_millis() as u64));

@@ -30,8 +30,44 @@ pub(crate) type Fetch = Arc<
         + Sync,
 >;
 
-/// A GET (or HEAD) without a body, for a service with a cache. `wait` bounds how long a
-/// collapsed request waits for the leader (the service's timeout).
+/// When a request's time in the cache step ends: its service's timeout from when it came. A
+/// request that waited for another's fetch carries it in the head's extensions to its own
+/// fetch, which gets only what is left (it used to get the whole timeout again, so a caller
+/// behind a leader that timed out waited twice the timeout).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline(tokio::time::Instant);
+
+impl Deadline {
+    pub(crate) fn left(self) -> Duration {
+        self.0
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+}
+
+/// The head to fetch with: after a wait for another's fetch, with what is left of the time.
+fn timed(mut head: http::request::Parts, deadline: Deadline, waited: bool) -> http::request::Parts {
+    if waited {
+        head.extensions.insert(deadline);
+    }
+    head
+}
+
+/// A request whose time ran out while it waited for another's fetch, or whose leader's fetch
+/// ran out of the same time.
+fn out_of_time(wait: Duration) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::Timeout,
+        Side::Peer,
+        format!(
+            "no response within {} (the service's timeout): this request waited for another's fetch of the same response, which had none",
+            humantime::format_duration(wait)
+        ),
+    )
+}
+
+/// A GET (or HEAD) without a body, for a service with a cache. `wait` is the service's
+/// timeout: a collapsed request waits for the leader and then fetches for itself (when it
+/// must) within it, all told.
 pub(crate) async fn serve(
     cache: &Arc<Cache>,
     key: String,
@@ -63,6 +99,7 @@ pub(crate) async fn serve(
         }
         return fetch(req).await;
     }
+    let mut deadline = Deadline(tokio::time::Instant::now() + wait);
     let mut followed = false;
     // Leaders whose callers went away, after which this request looked again (and may lead).
     let mut abandoned = 0;
@@ -108,21 +145,33 @@ pub(crate) async fn serve(
                     match cache.join(&key) {
                         Flight::Leader(guard) => Some(guard),
                         Flight::Follower(rx) => {
-                            (followed, failed) = follow(rx, wait, &mut abandoned).await;
+                            (followed, failed) =
+                                follow(rx, &mut deadline, wait, &mut abandoned).await?;
                             continue;
                         }
                     }
                 };
+                let waited = followed || abandoned > 0;
+                let (req, revalidate) = (
+                    timed(req, deadline, waited),
+                    timed(revalidate, deadline, waited),
+                );
                 return revalidate_now(&fetch, cache, key, req, &variant, revalidate, guard).await;
             }
             Lookup::Miss if !followed => match cache.join(&key) {
-                Flight::Leader(guard) => return miss(&fetch, cache, key, req, Some(guard)).await,
+                Flight::Leader(guard) => {
+                    let req = timed(req, deadline, abandoned > 0);
+                    return miss(&fetch, cache, key, req, Some(guard)).await;
+                }
                 Flight::Follower(rx) => {
-                    (followed, failed) = follow(rx, wait, &mut abandoned).await;
+                    (followed, failed) = follow(rx, &mut deadline, wait, &mut abandoned).await?;
                 }
             },
             // The leader's response was not storable (or it failed): fetch for ourselves.
-            Lookup::Miss => return miss(&fetch, cache, key, req, None).await,
+            Lookup::Miss => {
+                let req = timed(req, deadline, true);
+                return miss(&fetch, cache, key, req, None).await;
+            }
         }
     }
 }
@@ -137,23 +186,38 @@ fn stale(cache: &Cache, variant: &Variant) -> Response<ProxyBody> {
 /// How many abandoned leaders a collapsed request follows before it fetches for itself.
 const MAX_ABANDONED: u32 = 8;
 
-/// Another request is fetching (or revalidating) this key: waits for it (at most `wait`).
+/// Another request is fetching (or revalidating) this key: waits for it (until `deadline`;
+/// when the leader's response began by then but its body has not ended, this request fetches
+/// for itself with a new `deadline`, as before the deadline was kept).
 /// Whether to look again as one that followed (fetching for itself what was not stored), or,
 /// after a leader whose caller went away, as one that may lead: the fetch goes to one
 /// follower, the first to join again, not to all of them at once. And, when the leader found
-/// the origin failing, whether it could not be reached at all.
+/// the origin failing, whether it could not be reached at all. A timeout when the deadline
+/// passes meanwhile, or when the leader's fetch ran out of the whole time.
 async fn follow(
     mut rx: watch::Receiver<Landing>,
+    deadline: &mut Deadline,
     wait: Duration,
     abandoned: &mut u32,
-) -> (bool, Option<bool>) {
-    match tokio::time::timeout(wait, Flight::wait(&mut rx)).await {
-        Ok(Landing::Abandoned) if *abandoned < MAX_ABANDONED => {
-            *abandoned += 1;
-            (false, None)
+) -> Result<(bool, Option<bool>), ProxyError> {
+    let landing = match tokio::time::timeout_at(deadline.0, Flight::wait(&mut rx)).await {
+        Ok(landing) => landing,
+        // The leader's response began in time, but its body is still on the way: the origin
+        // answers, so ask it again for this request, with a whole timeout of its own.
+        Err(_) if *rx.borrow() == Landing::Responded => {
+            *deadline = Deadline(tokio::time::Instant::now() + wait);
+            return Ok((true, None));
         }
-        Ok(Landing::Failed { unreachable }) => (true, Some(unreachable)),
-        _ => (true, None),
+        Err(_) => return Err(out_of_time(wait)),
+    };
+    match landing {
+        Landing::Abandoned if *abandoned < MAX_ABANDONED => {
+            *abandoned += 1;
+            Ok((false, None))
+        }
+        Landing::Failed { unreachable } => Ok((true, Some(unreachable))),
+        Landing::TimedOut => Err(out_of_time(wait)),
+        Landing::Landed | Landing::Abandoned | Landing::Responded => Ok((true, None)),
     }
 }
 
@@ -162,6 +226,24 @@ fn land(cache: &Cache, guard: Option<FlightGuard>) {
     if let Some(g) = guard {
         cache.land(g);
     }
+}
+
+/// Ends a leader's flight whose fetch failed with `e`. One that ran out of the service's whole
+/// timeout tells its followers so; one that had only part of it (it waited first) hands the
+/// fetch to one of them; otherwise each fetches for itself.
+fn land_error(
+    cache: &Cache,
+    guard: Option<FlightGuard>,
+    e: &ProxyError,
+    req: &http::request::Parts,
+) {
+    let Some(g) = guard else { return };
+    if e.kind != ErrorKind::Timeout {
+        cache.land(g);
+    } else if req.extensions.get::<Deadline>().is_none() {
+        cache.land_as(g, Landing::TimedOut);
+    }
+    // Else dropped unlanded: abandoned.
 }
 
 /// Ends a leader's flight that found the origin failing and answered from the stale copy.
@@ -185,7 +267,7 @@ async fn miss(
     let resp = match fetch(req.clone()).await {
         Ok(r) => r,
         Err(e) => {
-            land(cache, guard);
+            land_error(cache, guard, &e, &req);
             return Err(e);
         }
     };
@@ -268,7 +350,7 @@ async fn revalidate_now(
             Ok(stale(cache, variant))
         }
         Err(e) => {
-            land(cache, guard);
+            land_error(cache, guard, &e, &req);
             Err(e)
         }
     }
@@ -327,6 +409,9 @@ fn store_while_streaming(
         }
         return Response::from_parts(parts, body);
     };
+    if let Some(g) = &guard {
+        g.responded();
+    }
     let c = cache.clone();
     let tee = TeeBody::new(body, cache.max_entry_bytes(), move |kept| {
         // A body dropped before its end leaves the guard unlanded: abandoned.
@@ -475,5 +560,148 @@ fn ranged(
             headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(0));
             cached(parts, Bytes::new(), CacheOutcome::Hit)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A follower whose leader's response was not storable fetches for itself with what is
+    /// left of its time (the service's timeout from when it came), not the whole timeout
+    /// again; the leader fetches with the whole.
+    #[tokio::test]
+    async fn a_follower_fetches_with_what_is_left_of_its_time() {
+        let cache = Arc::new(Cache::new(1 << 20, 1 << 16, Arc::default()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let fetch: Fetch = Arc::new(move |head: http::request::Parts| {
+            let first = {
+                let mut s = s.lock().unwrap();
+                s.push(head.extensions.get::<Deadline>().map(|d| d.left()));
+                s.len() == 1
+            };
+            Box::pin(async move {
+                if first {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Ok(Response::builder()
+                    .header(CACHE_CONTROL, "no-store")
+                    .body(full(Bytes::from_static(b"x")))
+                    .unwrap())
+            })
+        });
+        let req = || {
+            http::Request::get("http://hello/k")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let wait = Duration::from_secs(10);
+        let lead = serve(&cache, "k".into(), wait, req(), fetch.clone());
+        let follow = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            serve(&cache, "k".into(), wait, req(), fetch.clone()).await
+        };
+        let (led, followed) = tokio::join!(lead, follow);
+        assert!(led.is_ok() && followed.is_ok());
+        // It came about 100 ms after the leader and fetched once the leader's 1 s fetch was
+        // done: some 900 ms of its time was spent (at least 500 unless it came 400 ms late).
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], None);
+        let left = seen[1].expect("the follower's fetch carries its deadline");
+        assert!(left <= wait - Duration::from_millis(500), "{left:?}");
+    }
+
+    /// The fetches a test's origin was asked for, each with the time it was given (`None`: the
+    /// whole timeout).
+    type Asked = Arc<Mutex<Vec<Option<Duration>>>>;
+
+    /// An origin whose first answer takes `head_after` to begin and `body_after` more to end;
+    /// later ones are at once. Storable for a minute.
+    fn origin(head_after: Duration, body_after: Duration) -> (Fetch, Asked) {
+        let asked: Asked = Arc::default();
+        let a = asked.clone();
+        let fetch: Fetch = Arc::new(move |head: http::request::Parts| {
+            let first = {
+                let mut a = a.lock().unwrap();
+                a.push(head.extensions.get::<Deadline>().map(|d| d.left()));
+                a.len() == 1
+            };
+            Box::pin(async move {
+                let (head_after, body_after) = if first {
+                    (head_after, body_after)
+                } else {
+                    (Duration::ZERO, Duration::ZERO)
+                };
+                tokio::time::sleep(head_after).await;
+                let body = futures_util::stream::once(async move {
+                    tokio::time::sleep(body_after).await;
+                    Ok::<_, crate::body::BodyError>(http_body::Frame::data(Bytes::from_static(
+                        b"x",
+                    )))
+                });
+                Ok(Response::builder()
+                    .header(CACHE_CONTROL, "max-age=60")
+                    .body(http_body_util::StreamBody::new(body).boxed_unsync())
+                    .unwrap())
+            })
+        });
+        (fetch, asked)
+    }
+
+    /// A leader and, 100 ms after it, a follower, both with `wait` as their timeout; the
+    /// follower's answer (its body read whole).
+    async fn lead_and_follow(fetch: Fetch, wait: Duration) -> Result<Bytes, ProxyError> {
+        let cache = Arc::new(Cache::new(1 << 20, 1 << 16, Arc::default()));
+        let req = || {
+            http::Request::get("http://hello/k")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let lead = async {
+            let resp = serve(&cache, "k".into(), wait, req(), fetch.clone()).await;
+            if let Ok(r) = resp {
+                let _ = r.into_body().collect().await;
+            }
+        };
+        let follow = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let resp = serve(&cache, "k".into(), wait, req(), fetch.clone()).await?;
+            Ok(resp.into_body().collect().await.unwrap().to_bytes())
+        };
+        tokio::join!(lead, follow).1
+    }
+
+    /// A follower whose time (500 ms) ends while the leader's response has not begun (1 s)
+    /// answers `timeout` then, and does not ask the origin itself.
+    #[tokio::test]
+    async fn a_follower_whose_time_ends_before_the_leaders_response_begins_times_out() {
+        let (fetch, asked) = origin(Duration::from_secs(1), Duration::ZERO);
+        let got = lead_and_follow(fetch, Duration::from_millis(500)).await;
+        assert_eq!(got.unwrap_err().kind, ErrorKind::Timeout);
+        assert_eq!(asked.lock().unwrap().len(), 1);
+    }
+
+    /// A follower whose time (500 ms) ends while the leader's response, begun at once, is
+    /// still streaming (1 s) asks the origin itself, with a whole timeout of its own, rather
+    /// than answer `timeout`: its timeout is for a response to begin, as the leader's was.
+    #[tokio::test]
+    async fn a_follower_whose_time_ends_while_the_leaders_body_streams_fetches_for_itself() {
+        let (fetch, asked) = origin(Duration::ZERO, Duration::from_secs(1));
+        let wait = Duration::from_millis(500);
+        let got = lead_and_follow(fetch, wait).await;
+        assert_eq!(got.unwrap(), Bytes::from_static(b"x"));
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), 2);
+        assert_eq!(asked[0], None);
+        // A new deadline from when its own ended (not the few ms left of the old one).
+        let left = asked[1].expect("the follower's fetch carries its deadline");
+        assert!(left > wait / 2, "{left:?}");
     }
 }

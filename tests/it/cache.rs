@@ -234,6 +234,22 @@ async fn a_hundred_concurrent_requests_for_an_expired_entry_revalidate_once() {
     assert_eq!(pair.upstream.count_of("/c/exp"), 2);
 }
 
+/// A hot key's fetch runs out of the service's timeout (the origin would answer in 30 s, the
+/// timeout is 2 s) while 20 more requests wait for it: they answer 504 `timeout` with it,
+/// within their own timeout, rather than each asking the origin again with a whole timeout of
+/// its own (21 requests reached the origin before, and the 20 answered at twice the timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_fetch_that_times_out_time_out_with_it() {
+    let service = format!("{CACHE}\ntimeout = \"2s\"\nretry = {{ attempts = 1 }}");
+    let pair = Pair::start_with(&service, "").await;
+    let url = "/c/slow?cc=max-age=60&delay=30000";
+    for got in one_then_many(&pair, url, "/c/slow", 1, 21).await {
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{got:?}");
+        assert_eq!(got.error_kind(), Some("timeout"), "{got:?}");
+    }
+    assert_eq!(pair.upstream.count_of("/c/slow"), 1);
+}
+
 /// The caller of a collapsed miss's leader hangs up while its fetch runs: one waiting request
 /// takes the lead and fetches again, and the others wait for it, rather than all of them
 /// going to the origin at once (21 fetches for 21 callers before).
