@@ -50,6 +50,8 @@ pub struct Options {
     pub concurrent_size: usize,
     /// Request body size (0 = GET).
     pub request_size: usize,
+    /// The emulated link's MTU, bytes (TUN devices and routes on both ends).
+    pub mtu: u16,
     /// How long the backend takes before answering.
     pub service_time: Duration,
 }
@@ -141,6 +143,8 @@ pub struct Report {
     pub quic_congestion: &'static str,
     pub tcp_congestion: String,
     pub link_rate_bps: Option<u64>,
+    /// The emulated link's MTU (`None` on loopback).
+    pub link_mtu: Option<u16>,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub rounds: usize,
@@ -419,7 +423,7 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
         Net::Loopback
     } else {
         let tag = format!("{}", std::process::id() % 100_000);
-        Net::Emulated(Link::create(&tag)?)
+        Net::Emulated(Link::create(&tag, opts.mtu)?)
     };
     let tcp_congestion = net
         .command(
@@ -536,6 +540,7 @@ pub async fn run(opts: Options, command: String) -> Result<String, String> {
         quic_congestion: opts.congestion.as_str(),
         tcp_congestion,
         link_rate_bps: opts.rate_limit_bps,
+        link_mtu: (!opts.loopback).then_some(opts.mtu),
         duration_s: opts.duration.as_secs_f64(),
         warmup_s: opts.warmup.as_secs_f64(),
         rounds,
@@ -595,7 +600,7 @@ fn unique_scenarios(report: &Report) -> Vec<Scenario> {
 pub fn markdown(report: &Report) -> String {
     let mut md = format!(
         "Command: `{}`\n\nNetwork: {} · QUIC congestion control: {} (quinn) · TCP congestion control: {} (kernel) · \
-         link rate: {} · {} s measured after {} s warm-up, {} round(s) interleaved (quic, tcp, direct, …); \
+         link rate: {}{} · {} s measured after {} s warm-up, {} round(s) interleaved (quic, tcp, direct, …); \
          values are means over rounds.\n\n\
          | workload | loss | one-way delay | target | p50 ms | p90 ms | p99 ms | p99.9 ms | rps | errors | link fwd / lost | link late p99 µs |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -607,6 +612,7 @@ pub fn markdown(report: &Report) -> String {
         report.quic_congestion,
         report.tcp_congestion,
         report.link_rate_bps.map_or("unlimited".into(), |r| format!("{} Mbit/s", r / 1_000_000)),
+        report.link_mtu.map_or(String::new(), |m| format!(" · link MTU: {m} bytes")),
         report.duration_s,
         report.warmup_s,
         report.rounds

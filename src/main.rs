@@ -103,6 +103,11 @@ enum Command {
         /// Backend service time per request.
         #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         service_time: std::time::Duration,
+        /// The emulated link's MTU, bytes (1500: Ethernet; 9000: jumbo frames). QUIC's
+        /// datagrams follow it (the route's MTU bounds quinn's MTU discovery), as TCP's
+        /// segments do. Not with --loopback, which has no link.
+        #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
+        mtu: u16,
     },
     /// Internal: pieces `quicar bench` runs inside its network namespaces.
     #[command(hide = true)]
@@ -293,7 +298,11 @@ fn run() -> anyhow::Result<()> {
             concurrent_size,
             request_size,
             service_time,
+            mtu,
         } => {
+            if loopback && mtu != 1500 {
+                anyhow::bail!("--mtu sets the emulated link's MTU; --loopback has no link (loopback's MTU is the `lo` device's)");
+            }
             let congestion = match congestion.as_str() {
                 "cubic" => quicar::config::Congestion::Cubic,
                 "newreno" => quicar::config::Congestion::Newreno,
@@ -329,6 +338,7 @@ fn run() -> anyhow::Result<()> {
                 concurrent_size,
                 request_size,
                 service_time,
+                mtu,
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             // Ctrl-C drops the run: namespaces are deleted and node processes killed on the way.

@@ -138,6 +138,9 @@ fn the_quick_bench_over_a_lossy_link_favours_quic_at_the_tail() {
     assert_eq!(report["network"], "emulated");
     assert!(md.contains("| 32 concurrent 16 KiB responses |"), "{md}");
     all_served(&report, &["Concurrent"], &[0.0, 0.02]);
+    // An Ethernet MTU unless told otherwise: no packet over 1,500 bytes crossed the link.
+    assert_eq!(report["link_mtu"], 1500);
+    largest_packets(&report, 1500);
     // The link really dropped packets in the lossy scenario.
     let lossy = runs(&report, "quic", "Concurrent", 0.02);
     assert!(lossy
@@ -161,4 +164,49 @@ fn the_quick_bench_over_a_lossy_link_favours_quic_at_the_tail() {
         p99("quic"),
         p99("tcp")
     );
+}
+
+/// The largest packet the link forwarded in each emulated run: over 1,500 bytes for the
+/// wires (their 16 KiB responses fill what the MTU allows) when the MTU allows it, never over
+/// `mtu`.
+fn largest_packets(report: &serde_json::Value, mtu: u64) {
+    for r in report["runs"].as_array().unwrap() {
+        let largest = r["link"]["largest_packet"].as_u64().unwrap();
+        assert!(largest <= mtu, "{largest} bytes over a {mtu}-byte MTU: {r}");
+        if mtu > 1500 && r["target"] != "direct" {
+            assert!(
+                largest > 1500,
+                "{} stayed at {largest} bytes: {r}",
+                r["target"]
+            );
+        }
+    }
+}
+
+/// `--mtu 9000`: the link carries jumbo frames, and both wires use them (QUIC's datagrams
+/// follow the route's MTU, TCP's segments its MSS), which the report names.
+#[test]
+#[ignore = "needs ip: apt-get install iproute2 (and root, for network namespaces)"]
+fn the_quick_bench_over_a_jumbo_frame_link_sends_jumbo_packets_on_both_wires() {
+    assert!(
+        quicar::bench::is_root(),
+        "the emulated link needs root (network namespaces and TUN devices)"
+    );
+    let (report, md, _) = bench(&["--quick", "--mtu", "9000"], Duration::from_secs(300));
+    assert_eq!(report["link_mtu"], 9000);
+    assert!(md.contains("link MTU: 9000 bytes"), "{md}");
+    all_served(&report, &["Concurrent"], &[0.0, 0.02]);
+    largest_packets(&report, 9000);
+}
+
+/// `--mtu` is the emulated link's: with `--loopback` (no link) it is refused, by name.
+#[test]
+fn the_loopback_bench_refuses_an_mtu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_quicar"))
+        .args(["bench", "--loopback", "--mtu", "9000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--mtu") && err.contains("--loopback"), "{err}");
 }

@@ -41,6 +41,8 @@ impl Default for LinkParams {
 #[derive(Default)]
 pub struct LinkStats {
     pub forwarded: AtomicU64,
+    /// The largest IP packet forwarded, bytes (at most the link's MTU).
+    pub largest: AtomicU64,
     pub dropped_loss: AtomicU64,
     pub dropped_queue: AtomicU64,
     /// How late packets left the forwarder after their due time, in microseconds.
@@ -51,6 +53,7 @@ pub struct LinkStats {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LinkReport {
     pub forwarded: u64,
+    pub largest_packet: u64,
     pub dropped_loss: u64,
     pub dropped_queue: u64,
     pub late_p50_us: u64,
@@ -69,6 +72,7 @@ impl LinkStats {
         let h = self.lateness_us.lock().expect("not poisoned").take();
         LinkReport {
             forwarded: self.forwarded.swap(0, Ordering::Relaxed),
+            largest_packet: self.largest.swap(0, Ordering::Relaxed),
             dropped_loss: self.dropped_loss.swap(0, Ordering::Relaxed),
             dropped_queue: self.dropped_queue.swap(0, Ordering::Relaxed),
             late_p50_us: h.as_ref().map_or(0, |h| h.value_at_quantile(0.5)),
@@ -107,9 +111,9 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl Link {
-    /// Creates namespaces `quicar-a-<tag>` and `quicar-b-<tag>`, a TUN device in each, and
-    /// starts forwarding. Needs root (CAP_NET_ADMIN).
-    pub fn create(tag: &str) -> Result<Self, String> {
+    /// Creates namespaces `quicar-a-<tag>` and `quicar-b-<tag>`, a TUN device with `mtu` in
+    /// each, and starts forwarding. Needs root (CAP_NET_ADMIN).
+    pub fn create(tag: &str, mtu: u16) -> Result<Self, String> {
         let ns_a = format!("quicar-a-{tag}");
         let ns_b = format!("quicar-b-{tag}");
         let (tun_a_name, tun_b_name) = (format!("qa{tag}"), format!("qb{tag}"));
@@ -120,7 +124,7 @@ impl Link {
         let open = |name: &str| -> Result<tokio_tun::Tun, String> {
             tokio_tun::Tun::builder()
                 .name(name)
-                .mtu(1500)
+                .mtu(i32::from(mtu))
                 .build()
                 .map_err(|e| format!("cannot create TUN device {name}: {e}"))?
                 .pop()
@@ -216,6 +220,7 @@ async fn forward(
                             stats.late(late.as_micros() as u64);
                             let _ = to.send(&pkt).await;
                             stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                            stats.largest.fetch_max(pkt.len() as u64, Ordering::Relaxed);
                         }
                     }
                 }
