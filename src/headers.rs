@@ -5,7 +5,8 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ErrorKind;
-use crate::facts::{CacheOutcome, Upstream};
+use crate::facts::CacheOutcome;
+use crate::facts::Transport;
 
 /// Room for the fields a sidecar adds to a head it parsed (trace context, request id, deadline,
 /// facts), so that adding them never regrows (and rehashes) the map.
@@ -126,9 +127,9 @@ pub(crate) fn write_error_kind(parts: &mut http::response::Parts) {
 }
 
 /// Edge toward the calling app: the sidecars' facts about the response as `quicar-error`,
-/// `quicar-cache` and (if enabled) `quicar-transport`. Nothing else `quicar-*` is left: the
-/// transport stripped what the peer sent.
-pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: bool) {
+/// `quicar-cache` and `quicar-transport` (`transport`: when enabled, the wire that carried the
+/// response). Nothing else `quicar-*` is left: the transport stripped what the peer sent.
+pub(crate) fn write_facts(parts: &mut http::response::Parts, transport: Option<Transport>) {
     // Meant for quicar caches only (the cache step has read it).
     remove_if_present(&mut parts.headers, &CACHE_CONTROL_TARGETED_NAME);
     write_error_kind(parts);
@@ -137,12 +138,10 @@ pub(crate) fn write_facts(parts: &mut http::response::Parts, transport_header: b
             .headers
             .insert(CACHE, HeaderValue::from_static(how.as_str()));
     }
-    if transport_header {
-        if let Some(up) = parts.extensions.get::<Upstream>() {
-            parts
-                .headers
-                .insert(TRANSPORT, HeaderValue::from_static(up.transport.as_str()));
-        }
+    if let Some(t) = transport {
+        parts
+            .headers
+            .insert(TRANSPORT, HeaderValue::from_static(t.as_str()));
     }
 }
 

@@ -84,7 +84,12 @@ impl Outbound {
                 .map_or(route.timeout, |d| d.left());
             Box::pin(async move {
                 let head = Request::from_parts(head, ());
-                attempts::fetch(&route, &clients, &tel, head, None, interim.as_ref(), budget).await
+                let (mut resp, upstream) =
+                    attempts::fetch(&route, &clients, &tel, head, None, interim.as_ref(), budget)
+                        .await?;
+                // Through the cache step, the facts ride in the response's extensions.
+                resp.extensions_mut().insert(upstream);
+                Ok(resp)
             })
         })
     }
@@ -321,11 +326,11 @@ async fn handle(
         guard.facts.authority = authority.clone();
     }
     let req = req.map(|b| Counted::new(b, guard.bytes_in()));
-    let resp = match forward(req, target, route, &state, interim).await {
-        Ok(resp) => resp,
+    let (resp, upstream) = match forward(req, target, route, &state, interim).await {
+        Ok(answered) => answered,
         Err(e) => {
             tracing::debug!(kind = e.kind.as_str(), side = ?e.side, error = %e.message, "request failed in the sidecar");
-            e.into_response()
+            (e.into_response(), None)
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -333,12 +338,16 @@ async fn handle(
     f.status = parts.status.as_u16();
     f.error_kind = parts.extensions.get::<ErrorKind>().copied();
     f.cache = parts.extensions.get::<CacheOutcome>().copied();
-    if let Some(up) = parts.extensions.get::<Upstream>() {
+    let upstream = upstream.or_else(|| parts.extensions.get::<Upstream>().copied());
+    if let Some(up) = upstream {
         f.endpoint = Some(up.endpoint);
         f.attempts = up.attempts;
         f.transport = Some(up.transport);
     }
-    write_facts(&mut parts, state.transport_header);
+    let transport = upstream
+        .map(|up| up.transport)
+        .filter(|_| state.transport_header);
+    write_facts(&mut parts, transport);
     let bytes_out = guard.bytes_out();
     Response::from_parts(parts, Counted::new(body, bytes_out).hold(guard))
 }
@@ -387,7 +396,7 @@ async fn forward(
     route: Option<&Arc<Route>>,
     state: &Outbound,
     interim: Option<Interim>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(Response<ProxyBody>, Option<Upstream>), ProxyError> {
     // hyper's read buffer does not bound a header section reliably; the limit is ours to keep.
     // Counted as HTTP/3 counts a field section (name + value + 32 per field, RFC 9114 §4.2.2),
     // so what passes here is not refused by the peer's HTTP/3 limit later, less clearly.
@@ -476,7 +485,8 @@ async fn forward(
             if let Some(interim) = interim {
                 head.extensions.insert(interim);
             }
-            return caching::serve(cache, key, route.timeout, head, state.fetch_for(route)).await;
+            let resp = caching::serve(cache, key, route.timeout, head, state.fetch_for(route));
+            return resp.await.map(|r| (r, None));
         }
         if !head.method.is_safe() {
             // RFC 9111 §4.4: a successful unsafe request invalidates what we hold for the URI.
@@ -490,7 +500,7 @@ async fn forward(
                 route.timeout,
             )
             .await;
-            if let Ok(r) = &resp {
+            if let Ok((r, _)) = &resp {
                 if r.status().is_success() || r.status().is_redirection() {
                     cache.invalidate(&key);
                     // …and for the URIs in Location and Content-Location, when they are of
@@ -507,7 +517,7 @@ async fn forward(
                     }
                 }
             }
-            return resp;
+            return resp.map(|(r, up)| (r, Some(up)));
         }
     }
     attempts::fetch(
@@ -520,6 +530,7 @@ async fn forward(
         route.timeout,
     )
     .await
+    .map(|(r, up)| (r, Some(up)))
 }
 
 /// The path and query of a `Location`-style reference when it points into `service`.

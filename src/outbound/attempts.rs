@@ -42,7 +42,7 @@ pub(crate) async fn fetch(
     body: Option<AppBody>,
     interim: Option<&Interim>,
     budget: Duration,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(Response<ProxyBody>, Upstream), ProxyError> {
     let Some(permit) = route.limit.try_take() else {
         return Err(ProxyError::new(
             ErrorKind::Overloaded,
@@ -264,7 +264,7 @@ async fn attempts(
     outgoing: Outgoing<'_>,
     (progress, began, budget): (Option<&Progress>, Instant, Duration),
     permit: crate::resilience::Taken,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(Response<ProxyBody>, Upstream), ProxyError> {
     let Outgoing {
         mut head,
         body,
@@ -417,16 +417,17 @@ async fn attempts(
                 .increment(1);
             }
         }
+        // Which endpoint answered goes beside the response, not in its extensions: a map
+        // made for one entry was three allocations a request.
+        let upstream = Upstream {
+            endpoint: ep.address,
+            attempts: attempt,
+            transport,
+        };
         return result.map(|resp| {
-            let (mut parts, b) = resp.into_parts();
-            parts.extensions.insert(Upstream {
-                endpoint: ep.address,
-                attempts: attempt,
-                transport,
-            });
             // The endpoint's outstanding count and the service's concurrency permit are held
             // until the response body ends.
-            Response::from_parts(parts, held(b, (outstanding, permit)))
+            (resp.map(|b| held(b, (outstanding, permit))), upstream)
         });
     }
 }
