@@ -5,8 +5,7 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ErrorKind;
-use crate::facts::CacheOutcome;
-use crate::facts::Transport;
+use crate::facts::{CacheOutcome, Transport};
 
 /// Room for the fields a sidecar adds to a head it parsed (trace context, request id, deadline,
 /// facts), so that adding them never regrows (and rehashes) the map.

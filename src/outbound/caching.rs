@@ -44,12 +44,21 @@ impl Deadline {
     }
 }
 
-/// The head to fetch with: after a wait for another's fetch, with what is left of the time.
-fn timed(mut head: http::request::Parts, deadline: Deadline, waited: bool) -> http::request::Parts {
+/// The head to fetch with: after a wait for another's fetch, with what is left of the time,
+/// or a timeout when none is (a fetch with none would still start, and reach the origin).
+fn timed(
+    mut head: http::request::Parts,
+    deadline: Deadline,
+    waited: bool,
+    wait: Duration,
+) -> Result<http::request::Parts, ProxyError> {
     if waited {
+        if deadline.left().is_zero() {
+            return Err(out_of_time(wait));
+        }
         head.extensions.insert(deadline);
     }
-    head
+    Ok(head)
 }
 
 /// A request whose time ran out while it waited for another's fetch, or whose leader's fetch
@@ -153,14 +162,14 @@ pub(crate) async fn serve(
                 };
                 let waited = followed || abandoned > 0;
                 let (req, revalidate) = (
-                    timed(req, deadline, waited),
-                    timed(revalidate, deadline, waited),
+                    timed(req, deadline, waited, wait)?,
+                    timed(revalidate, deadline, waited, wait)?,
                 );
                 return revalidate_now(&fetch, cache, key, req, &variant, revalidate, guard).await;
             }
             Lookup::Miss if !followed => match cache.join(&key) {
                 Flight::Leader(guard) => {
-                    let req = timed(req, deadline, abandoned > 0);
+                    let req = timed(req, deadline, abandoned > 0, wait)?;
                     return miss(&fetch, cache, key, req, Some(guard)).await;
                 }
                 Flight::Follower(rx) => {
@@ -169,7 +178,7 @@ pub(crate) async fn serve(
             },
             // The leader's response was not storable (or it failed): fetch for ourselves.
             Lookup::Miss => {
-                let req = timed(req, deadline, true);
+                let req = timed(req, deadline, true, wait)?;
                 return miss(&fetch, cache, key, req, None).await;
             }
         }
