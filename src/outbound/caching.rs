@@ -582,46 +582,15 @@ mod tests {
     /// again; the leader fetches with the whole.
     #[tokio::test]
     async fn a_follower_fetches_with_what_is_left_of_its_time() {
-        let cache = Arc::new(Cache::new(1 << 20, 1 << 16, Arc::default()));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let fetch: Fetch = Arc::new(move |head: http::request::Parts| {
-            let first = {
-                let mut s = s.lock().unwrap();
-                s.push(head.extensions.get::<Deadline>().map(|d| d.left()));
-                s.len() == 1
-            };
-            Box::pin(async move {
-                if first {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Ok(Response::builder()
-                    .header(CACHE_CONTROL, "no-store")
-                    .body(full(Bytes::from_static(b"x")))
-                    .unwrap())
-            })
-        });
-        let req = || {
-            http::Request::get("http://hello/k")
-                .body(())
-                .unwrap()
-                .into_parts()
-                .0
-        };
+        let (fetch, asked) = origin(Duration::from_secs(1), Duration::ZERO, "no-store");
         let wait = Duration::from_secs(10);
-        let lead = serve(&cache, "k".into(), wait, req(), fetch.clone());
-        let follow = async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            serve(&cache, "k".into(), wait, req(), fetch.clone()).await
-        };
-        let (led, followed) = tokio::join!(lead, follow);
-        assert!(led.is_ok() && followed.is_ok());
+        assert_eq!(lead_and_follow(fetch, wait).await.unwrap(), "x");
         // It came about 100 ms after the leader and fetched once the leader's 1 s fetch was
         // done: some 900 ms of its time was spent (at least 500 unless it came 400 ms late).
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 2);
-        assert_eq!(seen[0], None);
-        let left = seen[1].expect("the follower's fetch carries its deadline");
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), 2);
+        assert_eq!(asked[0], None);
+        let left = asked[1].expect("the follower's fetch carries its deadline");
         assert!(left <= wait - Duration::from_millis(500), "{left:?}");
     }
 
@@ -630,8 +599,12 @@ mod tests {
     type Asked = Arc<Mutex<Vec<Option<Duration>>>>;
 
     /// An origin whose first answer takes `head_after` to begin and `body_after` more to end;
-    /// later ones are at once. Storable for a minute.
-    fn origin(head_after: Duration, body_after: Duration) -> (Fetch, Asked) {
+    /// later ones are at once. Its `Cache-Control` is `cache_control`.
+    fn origin(
+        head_after: Duration,
+        body_after: Duration,
+        cache_control: &'static str,
+    ) -> (Fetch, Asked) {
         let asked: Asked = Arc::default();
         let a = asked.clone();
         let fetch: Fetch = Arc::new(move |head: http::request::Parts| {
@@ -654,7 +627,7 @@ mod tests {
                     )))
                 });
                 Ok(Response::builder()
-                    .header(CACHE_CONTROL, "max-age=60")
+                    .header(CACHE_CONTROL, cache_control)
                     .body(http_body_util::StreamBody::new(body).boxed_unsync())
                     .unwrap())
             })
@@ -691,7 +664,7 @@ mod tests {
     /// answers `timeout` then, and does not ask the origin itself.
     #[tokio::test]
     async fn a_follower_whose_time_ends_before_the_leaders_response_begins_times_out() {
-        let (fetch, asked) = origin(Duration::from_secs(1), Duration::ZERO);
+        let (fetch, asked) = origin(Duration::from_secs(1), Duration::ZERO, "max-age=60");
         let got = lead_and_follow(fetch, Duration::from_millis(500)).await;
         assert_eq!(got.unwrap_err().kind, ErrorKind::Timeout);
         assert_eq!(asked.lock().unwrap().len(), 1);
@@ -702,7 +675,7 @@ mod tests {
     /// than answer `timeout`: its timeout is for a response to begin, as the leader's was.
     #[tokio::test]
     async fn a_follower_whose_time_ends_while_the_leaders_body_streams_fetches_for_itself() {
-        let (fetch, asked) = origin(Duration::ZERO, Duration::from_secs(1));
+        let (fetch, asked) = origin(Duration::ZERO, Duration::from_secs(1), "max-age=60");
         let wait = Duration::from_millis(500);
         let got = lead_and_follow(fetch, wait).await;
         assert_eq!(got.unwrap(), Bytes::from_static(b"x"));

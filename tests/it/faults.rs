@@ -2128,6 +2128,13 @@ async fn a_cold_burst_to_a_tcp_peer_that_never_sends_its_settings_fails_at_the_c
     silent.abort();
 }
 
+/// A calling sidecar whose `hello` service is `peer` over TCP, with a 60 s timeout and no
+/// retries (one request, one attempt).
+async fn one_try_tcp_client(pki: &Pki, peer: std::net::SocketAddr) -> quicar::app::Bound {
+    let service = "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }";
+    sidecar(pki, &client_toml(pki, &[peer], service)).await
+}
+
 /// A lone request to `hello` over TCP, then, once its connection is open (the first to the
 /// peer, opened for it alone), `n` more at once; the lone one is last in the list.
 async fn lone_request_then_burst(
@@ -2147,53 +2154,16 @@ async fn lone_request_then_burst(
         .collect()
 }
 
-/// A lone request opens a connection to a peer that takes the TLS handshake and then says
-/// nothing; a burst of 20 comes while it waits. Past the first, requests on a connection whose
-/// SETTINGS have not come wait for them in quicar (not in h2): they must all fail together
-/// when the keep-alive finds the peer dead, never held for their 60 s timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_behind_a_lone_request_to_a_tcp_peer_gone_silent_fails_with_it() {
+/// A lone request to a peer that takes the TLS handshake and then says nothing, and a burst of
+/// `n` while its connection waits for the peer's SETTINGS: every one fails with
+/// `connect-failed`, saying the peer stopped answering, when the keep-alive finds it dead
+/// (never held for their 60 s timeout), on the one connection.
+async fn burst_behind_a_silent_tcp_peer(n: usize) {
     init_tracing();
     let pki = Pki::new();
     let (peer, silent) = mute_h2_peer(&pki, Mute::Silent).await;
-    let toml = client_toml(
-        &pki,
-        &[peer],
-        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
-    let calls = lone_request_then_burst(&client, 20).await;
-    let answered = tokio::time::timeout(
-        Duration::from_secs(20),
-        futures_util::future::join_all(calls),
-    )
-    .await
-    .expect("a request waited past the dead-peer timeout");
-    for got in answered {
-        let got = got.unwrap();
-        assert_eq!(got.error_kind(), Some("connect-failed"), "{got:?}");
-    }
-    assert_eq!(client.connections_opened(Transport::Tcp), 1);
-    client.shutdown().await;
-    silent.abort();
-}
-
-/// As above with a burst of 150: past the 100 streams planned for the lone request's
-/// connection, the rest wait in the pool for its SETTINGS. When the keep-alive finds the peer
-/// dead, those fail with it too, at the same time and with the same kind, rather than opening
-/// a second connection to the silent peer and waiting out another connect timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_past_the_planned_streams_behind_a_silent_tcp_peer_fails_with_its_connection() {
-    init_tracing();
-    let pki = Pki::new();
-    let (peer, silent) = mute_h2_peer(&pki, Mute::Silent).await;
-    let toml = client_toml(
-        &pki,
-        &[peer],
-        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
-    let calls = lone_request_then_burst(&client, 150).await;
+    let client = one_try_tcp_client(&pki, peer).await;
+    let calls = lone_request_then_burst(&client, n).await;
     let answered = tokio::time::timeout(
         Duration::from_secs(20),
         futures_util::future::join_all(calls),
@@ -2209,6 +2179,23 @@ async fn a_burst_past_the_planned_streams_behind_a_silent_tcp_peer_fails_with_it
     assert_eq!(client.connections_opened(Transport::Tcp), 1);
     client.shutdown().await;
     silent.abort();
+}
+
+/// A burst of 20, within the 100 streams planned for the lone request's connection: past the
+/// first, they wait for its SETTINGS in quicar (not in h2) and fail with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_behind_a_lone_request_to_a_tcp_peer_gone_silent_fails_with_it() {
+    burst_behind_a_silent_tcp_peer(20).await;
+}
+
+/// A burst of 150: past the 100 planned, the rest wait in the pool for the connection's
+/// SETTINGS and fail with it too, at the same time and with the same kind, rather than open a
+/// second connection to the silent peer and wait out another connect timeout (two
+/// connections before, 50 requests failed only at the second's connect timeout, and 88 said
+/// only that the connection closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_planned_streams_behind_a_silent_tcp_peer_fails_with_its_connection() {
+    burst_behind_a_silent_tcp_peer(150).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2737,12 +2724,7 @@ async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() 
     init_tracing();
     let pki = Pki::new();
     let (peer, settings, _, task) = gated_h2_peer(&pki).await;
-    let toml = client_toml(
-        &pki,
-        &[peer],
-        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
+    let client = one_try_tcp_client(&pki, peer).await;
     let calls = lone_request_then_burst(&client, 150).await;
     // The whole burst is in the sidecar's request path (counted in flight) before the peer
     // speaks; a little more time lets each request reach the pool.
@@ -2778,12 +2760,7 @@ async fn callers_that_hang_up_during_the_settings_wait_send_nothing_to_the_peer(
     init_tracing();
     let pki = Pki::new();
     let (peer, settings, asked, task) = gated_h2_peer(&pki).await;
-    let toml = client_toml(
-        &pki,
-        &[peer],
-        "transport = \"tcp\"\ntimeout = \"60s\"\nretry = { attempts = 1 }",
-    );
-    let client = sidecar(&pki, &toml).await;
+    let client = one_try_tcp_client(&pki, peer).await;
     let out = client.outbound;
     let lone = lone_request_then_burst(&client, 0).await;
     let mut callers = Vec::new();
