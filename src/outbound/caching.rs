@@ -580,23 +580,34 @@ mod tests {
     /// A follower whose leader's response was not storable fetches for itself with what is
     /// left of its time (the service's timeout from when it came), not the whole timeout
     /// again; the leader fetches with the whole.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_follower_fetches_with_what_is_left_of_its_time() {
         let (fetch, asked) = origin(Duration::from_secs(1), Duration::ZERO, "no-store");
         let wait = Duration::from_secs(10);
         assert_eq!(lead_and_follow(fetch, wait).await.unwrap(), "x");
-        // It came about 100 ms after the leader and fetched once the leader's 1 s fetch was
-        // done: some 900 ms of its time was spent (at least 500 unless it came 400 ms late).
+        // It came 100 ms after the leader and fetched once the leader's 1 s fetch was done:
+        // 900 ms of its time was spent (the clock is paused, so the figures are exact).
         let asked = asked.lock().unwrap();
         assert_eq!(asked.len(), 2);
         assert_eq!(asked[0], None);
         let left = asked[1].expect("the follower's fetch carries its deadline");
-        assert!(left <= wait - Duration::from_millis(500), "{left:?}");
+        assert_eq!(left, wait - Duration::from_millis(900));
     }
 
     /// The fetches a test's origin was asked for, each with the time it was given (`None`: the
     /// whole timeout).
     type Asked = Arc<Mutex<Vec<Option<Duration>>>>;
+
+    /// What a scripted origin does with one fetch.
+    #[derive(Clone, Copy)]
+    enum Step {
+        /// Answers: the head after the first duration, the body's end after the second.
+        Answer(Duration, Duration),
+        /// Fails with this kind after this long.
+        Fail(ErrorKind, Duration),
+        /// Never answers.
+        Hang,
+    }
 
     /// An origin whose first answer takes `head_after` to begin and `body_after` more to end;
     /// later ones are at once. Its `Cache-Control` is `cache_control`.
@@ -605,19 +616,28 @@ mod tests {
         body_after: Duration,
         cache_control: &'static str,
     ) -> (Fetch, Asked) {
+        scripted(vec![Step::Answer(head_after, body_after)], cache_control)
+    }
+
+    /// An origin that does `steps` with its fetches in turn, and answers at once after them.
+    fn scripted(steps: Vec<Step>, cache_control: &'static str) -> (Fetch, Asked) {
         let asked: Asked = Arc::default();
         let a = asked.clone();
         let fetch: Fetch = Arc::new(move |head: http::request::Parts| {
-            let first = {
+            let step = {
                 let mut a = a.lock().unwrap();
                 a.push(head.extensions.get::<Deadline>().map(|d| d.left()));
-                a.len() == 1
+                let now = Step::Answer(Duration::ZERO, Duration::ZERO);
+                steps.get(a.len() - 1).copied().unwrap_or(now)
             };
             Box::pin(async move {
-                let (head_after, body_after) = if first {
-                    (head_after, body_after)
-                } else {
-                    (Duration::ZERO, Duration::ZERO)
+                let (head_after, body_after) = match step {
+                    Step::Answer(head, body) => (head, body),
+                    Step::Fail(kind, after) => {
+                        tokio::time::sleep(after).await;
+                        return Err(ProxyError::new(kind, Side::Peer, "scripted"));
+                    }
+                    Step::Hang => std::future::pending().await,
                 };
                 tokio::time::sleep(head_after).await;
                 let body = futures_util::stream::once(async move {
@@ -638,31 +658,14 @@ mod tests {
     /// A leader and, 100 ms after it, a follower, both with `wait` as their timeout; the
     /// follower's answer (its body read whole).
     async fn lead_and_follow(fetch: Fetch, wait: Duration) -> Result<Bytes, ProxyError> {
-        let cache = Arc::new(Cache::new(1 << 20, 1 << 16, Arc::default()));
-        let req = || {
-            http::Request::get("http://hello/k")
-                .body(())
-                .unwrap()
-                .into_parts()
-                .0
-        };
-        let lead = async {
-            let resp = serve(&cache, "k".into(), wait, req(), fetch.clone()).await;
-            if let Ok(r) = resp {
-                let _ = r.into_body().collect().await;
-            }
-        };
-        let follow = async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let resp = serve(&cache, "k".into(), wait, req(), fetch.clone()).await?;
-            Ok(resp.into_body().collect().await.unwrap().to_bytes())
-        };
-        tokio::join!(lead, follow).1
+        let cache = cache();
+        let follower = ask(&cache, &fetch, wait, Duration::from_millis(100), None);
+        tokio::join!(ask(&cache, &fetch, wait, Duration::ZERO, None), follower).1
     }
 
     /// A follower whose time (500 ms) ends while the leader's response has not begun (1 s)
     /// answers `timeout` then, and does not ask the origin itself.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_follower_whose_time_ends_before_the_leaders_response_begins_times_out() {
         let (fetch, asked) = origin(Duration::from_secs(1), Duration::ZERO, "max-age=60");
         let got = lead_and_follow(fetch, Duration::from_millis(500)).await;
@@ -673,7 +676,7 @@ mod tests {
     /// A follower whose time (500 ms) ends while the leader's response, begun at once, is
     /// still streaming (1 s) asks the origin itself, with a whole timeout of its own, rather
     /// than answer `timeout`: its timeout is for a response to begin, as the leader's was.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_follower_whose_time_ends_while_the_leaders_body_streams_fetches_for_itself() {
         let (fetch, asked) = origin(Duration::ZERO, Duration::from_secs(1), "max-age=60");
         let wait = Duration::from_millis(500);
@@ -682,8 +685,123 @@ mod tests {
         let asked = asked.lock().unwrap();
         assert_eq!(asked.len(), 2);
         assert_eq!(asked[0], None);
-        // A new deadline from when its own ended (not the few ms left of the old one).
+        // A new deadline from when its own ended (not the nothing left of the old one).
         let left = asked[1].expect("the follower's fetch carries its deadline");
-        assert!(left > wait / 2, "{left:?}");
+        assert_eq!(left, wait);
+    }
+
+    /// A request of `wait` timeout for key `k` to `cache`, `after` from now; its answer with
+    /// the body read whole. `gone_after`: its caller hangs up then (an error, not an answer).
+    async fn ask(
+        cache: &Arc<Cache>,
+        fetch: &Fetch,
+        wait: Duration,
+        after: Duration,
+        gone_after: Option<Duration>,
+    ) -> Result<Bytes, ProxyError> {
+        tokio::time::sleep(after).await;
+        let head = http::Request::get("http://hello/k")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let asked = async {
+            let resp = serve(cache, "k".into(), wait, head, fetch.clone()).await?;
+            Ok(resp.into_body().collect().await.unwrap().to_bytes())
+        };
+        match gone_after {
+            None => asked.await,
+            Some(gone) => tokio::time::timeout(gone, asked).await.unwrap_or_else(|_| {
+                Err(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    Side::Downstream,
+                    "gone",
+                ))
+            }),
+        }
+    }
+
+    fn cache() -> Arc<Cache> {
+        Arc::new(Cache::new(1 << 20, 1 << 16, Arc::default()))
+    }
+
+    /// A request that waited for another's fetch and has no time left answers `timeout`
+    /// without a fetch; one that did not wait fetches with the whole timeout (no deadline).
+    #[test]
+    fn a_request_that_waited_away_its_time_does_not_fetch() {
+        let head = || {
+            http::Request::get("http://hello/k")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let wait = Duration::from_secs(1);
+        let past = Deadline(tokio::time::Instant::now() - Duration::from_millis(1));
+        let e = timed(head(), past, true, wait).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert!(
+            e.message.contains("waited for another's fetch"),
+            "{}",
+            e.message
+        );
+        let fresh = timed(head(), past, false, wait).unwrap();
+        assert!(fresh.extensions.get::<Deadline>().is_none());
+        let later = Deadline(tokio::time::Instant::now() + wait);
+        let left = timed(head(), later, true, wait)
+            .unwrap()
+            .extensions
+            .get::<Deadline>()
+            .unwrap()
+            .left();
+        assert!(left > Duration::ZERO && left <= wait, "{left:?}");
+    }
+
+    /// A leader whose fetch fails other than by timeout (here the peer cannot be reached)
+    /// does not fail its followers: the follower asks the origin itself, and is answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_fails_to_connect_leaves_its_follower_to_fetch() {
+        let fail = Step::Fail(ErrorKind::ConnectFailed, Duration::from_millis(300));
+        let (fetch, asked) = scripted(vec![fail], "max-age=60");
+        let (cache, wait) = (cache(), Duration::from_secs(5));
+        let (lead, follow) = tokio::join!(
+            ask(&cache, &fetch, wait, Duration::ZERO, None),
+            ask(&cache, &fetch, wait, Duration::from_millis(100), None),
+        );
+        assert_eq!(lead.unwrap_err().kind, ErrorKind::ConnectFailed);
+        assert_eq!(follow.unwrap(), Bytes::from_static(b"x"));
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), 2);
+        assert!(
+            asked[1].is_some(),
+            "the follower fetches with what is left of its time"
+        );
+    }
+
+    /// A leader that waited first (its own leader's caller hung up) and then ran out of its
+    /// time does not fail the requests that followed it: they came later and have time left,
+    /// so one of them leads a new fetch, and is answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_waited_first_and_timed_out_hands_the_fetch_on() {
+        let timeout = Step::Fail(ErrorKind::Timeout, Duration::from_millis(300));
+        let (fetch, asked) = scripted(vec![Step::Hang, timeout], "max-age=60");
+        let (cache, wait) = (cache(), Duration::from_secs(5));
+        let ms = Duration::from_millis;
+        let (first, second, third) = tokio::join!(
+            // Leads, and its caller hangs up at 100 ms.
+            ask(&cache, &fetch, wait, ms(0), Some(ms(100))),
+            // Follows; leads after the hang-up, and its fetch times out at about 400 ms.
+            ask(&cache, &fetch, wait, ms(50), None),
+            // Follows the second, and leads once its fetch has timed out.
+            ask(&cache, &fetch, wait, ms(200), None),
+        );
+        assert_eq!(first.unwrap_err().message, "gone");
+        assert_eq!(second.unwrap_err().kind, ErrorKind::Timeout);
+        assert_eq!(third.unwrap(), Bytes::from_static(b"x"));
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), 3);
+        // The first with the whole timeout; the second from 100 ms, having come at 50; the
+        // third from 400 ms, having come at 200: each with what was left of its own time.
+        assert_eq!(asked[..], [None, Some(wait - ms(50)), Some(wait - ms(200))]);
     }
 }
