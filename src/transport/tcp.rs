@@ -253,7 +253,15 @@ impl Ended {
     fn refusal(&self, addr: SocketAddr) -> ProxyError {
         connect_failed(format!("peer {addr} refused the handshake: {}", self.text))
     }
+
+    /// What a request on a connection our keep-alive ended hears.
+    fn silence(&self, addr: SocketAddr) -> String {
+        format!("peer {addr} stopped answering: {}", self.text)
+    }
 }
+
+/// An `Ended`'s text when the connection ended without an error.
+const CLEAN_END: &str = "it ended without an error";
 
 /// A pooled HTTP/2 connection.
 #[derive(Clone)]
@@ -389,7 +397,7 @@ impl H2Conn {
     async fn not_taken(&self, addr: SocketAddr, what: String) -> ProxyError {
         let text = match self.ended().await {
             Some(r) if r.refused => return r.refusal(addr),
-            Some(r) if r.silent => format!("peer {addr} stopped answering: {}", r.text),
+            Some(r) if r.silent => r.silence(addr),
             Some(r) => format!("{what}: {}", r.text),
             None => what,
         };
@@ -581,7 +589,7 @@ impl Pool {
                     Ok(()) => Ended {
                         refused: false,
                         silent,
-                        text: "closed".into(),
+                        text: CLEAN_END.into(),
                     },
                     // A TLS 1.3 server that refuses our certificate says so with an alert
                     // after our handshake finished.
@@ -623,7 +631,7 @@ impl Pool {
                     Some(r) if r.refused => r.refusal(addr),
                     end => connect_failed(format!(
                         "peer {addr} closed the connection before its HTTP/2 SETTINGS: {}",
-                        end.map_or_else(|| "closed".into(), |e| e.text)
+                        end.map_or_else(|| "no reason recorded".into(), |e| e.text)
                     )),
                 });
             }
@@ -729,15 +737,9 @@ impl Pool {
                     Some(r) if r.refused => r.refusal(addr),
                     // Our keep-alive closed it: the peer went quiet (on a new connection, it
                     // never spoke HTTP/2 at all).
-                    Some(r) if r.silent => ProxyError::new(
-                        if conn.never_answered() {
-                            ErrorKind::ConnectFailed
-                        } else {
-                            ErrorKind::PeerReset
-                        },
-                        Side::Peer,
-                        format!("peer {addr} stopped answering: {}", r.text),
-                    ),
+                    Some(r) if r.silent => {
+                        ProxyError::new(conn.unsent_kind(), Side::Peer, r.silence(addr))
+                    }
                     // RFC 9113 §8.7: REFUSED_STREAM means the peer did not process it.
                     _ if e.reason() == Some(h2::Reason::REFUSED_STREAM) => ProxyError::new(
                         conn.unsent_kind(),
