@@ -2,10 +2,12 @@
 //! can use the datagrams a path allows: 64 KiB over loopback, 9,000-byte frames on a
 //! jumbo-frame network, where quinn alone starts at 1,200 bytes and never probes past 1,452.
 //!
-//! - IPv4: `IP_MTU` on a UDP socket connected to the peer: the route's MTU (the interface's,
-//!   or the route's own `mtu` attribute, or a smaller path MTU the kernel has learnt).
-//! - IPv6: the MTU of the interface that holds the source address the kernel picks for the
-//!   peer (`/proc/net/if_inet6`, `/sys/class/net/<if>/mtu`); std and nix have no `IPV6_MTU`.
+//! It is `IP_MTU` (IPv4) or `IPV6_MTU` on a UDP socket connected to the peer: the route's MTU
+//! (the interface's, or the route's own `mtu` attribute, or a smaller path MTU the kernel has
+//! learnt). quinn's sockets send with `IP(V6)_PMTUDISC_PROBE`, which lets datagrams up to the
+//! interface's MTU leave whatever the route says, so a route's `mtu` is kept only by reading
+//! it here (IPv6 used to read the interface's MTU, and over a loopback route of 1,500 bytes
+//! sent 64 KiB datagrams).
 //!
 //! Only the first hop is known this way: a path through routers may allow less. So over
 //! anything but loopback the result is only the bound of quinn's MTU discovery, which starts
@@ -21,47 +23,32 @@ pub(crate) fn route_payload(peer: SocketAddr) -> Option<u16> {
     let ip = peer.ip().to_canonical();
     let payload = match ip {
         IpAddr::V4(_) => {
-            let mtu = ipv4_route_mtu(SocketAddr::new(ip, peer.port()))?;
+            let mtu = connected_mtu(SocketAddr::new(ip, peer.port()))?;
             mtu.min(65_535).checked_sub(20 + 8)?
         }
-        IpAddr::V6(_) => ipv6_route_mtu(peer)?.checked_sub(40 + 8)?.min(65_527),
+        IpAddr::V6(_) => connected_mtu(peer)?.checked_sub(40 + 8)?.min(65_527),
     };
     u16::try_from(payload).ok()
 }
 
+/// The MTU of the route from a UDP socket connected to `peer`.
 #[cfg(target_os = "linux")]
-fn ipv4_route_mtu(peer: SocketAddr) -> Option<u32> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).ok()?;
+fn connected_mtu(peer: SocketAddr) -> Option<u32> {
+    let any = match peer {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    let socket = UdpSocket::bind(any).ok()?;
     socket.connect(peer).ok()?;
-    let mtu = nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::IpMtu).ok()?;
-    u32::try_from(mtu).ok()
+    match peer {
+        SocketAddr::V4(_) => rustix::net::sockopt::ip_mtu(&socket).ok(),
+        SocketAddr::V6(_) => rustix::net::sockopt::ipv6_mtu(&socket).ok(),
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn ipv4_route_mtu(_peer: SocketAddr) -> Option<u32> {
+fn connected_mtu(_peer: SocketAddr) -> Option<u32> {
     None
-}
-
-fn ipv6_route_mtu(peer: SocketAddr) -> Option<u32> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0u16; 8], 0))).ok()?;
-    socket.connect(peer).ok()?;
-    let IpAddr::V6(local) = socket.local_addr().ok()?.ip() else {
-        return None;
-    };
-    let addresses = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
-    let name = interface_of(&addresses, &local.octets())?;
-    let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok()?;
-    mtu.trim().parse().ok()
-}
-
-/// The interface that holds `address` in `/proc/net/if_inet6`'s text: one address a line,
-/// 32 hex digits, then index, prefix length, scope, flags and the interface's name.
-fn interface_of<'a>(if_inet6: &'a str, address: &[u8; 16]) -> Option<&'a str> {
-    let hex: String = address.iter().map(|b| format!("{b:02x}")).collect();
-    if_inet6.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        (fields.next()? == hex).then(|| fields.nth(4)).flatten()
-    })
 }
 
 #[cfg(test)]
@@ -86,20 +73,5 @@ mod tests {
             let v6 = route_payload("[::1]:4433".parse().unwrap());
             assert_eq!(v6.map(u32::from), Some((lo - 48).min(65_527)));
         }
-    }
-
-    #[test]
-    fn an_address_is_found_on_its_interface_and_nowhere_else() {
-        let text = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n\
-                    00000000000000000000000000000001 01 80 10 80       lo\n";
-        let mut one = [0u8; 16];
-        one[15] = 1;
-        assert_eq!(interface_of(text, &one), Some("lo"));
-        let mut link = [0u8; 16];
-        link[..2].copy_from_slice(&[0xfe, 0x80]);
-        link[8..].copy_from_slice(&[0, 0xfc, 0, 0xff, 0xfe, 0, 0, 1]);
-        assert_eq!(interface_of(text, &link), Some("eth0"));
-        assert_eq!(interface_of(text, &[0u8; 16]), None);
-        assert_eq!(interface_of("garbage\n", &one), None);
     }
 }

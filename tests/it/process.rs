@@ -524,8 +524,7 @@ fn a_full_udp_send_buffer_is_waited_out_and_loses_nothing() {
 /// in under 1,000 datagrams, where 1,452-byte ones take 2,900. The server's sends also pass
 /// the bound on one UDP send's size: quinn batches up to ten datagrams (GSO), 90 KB of these,
 /// which the kernel refuses.
-/// Over IPv4 (the route's `IP_MTU`) and IPv6 (the MTU of the interface that holds the source
-/// address) alike.
+/// Over IPv4 (the route's `IP_MTU`) and IPv6 (`IPV6_MTU`) alike.
 #[test]
 #[ignore = "needs ip (and root): apt-get install iproute2"]
 fn sidecars_on_a_jumbo_frame_link_carry_a_download_in_jumbo_datagrams() {
@@ -620,26 +619,60 @@ fn a_link_with_a_tunnels_mtu_carries_downloads_within_it() {
     assert!((1_200..=1_372).contains(&sent), "{sent}-byte datagrams");
 }
 
-/// The admin address of the sidecars `across` starts (each in its own namespace).
+/// A loopback route with an MTU of its own (1,500 bytes for `::1` or `127.0.0.1`, where the
+/// interface allows 64 KiB, as a host that caps its loopback routes would have): the sidecars'
+/// datagrams stay within the route, and downloads arrive whole. Over loopback datagrams start
+/// at the route's size rather than being discovered, so a size read from the interface
+/// instead of the route would be sent at once, and refused by the kernel (`EMSGSIZE`).
+#[test]
+#[ignore = "needs ip (and root): apt-get install iproute2"]
+fn a_loopback_route_with_its_own_mtu_bounds_the_datagrams() {
+    let routes = [
+        ("[::1]:14443", ["-6", "local", "::1"]),
+        ("127.0.0.1:14443", ["-4", "local", "127.0.0.1"]),
+    ];
+    for (server, [family, kind, address]) in routes {
+        let ns = Netns::new();
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        let route = ["ip", family, "route"];
+        let table = [kind, address, "dev", "lo", "table", "local"];
+        ns.run(&[&route[..], &["del"], &table].concat());
+        ns.run(&[&route[..], &["add"], &table, &["mtu", "1500"]].concat());
+        let shown = ns.run(&[&route[..], &["show", "table", "local", address]].concat());
+        assert!(shown.contains("mtu 1500"), "{shown}");
+        let (_pki, out, _sidecars) = across(&ns, &ns, "", server);
+        ns.downloads(&out, 4, 1 << 20);
+        let sent = ns.datagram_bytes();
+        let bound = if family == "-6" { 1_452 } else { 1_472 };
+        assert!(
+            (1_200..=bound).contains(&sent),
+            "{server}: {sent}-byte datagrams"
+        );
+    }
+}
+
+/// The admin address of the client sidecar `across` starts.
 const ADMIN: &str = "127.0.0.1:19901";
 
 /// A server sidecar (with the benchmark backend) in `b` listening on `server` and a client
 /// sidecar in `a` that calls it, both with `extra` config; returns the PKI, the client's
-/// outbound address and both sidecars.
+/// outbound address and both sidecars. The client's admin listens on `ADMIN`, so `a` and `b`
+/// may be one namespace.
 fn across(a: &Netns, b: &Netns, extra: &str, server: &str) -> (Pki, String, (Reaper, Reaper)) {
     let pki = Pki::new();
-    let admin = |toml: String| {
-        let any = "[admin]\nlisten = \"127.0.0.1:0\"";
-        assert!(toml.contains(any));
-        format!(
-            "{}{extra}",
-            toml.replace(any, &format!("[admin]\nlisten = \"{ADMIN}\""))
-        )
-    };
     let backend = "127.0.0.1:18080";
     let server_toml = server_toml(&pki, backend.parse().unwrap(), server, "");
-    let (far, _) = b.node(&pki, "server", &admin(server_toml), Some(backend));
+    let (far, _) = b.node(
+        &pki,
+        "server",
+        &format!("{server_toml}{extra}"),
+        Some(backend),
+    );
+    let any = "[admin]\nlisten = \"127.0.0.1:0\"";
     let client_toml = client_toml(&pki, &[server.parse().unwrap()], "");
-    let (client, out) = a.node(&pki, "client", &admin(client_toml), None);
+    assert!(client_toml.contains(any));
+    let admin = format!("[admin]\nlisten = \"{ADMIN}\"");
+    let client_toml = format!("{}{extra}", client_toml.replace(any, &admin));
+    let (client, out) = a.node(&pki, "client", &client_toml, None);
     (pki, out, (far, client))
 }
