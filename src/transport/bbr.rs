@@ -99,6 +99,8 @@ pub(crate) struct Bbr {
     min_rtt_stamp: Option<Instant>,
     /// The least RTT sample of the ACK frame being processed.
     sample_min_rtt: Option<Duration>,
+    /// Packets the ACK frame being processed acknowledges for the first time.
+    acked_packets: u32,
     /// Nothing was in flight after the last ACK: the next one is the first of a restart from
     /// idle, whose RTT samples come from an empty queue.
     idle: bool,
@@ -146,6 +148,7 @@ impl Bbr {
             min_rtt: Default::default(),
             min_rtt_stamp: None,
             sample_min_rtt: None,
+            acked_packets: 0,
             idle: false,
             exiting_quiescence: false,
             pacing_rate: 0,
@@ -304,17 +307,27 @@ impl Bbr {
     }
 
     /// Takes the ACK frame's RTT sample into the minimum-RTT filter: a lower sample replaces
-    /// the minimum, and so does any sample once the minimum is `MIN_RTT_EXPIRY` old; a sample
-    /// within `MIN_RTT_CONFIRM` of the minimum confirms it (the queue was empty then, so the
-    /// minimum is still the path's). Returns whether the minimum had expired before this ACK.
+    /// the minimum, and so does any sample once the minimum is `MIN_RTT_EXPIRY` old, unless
+    /// its ACK may have been delayed; a sample within `MIN_RTT_CONFIRM` of the minimum confirms
+    /// it (the queue was empty then, so the minimum is still the path's). Returns whether the
+    /// minimum had expired before this ACK.
+    ///
+    /// A receiver acknowledges every second packet at once and a lone one after up to its
+    /// `max_ack_delay` (25 ms by default), so a frame that acknowledges one packet may carry
+    /// that delay: as Linux's BBR does with a delayed ACK, such a sample never replaces an
+    /// expired minimum (it still lowers one). On an idle connection the keep-alive's PINGs are
+    /// all lone packets: their samples, the RTT plus the peer's ACK delay (76 ms on a 50 ms
+    /// path in the lossy yardstick), replaced the minimum ten seconds after the last request,
+    /// and the path model the next connection starts from said 76 ms.
     fn update_min_rtt(&mut self, now: Instant) -> bool {
         let expired = self
             .min_rtt_stamp
             .is_some_and(|stamp| now.saturating_duration_since(stamp) > MIN_RTT_EXPIRY);
+        let undelayed = std::mem::take(&mut self.acked_packets) > 1;
         let Some(sample) = self.sample_min_rtt.take() else {
             return expired;
         };
-        if expired || self.min_rtt_stamp.is_none() || sample < self.min_rtt {
+        if (expired && undelayed) || self.min_rtt_stamp.is_none() || sample < self.min_rtt {
             self.min_rtt = sample;
             self.min_rtt_stamp = Some(now);
         } else if sample <= self.min_rtt + self.min_rtt / MIN_RTT_CONFIRM {
@@ -503,6 +516,7 @@ impl Bbr {
         self.max_bandwidth
             .on_ack(now, sent, bytes, self.round_count, app_limited);
         self.acked_bytes += bytes;
+        self.acked_packets += 1;
         let sample = now.saturating_duration_since(sent);
         if !sample.is_zero() && self.sample_min_rtt.is_none_or(|least| sample < least) {
             self.sample_min_rtt = Some(sample);
@@ -912,15 +926,20 @@ mod tests {
 
         /// Rounds of `rtt` until `until` after the start (at least one).
         fn rounds(&mut self, rtt: Duration, until: Duration) -> &Bbr {
+            self.rounds_of(8, rtt, until)
+        }
+
+        /// Rounds of `packets` datagrams each, acknowledged `rtt` later in one frame.
+        fn rounds_of(&mut self, packets: usize, rtt: Duration, until: Duration) -> &Bbr {
             let bytes = u64::from(MTU);
             loop {
                 let sent = self.now;
-                for _ in 0..8 {
+                for _ in 0..packets {
                     self.pn += 1;
                     self.bbr.on_sent(sent, bytes, self.pn);
                 }
                 self.now += rtt;
-                for _ in 0..8 {
+                for _ in 0..packets {
                     self.bbr
                         .on_packet_acked(self.now, sent, bytes, self.app_limited);
                 }
@@ -968,6 +987,29 @@ mod tests {
                 FAST,
                 "{app_limited}"
             );
+        }
+    }
+
+    /// Failure scope of the minimum that grows back: an idle connection's keep-alives, each a
+    /// lone packet acknowledged after the peer's ACK delay, do not replace an expired minimum
+    /// (they did: the lossy yardstick's path models said 76 ms for a 50 ms path); the first
+    /// frame acknowledging several packets after that does, and a lone packet's lower sample
+    /// still lowers it at once.
+    #[test]
+    fn lone_packets_acknowledged_late_do_not_replace_an_expired_minimum() {
+        let delayed = SLOW + Duration::from_millis(25);
+        let longer = SLOW + Duration::from_millis(10);
+        for app_limited in [false, true] {
+            let mut path = Sender::new(app_limited);
+            assert_eq!(path.rounds(SLOW, secs(2)).min_rtt, SLOW);
+            // Twenty seconds of keep-alives: the minimum expires, and stands.
+            let idle = path.rounds_of(1, delayed, secs(22)).min_rtt;
+            assert_eq!(idle, SLOW, "{app_limited}");
+            // Requests again, on a path now 10 ms longer: the first busy frame replaces it.
+            let busy = path.rounds_of(2, longer, Duration::ZERO).min_rtt;
+            assert_eq!(busy, longer, "{app_limited}");
+            let lower = path.rounds_of(1, FAST, Duration::ZERO).min_rtt;
+            assert_eq!(lower, FAST, "{app_limited}");
         }
     }
 
