@@ -311,9 +311,13 @@ impl Netns {
         Self::named("")
     }
 
-    /// A namespace whose name ends in `tag`, for a test that needs more than one.
+    /// A namespace whose name ends in `tag`, for a test that needs more than one. Each name is
+    /// new in this process: `cargo test` runs these tests on threads of one process, where a
+    /// name from the PID alone was taken by whichever test came first.
     fn named(tag: &str) -> Self {
-        let name = format!("quicar-it-{}{tag}", std::process::id());
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("quicar-it-{}-{n}{tag}", std::process::id());
         let ok = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
