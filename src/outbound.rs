@@ -338,7 +338,6 @@ async fn handle(
     f.status = parts.status.as_u16();
     f.error_kind = parts.extensions.get::<ErrorKind>().copied();
     f.cache = parts.extensions.get::<CacheOutcome>().copied();
-    let upstream = upstream.or_else(|| parts.extensions.get::<Upstream>().copied());
     if let Some(up) = upstream {
         f.endpoint = Some(up.endpoint);
         f.attempts = up.attempts;
@@ -486,7 +485,11 @@ async fn forward(
                 head.extensions.insert(interim);
             }
             let resp = caching::serve(cache, key, route.timeout, head, state.fetch_for(route));
-            return resp.await.map(|r| (r, None));
+            // Through the cache step a fetched response's facts ride in its extensions.
+            return resp.await.map(|r| {
+                let upstream = r.extensions().get::<Upstream>().copied();
+                (r, upstream)
+            });
         }
         if !head.method.is_safe() {
             // RFC 9111 §4.4: a successful unsafe request invalidates what we hold for the URI.
