@@ -10,16 +10,10 @@ use crate::support::*;
 
 const CACHE: &str = "cache = { max_bytes = \"1MiB\", max_entry_bytes = \"256KiB\" }";
 
-fn how(got: &Got) -> &str {
-    got.headers
-        .get("quicar-cache")
-        .map_or("", |v| v.to_str().unwrap())
-}
-
 /// GETs `url` twice and says how the cache answered the second time.
 async fn second(pair: &Pair, url: &str) -> String {
     get(pair.out(), "hello", url).await;
-    how(&get(pair.out(), "hello", url).await).to_string()
+    get(pair.out(), "hello", url).await.how().to_string()
 }
 
 async fn cached_pair() -> Pair {
@@ -31,21 +25,21 @@ async fn hit_miss_and_expiry() {
     let pair = cached_pair().await;
     let url = "/c/a?cc=max-age=60";
     let first = get(pair.out(), "hello", url).await;
-    assert_eq!((first.status, how(&first)), (StatusCode::OK, "miss"));
+    assert_eq!((first.status, first.how()), (StatusCode::OK, "miss"));
     let hit = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert_eq!(hit.body, first.body);
     assert_eq!(pair.upstream.count_of("/c/a"), 1);
     assert_eq!(values(&hit.headers, "cache-control"), vec!["max-age=60"]);
 
     pair.client.clock().advance(Duration::from_secs(10));
     let aged = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&aged), "hit");
+    assert_eq!(aged.how(), "hit");
     assert_eq!(values(&aged.headers, "age"), vec!["10"]);
 
     pair.client.clock().advance(Duration::from_secs(51));
     let expired = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&expired), "miss");
+    assert_eq!(expired.how(), "miss");
     assert_eq!(pair.upstream.count_of("/c/a"), 2);
     assert_ne!(expired.body, first.body, "an expired copy was served");
     // HEAD is answered by the origin and does not disturb the entry.
@@ -57,10 +51,10 @@ async fn hit_miss_and_expiry() {
             .unwrap(),
     )
     .await;
-    assert_eq!((head.status, how(&head)), (StatusCode::OK, "miss"));
+    assert_eq!((head.status, head.how()), (StatusCode::OK, "miss"));
     assert_eq!(pair.upstream.last().method, "HEAD");
     let again = get(pair.out(), "hello", url).await;
-    assert_eq!((how(&again), &again.body), ("hit", &expired.body));
+    assert_eq!((again.how(), &again.body), ("hit", &expired.body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +66,7 @@ async fn no_store_private_and_authorized_responses_are_not_stored() {
         "/c/none",
     ] {
         for _ in 0..2 {
-            assert_eq!(how(&get(pair.out(), "hello", url).await), "miss", "{url}");
+            assert_eq!(get(pair.out(), "hello", url).await.how(), "miss", "{url}");
         }
     }
     assert_eq!(pair.upstream.count_of("/c/ns"), 2);
@@ -105,13 +99,13 @@ async fn vary_separates_entries() {
     };
     let en = send(pair.out(), lang("en")).await;
     let fr = send(pair.out(), lang("fr")).await;
-    assert_eq!((how(&en), how(&fr)), ("miss", "miss"));
+    assert_eq!((en.how(), fr.how()), ("miss", "miss"));
     assert!(String::from_utf8_lossy(&en.body).ends_with(" en"));
     assert!(String::from_utf8_lossy(&fr.body).ends_with(" fr"));
     let en2 = send(pair.out(), lang("en")).await;
     let fr2 = send(pair.out(), lang("fr")).await;
-    assert_eq!((how(&en2), &en2.body), ("hit", &en.body));
-    assert_eq!((how(&fr2), &fr2.body), ("hit", &fr.body));
+    assert_eq!((en2.how(), &en2.body), ("hit", &en.body));
+    assert_eq!((fr2.how(), &fr2.body), ("hit", &fr.body));
     assert_eq!(pair.upstream.count_of("/c/v"), 2);
 }
 
@@ -120,10 +114,10 @@ async fn a_304_revalidation_refreshes_without_a_body() {
     let pair = cached_pair().await;
     let url = "/c/e?cc=max-age=5&etag=%22v1%22";
     let first = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&first), "miss");
+    assert_eq!(first.how(), "miss");
     pair.client.clock().advance(Duration::from_secs(6));
     let reval = get(pair.out(), "hello", url).await;
-    assert_eq!((reval.status, how(&reval)), (StatusCode::OK, "revalidated"));
+    assert_eq!((reval.status, reval.how()), (StatusCode::OK, "revalidated"));
     assert_eq!(
         reval.body, first.body,
         "the stored body is served after a 304"
@@ -136,7 +130,7 @@ async fn a_304_revalidation_refreshes_without_a_body() {
     assert_eq!(pair.upstream.count_of("/c/e"), 2);
     // The 304 refreshed freshness: the next request is a plain hit.
     let hit = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert_eq!(pair.upstream.count_of("/c/e"), 2);
 }
 
@@ -147,7 +141,7 @@ async fn a_plain_get_never_sees_a_304_meant_for_the_cache() {
     let first = get(pair.out(), "hello", url).await;
     pair.client.clock().advance(Duration::from_secs(6));
     let reval = get(pair.out(), "hello", url).await;
-    assert_eq!((reval.status, how(&reval)), (StatusCode::OK, "revalidated"));
+    assert_eq!((reval.status, reval.how()), (StatusCode::OK, "revalidated"));
     assert_eq!(reval.body, first.body);
     assert_eq!(
         values(&pair.upstream.last().headers, "if-modified-since"),
@@ -218,13 +212,13 @@ async fn a_hundred_concurrent_requests_for_an_expired_entry_revalidate_once() {
     // The revalidation takes 3 s: the other 99 come while it runs.
     let url = "/c/exp?cc=max-age=5&etag=%22v1%22&delay=3000";
     let first = get(out, "hello", url).await;
-    assert_eq!(how(&first), "miss");
+    assert_eq!(first.how(), "miss");
     pair.client.clock().advance(Duration::from_secs(6));
     let mut revalidated = 0;
     for got in one_then_many(&pair, url, "/c/exp", 2, 100).await {
         assert_eq!(got.status, StatusCode::OK, "{got:?}");
         assert_eq!(got.body, first.body);
-        match how(&got) {
+        match got.how() {
             "revalidated" => revalidated += 1,
             "hit" => {}
             other => panic!("answered as {other:?}"),
@@ -276,7 +270,7 @@ async fn a_leader_whose_caller_hangs_up_hands_the_fetch_to_one_follower() {
     // response was whole and stored before the hang-up was seen).
     let fetches = pair.upstream.count_of("/c/lead");
     assert!(fetches <= 2, "{fetches} fetches for one key");
-    assert_eq!(how(&get(out, "hello", url).await), "hit");
+    assert_eq!(get(out, "hello", url).await.how(), "hit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,13 +285,13 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
         .collect();
     for t in tasks {
         let got = t.await.unwrap();
-        assert_eq!((how(&got), &got.body), ("stale", &first.body));
+        assert_eq!((got.how(), &got.body), ("stale", &first.body));
     }
     // Exactly one background refresh, which then serves as the new entry.
     let mut refreshed = None;
     for _ in 0..100 {
         let got = get(pair.out(), "hello", url).await;
-        if how(&got) == "hit" {
+        if got.how() == "hit" {
             refreshed = Some(got);
             break;
         }
@@ -320,7 +314,7 @@ async fn stale_if_error_serves_the_stored_copy_when_the_origin_fails() {
         .store(true, std::sync::atomic::Ordering::Relaxed);
     pair.client.clock().advance(Duration::from_secs(5));
     let got = get(pair.out(), "hello", sie).await;
-    assert_eq!((got.status, how(&got)), (StatusCode::OK, "stale"));
+    assert_eq!((got.status, got.how()), (StatusCode::OK, "stale"));
     assert_eq!(got.body, first.body);
     // Without stale-if-error the failure reaches the app.
     let got = get(pair.out(), "hello", plain).await;
@@ -344,13 +338,13 @@ async fn stale_if_error_under_load_asks_the_failing_origin_once() {
     // The failing revalidation takes 3 s: the other 49 come while it runs.
     let url = "/c/sie-hot?cc=max-age=1,%20stale-if-error=60&delay=3000";
     let first = get(out, "hello", url).await;
-    assert_eq!(how(&first), "miss");
+    assert_eq!(first.how(), "miss");
     pair.upstream
         .failing
         .store(true, std::sync::atomic::Ordering::Relaxed);
     pair.client.clock().advance(Duration::from_secs(5));
     for got in one_then_many(&pair, url, "/c/sie-hot", 2, 50).await {
-        assert_eq!((got.status, how(&got)), (StatusCode::OK, "stale"));
+        assert_eq!((got.status, got.how()), (StatusCode::OK, "stale"));
         assert_eq!(got.body, first.body);
     }
     assert_eq!(pair.upstream.count_of("/c/sie-hot"), 2);
@@ -370,7 +364,7 @@ async fn unsafe_methods_invalidate_the_uri() {
             .unwrap();
         assert_eq!(send(pair.out(), req).await.status, StatusCode::OK);
         let after = get(pair.out(), "hello", url).await;
-        assert_eq!(how(&after), "miss", "after {method}");
+        assert_eq!(after.how(), "miss", "after {method}");
     }
 }
 
@@ -397,7 +391,7 @@ async fn the_byte_bound_holds_and_large_bodies_pass_through() {
     // Over the per-entry limit: streamed through intact, never stored.
     for _ in 0..2 {
         let got = get(pair.out(), "hello", "/c/big?cc=max-age=60&size=100000").await;
-        assert_eq!(how(&got), "miss");
+        assert_eq!(got.how(), "miss");
         assert!(got.body == pattern(100_000));
     }
     assert_eq!(pair.upstream.count_of("/c/big"), 2);
@@ -405,7 +399,7 @@ async fn the_byte_bound_holds_and_large_bodies_pass_through() {
     let url = "/c/mid?cc=max-age=60&size=12000";
     let first = get(pair.out(), "hello", url).await;
     let second = get(pair.out(), "hello", url).await;
-    assert_eq!((how(&first), how(&second)), ("miss", "hit"));
+    assert_eq!((first.how(), second.how()), ("miss", "hit"));
     assert!(second.body == pattern(12_000));
 }
 
@@ -457,7 +451,7 @@ async fn a_hit_keeps_the_origin_date_and_names_no_transport() {
     assert_eq!(values(&miss.headers, "quicar-transport"), vec!["quic"]);
     pair.client.clock().advance(Duration::from_secs(5));
     let hit = get(pair.out(), "hello", &url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert_eq!(values(&hit.headers, "date"), vec![date]);
     assert!(
         values(&hit.headers, "quicar-transport").is_empty(),
@@ -479,12 +473,12 @@ async fn conditional_requests_get_304_from_a_fresh_entry() {
     ] {
         let got = get_with(&pair, &url, &headers).await;
         assert_eq!(got.status, StatusCode::NOT_MODIFIED, "{headers:?}: {got:?}");
-        assert_eq!(how(&got), "hit");
+        assert_eq!(got.how(), "hit");
         assert!(got.body.is_empty());
         assert_eq!(values(&got.headers, "etag"), vec!["\"v1\""]);
     }
     let got = get_with(&pair, &url, &[("if-none-match", "\"v0\"")]).await;
-    assert_eq!((got.status, how(&got)), (StatusCode::OK, "hit"));
+    assert_eq!((got.status, got.how()), (StatusCode::OK, "hit"));
     assert_eq!(pair.upstream.count_of("/c/cond"), 1);
 }
 
@@ -495,7 +489,7 @@ async fn any_final_status_with_explicit_freshness_is_stored() {
         let url = format!("/c/st{status}?cc=max-age=60&status={status}");
         get(pair.out(), "hello", &url).await;
         let again = get(pair.out(), "hello", &url).await;
-        assert_eq!((again.status.as_u16(), how(&again)), (status, "hit"));
+        assert_eq!((again.status.as_u16(), again.how()), (status, "hit"));
     }
     // Without explicit freshness a 500 is not stored.
     let url = "/c/plain500?status=500";
@@ -513,7 +507,7 @@ async fn qualified_no_cache_and_private_store_all_but_the_named_fields() {
         "the origin's answer passes whole"
     );
     let hit = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert!(
         values(&hit.headers, "x-secret").is_empty() && values(&hit.headers, "x-private").is_empty()
     );
@@ -526,7 +520,7 @@ async fn request_no_store_bypasses_and_only_if_cached_answers_504() {
     let url = "/c/ns?cc=max-age=60";
     get(pair.out(), "hello", url).await;
     let got = get_with(&pair, url, &[("cache-control", "No-Store")]).await;
-    assert_eq!(how(&got), "", "not served from the cache: {got:?}");
+    assert_eq!(got.how(), "", "not served from the cache: {got:?}");
     assert_eq!(pair.upstream.count_of("/c/ns"), 2);
     let got = get_with(
         &pair,
@@ -537,7 +531,7 @@ async fn request_no_store_bypasses_and_only_if_cached_answers_504() {
     assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(pair.upstream.count_of("/c/never"), 0);
     let got = get_with(&pair, url, &[("cache-control", "only-if-cached")]).await;
-    assert_eq!((got.status, how(&got)), (StatusCode::OK, "hit"));
+    assert_eq!((got.status, got.how()), (StatusCode::OK, "hit"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +539,7 @@ async fn unsafe_requests_invalidate_location_and_content_location() {
     let pair = cached_pair().await;
     for path in ["/c/target?cc=max-age=60", "/c/other?cc=max-age=60"] {
         get(pair.out(), "hello", path).await;
-        assert_eq!(how(&get(pair.out(), "hello", path).await), "hit");
+        assert_eq!(get(pair.out(), "hello", path).await.how(), "hit");
     }
     let post = Request::post("/c/post?loc=/c/target%3Fcc=max-age=60&hdr=content-location:http://hello/c/other%3Fcc=max-age=60")
         .header("host", "hello")
@@ -553,7 +547,7 @@ async fn unsafe_requests_invalidate_location_and_content_location() {
         .unwrap();
     assert_eq!(send(pair.out(), post).await.status, StatusCode::OK);
     for path in ["/c/target?cc=max-age=60", "/c/other?cc=max-age=60"] {
-        assert_eq!(how(&get(pair.out(), "hello", path).await), "miss", "{path}");
+        assert_eq!(get(pair.out(), "hello", path).await.how(), "miss", "{path}");
     }
 }
 
@@ -564,7 +558,7 @@ async fn a_304_updates_the_stored_content_encoding() {
     get(pair.out(), "hello", url).await;
     pair.client.clock().advance(Duration::from_secs(5));
     let got = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&got), "revalidated");
+    assert_eq!(got.how(), "revalidated");
     assert_eq!(values(&got.headers, "content-encoding"), vec!["identity"]);
     let hit = get(pair.out(), "hello", url).await;
     assert_eq!(values(&hit.headers, "content-encoding"), vec!["identity"]);
@@ -576,7 +570,7 @@ async fn vary_matches_list_fields_whatever_their_order_and_spacing() {
     let url = "/c/vary?cc=max-age=60&vary=accept-encoding";
     get_with(&pair, url, &[("accept-encoding", "gzip, br")]).await;
     let got = get_with(&pair, url, &[("accept-encoding", "br,gzip")]).await;
-    assert_eq!(how(&got), "hit");
+    assert_eq!(got.how(), "hit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,7 +580,7 @@ async fn a_range_is_cut_from_a_stored_complete_response() {
     let whole = get(pair.out(), "hello", url).await;
     let got = get_with(&pair, url, &[("range", "bytes=10-19")]).await;
     assert_eq!(
-        (got.status, how(&got)),
+        (got.status, got.how()),
         (StatusCode::PARTIAL_CONTENT, "hit")
     );
     assert_eq!(
@@ -617,13 +611,13 @@ async fn targeted_cache_control_is_obeyed_by_quicar_and_hidden_from_the_app() {
     );
     assert_eq!(values(&miss.headers, "cache-control"), vec!["no-store"]);
     let hit = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert!(values(&hit.headers, "quicar-cache-control").is_empty());
     // The second field in precedence order counts when the first is absent, and passes on.
     let url = "/c/cdn?cc=no-store&hdr=cdn-cache-control:max-age=60";
     get(pair.out(), "hello", url).await;
     let hit = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert_eq!(
         values(&hit.headers, "cdn-cache-control"),
         vec!["max-age=60"]
@@ -649,7 +643,7 @@ async fn an_unreachable_peer_is_answered_from_the_cache_when_opted_in() {
     client.clock().advance(Duration::from_secs(10));
     let got = get(client.outbound, "hello", url).await;
     assert_eq!(
-        (got.status, how(&got)),
+        (got.status, got.how()),
         (StatusCode::OK, "stale"),
         "{got:?}"
     );
@@ -678,7 +672,7 @@ async fn a_head_response_updates_the_stored_fields() {
     .await;
     assert_eq!(head.status, StatusCode::OK);
     let hit = get(pair.out(), "hello", url).await;
-    assert_eq!(how(&hit), "hit");
+    assert_eq!(hit.how(), "hit");
     assert_eq!(values(&hit.headers, "content-encoding"), vec!["identity"]);
 }
 
@@ -711,12 +705,12 @@ async fn an_interim_103_is_never_stored() {
     let client = sidecar(&pki, &client_toml(&pki, &[server.inbound], CACHE)).await;
     let first = get(client.outbound, "hello", "/hints").await;
     assert_eq!(
-        (first.status, how(&first), &first.body[..]),
+        (first.status, first.how(), &first.body[..]),
         (StatusCode::OK, "miss", &b"ok"[..])
     );
     let hit = get(client.outbound, "hello", "/hints").await;
     assert_eq!(
-        (hit.status, how(&hit), &hit.body[..]),
+        (hit.status, hit.how(), &hit.body[..]),
         (StatusCode::OK, "hit", &b"ok"[..])
     );
     assert!(

@@ -36,6 +36,14 @@ async fn admin_get(url: &str) -> String {
 /// A far sidecar as its own `quicar run` process (so a test can stop or kill it) and an
 /// in-process caller over transport `t` with a 60 s service timeout; one request has crossed.
 async fn peer_process(t: &str) -> (Pki, Upstream, process::Sidecar, quicar::app::Bound) {
+    peer_process_with(t, "").await
+}
+
+/// As `peer_process`, with `extra` in the caller's service.
+async fn peer_process_with(
+    t: &str,
+    extra: &str,
+) -> (Pki, Upstream, process::Sidecar, quicar::app::Bound) {
     init_tracing();
     let pki = Pki::new();
     let upstream = Upstream::start().await;
@@ -49,7 +57,7 @@ async fn peer_process(t: &str) -> (Pki, Upstream, process::Sidecar, quicar::app:
         &client_toml(
             &pki,
             &[server.inbound],
-            &format!("transport = \"{t}\"\ntimeout = \"60s\""),
+            &format!("transport = \"{t}\"\ntimeout = \"60s\"\n{extra}"),
         ),
     )
     .await;
@@ -281,6 +289,15 @@ crate::over_transports! {
             assert!(kind == "connect-failed" || kind == "peer-reset", "{got:?}");
         }
     }
+
+    async fn a_hundred_callers_of_a_cached_service_whose_peer_was_killed_get_its_copy_or_fail_fast(t) {
+        cached_outage(t, "-KILL").await;
+    }
+
+    async fn a_hundred_callers_of_a_cached_service_whose_peer_froze_get_its_copy_or_fail_fast(t) {
+        cached_outage(t, "-STOP").await;
+    }
+
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2783,4 +2800,69 @@ async fn callers_that_hang_up_during_the_settings_wait_send_nothing_to_the_peer(
     assert_eq!(client.connections_opened(Transport::Tcp), 1);
     client.shutdown().await;
     task.abort();
+}
+
+/// An outage under load, behind a cache that may answer in one: the peer process gets
+/// `signal` (`-KILL`: gone, its ports refuse; `-STOP`: a hung host, whose kernel still
+/// completes TCP handshakes), then 100 callers come at once. Half want a response stored
+/// before, half one that never was.
+async fn cached_outage(t: &str, signal: &str) {
+    let cache = "cache = { max_bytes = \"1MiB\", serve_stale_on_connect_failure = \"60s\" }";
+    let (_pki, upstream, server, client) = peer_process_with(t, cache).await;
+    let out = client.outbound;
+    let kept = get(out, "hello", "/c/kept?cc=max-age=1").await;
+    assert_eq!(
+        (kept.status, kept.how()),
+        (StatusCode::OK, "miss"),
+        "{kept:?}"
+    );
+    let pid = server.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    client.clock().advance(Duration::from_secs(10));
+    let calls: Vec<_> = (0..100)
+        .map(|n| {
+            let url = if n % 2 == 0 {
+                "/c/kept?cc=max-age=1"
+            } else {
+                "/c/never?cc=max-age=60"
+            };
+            tokio::spawn(async move { (url, get(out, "hello", url).await) })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeMap::new();
+    for c in calls {
+        let (url, got) = c.await.unwrap();
+        if got.how() == "stale" {
+            assert_eq!(got.body, kept.body, "{got:?}");
+        }
+        let kind = got.error_kind().unwrap_or("").to_string();
+        *seen
+            .entry((url, got.status.as_u16(), got.how().to_string(), kind))
+            .or_insert(0) += 1;
+    }
+    drop(server); // SIGKILL, also for the stopped one.
+                  // The stored copy answers every caller that wants it; the others fail at once with the
+                  // kind of the failure (not `timeout`: the service's is 60 s), none reaching the origin.
+    let stale = (
+        "/c/kept?cc=max-age=1",
+        200,
+        "stale".to_string(),
+        String::new(),
+    );
+    assert_eq!(seen.get(&stale), Some(&50), "{seen:?}");
+    let failed: usize = seen
+        .iter()
+        .filter(|((url, status, _, kind), _)| {
+            *url == "/c/never?cc=max-age=60"
+                && *status == 502
+                && (kind == "connect-failed" || kind == "peer-reset")
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failed, 50, "{seen:?}");
+    assert_eq!(upstream.count_of("/c/never"), 0);
 }

@@ -561,6 +561,13 @@ pub struct Got {
 }
 
 impl Got {
+    /// How the cache answered (`quicar-cache`), or "" for an answer that did not pass one.
+    pub fn how(&self) -> &str {
+        self.headers
+            .get("quicar-cache")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+
     pub fn error_kind(&self) -> Option<&str> {
         self.headers
             .get("quicar-error")
