@@ -700,14 +700,15 @@ impl Pool {
                 return Err(SendError::new(err, body.unread()));
             }
         };
-        // The upload runs beside the response; giving up on the exchange stops it (resetting
-        // the stream, so the far app never takes a truncated body for a whole one).
-        let cancel_upload = CancellationToken::new();
         // A body-less request's send half is kept by the response body, to cancel the stream
-        // if the caller gives up on the response (see `H2Body::cancel_with`).
-        let send_half = if empty {
-            Some(upload)
+        // if the caller gives up on the response (see `H2Body::cancel_with`). A body's upload
+        // runs beside the response; giving up on the exchange stops it (resetting the stream,
+        // so the far app never takes a truncated body for a whole one). Only an upload has a
+        // token to stop it by.
+        let (send_half, upload_guard) = if empty {
+            (Some(upload), None)
         } else {
+            let cancel_upload = CancellationToken::new();
             // A far app that stops reading is the request body's `body_idle_timeout`.
             tokio::spawn(send_h2(
                 upload,
@@ -715,9 +716,8 @@ impl Pool {
                 Some(cancel_upload.clone()),
                 None,
             ));
-            None
+            (None, Some(cancel_upload.drop_guard()))
         };
-        let upload_guard = cancel_upload.drop_guard();
         let resp = match final_response(response, interim).await {
             Ok(r) => r,
             Err(e) => {
@@ -766,7 +766,9 @@ impl Pool {
                 return Err(SendError::new(err, None));
             }
         };
-        upload_guard.disarm();
+        if let Some(guard) = upload_guard {
+            guard.disarm();
+        }
         conn.answered.store(true, Ordering::Relaxed);
         let (parts, recv) = resp.into_parts();
         Ok(wire::from_peer(parts, &method, move || {
