@@ -117,6 +117,19 @@ fn the_dockerfile_copies_what_the_build_needs() {
             assert!(ok, "COPY {src}: {text}");
         }
     }
+    // Cargo's configuration changes the binary without a word when it is missing (it did:
+    // mimalloc's build setting in `.cargo/config.toml` was not copied, and the image's sidecar
+    // held twice the memory idle): every file of the repository's `.cargo` is in the context.
+    let config = root.join(".cargo");
+    let mut configs = 0;
+    for entry in std::fs::read_dir(&config).unwrap() {
+        let name = entry.unwrap().file_name();
+        let ours = std::fs::read(config.join(&name)).unwrap();
+        let theirs = std::fs::read(ctx.path().join(".cargo").join(&name));
+        assert_eq!(theirs.ok(), Some(ours), "the build context lacks .cargo/{name:?}");
+        configs += 1;
+    }
+    assert!(configs >= 1, "the repository's .cargo holds its build settings");
     let host = host_target();
     let meta = |dir: &Path| -> serde_json::Value {
         let out = Command::new(env!("CARGO"))
