@@ -126,10 +126,17 @@ fn the_dockerfile_copies_what_the_build_needs() {
         let name = entry.unwrap().file_name();
         let ours = std::fs::read(config.join(&name)).unwrap();
         let theirs = std::fs::read(ctx.path().join(".cargo").join(&name));
-        assert_eq!(theirs.ok(), Some(ours), "the build context lacks .cargo/{name:?}");
+        assert_eq!(
+            theirs.ok(),
+            Some(ours),
+            "the build context lacks .cargo/{name:?}"
+        );
         configs += 1;
     }
-    assert!(configs >= 1, "the repository's .cargo holds its build settings");
+    assert!(
+        configs >= 1,
+        "the repository's .cargo holds its build settings"
+    );
     let host = host_target();
     let meta = |dir: &Path| -> serde_json::Value {
         let out = Command::new(env!("CARGO"))
