@@ -204,9 +204,7 @@ crate::over_transports! {
         let (_pki, _upstream, server, client) = peer_process(t).await;
         // SIGSTOP: the process and its sockets stay, nothing answers (a hung host, a partition).
         // Over TCP the kernel still acknowledges what we send, so only the keep-alive tells.
-        let pid = server.child.id().to_string();
-        let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
-        assert!(signal("-STOP").success());
+        assert!(server.signal("-STOP"));
         let out = client.outbound;
         let calls: Vec<_> = (0..20)
             .map(|_| tokio::spawn(async move { get(out, "hello", "/").await }))
@@ -215,7 +213,7 @@ crate::over_transports! {
         for c in calls {
             got.push(c.await.unwrap());
         }
-        signal("-CONT");
+        server.signal("-CONT");
         for got in got {
             assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
             let kind = got.error_kind().unwrap_or("none");
@@ -235,9 +233,7 @@ crate::over_transports! {
         for d in downloads {
             conns.push(d.await.unwrap());
         }
-        let pid = server.child.id().to_string();
-        let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
-        assert!(signal("-STOP").success());
+        assert!(server.signal("-STOP"));
         // Nothing cuts a response that is only quiet (a stall counts writes the app does not
         // take, and a slow event stream is no fault), so only the dead peer's detection
         // (`dead_peer_timeout`, 3 s) ends these: without it they wait for the peer for ever.
@@ -263,7 +259,7 @@ crate::over_transports! {
         let cut = tokio::time::timeout(Duration::from_secs(45), futures_util::future::join_all(ends))
             .await
             .expect("downloads from a frozen peer were held, not cut");
-        signal("-CONT");
+        server.signal("-CONT");
         for tail in cut {
             // Chunked (the app's length is unknown): a cut body never has its last chunk.
             assert!(!tail.unwrap().ends_with(b"0\r\n\r\n"), "a cut download looked whole");
@@ -2595,10 +2591,8 @@ crate::over_transports! {
             .replace("connect_timeout = \"500ms\"", "connect_timeout = \"20s\"");
         let client = sidecar(&pki, &(toml + limit)).await;
         let out = client.outbound;
-        let pid = server.child.id().to_string();
-        let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
         // The peer is frozen: four callers wait for its handshake, then hang up.
-        assert!(signal("-STOP").success());
+        assert!(server.signal("-STOP"));
         let mut callers = Vec::new();
         for _ in 0..4 {
             let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
@@ -2608,7 +2602,7 @@ crate::over_transports! {
         tokio::time::sleep(Duration::from_secs(1)).await;
         drop(callers);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(signal("-CONT").success());
+        assert!(server.signal("-CONT"));
         // Four long-lived requests then fill the one connection the handshake brings.
         let held = tokio::time::timeout(Duration::from_secs(30), stopped_downloads(out, 4))
             .await
@@ -2816,12 +2810,7 @@ async fn cached_outage(t: &str, signal: &str) {
         (StatusCode::OK, "miss"),
         "{kept:?}"
     );
-    let pid = server.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    assert!(server.signal(signal));
     client.clock().advance(Duration::from_secs(10));
     let calls: Vec<_> = (0..100)
         .map(|n| {
@@ -2844,9 +2833,10 @@ async fn cached_outage(t: &str, signal: &str) {
             .entry((url, got.status.as_u16(), got.how().to_string(), kind))
             .or_insert(0) += 1;
     }
-    drop(server); // SIGKILL, also for the stopped one.
-                  // The stored copy answers every caller that wants it; the others fail at once with the
-                  // kind of the failure (not `timeout`: the service's is 60 s), none reaching the origin.
+    // SIGKILL, also for the stopped one.
+    drop(server);
+    // The stored copy answers every caller that wants it; the others fail at once with the
+    // kind of the failure (not `timeout`: the service's is 60 s), none reaching the origin.
     let stale = (
         "/c/kept?cc=max-age=1",
         200,

@@ -23,6 +23,18 @@ pub(crate) struct Sidecar {
     pub(crate) panics: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+impl Sidecar {
+    /// Sends `signal` (`kill`'s form: `-STOP`, `-CONT`, `-KILL`) to the process; whether it
+    /// was delivered.
+    pub(crate) fn signal(&self, signal: &str) -> bool {
+        Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+
 impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
