@@ -655,6 +655,38 @@ async fn an_unreachable_peer_is_answered_from_the_cache_when_opted_in() {
     drop(upstream);
 }
 
+/// What must not trigger `serve_stale_on_connect_failure`: the far app's own error statuses,
+/// which reach every caller as they are, 20 at once included, while the peer is reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_own_errors_never_bring_the_copy_kept_for_an_outage() {
+    let pair = Pair::start_with(
+        "cache = { max_bytes = \"1MiB\", serve_stale_on_connect_failure = \"30s\" }\nretry = { attempts = 1 }",
+        "",
+    )
+    .await;
+    let url = "/c/app-fails?cc=max-age=1";
+    assert_eq!(get(pair.out(), "hello", url).await.how(), "miss");
+    pair.upstream
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    pair.client.clock().advance(Duration::from_secs(10));
+    let out = pair.out();
+    let calls: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { get(out, "hello", url).await }))
+        .collect();
+    for c in calls {
+        let got = c.await.unwrap();
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{got:?}");
+        assert_ne!(got.how(), "stale", "{got:?}");
+        assert_eq!(&got.body[..], b"origin down", "{got:?}");
+        assert_eq!(
+            got.error_kind(),
+            None,
+            "an app status is not a sidecar error"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_response_updates_the_stored_fields() {
     let pair = cached_pair().await;
