@@ -951,6 +951,74 @@ crate::over_transports! {
         hang_ups_reach_a_silent_far_app(t, reply, b"event1").await;
     }
 
+    async fn a_caller_whose_upload_stalls_frees_the_far_app_while_it_stays_connected(t) {
+        // Ten callers start chunked uploads, send a first kilobyte and stall, their
+        // connections open. The caller's sidecar cuts each after `body_idle_timeout` (504);
+        // the upload it was streaming must then be stopped on the wire too, so the far app's
+        // connection closes. Nothing else would end it: the stalled body is neither finished
+        // nor broken, and the far sidecar's own timeout is 60 s. (Over HTTP/2 the upload's
+        // reset is the only word the far sidecar gets; over HTTP/3 it also sees the response
+        // stream given up, STOP_SENDING.)
+        init_tracing();
+        const CALLERS: usize = 10;
+        let pki = Pki::new();
+        let app = SilentApp::start(b"").await;
+        let server = sidecar(
+            &pki,
+            &server_toml(&pki, app.addr, "127.0.0.1:0", "timeout = \"60s\""),
+        )
+        .await;
+        let client = sidecar(
+            &pki,
+            &client_toml(
+                &pki,
+                &[server.inbound],
+                &format!(
+                    "transport = \"{t}\"\ntimeout = \"60s\"\nbody_idle_timeout = \"300ms\"\nretry = {{ attempts = 1 }}"
+                ),
+            ),
+        )
+        .await;
+        let mut callers = Vec::new();
+        for _ in 0..CALLERS {
+            let mut s = tokio::net::TcpStream::connect(client.outbound)
+                .await
+                .unwrap();
+            let mut req =
+                b"POST /sink HTTP/1.1\r\nHost: hello\r\ntransfer-encoding: chunked\r\n\r\n400\r\n"
+                    .to_vec();
+            req.extend_from_slice(&[b'x'; 1024]);
+            req.extend_from_slice(b"\r\n");
+            s.write_all(&req).await.unwrap();
+            callers.push(s);
+        }
+        settle(|| app.got(), CALLERS).await;
+        assert_eq!(app.got(), CALLERS, "every upload reached the far app");
+        for s in &mut callers {
+            // The answer, then the sidecar's end of the connection (a body left unread ends
+            // it); the caller keeps its own end open.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 504 "), "{text}");
+            assert!(text.contains("body_idle_timeout"), "{text}");
+        }
+        settle(|| app.closed(), CALLERS).await;
+        assert_eq!(
+            app.closed(),
+            CALLERS,
+            "every far-app connection closed while its stalled caller stays connected"
+        );
+        drop(callers);
+        app.task.abort();
+    }
+
     async fn a_stalled_body_does_not_hold_the_local_app_connection(t) {
         // The caller's own stall limit is long; the far sidecar's local timeout (which also
         // bounds how long a body may stall on its way to the app) is short.
