@@ -543,6 +543,10 @@ pub(crate) struct Progress {
     last_moved: std::sync::Mutex<std::time::Instant>,
     ended: std::sync::Mutex<Option<std::time::Instant>>,
     failure: std::sync::Mutex<Option<BodyFailure>>,
+    /// Whether the body was last asked for data and had none: a stall then is its sender's.
+    /// Otherwise nobody is asking (the receiver stopped taking it, or the request has not
+    /// reached a receiver yet).
+    waiting: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -567,7 +571,14 @@ impl Progress {
             last_moved: std::sync::Mutex::new(std::time::Instant::now()),
             ended: std::sync::Mutex::new(None),
             failure: std::sync::Mutex::new(None),
+            waiting: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether a body that stopped moving is waiting on its sender (it was asked for data and
+    /// had none), rather than on its receiver (which stopped asking).
+    pub(crate) fn sender_stalled(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn end(&self) {
@@ -674,7 +685,15 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Poll::Ready(r) = Pin::new(&mut self.inner).poll_frame(cx) else {
+            self.progress
+                .waiting
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return Poll::Pending;
+        };
+        self.progress
+            .waiting
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         match &r {
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {

@@ -291,15 +291,20 @@ impl LocalApp {
                 .map_err(|_| Expired::Timeout),
         };
         let result = result.map_err(|why| {
-            let what = match why {
-                Expired::Timeout => "the caller's deadline passed before",
-                Expired::Stalled => "the request body stopped moving before",
+            let name = &local.name;
+            let message = match why {
+                Expired::Timeout => {
+                    format!("the caller's deadline passed before local service `{name}` answered")
+                }
+                Expired::Stalled if progress.as_ref().is_some_and(|p| p.sender_stalled()) => {
+                    format!("the request body stopped moving before local service `{name}` answered")
+                }
+                Expired::Stalled => format!(
+                    "local service `{name}` took none of the request body for {} and did not answer",
+                    humantime::format_duration(local.timeout)
+                ),
             };
-            ProxyError::new(
-                ErrorKind::Timeout,
-                Side::LocalApp,
-                format!("{what} local service `{}` answered", local.name),
-            )
+            ProxyError::new(ErrorKind::Timeout, Side::LocalApp, message)
         })?;
         let mut resp = result.map_err(|e| match (progress.and_then(|p| p.failure()), e) {
             (Some(BodyFailure::TooLarge(limit)), _) => too_large(local, limit),

@@ -97,11 +97,24 @@ pub(crate) async fn fetch(
                 humantime::format_duration(route.timeout)
             ),
         )),
+        // Whose stall it is: the app's (its body had nothing to give) or the far side's
+        // (nothing asked for more: the far app stopped reading, or no peer took the request).
+        Err(Expired::Stalled) if progress.as_ref().is_some_and(|p| p.sender_stalled()) => {
+            Err(ProxyError::new(
+                ErrorKind::Timeout,
+                Side::Downstream,
+                format!(
+                    "the request body sent nothing for {} (body_idle_timeout)",
+                    humantime::format_duration(route.body_idle_timeout)
+                ),
+            ))
+        }
         Err(Expired::Stalled) => Err(ProxyError::new(
             ErrorKind::Timeout,
-            Side::Downstream,
+            Side::Peer,
             format!(
-                "the request body sent nothing for {} (body_idle_timeout)",
+                "service `{}` took none of the request body for {} (body_idle_timeout): its app stopped reading it, or no peer took the request",
+                route.name,
                 humantime::format_duration(route.body_idle_timeout)
             ),
         )),

@@ -824,6 +824,90 @@ impl SilentApp {
     }
 }
 
+/// A caller uploads an endless chunked body, as fast as it can, to a far app that reads the
+/// request head and then nothing (until the test lets it drain). Once the buffers between them
+/// fill, the body stops moving through no fault of the caller's: the 504 it gets must not say
+/// its body sent nothing, and once answered, the upload must be stopped all the way to the far
+/// app. Returns the 504's text.
+async fn far_app_stops_reading(t: &str, client_extra: &str, server_extra: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    init_tracing();
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (got, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let drain = Arc::new(tokio::sync::Notify::new());
+    let far = {
+        let (got, closed, drain) = (got.clone(), closed.clone(), drain.clone());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            got.fetch_add(1, SeqCst);
+            drain.notified().await;
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            closed.fetch_add(1, SeqCst);
+        })
+    };
+    let server = sidecar(&pki, &server_toml(&pki, app, "127.0.0.1:0", server_extra)).await;
+    let client = sidecar(
+        &pki,
+        &client_toml(
+            &pki,
+            &[server.inbound],
+            &format!("transport = \"{t}\"\ntimeout = \"60s\"\nretry = {{ attempts = 1 }}\n{client_extra}"),
+        ),
+    )
+    .await;
+    let s = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let caller = tokio::spawn(async move {
+        let head = b"POST /sink HTTP/1.1\r\nHost: hello\r\ntransfer-encoding: chunked\r\n\r\n";
+        if wr.write_all(head).await.is_err() {
+            return wr;
+        }
+        let mut chunk = b"4000\r\n".to_vec();
+        chunk.extend_from_slice(&[b'x'; 0x4000]);
+        chunk.extend_from_slice(b"\r\n");
+        while wr.write_all(&chunk).await.is_ok() {}
+        wr
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert_eq!(got.load(SeqCst), 1, "the upload reached the far app");
+    assert!(text.starts_with("HTTP/1.1 504 "), "{text}");
+    assert!(text.contains("quicar-error: timeout"), "{text}");
+    assert!(
+        !text.contains("sent nothing"),
+        "the caller is not to blame: {text}"
+    );
+    // The caller still has its connection; the far app drains what reached it, and its
+    // connection must end.
+    drain.notify_one();
+    settle(|| closed.load(SeqCst), 1).await;
+    assert_eq!(closed.load(SeqCst), 1, "the far app's connection closed");
+    drop(rd);
+    caller.abort();
+    far.abort();
+    text
+}
+
 /// Callers that hang up on a silent far app: `callers` requests reach it through a pair over
 /// `t` (the service timeout is 60 s), each caller reads the response until it has seen
 /// `until`, then hangs up. The hang-up must cross both sidecars and close every far-app connection.
@@ -1017,6 +1101,30 @@ crate::over_transports! {
         );
         drop(callers);
         app.task.abort();
+    }
+
+    async fn a_far_app_that_stops_reading_an_upload_is_named_by_the_calling_sidecar(t) {
+        // The caller's sidecar's body_idle_timeout (300 ms) is the first to pass.
+        let text = far_app_stops_reading(
+            t,
+            "body_idle_timeout = \"300ms\"",
+            "timeout = \"60s\"",
+        )
+        .await;
+        assert!(
+            text.contains("service `hello` took none of the request body for 300ms"),
+            "{text}"
+        );
+    }
+
+    async fn a_far_app_that_stops_reading_an_upload_is_named_by_its_own_sidecar(t) {
+        // The far sidecar's local timeout (500 ms), which bounds a body stalled on its way to
+        // the app, is the first to pass; the caller's sidecar passes its answer on.
+        let text = far_app_stops_reading(t, "", "timeout = \"500ms\"").await;
+        assert!(
+            text.contains("local service `hello` took none of the request body for 500ms"),
+            "{text}"
+        );
     }
 
     async fn a_stalled_body_does_not_hold_the_local_app_connection(t) {
