@@ -713,8 +713,13 @@ fn default_response_stall_timeout() -> Duration {
 fn default_local_connect_timeout() -> Duration {
     Duration::from_secs(1)
 }
+/// Five minutes: a connection outlives the gaps of periodic traffic (a poll or a job every
+/// minute or few), so its next burst does not wait for a handshake, which on a lossy path can
+/// lose a datagram and wait three RTTs for it (BENCHMARKS.md, twenty-eighth session). Envoy
+/// keeps an idle upstream connection an hour, Linkerd's outbound proxy five seconds; what an
+/// idle one costs here is a keep-alive exchange a second and its state.
 fn default_idle_timeout() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_secs(300)
 }
 fn default_max_streams() -> u32 {
     1024
