@@ -882,19 +882,8 @@ async fn far_app_stops_reading(t: &str, client_extra: &str, server_extra: &str) 
         wr
     });
     // The answer, then the sidecar's end of the connection (bounded: a hang is a failure).
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    assert!(read.is_ok(), "no end to the answer within 20 s: {text}");
+    let (text, ended) = read_until_closed(&mut rd, Duration::from_secs(20)).await;
+    assert!(ended, "no end to the answer within 20 s: {text}");
     assert_eq!(got.load(SeqCst), 1, "the upload reached the far app");
     assert!(text.starts_with("HTTP/1.1 504 "), "{text}");
     assert!(text.contains("quicar-error: timeout"), "{text}");
@@ -1086,19 +1075,8 @@ crate::over_transports! {
         for s in &mut callers {
             // The answer, then the sidecar's end of the connection (a body left unread ends
             // it); the caller keeps its own end open.
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(20), async {
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-            })
-            .await;
-            let text = String::from_utf8_lossy(&got);
-            assert!(read.is_ok(), "no end to the answer within 20 s: {text}");
+            let (text, ended) = read_until_closed(s, Duration::from_secs(20)).await;
+            assert!(ended, "no end to the answer within 20 s: {text}");
             assert!(text.starts_with("HTTP/1.1 504 "), "{text}");
             assert!(text.contains("body_idle_timeout"), "{text}");
         }

@@ -762,13 +762,19 @@ pub async fn raw(out: std::net::SocketAddr, bytes: &[u8], close_write: bool) -> 
     if close_write {
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
     }
+    read_until_closed(&mut s, Duration::from_secs(10)).await.0
+}
+
+/// Reads `s` until its peer closes it (or the read fails), for at most `within`: what came,
+/// and whether it ended in time.
+pub async fn read_until_closed(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> (String, bool) {
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
-    )
-    .await;
-    String::from_utf8_lossy(&buf).into_owned()
+    let read = tokio::io::AsyncReadExt::read_to_end(s, &mut buf);
+    let ended = tokio::time::timeout(within, read).await.is_ok();
+    (String::from_utf8_lossy(&buf).into_owned(), ended)
 }
 
 /// Two requests at once both pass, within 10 s: the places of a concurrency limit came back.
