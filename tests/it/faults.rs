@@ -286,6 +286,32 @@ crate::over_transports! {
         }
     }
 
+    async fn uploads_caught_by_a_killed_peer_fail_as_the_peers_fault_not_the_callers(t) {
+        // Twenty uploads trickling (1 KiB every 100 ms for 10 s) when the far sidecar is
+        // killed: each fails as the peer's (502), not as a stall (504 timeout) and never as
+        // the caller's body sending nothing; the service timeout and body_idle_timeout are
+        // 60 s, so a held upload would show as a timeout.
+        let (_pki, _upstream, server, client) =
+            peer_process_with(t, "retry = { attempts = 1 }").await;
+        let out = client.outbound;
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                tokio::spawn(async move {
+                    post(out, "/sink", trickle(100, 1024, Duration::from_millis(100))).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.signal("-KILL");
+        for c in calls {
+            let got = c.await.unwrap();
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+            let kind = got.error_kind().unwrap_or("none");
+            assert!(kind == "connect-failed" || kind == "peer-reset", "{got:?}");
+            assert!(!String::from_utf8_lossy(&got.body).contains("sent nothing"), "{got:?}");
+        }
+    }
+
     async fn a_hundred_callers_of_a_cached_service_whose_peer_was_killed_get_its_copy_or_fail_fast(t) {
         cached_outage(t, "-KILL").await;
     }
