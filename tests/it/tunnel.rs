@@ -340,6 +340,26 @@ crate::over_transports! {
         assert_eq!(pair.client.connections_opened(wire(t)), 2);
     }
 
+    async fn requests_outlasting_the_idle_timeout_keep_their_connection(t) {
+        // What must not trigger the idle reaper: a connection whose requests take longer than
+        // the idle timeout (five at once, each 2 s against 200 ms) is not idle.
+        let pair = Pair::over_with(t, "[quic]\nidle_timeout = \"200ms\"", "").await;
+        let out = pair.out();
+        let calls: Vec<_> = (0..5)
+            .map(|_| tokio::spawn(async move { get(out, "hello", "/slow/2000").await }))
+            .collect();
+        while pair.upstream.count_of("/slow") < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Well past the idle timeout, with the requests still at the app.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(pair.client.connections_active(wire(t)), 1, "closed while in use");
+        for c in calls {
+            assert_eq!(c.await.unwrap().status, StatusCode::OK);
+        }
+        assert_eq!(pair.client.connections_opened(wire(t)), 1);
+    }
+
     async fn a_stopping_peer_finishes_in_flight_requests_and_refuses_new_ones(t) {
         let pair = Pair::over(t).await;
         assert_eq!(get(pair.out(), "hello", "/").await.status, StatusCode::OK);
