@@ -75,7 +75,17 @@ pub fn new_traceparent() -> String {
 /// `new_traceparent`'s 55 bytes, written in place (the request path makes its header value
 /// from them without a `String` grown a character at a time).
 fn traceparent_bytes() -> [u8; 55] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // A byte's two hex digits in one lookup.
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
     let mut out = *b"00-................................-................-01";
     // Trace and span ids need to be unique, not secret: a per-thread generator seeded once
     // from the system RNG (a `getrandom` call per request cost ~4 % of a request).
@@ -84,9 +94,7 @@ fn traceparent_bytes() -> [u8; 55] {
         for pair in digits.chunks_exact_mut(16) {
             let word = crate::rng::random_u64();
             for (i, hex) in pair.chunks_exact_mut(2).enumerate() {
-                let b = (word >> (i * 8)) as u8;
-                hex[0] = HEX[usize::from(b >> 4)];
-                hex[1] = HEX[usize::from(b & 0xf)];
+                hex.copy_from_slice(&PAIRS[usize::from((word >> (i * 8)) as u8)]);
             }
         }
     }
