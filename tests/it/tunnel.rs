@@ -595,3 +595,73 @@ async fn goaway_with_requests_in_flight(n: usize) {
     driving.abort();
     drop(send);
 }
+
+/// The HTTP/2 wire's sender (vendored h2, whose check for connection-specific fields is ours:
+/// one pass over the names present) refuses each field RFC 9113 §8.2.2 forbids, before it
+/// sends anything, and passes `TE: trailers` and ordinary fields to the peer. No sidecar
+/// request reaches the check with such a field (the hop-by-hop strip runs first), so it is
+/// driven here through h2's client on a real connection to h2's server.
+#[tokio::test]
+async fn the_h2_wire_refuses_connection_specific_fields_and_passes_te_trailers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut h2 = h2::server::handshake(tcp).await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(Ok((req, mut respond))) = h2.accept().await {
+            seen.push(req.headers().clone());
+            let _ = respond.send_response(http::Response::new(()), true);
+        }
+        seen
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driving = tokio::spawn(conn);
+    let with = |name: &str, value: &str| {
+        Request::get("http://hello/")
+            .header("x-before", "1")
+            .header(name, value)
+            .header("x-after", "1")
+            .body(())
+            .unwrap()
+    };
+    for (name, value) in [
+        ("connection", "close"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "websocket"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("te", "gzip"),
+        ("te", "trailers, gzip"),
+    ] {
+        send = send.ready().await.unwrap();
+        let refused = send.send_request(with(name, value), true);
+        let err = refused
+            .err()
+            .unwrap_or_else(|| panic!("{name}: {value} was sent"));
+        assert_eq!(
+            err.to_string(),
+            "user error: malformed headers",
+            "{name}: {value}"
+        );
+    }
+    for (name, value) in [("te", "trailers"), ("x-connection", "close")] {
+        send = send.ready().await.unwrap();
+        let (resp, _) = send.send_request(with(name, value), true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), StatusCode::OK, "{name}");
+    }
+    drop(send);
+    let seen = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server saw the connection end")
+        .unwrap();
+    driving.abort();
+    // Only the two allowed requests reached the peer, each whole.
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0]["te"], "trailers");
+    assert_eq!(seen[1]["x-connection"], "close");
+    assert!(seen
+        .iter()
+        .all(|h| h.contains_key("x-before") && h.contains_key("x-after")));
+}
