@@ -12,8 +12,9 @@ use std::ops;
 pub(super) struct Store {
     slab: slab::Slab<Stream>,
     // quicar: FxHash, not std's SipHash. A stream id is a number the peer cannot pick freely
-    // (each new one above the last) and the map holds only the streams alive, so SipHash's
-    // flood resistance buys nothing; it cost about 90 instructions a lookup, several a request.
+    // (each new one above the last) and the map holds only the streams alive plus a bounded
+    // number recently reset (`max_concurrent_reset_streams`), so SipHash's flood resistance
+    // buys nothing; it cost about 90 instructions a lookup, several a request.
     ids: IndexMap<StreamId, SlabIndex, rustc_hash::FxBuildHasher>,
 }
 
