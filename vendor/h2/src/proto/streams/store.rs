@@ -11,11 +11,12 @@ use std::ops;
 #[derive(Debug)]
 pub(super) struct Store {
     slab: slab::Slab<Stream>,
-    // quicar: FxHash, not std's SipHash. A stream id is a number the peer cannot pick freely
-    // (each new one above the last) and the map holds only the streams alive plus a bounded
-    // number recently reset (`max_concurrent_reset_streams`), so SipHash's flood resistance
-    // buys nothing; it cost about 90 instructions a lookup, several a request.
-    ids: IndexMap<StreamId, SlabIndex, rustc_hash::FxBuildHasher>,
+    // quicar: foldhash, not std's SipHash, which cost about 90 instructions a lookup (several a
+    // request). A fast hash, but seeded at random per map: the peer picks its stream ids (each
+    // above the last, but with any gaps), and the map holds up to `max_concurrent_streams`
+    // alive plus `max_concurrent_reset_streams` recently reset, so an unseeded hash such as
+    // FxHash would let a peer precompute thousands of ids that fall in one bucket.
+    ids: IndexMap<StreamId, SlabIndex, foldhash::fast::RandomState>,
 }
 
 /// "Pointer" to an entry in the store
