@@ -92,7 +92,7 @@ run() {
   # them (±200-700 a request on one sidecar before this).
   if [ "$MODE" != closed ]; then
     callgrind_control -z "${PID[a]}" >/dev/null 2>&1 && callgrind_control -z "${PID[b]}" >/dev/null 2>&1 ||
-      { echo "callgrind_control -z failed" >&2; stop_all; exit 1; }
+      { echo "callgrind_control -z failed (its vgdb interrupts the process with ptrace: run as root, or with kernel.yama.ptrace_scope = 0)" >&2; stop_all; exit 1; }
   fi
   if [ "$MODE" = closed ]; then
     closed_loop "$url"
