@@ -86,19 +86,21 @@ run() {
   fi
   wait_http - "$url" 120 >/dev/null || { echo "$url never answered; logs in $CFG" >&2; stop_all; exit 1; }
   oha --no-tui -n 200 -c 10 "$url" >/dev/null 2>&1
-  # Counting starts after the warm-up: start-up has parts that run for a time, not a number of
-  # steps (quanta's clock calibration loops until enough time has passed), so their
-  # instructions differ from one start to the next and the subtraction below would not cancel
-  # them (±200-700 a request on one sidecar before this).
-  if [ "$MODE" != closed ]; then
-    callgrind_control -z "${PID[a]}" >/dev/null 2>&1 && callgrind_control -z "${PID[b]}" >/dev/null 2>&1 ||
-      { echo "callgrind_control -z failed (its vgdb interrupts the process with ptrace: run as root, or with kernel.yama.ptrace_scope = 0)" >&2; stop_all; exit 1; }
-  fi
   if [ "$MODE" = closed ]; then
     closed_loop "$url"
     stop_all >/dev/null 2>&1 || true
     return
   fi
+  # Counting starts after the warm-up: start-up has parts that run for a time, not a number of
+  # steps (quanta's clock calibration loops until enough time has passed), so their
+  # instructions differ from one start to the next and the subtraction below would not cancel
+  # them (±200-700 a request on one sidecar before this). vgdb interrupts each process with
+  # ptrace: root, or kernel.yama.ptrace_scope = 0.
+  local p
+  for p in "${PID[a]}" "${PID[b]}"; do
+    callgrind_control -z "$p" >/dev/null 2>&1 ||
+      { echo "callgrind_control -z $p failed (vgdb needs ptrace)" >&2; stop_all; exit 1; }
+  done
   local ok
   ok=$(oha --no-tui -n "$n" -c "$C" "$url" 2>&1 | awk '/Success rate/ {print $3}')
   # SIGINT, then time to exit on their own: valgrind writes its profile as a process exits,
