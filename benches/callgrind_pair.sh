@@ -7,9 +7,10 @@
 # within about 0.2 % (before the zeroing, start-up's timed loops made them differ by up to 1 %).
 #   seq   one request at a time (oha -c 1), 2,000 and 12,000 requests
 #   conc  50 in flight (oha -c 50), 4,000 and 24,000 requests: many requests per wake-up
-#   closed  no valgrind: peerbench's closed loop (wrk -t1 -c50 -d5s) with `perf stat` on A,
-#         B, nginx and wrk; prints each one's CPU µs, context switches and system calls per
-#         request, and the machine's idle share (needs perf with tracepoint access)
+#   closed  no valgrind: peerbench's closed loop (wrk -t1 -c50 -d5s) alone (req/s, the machine's
+#         idle share, CPU µs per request), then again with `perf stat` on A, B, nginx and wrk for
+#         each one's context switches and system calls per request (needs perf with tracepoint
+#         access)
 # Needs ../shared/peerbench set up (its setup.sh: PKI, haproxy, nginx, oha), valgrind, curl,
 # and `127.0.0.1 hello hello-tcp` in /etc/hosts. Ports: 24001-24902 (quicar), peerbench's own
 # (HAProxy, nginx :18080). Every process is started and stopped by PID.
@@ -116,11 +117,21 @@ run() {
 }
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 
-# closed_loop URL: wrk's closed loop through the running pair, each process under `perf stat`
-# (nginx: its worker); per request: CPU µs, context switches, system calls.
+# closed_loop URL: wrk's closed loop through the running pair, twice. First alone: req/s, the
+# machine's idle share, and CPU µs per request of A, B and nginx's worker from /proc (10 ms
+# ticks). Then with each process under `perf stat` (nginx: its worker) for context switches and
+# system calls per request. perf's system-call tracepoint slows every call and changes how the
+# four processes interleave, so that run's req/s and idle share are not the pair's: on a quicar
+# pair it turned runs of 2-12 % idle into 22-28 % (BENCHMARKS.md, "Thirty-first session").
 closed_loop() {
   local url=$1 events=task-clock,context-switches,raw_syscalls:sys_enter x p pids=() worker
   worker=$(pgrep -P "${PID[nginx]}" | head -1)
+  ticks() { local p; for p in "${PID[a]}" "${PID[b]}" "$worker"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat"; done; echo; }
+  ticks > "$CFG/ticks0"
+  head -1 /proc/stat > "$CFG/stat0"
+  wrk -t1 -c50 -d5s "$url" > "$CFG/closed0.wrk" 2>&1
+  head -1 /proc/stat > "$CFG/stat0b"
+  ticks > "$CFG/ticks0b"
   for x in a b n; do
     case $x in a) p=${PID[a]} ;; b) p=${PID[b]} ;; n) p=$worker ;; esac
     perf stat -x, -e "$events" -p "$p" -o "$CFG/closed-$x.perf" & pids+=($!)
@@ -130,13 +141,26 @@ closed_loop() {
   perf stat -x, -e "$events" -o "$CFG/closed-w.perf" wrk -t1 -c50 -d5s "$url" > "$CFG/closed.wrk" 2>&1
   head -1 /proc/stat > "$CFG/stat2"
   kill -INT "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
-  python3 - "$CFG" "$(basename "$BIN") ${HOST}" <<'PY'
+  python3 - "$CFG" "$(basename "$BIN") ${HOST}" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
-d, label = sys.argv[1], sys.argv[2]
-wrk = open(f"{d}/closed.wrk").read()
-n = int(re.search(r"(\d+) requests in", wrk).group(1))
-rps = float(re.search(r"Requests/sec:\s*([\d.]+)", wrk).group(1))
-print(f"{label} closed loop: {rps:.0f} req/s")
+d, label, hz = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def wrk(name):
+    text = open(f"{d}/{name}").read()
+    return (int(re.search(r"(\d+) requests in", text).group(1)),
+            float(re.search(r"Requests/sec:\s*([\d.]+)", text).group(1)))
+def idle(a, b):
+    s1 = list(map(int, open(f"{d}/{a}").read().split()[1:9]))
+    s2 = list(map(int, open(f"{d}/{b}").read().split()[1:9]))
+    delta = [y - x for x, y in zip(s1, s2)]
+    return 100 * delta[3] / sum(delta)
+n, rps = wrk("closed0.wrk")
+t0 = list(map(int, open(f"{d}/ticks0").read().split()))
+t1 = list(map(int, open(f"{d}/ticks0b").read().split()))
+cpu = [(y - x) * 1e6 / hz / n for x, y in zip(t0, t1)]
+print(f"{label} closed loop: {rps:.0f} req/s, machine idle {idle('stat0', 'stat0b'):.0f} % of the run; "
+      f"CPU µs per request A {cpu[0]:.2f}, B {cpu[1]:.2f}, nginx {cpu[2]:.2f}")
+n, rps = wrk("closed.wrk")
+print(f"  under perf stat ({rps:.0f} req/s, machine idle {idle('stat1', 'stat2'):.0f} %; not the pair's own):")
 names = {"a": "A", "b": "B", "n": "nginx", "w": "wrk"}
 for x in "abnw":
     v = {}
@@ -147,10 +171,6 @@ for x in "abnw":
     cpu_us = v.get("task-clock", 0) * 1000 / n   # task-clock is in ms
     print(f"  {names[x]:5s} {cpu_us:6.2f} µs CPU, {v.get('context-switches', 0) / n:.3f} context switches, "
           f"{v.get('raw_syscalls:sys_enter', 0) / n:.2f} system calls per request")
-s1 = list(map(int, open(f"{d}/stat1").read().split()[1:9]))
-s2 = list(map(int, open(f"{d}/stat2").read().split()[1:9]))
-delta = [b - a for a, b in zip(s1, s2)]
-print(f"  machine idle {100 * delta[3] / sum(delta):.0f} % of the run")
 PY
 }
 
