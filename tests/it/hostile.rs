@@ -612,6 +612,7 @@ async fn a_hostile_http2_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     let seen = upstream.last();
     assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
     assert_eq!(values(&seen.headers, "te"), vec!["trailers"]);
+    assert_eq!(values(&seen.headers, "connection"), vec!["te"]);
     // A head split across HEADERS and CONTINUATION frames is joined and served.
     let split = [
         h2_frame(0x01, 0x01, 1, &[H2_GET, H2_HTTPS].concat()),

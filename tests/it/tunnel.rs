@@ -236,8 +236,10 @@ crate::over_transports! {
             );
         }
         // The caller's TE is hop-by-hop; the far sidecar's own `TE: trailers` (it takes
-        // response trailers and carries them on) is all the app sees.
+        // response trailers and carries them on) is all the app sees, named in `Connection` as
+        // RFC 9110 §10.1.4 requires of a sender of TE (the caller's `Connection` is gone).
         assert_eq!(values(&seen.headers, "te"), vec!["trailers"]);
+        assert_eq!(values(&seen.headers, "connection"), vec!["te"]);
         // Host names the service, once (the far sidecar writes it from the authority).
         assert_eq!(values(&seen.headers, "host"), vec!["hello"]);
         assert_eq!(values(&got.headers, "x-multi"), vec!["one", "two"]);

@@ -134,8 +134,10 @@ pub(crate) fn encode_head(
     }
     put_field(&mut head, &crate::headers::PEER_IDENTITY, ours.peer);
     // We take response trailers and carry them on (an app on hyper, for one, sends them only
-    // to a client that says so).
-    head.extend_from_slice(b"te: trailers\r\n");
+    // to a client that says so). TE concerns this connection alone, so it is named in
+    // `Connection` too (RFC 9110 §10.1.4: a sender of TE must), and a proxy in front of the
+    // app drops it instead of passing it on.
+    head.extend_from_slice(b"connection: te\r\nte: trailers\r\n");
     let declared = lengths.single();
     let known = if body.is_end_stream() {
         Some(0)
