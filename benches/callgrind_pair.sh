@@ -18,8 +18,11 @@
 #   benches/callgrind_pair.sh target/release/quicar seq hello-tcp   # TCP service
 #   benches/callgrind_pair.sh haproxy conc                          # HAProxy's pair
 #   benches/callgrind_pair.sh target/release/deps/floor-HASH conc   # benches/floor.rs's pair
+#   B_BIN=target/release/deps/floor-HASH benches/callgrind_pair.sh target/release/quicar closed hello-tcp
+#                                     # B from another build (or the floor's), A from the first
 set -euo pipefail
-BIN=${1:?usage: callgrind_pair.sh QUICAR_BIN|haproxy seq|conc [hello|hello-tcp]}
+BIN=${1:?usage: [B_BIN=EXE] callgrind_pair.sh QUICAR_BIN|haproxy seq|conc|closed [hello|hello-tcp]}
+B_BIN=${B_BIN:-$BIN}
 MODE=${2:?seq or conc}
 HOST=${3:-hello}
 PB=$(cd "$(dirname "$0")/../../shared/peerbench" && pwd)
@@ -62,6 +65,25 @@ pair_configs() {
   done
 }
 
+# pair_label: what the output names the pair by.
+pair_label() {
+  if [ "$BIN" = haproxy ]; then echo haproxy
+  elif [ "$B_BIN" = "$BIN" ]; then echo "$(basename "$BIN") $HOST"
+  else echo "A $(basename "$BIN"), B $(basename "$B_BIN") $HOST"; fi
+}
+
+# side_cmd ROLE EXE: sets cmd_ROLE (a or b, the caller's) to run that sidecar from EXE, a quicar
+# binary or benches/floor.rs's executable (both speak the same wires, so they pair).
+side_cmd() {
+  local -n cmd=cmd_$1
+  case $(basename "$2") in
+    floor*)
+      if [ "$1" = a ]; then cmd=("$2" a 127.0.0.1:24001 127.0.0.1:24443 "$PKI")
+      else cmd=("$2" b 127.0.0.1:24443 127.0.0.1:18080 "$PKI"); fi ;;
+    *) cmd=("$2" run --config "$CFG/quicar-$1.toml") ;;
+  esac
+}
+
 # run N: a fresh pair under callgrind, N requests; prints "A B" instruction totals.
 run() {
   local n=$1 url cmd_a cmd_b
@@ -70,13 +92,10 @@ run() {
   if [ "$BIN" = haproxy ]; then
     url=http://127.0.0.1:15001/
     cmd_b=(haproxy -db -f "$CFG/haproxy-b.cfg") cmd_a=(haproxy -db -f "$CFG/haproxy-a.cfg")
-  elif [ "$FLOOR" = 1 ]; then
-    url=http://$HOST:24001/
-    cmd_b=("$BIN" b 127.0.0.1:24443 127.0.0.1:18080 "$PKI")
-    cmd_a=("$BIN" a 127.0.0.1:24001 127.0.0.1:24443 "$PKI")
   else
     url=http://$HOST:24001/
-    cmd_b=("$BIN" run --config "$CFG/quicar-b.toml") cmd_a=("$BIN" run --config "$CFG/quicar-a.toml")
+    side_cmd a "$BIN"
+    side_cmd b "$B_BIN"
   fi
   if [ "$MODE" = closed ]; then
     start b - "${cmd_b[@]}"
@@ -141,7 +160,7 @@ closed_loop() {
   perf stat -x, -e "$events" -o "$CFG/closed-w.perf" wrk -t1 -c50 -d5s "$url" > "$CFG/closed.wrk" 2>&1
   head -1 /proc/stat > "$CFG/stat2"
   kill -INT "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
-  python3 - "$CFG" "$(basename "$BIN") ${HOST}" "$(getconf CLK_TCK)" <<'PY'
+  python3 - "$CFG" "$(pair_label)" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
 d, label, hz = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def wrk(name):
@@ -176,8 +195,7 @@ PY
 
 # benches/floor.rs (its executable is target/release/deps/floor-*): the least a pair on
 # quicar's crates does per request, measured in the same harness.
-FLOOR=0; case $(basename "$BIN") in floor*) FLOOR=1 ;; esac
-[ "$BIN" = haproxy ] || [ $FLOOR = 1 ] || pair_configs
+[ "$BIN" = haproxy ] || pair_configs
 trap 'stop_all' EXIT
 if [ "$MODE" = closed ]; then
   run closed
@@ -188,5 +206,4 @@ run $N2 > "$CFG/second"
 read -r a1 b1 < "$CFG/first"
 read -r a2 b2 < "$CFG/second"
 pa=$(( (a2 - a1) / (N2 - N1) )) pb=$(( (b2 - b1) / (N2 - N1) ))
-label=$(basename "$BIN"); [ "$BIN" = haproxy ] || label="$label $HOST"
-echo "$label $MODE: A $pa + B $pb = $((pa + pb)) instructions per request"
+echo "$(pair_label) $MODE: A $pa + B $pb = $((pa + pb)) instructions per request"
