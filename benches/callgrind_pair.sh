@@ -23,7 +23,7 @@
 set -euo pipefail
 BIN=${1:?usage: [B_BIN=EXE] callgrind_pair.sh QUICAR_BIN|haproxy seq|conc|closed [hello|hello-tcp]}
 B_BIN=${B_BIN:-$BIN}
-MODE=${2:?seq or conc}
+MODE=${2:?seq, conc or closed}
 HOST=${3:-hello}
 PB=$(cd "$(dirname "$0")/../../shared/peerbench" && pwd)
 source "$PB/lib.sh"
@@ -141,7 +141,7 @@ total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 # ticks). Then with each process under `perf stat` (nginx: its worker) for context switches and
 # system calls per request. perf's system-call tracepoint slows every call and changes how the
 # four processes interleave, so that run's req/s and idle share are not the pair's: on a quicar
-# pair it turned runs of 2-12 % idle into 22-28 % (BENCHMARKS.md, "Thirty-first session").
+# pair it turned a run at 6 % idle into one at 22 % (BENCHMARKS.md, "Thirty-first session").
 closed_loop() {
   local url=$1 events=task-clock,context-switches,raw_syscalls:sys_enter x p pids=() worker
   worker=$(pgrep -P "${PID[nginx]}" | head -1)
