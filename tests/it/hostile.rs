@@ -35,6 +35,20 @@ const HELLO: &[u8] = &[0x50, 5, b'h', b'e', b'l', b'l', b'o']; // :authority hel
 const LENGTH_1: &[u8] = &[0x54, 1, b'1']; // content-length: 1
 const LENGTH_5: &[u8] = &[0x54, 1, b'5']; // content-length: 5
 
+/// A literal field line with a literal name (RFC 9204 §4.5.6; names and values under 135 and
+/// 127 bytes here), not Huffman-coded.
+fn literal(name: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = if name.len() < 7 {
+        vec![0x20 | name.len() as u8]
+    } else {
+        vec![0x27, (name.len() - 7) as u8]
+    };
+    out.extend_from_slice(name);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value);
+    out
+}
+
 /// A well-formed `GET https://hello/`.
 pub(crate) fn get() -> Vec<u8> {
     headers(&[GET, HTTPS, ROOT, HELLO])
@@ -76,6 +90,28 @@ fn bad_request_streams() -> Vec<(&'static str, Vec<u8>, bool)> {
         (
             "a :path without a slash",
             headers(&[GET, HTTPS, &[0x51, 1, b'x'], HELLO]),
+            false,
+        ),
+        // RFC 9114 §4.2, as h2 refuses them (RFC 9113 §8.2.2).
+        (
+            "a connection-specific field",
+            headers(&[GET, HTTPS, ROOT, HELLO, &literal(b"connection", b"close")]),
+            false,
+        ),
+        (
+            "a Keep-Alive field",
+            headers(&[
+                GET,
+                HTTPS,
+                ROOT,
+                HELLO,
+                &literal(b"keep-alive", b"timeout=5"),
+            ]),
+            false,
+        ),
+        (
+            "a TE other than trailers",
+            headers(&[GET, HTTPS, ROOT, HELLO, &literal(b"te", b"gzip")]),
             false,
         ),
         (
@@ -311,6 +347,15 @@ async fn a_hostile_http3_peer_gets_answers_and_the_sidecar_goes_on_serving() {
     }
     let served = upstream.count();
     assert_eq!(served, 2, "{failures:?}");
+
+    // A peer's own `TE: trailers` (allowed) never reaches the app beside the sidecar's: the app
+    // sees it once, named once in `Connection`.
+    let forged = headers(&[GET, HTTPS, ROOT, HELLO, &literal(b"te", b"trailers")]);
+    let (_endpoint, conn) = h3_caller(&pki, server.inbound).await;
+    assert_eq!(outcome(&conn, &forged).await, "200", "{failures:?}");
+    let seen = upstream.last();
+    assert_eq!(values(&seen.headers, "te"), vec!["trailers"]);
+    assert_eq!(values(&seen.headers, "connection"), vec!["te"]);
 
     // Malformed request streams, each on its own connection (some are connection errors).
     for (name, bytes, well_formed_head) in bad_request_streams() {

@@ -347,6 +347,22 @@ impl TryFrom<Vec<SharedField>> for Header {
             // quicar: a regular field's value becomes the HeaderValue without a copy (it shares
             // the field section's bytes); names and pseudo-headers parse as before.
             if name.first().is_some_and(|b| *b != b':') {
+                // quicar: RFC 9114 §4.2: a message with a connection-specific field, or a TE
+                // other than "trailers", is malformed (h2 refuses them the same way; h3 took
+                // them).
+                match &name[..] {
+                    b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding"
+                    | b"upgrade" => {
+                        return Err(HeaderError::InvalidHeaderName(format!(
+                            "connection-specific field {}",
+                            String::from_utf8_lossy(&name)
+                        )))
+                    }
+                    b"te" if &value[..] != b"trailers" => {
+                        return Err(HeaderError::invalid_value(&name, b""));
+                    }
+                    _ => {}
+                }
                 let n = field_name(&name).map_err(|_| HeaderError::invalid_name(&name))?;
                 let v = HeaderValue::from_maybe_shared(value)
                     .map_err(|_| HeaderError::invalid_value(&name, b""))?;
