@@ -59,9 +59,10 @@ pub struct Bound {
 
 /// Binds everything and starts serving. Nothing is bound when this returns an error.
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    // Once per process (later calls are no-ops): HTTP/3 field sections from peers parse the
-    // names sidecars add without a copy each.
+    // Once per process (later calls are no-ops): field sections from peers parse the names
+    // sidecars add without a copy each.
     h3::intern_field_names(&crate::headers::WIRE_NAMES);
+    h2::intern_field_names(&crate::headers::WIRE_NAMES);
     let material = Arc::new(Material::load(&config.identity)?);
     tracing::info!(identity = %material.id, node = %config.node.name, "identity loaded");
     let outbound_listener = listen(config.outbound.listen).map_err(|source| BuildError::Bind {

@@ -29,7 +29,8 @@ pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent"
 pub(crate) const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The non-standard names a sidecar puts on most requests it sends to another: received field
-/// sections parse them without an allocation each (`h3::intern_field_names`).
+/// sections parse them without an allocation each (`h3::intern_field_names`,
+/// `h2::intern_field_names`).
 pub(crate) static WIRE_NAMES: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, DEADLINE];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones proxies also drop.

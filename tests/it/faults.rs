@@ -1886,32 +1886,39 @@ async fn mute_h2_peer(
     (peer, task)
 }
 
-/// The HTTP/2 wire carries field values as raw HPACK literals (our vendored h2; RFC 7541 §5.2
-/// lets the encoder choose): a per-request value such as the trace context is not Huffman-coded
-/// on one sidecar and decoded on the other. A hand-written peer reads the first HEADERS frame
-/// in plain text (after TLS), where the app's trace id and field value must appear as they are.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
-    init_tracing();
-    let pki = Pki::new();
-    let tls = hello_material(&pki)
+/// An HTTP/2 peer (TLS, ALPN h2) that never answers a request: it sends its SETTINGS, reads
+/// the client preface and frames, and sends the field blocks of the first `n` HEADERS frames it reads (one connection).
+async fn h2_peer_that_reads_header_blocks(
+    pki: &Pki,
+    n: usize,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tls = hello_material(pki)
         .server_config(vec![b"h2".to_vec()])
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer = listener.local_addr().unwrap();
-    let (found, block) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let (found, blocks) = tokio::sync::oneshot::channel::<Vec<Vec<u8>>>();
     let task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor.accept(tcp).await.unwrap();
+        // An empty SETTINGS, and the ACK of the client's (a sidecar that hears neither gives
+        // the connection up).
+        let settings = [0, 0, 0, 0x4, 0, 0, 0, 0, 0, 0, 0, 0, 0x4, 0x1, 0, 0, 0, 0];
+        tls.write_all(&settings).await.unwrap();
         // The client preface, then frames (9-byte header: length, type, flags, stream).
         let mut buf = Vec::new();
         let mut at = 24;
+        let mut got = Vec::new();
         loop {
             let mut chunk = [0u8; 4096];
-            let n = tls.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the connection closed before a HEADERS frame");
-            buf.extend_from_slice(&chunk[..n]);
+            let read = tls.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "the connection closed before {n} HEADERS frames");
+            buf.extend_from_slice(&chunk[..read]);
             while buf.len() >= at + 9 {
                 let len = usize::from(buf[at]) << 16
                     | usize::from(buf[at + 1]) << 8
@@ -1920,13 +1927,29 @@ async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
                     break;
                 }
                 if buf[at + 3] == 0x1 {
-                    let _ = found.send(buf[at + 9..at + 9 + len].to_vec());
-                    return;
+                    got.push(buf[at + 9..at + 9 + len].to_vec());
+                    if got.len() == n {
+                        let _ = found.send(got);
+                        // Hold the connection: the requests stay in flight until the test ends.
+                        return std::future::pending().await;
+                    }
                 }
                 at += 9 + len;
             }
         }
     });
+    (peer, blocks, task)
+}
+
+/// The HTTP/2 wire carries field values as raw HPACK literals (our vendored h2; RFC 7541 §5.2
+/// lets the encoder choose): a per-request value such as the trace context is not Huffman-coded
+/// on one sidecar and decoded on the other. A hand-written peer reads the first HEADERS frame
+/// in plain text (after TLS), where the app's trace id and field value must appear as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, blocks, task) = h2_peer_that_reads_header_blocks(&pki, 1).await;
     let toml = client_toml(
         &pki,
         &[peer],
@@ -1942,10 +1965,11 @@ async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
          x-note: a-value-sent-as-it-is\r\n\r\n"
     );
     app.write_all(head.as_bytes()).await.unwrap();
-    let block = tokio::time::timeout(Duration::from_secs(20), block)
+    let block = tokio::time::timeout(Duration::from_secs(20), blocks)
         .await
         .expect("no HEADERS frame reached the peer")
-        .unwrap();
+        .unwrap()
+        .remove(0);
     let has = |s: &str| block.windows(s.len()).any(|w| w == s.as_bytes());
     assert!(has(trace_id), "trace id not a raw literal: {block:02x?}");
     assert!(
@@ -1954,6 +1978,77 @@ async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
     );
     assert!(has("x-note"), "name not a raw literal: {block:02x?}");
     drop(app);
+    client.shutdown().await;
+    task.abort();
+}
+
+/// HPACK's dynamic table holds what repeats, not what changes with every request. Two requests
+/// on one connection, read by a hand-written peer:
+/// - the trace context is a literal never indexed (RFC 7541 §6.2.3: first byte 0x10, then the
+///   name as a literal) in both, so the far sidecar never stores it either;
+/// - a field sent with the same value twice is put in the table by the first request (0x40,
+///   incremental indexing) and is one indexed byte in the second: its value is not resent,
+///   nor is the authority's, nor a field's whose name is in the static table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hpack_indexes_fields_that_repeat_and_not_the_trace_context() {
+    init_tracing();
+    let pki = Pki::new();
+    let (peer, blocks, task) = h2_peer_that_reads_header_blocks(&pki, 2).await;
+    let toml = client_toml(
+        &pki,
+        &[peer],
+        "transport = \"tcp\"\nretry = { attempts = 1 }",
+    );
+    let client = sidecar(&pki, &toml).await;
+    // One app connection a request; the second is sent once the first has reached the peer
+    // (both stay in flight: the peer never answers), so they share the sidecars' connection.
+    let mut apps = Vec::new();
+    for i in 0..2 {
+        let mut app = tokio::net::TcpStream::connect(client.outbound)
+            .await
+            .unwrap();
+        let head = format!(
+            "GET /indexed/{i} HTTP/1.1\r\nHost: hello\r\nuser-agent: an-agent/1.0\r\n\
+             x-repeated: the-same-value\r\n\r\n"
+        );
+        app.write_all(head.as_bytes()).await.unwrap();
+        apps.push(app);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let blocks = tokio::time::timeout(Duration::from_secs(20), blocks)
+        .await
+        .expect("two HEADERS frames did not reach the peer")
+        .unwrap();
+    let has = |block: &[u8], s: &[u8]| block.windows(s.len()).any(|w| w == s);
+    let mut unindexed = vec![0x10, 11];
+    unindexed.extend_from_slice(b"traceparent");
+    let mut inserted = vec![0x40, 10];
+    inserted.extend_from_slice(b"x-repeated");
+    for (i, block) in blocks.iter().enumerate() {
+        assert!(
+            has(block, &unindexed),
+            "request {i}: the trace context is not a literal never indexed: {block:02x?}"
+        );
+    }
+    assert!(
+        has(&blocks[0], &inserted) && has(&blocks[0], b"the-same-value"),
+        "the first request does not put the field in the table: {:02x?}",
+        blocks[0]
+    );
+    assert!(
+        !has(&blocks[1], b"x-repeated") && !has(&blocks[1], b"the-same-value"),
+        "the second request resends the field: {:02x?}",
+        blocks[1]
+    );
+    // A field whose name is in the static table, and the authority, go the same way.
+    for value in [&b"an-agent/1.0"[..], b"hello"] {
+        assert!(
+            has(&blocks[0], value) && !has(&blocks[1], value),
+            "{} is not indexed on the second request: {blocks:02x?}",
+            String::from_utf8_lossy(value)
+        );
+    }
+    drop(apps);
     client.shutdown().await;
     task.abort();
 }

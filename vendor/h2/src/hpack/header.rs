@@ -41,6 +41,7 @@ pub fn len(name: &HeaderName, value: &HeaderValue) -> usize {
 }
 
 impl Header<Option<HeaderName>> {
+    #[cfg(test)]
     pub fn reify(self) -> Result<Header, HeaderValue> {
         use self::Header::*;
 
@@ -95,7 +96,10 @@ impl Header {
             }
         } else {
             // HTTP/2 requires lower case header names
-            let name = HeaderName::from_lowercase(&name)?;
+            let name = match interned(&name) {
+                Some(name) => name.clone(),
+                None => HeaderName::from_lowercase(&name)?,
+            };
             let value = HeaderValue::from_bytes(&value)?;
 
             Ok(Header::Field { name, value })
@@ -187,25 +191,30 @@ impl Header {
     }
 
     pub fn skip_value_index(&self) -> bool {
-        use http::header;
-
         match *self {
-            Header::Field { ref name, .. } => matches!(
-                *name,
-                header::AGE
-                    | header::AUTHORIZATION
-                    | header::CONTENT_LENGTH
-                    | header::ETAG
-                    | header::IF_MODIFIED_SINCE
-                    | header::IF_NONE_MATCH
-                    | header::LOCATION
-                    | header::COOKIE
-                    | header::SET_COOKIE
-            ),
+            Header::Field { ref name, .. } => skip_value_index_field(name),
             Header::Path(..) => true,
             _ => false,
         }
     }
+}
+
+/// Whether a field of this name is never put in the dynamic table (`Header::skip_value_index`).
+pub(crate) fn skip_value_index_field(name: &HeaderName) -> bool {
+    use http::header;
+
+    matches!(
+        *name,
+        header::AGE
+            | header::AUTHORIZATION
+            | header::CONTENT_LENGTH
+            | header::ETAG
+            | header::IF_MODIFIED_SINCE
+            | header::IF_NONE_MATCH
+            | header::LOCATION
+            | header::COOKIE
+            | header::SET_COOKIE
+    )
 }
 
 // Mostly for tests
@@ -258,6 +267,38 @@ impl<'a> Name<'a> {
             Name::Protocol => b":protocol",
             Name::Status => b":status",
         }
+    }
+}
+
+/// quicar: non-standard field names the application sends on most messages (a sidecar's trace
+/// context and deadline), set once: such a name is cloned from here instead of copied into a
+/// new allocation, as `http` does for the standard names. `lengths` has bit `n` set when a name
+/// is `n` bytes long, so other fields cost one test. (Vendored h3 keeps its own.)
+struct Interned {
+    names: &'static [HeaderName],
+    lengths: u64,
+}
+
+static INTERNED: std::sync::OnceLock<Interned> = std::sync::OnceLock::new();
+
+/// quicar: names (lowercase, as `HeaderName::from_static` requires) that received header
+/// blocks parse without an allocation each when they come as literals. Only the first call
+/// has an effect.
+pub fn intern_field_names(names: &'static [HeaderName]) {
+    let lengths = names
+        .iter()
+        .map(|n| n.as_str().len())
+        .filter(|&len| len < 64)
+        .fold(0u64, |acc, len| acc | 1 << len);
+    let _ = INTERNED.set(Interned { names, lengths });
+}
+
+fn interned(name: &[u8]) -> Option<&'static HeaderName> {
+    let interned = INTERNED.get()?;
+    if name.len() < 64 && interned.lengths & (1 << name.len()) != 0 {
+        interned.names.iter().find(|n| n.as_str().as_bytes() == name)
+    } else {
+        None
     }
 }
 

@@ -6,4 +6,4 @@ mod table;
 
 pub use self::decoder::{Decoder, DecoderError, NeedMore};
 pub use self::encoder::Encoder;
-pub use self::header::{BytesStr, Header};
+pub use self::header::{intern_field_names, BytesStr, Header};
