@@ -947,22 +947,28 @@ impl HeaderBlock {
     fn into_encoding(self, encoder: &mut hpack::Encoder) -> EncodingHeaderBlock {
         let mut hpack = encoder.take_scratch();
         hpack.clear();
-        let Pseudo {
-            method,
-            scheme,
-            authority,
-            path,
-            protocol,
-            status,
-        } = self.pseudo;
-        let pseudo = (method.map(hpack::Header::Method).into_iter())
-            .chain(scheme.map(hpack::Header::Scheme))
-            .chain(authority.map(hpack::Header::Authority))
-            .chain(path.map(hpack::Header::Path))
-            .chain(protocol.map(hpack::Header::Protocol))
-            .chain(status.map(hpack::Header::Status));
-
-        encoder.encode_block(pseudo, &self.fields, &mut hpack);
+        // Each field present, in this order (RFC 9113 §8.3: pseudo-header fields first).
+        encoder.begin_block(&mut hpack);
+        let pseudo = self.pseudo;
+        if let Some(v) = pseudo.method {
+            encoder.encode_pseudo(hpack::Header::Method(v), &mut hpack);
+        }
+        if let Some(v) = pseudo.scheme {
+            encoder.encode_pseudo(hpack::Header::Scheme(v), &mut hpack);
+        }
+        if let Some(v) = pseudo.authority {
+            encoder.encode_pseudo(hpack::Header::Authority(v), &mut hpack);
+        }
+        if let Some(v) = pseudo.path {
+            encoder.encode_pseudo(hpack::Header::Path(v), &mut hpack);
+        }
+        if let Some(v) = pseudo.protocol {
+            encoder.encode_pseudo(hpack::Header::Protocol(v), &mut hpack);
+        }
+        if let Some(v) = pseudo.status {
+            encoder.encode_pseudo(hpack::Header::Status(v), &mut hpack);
+        }
+        encoder.encode_fields(&self.fields, &mut hpack);
 
         EncodingHeaderBlock { hpack }
     }

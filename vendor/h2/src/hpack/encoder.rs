@@ -142,30 +142,39 @@ impl Encoder {
         }
     }
 
-    /// quicar: encodes a message's header block: its pseudo-header fields, then `fields` by
-    /// reference. `encode` takes every field by value, moves it through the table's lookup
-    /// and back out in an `Index`, and drops it; here a field is cloned only when it goes into
-    /// the dynamic table, and one the table already holds is found without a clone. The
-    /// encoding is `encode`'s except for one choice RFC 7541 leaves to the encoder: a sensitive
-    /// field (sent as a literal never indexed) takes its name from the static table or as a
-    /// literal, not from the dynamic table, so it costs no lookup there.
-    pub(crate) fn encode_block<I>(&mut self, pseudo: I, fields: &HeaderMap, dst: &mut BytesMut)
-    where
-        I: IntoIterator<Item = Header>,
-    {
+    /// quicar: a message's header block is encoded with `begin_block`, `encode_pseudo` for each
+    /// pseudo-header field present, then `encode_fields`, all into one `dst`. `encode` takes
+    /// every field by value, moves it through the table's lookup and back out in an `Index`,
+    /// and drops it; here a regular field is taken by reference, found in the dynamic table
+    /// without a clone, and cloned only when it goes in. The encoding is `encode`'s except for
+    /// one choice RFC 7541 leaves to the encoder: a sensitive field (sent as a literal never
+    /// indexed) takes its name from the static table or as a literal, not from the dynamic
+    /// table, so it costs no lookup there.
+    pub(crate) fn begin_block(&mut self, dst: &mut BytesMut) {
         self.encode_size_updates(dst);
+    }
 
-        for header in pseudo {
-            if let Header::Authority(ref value) = header {
-                if let Some(idx) = self.table.find(Name::Authority, value.as_ref()) {
-                    encode_int(idx, 7, 0x80, dst);
-                    continue;
+    /// A pseudo-header field (`begin_block`). The static table's full matches (`GET`, `https`,
+    /// `/`, `200`...) and an authority already in the dynamic table are one index each.
+    pub(crate) fn encode_pseudo(&mut self, header: Header, dst: &mut BytesMut) {
+        match header {
+            Header::Method(ref v) if *v == http::Method::GET => return encode_int(2, 7, 0x80, dst),
+            Header::Scheme(ref v) if v.as_str() == "https" => return encode_int(7, 7, 0x80, dst),
+            Header::Path(ref v) if v.as_str() == "/" => return encode_int(4, 7, 0x80, dst),
+            Header::Status(v) if v == http::StatusCode::OK => return encode_int(8, 7, 0x80, dst),
+            Header::Authority(ref v) => {
+                if let Some(idx) = self.table.find(Name::Authority, v.as_ref()) {
+                    return encode_int(idx, 7, 0x80, dst);
                 }
             }
-            let index = self.table.index(header);
-            self.encode_header(&index, dst);
+            _ => {}
         }
+        let index = self.table.index(header);
+        self.encode_header(&index, dst);
+    }
 
+    /// The regular fields of a header block (`begin_block`).
+    pub(crate) fn encode_fields(&mut self, fields: &HeaderMap, dst: &mut BytesMut) {
         for (name, value) in fields {
             self.encode_field(name, value, dst);
         }
