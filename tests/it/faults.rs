@@ -1886,11 +1886,13 @@ async fn mute_h2_peer(
     (peer, task)
 }
 
-/// An HTTP/2 peer (TLS, ALPN h2) that never answers a request: it sends its SETTINGS, reads
+/// An HTTP/2 peer (TLS, ALPN h2) that never answers a request: it sends `settings` (a SETTINGS
+/// frame's payload, at most 255 bytes), reads
 /// the client preface and frames, and sends the field blocks of the first `n` HEADERS frames it reads (one connection).
 async fn h2_peer_that_reads_header_blocks(
     pki: &Pki,
     n: usize,
+    settings: &'static [u8],
 ) -> (
     std::net::SocketAddr,
     tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>,
@@ -1906,10 +1908,12 @@ async fn h2_peer_that_reads_header_blocks(
     let task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor.accept(tcp).await.unwrap();
-        // An empty SETTINGS, and the ACK of the client's (a sidecar that hears neither gives
-        // the connection up).
-        let settings = [0, 0, 0, 0x4, 0, 0, 0, 0, 0, 0, 0, 0, 0x4, 0x1, 0, 0, 0, 0];
-        tls.write_all(&settings).await.unwrap();
+        // Its SETTINGS, and the ACK of the client's (a sidecar that hears neither gives the
+        // connection up).
+        let mut frames = vec![0, 0, settings.len() as u8, 0x4, 0, 0, 0, 0, 0];
+        frames.extend_from_slice(settings);
+        frames.extend_from_slice(&[0, 0, 0, 0x4, 0x1, 0, 0, 0, 0]);
+        tls.write_all(&frames).await.unwrap();
         // The client preface, then frames (9-byte header: length, type, flags, stream).
         let mut buf = Vec::new();
         let mut at = 24;
@@ -1949,7 +1953,7 @@ async fn h2_peer_that_reads_header_blocks(
 async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
     init_tracing();
     let pki = Pki::new();
-    let (peer, blocks, task) = h2_peer_that_reads_header_blocks(&pki, 1).await;
+    let (peer, blocks, task) = h2_peer_that_reads_header_blocks(&pki, 1, &[]).await;
     let toml = client_toml(
         &pki,
         &[peer],
@@ -1982,18 +1986,14 @@ async fn an_http2_peer_is_sent_field_values_as_raw_literals() {
     task.abort();
 }
 
-/// HPACK's dynamic table holds what repeats, not what changes with every request. Two requests
-/// on one connection, read by a hand-written peer:
-/// - the trace context is a literal never indexed (RFC 7541 §6.2.3: first byte 0x10, then the
-///   name as a literal) in both, so the far sidecar never stores it either;
-/// - a field sent with the same value twice is put in the table by the first request (0x40,
-///   incremental indexing) and is one indexed byte in the second: its value is not resent,
-///   nor is the authority's, nor a field's whose name is in the static table.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hpack_indexes_fields_that_repeat_and_not_the_trace_context() {
+/// The field blocks of two requests a sidecar sends on one connection to an h2 peer that sends
+/// `settings` (`h2_peer_that_reads_header_blocks`). The requests carry the same host, a field
+/// with a name from HPACK's static table, and one with a name of its own, all with the same
+/// values, and each a trace context of its own.
+async fn two_header_blocks(settings: &'static [u8]) -> Vec<Vec<u8>> {
     init_tracing();
     let pki = Pki::new();
-    let (peer, blocks, task) = h2_peer_that_reads_header_blocks(&pki, 2).await;
+    let (peer, blocks, task) = h2_peer_that_reads_header_blocks(&pki, 2, settings).await;
     let toml = client_toml(
         &pki,
         &[peer],
@@ -2019,6 +2019,22 @@ async fn hpack_indexes_fields_that_repeat_and_not_the_trace_context() {
         .await
         .expect("two HEADERS frames did not reach the peer")
         .unwrap();
+    drop(apps);
+    client.shutdown().await;
+    task.abort();
+    blocks
+}
+
+/// HPACK's dynamic table holds what repeats, not what changes with every request. Two requests
+/// on one connection, read by a hand-written peer:
+/// - the trace context is a literal never indexed (RFC 7541 §6.2.3: first byte 0x10, then the
+///   name as a literal) in both, so the far sidecar never stores it either;
+/// - a field sent with the same value twice is put in the table by the first request (0x40,
+///   incremental indexing) and is one indexed byte in the second: its value is not resent,
+///   nor is the authority's, nor a field's whose name is in the static table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hpack_indexes_fields_that_repeat_and_not_the_trace_context() {
+    let blocks = two_header_blocks(&[]).await;
     let has = |block: &[u8], s: &[u8]| block.windows(s.len()).any(|w| w == s);
     let mut unindexed = vec![0x10, 11];
     unindexed.extend_from_slice(b"traceparent");
@@ -2048,9 +2064,38 @@ async fn hpack_indexes_fields_that_repeat_and_not_the_trace_context() {
             String::from_utf8_lossy(value)
         );
     }
-    drop(apps);
-    client.shutdown().await;
-    task.abort();
+}
+
+/// A peer whose SETTINGS allow HPACK no dynamic table (SETTINGS_HEADER_TABLE_SIZE 0, RFC 7541
+/// §4.2) is sent no reference into one: once its SETTINGS are in, a block opens with the size
+/// update to 0 (0x20) and every field the first request put in the table is a literal again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hpack_sends_only_literals_to_a_peer_that_allows_no_table() {
+    let blocks = two_header_blocks(&[0x00, 0x01, 0, 0, 0, 0]).await;
+    let has = |block: &[u8], s: &[u8]| block.windows(s.len()).any(|w| w == s);
+    let second = &blocks[1];
+    assert!(
+        blocks.iter().any(|b| b.first() == Some(&0x20)),
+        "no dynamic table size update to 0: {blocks:02x?}"
+    );
+    for value in [
+        &b"the-same-value"[..],
+        b"an-agent/1.0",
+        b"hello",
+        b"x-repeated",
+    ] {
+        assert!(
+            has(second, value),
+            "{} is not a literal in the second request: {second:02x?}",
+            String::from_utf8_lossy(value)
+        );
+    }
+    // An indexed field is one byte with its top bit set; the static table ends at 61.
+    let dynamic = second.iter().any(|&b| b >= 0x80 | 62);
+    assert!(
+        !dynamic,
+        "a reference into the dynamic table: {second:02x?}"
+    );
 }
 
 /// 20 requests at once through `out`, each answered `connect-failed` with `text` in its body
