@@ -20,6 +20,49 @@ const MIN_READ: usize = 4 * 1024;
 /// The longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// The name of a field in an HTTP/1.1 head, as `HeaderName::from_bytes` gives it. An app and
+/// its server send the same few names, spelled the same way, on every message, so each thread
+/// keeps the names it parsed last in a small table, one per slot chosen by length and first
+/// byte, with the bytes they were parsed from: the same bytes again cost one comparison and a
+/// clone (a copy for a standard name, a reference count for another) instead of a parse,
+/// about 120 instructions for a standard name and an allocation for another. Names longer
+/// than `KEPT` bytes are always parsed. A name not there is parsed and takes its slot, so
+/// ever-new names (a hostile app's) cost one comparison more each.
+pub(crate) fn field_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    const SLOTS: usize = 64;
+    const KEPT: usize = 31;
+    struct Seen {
+        len: u8,
+        raw: [u8; KEPT],
+        name: HeaderName,
+    }
+    thread_local! {
+        static SEEN: std::cell::RefCell<[Option<Seen>; SLOTS]> =
+            const { std::cell::RefCell::new([const { None }; SLOTS]) };
+    }
+    let (Some(&first), true) = (raw.first(), raw.len() <= KEPT) else {
+        return HeaderName::from_bytes(raw);
+    };
+    let slot = (raw.len().wrapping_mul(31) ^ usize::from(first)) % SLOTS;
+    SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        if let Some(kept) = &seen[slot] {
+            if &kept.raw[..usize::from(kept.len)] == raw {
+                return Ok(kept.name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        let mut kept = [0; KEPT];
+        kept[..raw.len()].copy_from_slice(raw);
+        seen[slot] = Some(Seen {
+            len: raw.len() as u8,
+            raw: kept,
+            name: name.clone(),
+        });
+        Ok(name)
+    })
+}
+
 /// Reads once into `buf`: `Ok(true)` when bytes came, `Ok(false)` when the peer closed.
 pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
     io: &mut R,
@@ -449,6 +492,42 @@ fn step_chunked(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn field_names_met_before_are_the_names_parsed() {
+        for raw in [
+            &b"Content-Type"[..],
+            b"content-type",
+            b"CONTENT-TYPE",
+            b"X-Custom-Field",
+            b"x-custom-field",
+            b"traceparent",
+        ] {
+            for _ in 0..3 {
+                assert_eq!(
+                    super::field_name(raw).unwrap(),
+                    HeaderName::from_bytes(raw).unwrap()
+                );
+            }
+        }
+        // Same length and first byte as a name met before (one slot), then that name again.
+        assert_eq!(super::field_name(b"content-tYpe").unwrap(), "content-type");
+        assert_eq!(super::field_name(b"content-xype").unwrap(), "content-xype");
+        assert_eq!(super::field_name(b"Content-Type").unwrap(), "content-type");
+        // What `from_bytes` refuses is refused, whatever is kept in the slot.
+        assert!(super::field_name(b"content typ").is_err());
+        assert!(super::field_name(b"content:type").is_err());
+        assert!(super::field_name(b"").is_err());
+        assert!(super::field_name(b"content-typ\xe9").is_err());
+        // Longer than what is kept: parsed each time.
+        let long = b"X-A-Field-Name-Longer-Than-Thirty-One-Bytes";
+        for _ in 0..2 {
+            assert_eq!(
+                super::field_name(long).unwrap(),
+                HeaderName::from_bytes(long).unwrap()
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -43,9 +43,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING};
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -509,7 +507,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
     let path = place(req.path.unwrap_or("").as_bytes());
     let mut named = Vec::with_capacity(req.headers.len());
     for f in req.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
+        let name = crate::h1::field_name(f.name.as_bytes())
             .map_err(|_| Refusal::bad(format!("invalid header field name {:?}", f.name)))?;
         named.push((name, place(f.value)));
     }

@@ -443,7 +443,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, WireError> {
     let keep_alive = resp.version == Some(1);
     let mut named = Vec::with_capacity(resp.headers.len());
     for f in resp.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
+        let name = crate::h1::field_name(f.name.as_bytes())
             .map_err(|_| WireError::Malformed(format!("invalid field name {:?}", f.name)))?;
         named.push((name, crate::h1::place(&read[..len], f.value)));
     }
