@@ -1,8 +1,8 @@
 use super::header::{skip_value_index_field, Name};
-use super::table::{index_static_field, Index, Table};
-use super::Header;
 #[cfg(test)]
 use super::huffman;
+use super::table::{index_static_field, Index, Table};
+use super::Header;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -194,12 +194,9 @@ impl Encoder {
         {
             match statik {
                 Some((idx, _)) => encode_not_indexed(idx, value.as_bytes(), sensitive, dst),
-                None => encode_not_indexed2(
-                    name.as_str().as_bytes(),
-                    value.as_bytes(),
-                    sensitive,
-                    dst,
-                ),
+                None => {
+                    encode_not_indexed2(name.as_str().as_bytes(), value.as_bytes(), sensitive, dst)
+                }
             }
             return;
         }

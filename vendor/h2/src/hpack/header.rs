@@ -296,7 +296,10 @@ pub fn intern_field_names(names: &'static [HeaderName]) {
 fn interned(name: &[u8]) -> Option<&'static HeaderName> {
     let interned = INTERNED.get()?;
     if name.len() < 64 && interned.lengths & (1 << name.len()) != 0 {
-        interned.names.iter().find(|n| n.as_str().as_bytes() == name)
+        interned
+            .names
+            .iter()
+            .find(|n| n.as_str().as_bytes() == name)
     } else {
         None
     }

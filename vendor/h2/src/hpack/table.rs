@@ -716,7 +716,10 @@ fn hash_name(name: &Name<'_>) -> HashValue {
 }
 
 /// The static table's entry for a regular field, as `index_static`.
-pub(super) fn index_static_field(name: &header::HeaderName, value: &header::HeaderValue) -> Option<(usize, bool)> {
+pub(super) fn index_static_field(
+    name: &header::HeaderName,
+    value: &header::HeaderValue,
+) -> Option<(usize, bool)> {
     match *name {
         header::ACCEPT_CHARSET => Some((15, false)),
         header::ACCEPT_ENCODING => {
