@@ -443,6 +443,9 @@ fn h2_headers(stream: u32, end: bool, fields: &[&[u8]]) -> Vec<u8> {
 /// stream 1, and whether its head is well-formed (so the app may see it).
 fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
     let upper = h2_field(b"X-A", b"1");
+    // A name the decoder takes from its interned set when spelled in lowercase
+    // (`h2::intern_field_names`): another spelling is parsed, and refused, as any other.
+    let upper_interned = h2_field(b"Traceparent", b"1");
     let connection = h2_field(b"connection", b"close");
     let te = h2_field(b"te", b"gzip");
     let crlf = h2_field(b"x-a", b"a\r\nb: c");
@@ -475,6 +478,11 @@ fn h2_bad_requests() -> Vec<(&'static str, Vec<u8>, bool)> {
         ),
         ("an unknown pseudo-header", get_with(&unknown), false),
         ("an uppercase field name", get_with(&upper), false),
+        (
+            "an uppercase spelling of an interned name",
+            get_with(&upper_interned),
+            false,
+        ),
         ("a connection-specific field", get_with(&connection), false),
         ("TE other than trailers", get_with(&te), false),
         ("CR LF in a field value", get_with(&crlf), false),
