@@ -36,7 +36,9 @@ impl Cluster {
         let mut addrs = Vec::new();
         for _ in 0..n {
             let app = Upstream::start().await;
-            let s = sidecar(&pki, &server_toml(&pki, app.addr, "127.0.0.1:0", "")).await;
+            // A port `restart` can bind again (`non_ephemeral_addr`).
+            let inbound = non_ephemeral_addr().to_string();
+            let s = sidecar(&pki, &server_toml(&pki, app.addr, &inbound, "")).await;
             addrs.push(s.inbound);
             servers.push(Some(s));
             apps.push(app);

@@ -673,6 +673,27 @@ impl Pair {
     }
 }
 
+/// A loopback address whose port is free for TCP and UDP and lies below the kernel's ephemeral
+/// range (32768 and up on Linux), so no outgoing connection of another test can take it. For
+/// a sidecar that a test stops and binds again on the same port: a port from `:0` is an
+/// ephemeral one, and once freed another test's connection may hold it as its local port for
+/// longer than the restart waits.
+pub fn non_ephemeral_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % 10_000;
+    for _ in 0..12_000 {
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let tcp = std::net::TcpListener::bind(addr);
+        let udp = std::net::UdpSocket::bind(addr);
+        if tcp.is_ok() && udp.is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
+}
+
 pub fn server_toml(pki: &Pki, app: SocketAddr, inbound: &str, local_extra: &str) -> String {
     format!(
         "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"{inbound}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[node]\ndrain_timeout = \"2s\"\n\
