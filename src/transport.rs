@@ -124,10 +124,10 @@ impl Clients {
         // copied whole each time one of them is moved (BENCHMARKS.md, "Later in round 2").
         match transport {
             Transport::Quic => {
-                Box::pin(self.quic.exchange(ep, head, body, connect_timeout, interim)).await
+                wire::boxed(|| self.quic.exchange(ep, head, body, connect_timeout, interim)).await
             }
             Transport::Tcp => {
-                Box::pin(self.tcp.exchange(ep, head, body, connect_timeout, interim)).await
+                wire::boxed(|| self.tcp.exchange(ep, head, body, connect_timeout, interim)).await
             }
         }
     }

@@ -465,7 +465,7 @@ async fn connection(
                     // stage is the future's size), so the task holds a pointer. One future
                     // for the whole stream, resolving included, so that nothing kilobytes
                     // large is made and then moved into place.
-                    requests.spawn(Box::pin(stream_request(resolver, inbound, peer, remote)));
+                    requests.spawn(wire::boxed(|| stream_request(resolver, inbound, peer, remote)));
                 }
                 // The caller sent GOAWAY and its last request here is done.
                 Ok(None) => {

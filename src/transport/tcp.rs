@@ -175,13 +175,9 @@ async fn connection(
         match next {
             Some(Ok((req, respond))) => {
                 // Boxed, so the spawned task stays small (it is copied whole as it is
-                // spawned and as it ends).
-                tokio::spawn(Box::pin(stream_request(
-                    req,
-                    respond,
-                    inbound.clone(),
-                    peer.clone(),
-                )));
+                // spawned and as it ends), and built in its box.
+                let (inbound, peer) = (inbound.clone(), peer.clone());
+                tokio::spawn(wire::boxed(|| stream_request(req, respond, inbound, peer)));
             }
             Some(Err(e)) => {
                 tracing::debug!(%remote, error = %e, "inbound TCP connection ended");

@@ -16,6 +16,17 @@ use crate::headers;
 use crate::identity::PeerId;
 use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 
+/// `make()`'s future, boxed where it is built. `Box::pin(make())` builds the future on the
+/// stack and then copies it whole into the box: for a request's task or exchange that is
+/// kilobytes copied a request (4.3 KB for the far side's HTTP/2 stream task, 523 instructions
+/// of `memcpy`). With the box allocated first, the compiler writes the future's arguments
+/// straight into it.
+#[inline(always)]
+pub(crate) fn boxed<F>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    let room = Box::new_uninit();
+    Box::into_pin(Box::write(room, make()))
+}
+
 /// Largest header section we accept or send, on HTTP/3 and HTTP/2 alike.
 pub(crate) const MAX_FIELD_SECTION: u64 = 64 * 1024;
 /// Flow-control windows, both wires: a reader that stops holds at most `STREAM_WINDOW` on its
