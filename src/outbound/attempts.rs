@@ -341,7 +341,7 @@ async fn attempts(
             .send(
                 route.transport,
                 &ep,
-                &head,
+                &mut head,
                 body.for_attempt(),
                 route.connect_timeout,
                 interim,

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
@@ -651,7 +651,7 @@ impl Pool {
     pub(crate) async fn exchange(
         self: &Arc<Self>,
         ep: &Endpoint,
-        head: &Request<()>,
+        head: &mut Request<()>,
         body: Upload,
         connect_timeout: Duration,
         interim: Option<&Interim>,
@@ -683,9 +683,24 @@ impl Pool {
             return Err(SendError::new(e, body.unread()));
         };
         let empty = matches!(body, Upload::Empty);
-        // h2 takes the request by value: the caller keeps its own for a retry. The handle
-        // `ready` gave back sends it (another clone would take h2's lock twice more).
-        let (response, upload) = match send.send_request(head.clone(), empty) {
+        // h2 takes the request by value, and holds its fields until the HEADERS frame is
+        // written. The caller keeps its head for a retry, so the field map is lent, not
+        // copied: taken back when the exchange ends (see `Lent`). The handle `ready` gave back
+        // sends it (another clone would take h2's lock twice more).
+        let fields = Arc::new(std::mem::take(head.headers_mut()));
+        let sent = send.send_request_shared(
+            method.clone(),
+            head.uri(),
+            head.version(),
+            fields.clone(),
+            empty,
+        );
+        // Before the first wait, so the map goes home however the exchange ends.
+        let _lent = Lent {
+            home: head.headers_mut(),
+            fields: Some(fields),
+        };
+        let (response, upload) = match sent {
             Ok(r) => r,
             Err(e) => {
                 // Not sent: the connection is going away or gone.
@@ -775,6 +790,25 @@ impl Pool {
             };
             held(body.boxed_unsync(), in_flight)
         }))
+    }
+}
+
+/// A request's field map, lent to h2 for one exchange and taken back when the exchange ends,
+/// however it ends (a response, a failure, or the exchange dropped by a timeout or a caller
+/// gone): the attempt loop sends the same head again on a retry. h2 lets its share go once the
+/// HEADERS frame is written, so it comes back without a copy; a frame still queued (the
+/// exchange dropped before the connection wrote it) leaves h2 its share, and the map is
+/// copied back. Copying the whole head for each send cost about 900 instructions a request.
+struct Lent<'a> {
+    home: &'a mut HeaderMap,
+    fields: Option<Arc<HeaderMap>>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(fields) = self.fields.take() {
+            *self.home = Arc::try_unwrap(fields).unwrap_or_else(|shared| (*shared).clone());
+        }
     }
 }
 
@@ -1053,5 +1087,33 @@ mod tests {
         let served = of4(super::stream_request);
         eprintln!("request stream future {served} bytes");
         assert!(served <= 4608, "request stream future is {served} bytes");
+    }
+
+    /// A lent field map comes home whole however the exchange ends: shared no more (h2 wrote
+    /// the frame and let go), or still shared (the exchange dropped while h2 held the frame,
+    /// which h2 may still send), when it is copied and h2's share is left as it was.
+    #[test]
+    fn a_lent_field_map_comes_home_whole() {
+        use std::sync::Arc;
+        let mut map = http::HeaderMap::new();
+        map.insert("x-probe", http::HeaderValue::from_static("one"));
+        map.append("x-multi", http::HeaderValue::from_static("first"));
+        map.append("x-multi", http::HeaderValue::from_static("second"));
+        let whole = map.clone();
+        for h2_holds in [false, true] {
+            let mut home = map.clone();
+            let fields = Arc::new(std::mem::take(&mut home));
+            let h2s = fields.clone();
+            let lent = super::Lent {
+                home: &mut home,
+                fields: Some(fields),
+            };
+            let kept = h2_holds.then_some(h2s);
+            drop(lent);
+            assert_eq!(home, whole, "h2 holds its share: {h2_holds}");
+            if let Some(h2s) = kept {
+                assert_eq!(*h2s, whole);
+            }
+        }
     }
 }

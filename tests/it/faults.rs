@@ -1522,6 +1522,24 @@ type HandPeer = (
 );
 
 /// The `hello` identity, for a hand-written peer.
+/// A hand-written HTTP/2 peer's listener on loopback, and its TLS (ALPN h2, the `hello`
+/// identity).
+async fn h2_listener(
+    pki: &Pki,
+) -> (
+    tokio::net::TcpListener,
+    tokio_rustls::TlsAcceptor,
+    std::net::SocketAddr,
+) {
+    let tls = hello_material(pki)
+        .server_config(vec![b"h2".to_vec()])
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, acceptor, addr)
+}
+
 fn hello_material(pki: &Pki) -> quicar::identity::Material {
     pki.identity("hello");
     pki.material("hello")
@@ -1805,12 +1823,7 @@ async fn a_peer_response_with_an_invalid_content_length_is_refused_not_forwarded
 async fn h2_peer_that_resets_streams(pki: &Pki, late: Duration) -> HandPeer {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    let tls = hello_material(pki)
-        .server_config(vec![b"h2".to_vec()])
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, acceptor, addr) = h2_listener(pki).await;
     let conns = Arc::new(AtomicUsize::new(0));
     let counted = conns.clone();
     let task = tokio::spawn(async move {
@@ -1859,12 +1872,7 @@ async fn mute_h2_peer(
     pki: &Pki,
     mute: Mute,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let tls = hello_material(pki)
-        .server_config(vec![b"h2".to_vec()])
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
+    let (listener, acceptor, peer) = h2_listener(pki).await;
     let closes = matches!(mute, Mute::Closes);
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -1898,12 +1906,7 @@ async fn h2_peer_that_reads_header_blocks(
     tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let tls = hello_material(pki)
-        .server_config(vec![b"h2".to_vec()])
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
+    let (listener, acceptor, peer) = h2_listener(pki).await;
     let (found, blocks) = tokio::sync::oneshot::channel::<Vec<Vec<u8>>>();
     let task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
@@ -1914,35 +1917,61 @@ async fn h2_peer_that_reads_header_blocks(
         frames.extend_from_slice(settings);
         frames.extend_from_slice(&[0, 0, 0, 0x4, 0x1, 0, 0, 0, 0]);
         tls.write_all(&frames).await.unwrap();
-        // The client preface, then frames (9-byte header: length, type, flags, stream).
-        let mut buf = Vec::new();
-        let mut at = 24;
+        let mut frames = Frames::default();
         let mut got = Vec::new();
         loop {
-            let mut chunk = [0u8; 4096];
-            let read = tls.read(&mut chunk).await.unwrap();
-            assert!(read > 0, "the connection closed before {n} HEADERS frames");
-            buf.extend_from_slice(&chunk[..read]);
-            while buf.len() >= at + 9 {
-                let len = usize::from(buf[at]) << 16
-                    | usize::from(buf[at + 1]) << 8
-                    | usize::from(buf[at + 2]);
-                if buf.len() < at + 9 + len {
-                    break;
+            let frame = frames.next(&mut tls).await;
+            let (kind, _, payload) =
+                frame.expect("the connection closed before the HEADERS frames");
+            if kind == 0x1 {
+                got.push(payload);
+                if got.len() == n {
+                    let _ = found.send(got);
+                    // Hold the connection: the requests stay in flight until the test ends.
+                    return std::future::pending().await;
                 }
-                if buf[at + 3] == 0x1 {
-                    got.push(buf[at + 9..at + 9 + len].to_vec());
-                    if got.len() == n {
-                        let _ = found.send(got);
-                        // Hold the connection: the requests stay in flight until the test ends.
-                        return std::future::pending().await;
-                    }
-                }
-                at += 9 + len;
             }
         }
     });
     (peer, blocks, task)
+}
+
+/// The frames a client sends, after its preface, read one at a time by a hand-written peer.
+#[derive(Default)]
+struct Frames {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Frames {
+    /// The next frame's type, stream id (as on the wire) and payload; `None` once the
+    /// connection ends.
+    async fn next(
+        &mut self,
+        io: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Option<(u8, [u8; 4], Vec<u8>)> {
+        // The client preface (24 bytes), then frames (9-byte header: length, type, flags,
+        // stream).
+        let at = self.at.max(24);
+        loop {
+            if self.buf.len() >= at + 9 {
+                let b = &self.buf;
+                let len =
+                    usize::from(b[at]) << 16 | usize::from(b[at + 1]) << 8 | usize::from(b[at + 2]);
+                if b.len() >= at + 9 + len {
+                    let stream = [b[at + 5], b[at + 6], b[at + 7], b[at + 8]];
+                    let frame = (b[at + 3], stream, b[at + 9..at + 9 + len].to_vec());
+                    self.at = at + 9 + len;
+                    return Some(frame);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(read) => self.buf.extend_from_slice(&chunk[..read]),
+            }
+        }
+    }
 }
 
 /// The HTTP/2 wire carries field values as raw HPACK literals (our vendored h2; RFC 7541 §5.2
@@ -2990,12 +3019,7 @@ async fn gated_h2_peer(
     tokio::task::JoinHandle<()>,
 ) {
     use std::sync::{Arc, Mutex};
-    let tls = hello_material(pki)
-        .server_config(vec![b"h2".to_vec()])
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
+    let (listener, acceptor, peer) = h2_listener(pki).await;
     let settings = Arc::new(tokio::sync::Semaphore::new(0));
     let asked = Arc::new(Mutex::new(Vec::new()));
     let (gate, seen) = (settings.clone(), asked.clone());
@@ -3184,4 +3208,105 @@ async fn cached_outage(t: &str, signal: &str) {
         .sum();
     assert_eq!(failed, 50, "{seen:?}");
     assert_eq!(upstream.count_of("/c/never"), 0);
+}
+
+/// A hand-written h2 peer that refuses every stream it is sent (RST_STREAM REFUSED_STREAM:
+/// not processed, RFC 9113 §8.7), counting the HEADERS frames it read.
+async fn h2_peer_that_refuses_streams(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (listener, acceptor, peer) = h2_listener(pki).await;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = refused.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // Empty SETTINGS, and the ACK of the client's.
+                let hello = [0, 0, 0, 0x4, 0, 0, 0, 0, 0, 0, 0, 0, 0x4, 0x1, 0, 0, 0, 0];
+                if tls.write_all(&hello).await.is_err() {
+                    return;
+                }
+                let mut frames = Frames::default();
+                while let Some((kind, stream, _)) = frames.next(&mut tls).await {
+                    if kind == 0x1 {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut rst = vec![0, 0, 4, 0x3, 0];
+                        rst.extend_from_slice(&stream);
+                        rst.extend_from_slice(&[0, 0, 0, 0x7]);
+                        if tls.write_all(&rst).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (peer, refused, task)
+}
+
+/// A request sent again after its peer refused it is sent whole. The TCP wire lends h2 the
+/// request's field map for an attempt, rather than copying it (`transport::tcp::Lent`), and
+/// must have it back for the retry. Of two endpoints, the one with nearly all the weight is a
+/// hand-written h2 peer that refuses every stream; each retry goes to a real sidecar, whose app
+/// must see every field the calling app sent, a repeated one with both values in order.
+/// Requests go until three were refused first (a request the balancer sent to the sidecar
+/// first is checked all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_peer_refused_is_retried_with_every_field() {
+    init_tracing();
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let server = sidecar(&pki, &server_toml(&pki, upstream.addr, "127.0.0.1:0", "")).await;
+    let (refuser, refused, task) = h2_peer_that_refuses_streams(&pki).await;
+    let toml = client_toml(
+        &pki,
+        &[refuser],
+        "transport = \"tcp\"\nretry = { attempts = 2 }\nbreaker = { failures = 1000 }",
+    )
+    .replace(
+        &format!("{{ address = \"{refuser}\" }}"),
+        &format!(
+            "{{ address = \"{refuser}\", weight = 1000 }}, {{ address = \"{}\" }}",
+            server.inbound
+        ),
+    );
+    let client = sidecar(&pki, &toml).await;
+    let count = || refused.load(std::sync::atomic::Ordering::SeqCst);
+    let mut sent = 0;
+    while count() < 3 && sent < 40 {
+        let got = send(
+            client.outbound,
+            http::Request::get(format!("/retried/{sent}"))
+                .header("host", "hello")
+                .header("x-probe", format!("probe-{sent}"))
+                .header("x-multi", "first")
+                .header("x-multi", "second")
+                .body(full(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "request {sent}: {got:?}");
+        let seen = upstream.last();
+        assert_eq!(seen.path, format!("/retried/{sent}"));
+        assert_eq!(values(&seen.headers, "x-probe"), [format!("probe-{sent}")]);
+        assert_eq!(values(&seen.headers, "x-multi"), ["first", "second"]);
+        sent += 1;
+    }
+    assert!(
+        count() >= 3,
+        "the refusing peer was tried first by {} of {sent} requests",
+        count()
+    );
+    eprintln!("{sent} requests, {} refused first", count());
+    client.shutdown().await;
+    server.shutdown().await;
+    task.abort();
 }

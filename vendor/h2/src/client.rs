@@ -519,8 +519,38 @@ where
         request: Request<()>,
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
+        self.send(SendHead::Owned(request), end_of_stream)
+    }
+
+    /// (quicar) `send_request` for a caller that keeps its request's head, for a retry:
+    /// the URI is read where it is (its parts are copied into the pseudo-header fields, as
+    /// `send_request` copies them), and the field map is shared. h2 holds its share of
+    /// `fields` until the HEADERS frame is encoded, then lets it go, so once the response has
+    /// come the caller gets the map back without a copy (`Arc::try_unwrap`).
+    pub fn send_request_shared(
+        &mut self,
+        method: Method,
+        uri: &uri::Uri,
+        version: Version,
+        fields: std::sync::Arc<HeaderMap>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
+        let head = SendHead::Shared {
+            method,
+            uri,
+            version,
+            fields,
+        };
+        self.send(head, end_of_stream)
+    }
+
+    fn send(
+        &mut self,
+        head: SendHead<'_>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
         self.inner
-            .send_request(request, end_of_stream, self.pending.as_ref())
+            .send_request(head, end_of_stream, self.pending.as_ref())
             .map_err(Into::into)
             .map(|(stream, is_full)| {
                 if stream.is_pending_open() && is_full {
@@ -1634,33 +1664,68 @@ impl PushedResponseFuture {
     }
 }
 
+/// (quicar) A request to send: one h2 owns, or the head of one its caller keeps (see
+/// `SendRequest::send_request_shared`).
+pub(crate) enum SendHead<'a> {
+    Owned(Request<()>),
+    Shared {
+        method: Method,
+        uri: &'a uri::Uri,
+        version: Version,
+        fields: std::sync::Arc<HeaderMap>,
+    },
+}
+
+impl SendHead<'_> {
+    pub(crate) fn method(&self) -> &Method {
+        match self {
+            SendHead::Owned(request) => request.method(),
+            SendHead::Shared { method, .. } => method,
+        }
+    }
+}
+
 // ===== impl Peer =====
 
 impl Peer {
-    pub fn convert_send_message(
+    pub(crate) fn convert_send_message(
         id: StreamId,
-        request: Request<()>,
+        head: SendHead<'_>,
         protocol: Option<Protocol>,
         end_of_stream: bool,
     ) -> Result<Headers, SendError> {
         use http::request::Parts;
 
-        let (
-            Parts {
+        let is_connect = *head.method() == Method::CONNECT;
+        let (mut pseudo, version, headers, shared) = match head {
+            SendHead::Owned(request) => {
+                let (
+                    Parts {
+                        method,
+                        uri,
+                        headers,
+                        version,
+                        ..
+                    },
+                    _,
+                ) = request.into_parts();
+                // Build the set pseudo header set. All requests will include `method`
+                // and `path`.
+                let pseudo = Pseudo::request(method, uri, protocol);
+                (pseudo, version, headers, None)
+            }
+            SendHead::Shared {
                 method,
                 uri,
-                headers,
                 version,
-                ..
-            },
-            _,
-        ) = request.into_parts();
-
-        let is_connect = method == Method::CONNECT;
-
-        // Build the set pseudo header set. All requests will include `method`
-        // and `path`.
-        let mut pseudo = Pseudo::request(method, uri, protocol);
+                fields,
+            } => (
+                Pseudo::request_ref(method, uri, protocol),
+                version,
+                HeaderMap::new(),
+                Some(fields),
+            ),
+        };
 
         if pseudo.scheme.is_none() {
             // If the scheme is not set, then there are a two options.
@@ -1691,7 +1756,10 @@ impl Peer {
         }
 
         // Create the HEADERS frame
-        let mut frame = Headers::new(id, pseudo, headers);
+        let mut frame = match shared {
+            None => Headers::new(id, pseudo, headers),
+            Some(fields) => Headers::new_shared(id, pseudo, fields),
+        };
 
         if end_of_stream {
             frame.set_end_stream()

@@ -11,6 +11,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use std::fmt;
 use std::io::Cursor;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 type EncodeBuf<'a> = bytes::buf::Limit<&'a mut BytesMut>;
 
@@ -86,6 +87,12 @@ struct HeaderBlock {
     /// The decoded header fields
     fields: HeaderMap,
 
+    /// (quicar) The fields of a block to send, in a map the sender shares, in place of
+    /// `fields` (then empty): a client that keeps its request for a retry need not copy the
+    /// map for each send. h2 holds it until the block is encoded. Blocks received never have
+    /// one.
+    shared: Option<Arc<HeaderMap>>,
+
     /// Precomputed size of all of our header fields, for perf reasons
     field_size: usize,
 
@@ -120,6 +127,23 @@ impl Headers {
                 field_size: calculate_headermap_size(&fields),
                 fields,
                 is_over_size: false,
+                shared: None,
+                pseudo,
+            }),
+            flags: HeadersFlag::default(),
+        }
+    }
+
+    /// (quicar) A HEADERS frame to send whose fields are a map the sender shares.
+    pub fn new_shared(stream_id: StreamId, pseudo: Pseudo, fields: Arc<HeaderMap>) -> Self {
+        Headers {
+            stream_id,
+            stream_dep: None,
+            header_block: Box::new(HeaderBlock {
+                field_size: calculate_headermap_size(&fields),
+                fields: HeaderMap::new(),
+                shared: Some(fields),
+                is_over_size: false,
                 pseudo,
             }),
             flags: HeadersFlag::default(),
@@ -137,6 +161,7 @@ impl Headers {
                 field_size: calculate_headermap_size(&fields),
                 fields,
                 is_over_size: false,
+                shared: None,
                 pseudo: Pseudo::default(),
             }),
             flags,
@@ -202,6 +227,7 @@ impl Headers {
                 fields: HeaderMap::new(),
                 field_size: 0,
                 is_over_size: false,
+                shared: None,
                 pseudo: Pseudo::default(),
             }),
             flags,
@@ -244,8 +270,16 @@ impl Headers {
     }
 
     pub fn into_parts(self) -> (Pseudo, HeaderMap) {
-        let block = *self.header_block;
-        (block.pseudo, block.fields)
+        let HeaderBlock {
+            pseudo,
+            fields,
+            shared,
+            ..
+        } = *self.header_block;
+        match shared {
+            None => (pseudo, fields),
+            Some(map) => (pseudo, owned(map)),
+        }
     }
 
     #[cfg(feature = "unstable")]
@@ -263,11 +297,16 @@ impl Headers {
     }
 
     pub fn fields(&self) -> &HeaderMap {
-        &self.header_block.fields
+        let block = &self.header_block;
+        block.shared.as_deref().unwrap_or(&block.fields)
     }
 
     pub fn into_fields(self) -> HeaderMap {
-        self.header_block.fields
+        let HeaderBlock { fields, shared, .. } = *self.header_block;
+        match shared {
+            None => fields,
+            Some(map) => owned(map),
+        }
     }
 
     pub fn encode(
@@ -363,6 +402,7 @@ impl PushPromise {
                 field_size: calculate_headermap_size(&fields),
                 fields,
                 is_over_size: false,
+                shared: None,
                 pseudo,
             }),
             promised_id,
@@ -454,6 +494,7 @@ impl PushPromise {
                 fields: HeaderMap::new(),
                 field_size: 0,
                 is_over_size: false,
+                shared: None,
                 pseudo: Pseudo::default(),
             }),
             promised_id,
@@ -556,13 +597,17 @@ impl Continuation {
 
 impl Pseudo {
     pub fn request(method: Method, uri: Uri, protocol: Option<Protocol>) -> Self {
-        let parts = uri::Parts::from(uri);
+        Self::request_ref(method, &uri, protocol)
+    }
 
+    /// (quicar) `request` from a URI its caller keeps: the parts `request` takes are copied
+    /// into the fields all the same, so taking the URI by value only cost its caller a clone.
+    pub fn request_ref(method: Method, uri: &Uri, protocol: Option<Protocol>) -> Self {
         let (scheme, path) = if method == Method::CONNECT && protocol.is_none() {
             (None, None)
         } else {
-            let path = parts
-                .path_and_query
+            let path = uri
+                .path_and_query()
                 .map(|v| BytesStr::from(v.as_str()))
                 .unwrap_or(BytesStr::from_static(""));
 
@@ -574,7 +619,7 @@ impl Pseudo {
                 BytesStr::from_static("/")
             };
 
-            (parts.scheme, Some(path))
+            (uri.scheme().cloned(), Some(path))
         };
 
         let mut pseudo = Pseudo {
@@ -593,7 +638,7 @@ impl Pseudo {
 
         // If the URI includes an authority component, add it to the pseudo
         // headers
-        if let Some(authority) = parts.authority {
+        if let Some(authority) = uri.authority() {
             pseudo.set_authority(BytesStr::from(authority.as_str()));
         }
 
@@ -813,6 +858,11 @@ impl fmt::Debug for PushPromiseFlag {
 
 // ===== HeaderBlock =====
 
+/// A shared map by value: copied only while its sender still holds it (quicar).
+fn owned(map: Arc<HeaderMap>) -> HeaderMap {
+    Arc::try_unwrap(map).unwrap_or_else(|map| (*map).clone())
+}
+
 impl HeaderBlock {
     fn load(
         &mut self,
@@ -968,7 +1018,8 @@ impl HeaderBlock {
         if let Some(v) = pseudo.status {
             encoder.encode_pseudo(hpack::Header::Status(v), &mut hpack);
         }
-        encoder.encode_fields(&self.fields, &mut hpack);
+        let fields = self.shared.as_deref().unwrap_or(&self.fields);
+        encoder.encode_fields(fields, &mut hpack);
 
         EncodingHeaderBlock { hpack }
     }

@@ -262,19 +262,24 @@ where
         me.actions.recv.apply_local_settings(frame, &mut me.store)
     }
 
-    pub fn send_request(
+    pub(crate) fn send_request(
         &mut self,
-        mut request: Request<()>,
+        mut request: client::SendHead<'_>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
     ) -> Result<(StreamRef<B>, bool), SendError> {
         use super::stream::ContentLength;
         use http::Method;
 
-        let protocol = request.extensions_mut().remove::<Protocol>();
-
-        // Clear before taking lock, incase extensions contain a StreamRef.
-        request.extensions_mut().clear();
+        let protocol = match &mut request {
+            client::SendHead::Owned(request) => {
+                let protocol = request.extensions_mut().remove::<Protocol>();
+                // Clear before taking lock, incase extensions contain a StreamRef.
+                request.extensions_mut().clear();
+                protocol
+            }
+            client::SendHead::Shared { .. } => None,
+        };
 
         // TODO: There is a hazard with assigning a stream ID before the
         // prioritize layer. If prioritization reorders new streams, this
