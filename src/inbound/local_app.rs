@@ -183,13 +183,12 @@ impl LocalApp {
         body: ProxyBody,
         interim: Option<Interim>,
     ) -> Result<Response<h1::AppBody>, AppError> {
-        let (head, framing) = h1::encode_head(&parts, &body, &ours);
         let head_request = parts.method == http::Method::HEAD;
         let mut connecting = None;
         let exchange = 'found: loop {
             let returned = local.idle.returned.notified();
             while let Some(conn) = local.idle.take() {
-                if let Ok(ex) = conn.begin(head.clone()) {
+                if let Ok(ex) = conn.begin(&parts, &body, &ours) {
                     break 'found ex;
                 }
             }
@@ -198,7 +197,7 @@ impl LocalApp {
                 biased;
                 made = new => {
                     let conn = made.unwrap_or(Err(AppError::Connect(None)))?;
-                    break 'found conn.begin(head).map_err(|_| {
+                    break 'found conn.begin(&parts, &body, &ours).map_err(|_| {
                         AppError::Http(h1::WireError::Closed)
                     })?;
                 }
@@ -206,7 +205,7 @@ impl LocalApp {
             }
         };
         exchange
-            .response(framing, body, head_request, interim)
+            .response(body, head_request, interim)
             .await
             .map_err(AppError::Http)
     }
@@ -259,7 +258,7 @@ impl LocalApp {
             None => body,
         };
         // Host, `quicar-peer-identity` and `TE: trailers` are written with the head
-        // (`h1::encode_head`), not added to the caller's fields.
+        // (`h1::Wire::begin`), not added to the caller's fields.
         let made;
         let host = match &local.host {
             Some(h) if h.as_bytes() == authority.as_bytes() => h,

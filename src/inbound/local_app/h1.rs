@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
@@ -80,15 +80,45 @@ impl Wire {
         !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Writes what it can of `head` now, without waiting. `Err` means the app has closed the
+    /// Writes the request's head (`encode_head`) and what it can of it now, without waiting.
+    /// The head is put together in a room the thread keeps (a vector for each request, made
+    /// into `Bytes`, cost two allocations), and only a head the socket did not take whole is
+    /// copied out (the rest, written before the body). `Err` means the app has closed the
     /// connection: nothing of the request reached it, it can go on another connection.
-    pub(crate) fn begin(self, mut head: Bytes) -> Result<Started, Self> {
-        match self.io.try_write(&head) {
-            Ok(n) => head.advance(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(self),
+    pub(crate) fn begin(
+        self,
+        parts: &http::request::Parts,
+        body: &ProxyBody,
+        ours: &Added<'_>,
+    ) -> Result<Started, Self> {
+        thread_local! {
+            static ROOM: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        Ok(Started { wire: self, head })
+        let written = ROOM.with_borrow_mut(|head| {
+            // The room of an ordinary head is kept, not of the largest ever written.
+            if head.capacity() > 16 * 1024 {
+                *head = Vec::new();
+            }
+            let framing = encode_head(parts, body, ours, head);
+            let sent = match self.io.try_write(head) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(_) => return None,
+            };
+            let rest = match head.get(sent..) {
+                Some(rest) if !rest.is_empty() => Bytes::copy_from_slice(rest),
+                _ => Bytes::new(),
+            };
+            Some((rest, framing))
+        });
+        match written {
+            Some((head, framing)) => Ok(Started {
+                wire: self,
+                head,
+                framing,
+            }),
+            None => Err(self),
+        }
     }
 }
 
@@ -96,24 +126,27 @@ impl Wire {
 pub(crate) struct Started {
     wire: Wire,
     head: Bytes,
+    framing: Framing,
 }
 
-/// A request's head in HTTP/1.1 bytes, framing chosen from its body: its size (exact, or as
-/// the caller declared it, and then held to it) as `Content-Length`, else chunked. The
-/// caller's own framing fields are replaced.
-pub(crate) fn encode_head(
+/// A request's head in HTTP/1.1 bytes, into `head`, framing chosen from its body: its size
+/// (exact, or as the caller declared it, and then held to it) as `Content-Length`, else
+/// chunked. The caller's own framing fields are replaced.
+fn encode_head(
     parts: &http::request::Parts,
     body: &ProxyBody,
     ours: &Added<'_>,
-) -> (Bytes, Framing) {
+    head: &mut Vec<u8>,
+) -> Framing {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = Vec::with_capacity(160 + parts.headers.len() * 32);
+    head.clear();
+    head.reserve(160 + parts.headers.len() * 32);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     // Host first (RFC 9112 §3.2), then the caller's fields, then the sidecar's.
-    put_field(&mut head, &http::header::HOST, ours.host);
+    put_field(head, &http::header::HOST, ours.host);
     // The length is read here, from the one `Content-Length` field (two, even equal, are not
     // taken), instead of looked up again in the map.
     let mut lengths = crate::h1::Lengths::default();
@@ -130,9 +163,9 @@ pub(crate) fn encode_head(
         {
             continue;
         }
-        put_field(&mut head, name, value);
+        put_field(head, name, value);
     }
-    put_field(&mut head, &crate::headers::PEER_IDENTITY, ours.peer);
+    put_field(head, &crate::headers::PEER_IDENTITY, ours.peer);
     // We take response trailers and carry them on (an app on hyper, for one, sends them only
     // to a client that says so). TE concerns this connection alone, so it is named in
     // `Connection` too (RFC 9110 §10.1.4: a sender of TE must), and a proxy in front of the
@@ -148,7 +181,7 @@ pub(crate) fn encode_head(
         // An empty body the caller did not size goes without a framing field (hyper's rule).
         Some(0) if declared.is_none() => Framing::Sized(0),
         Some(n) => {
-            put_length(&mut head, n);
+            put_length(head, n);
             Framing::Sized(n)
         }
         None => {
@@ -157,7 +190,7 @@ pub(crate) fn encode_head(
         }
     };
     head.extend_from_slice(b"\r\n");
-    (Bytes::from(head), framing)
+    framing
 }
 
 /// The fields the sidecar writes on every request to its app, beside (never from) the
@@ -205,7 +238,6 @@ impl Started {
     /// answers before it has all of it.
     pub(crate) async fn response(
         self,
-        framing: Framing,
         body: ProxyBody,
         head_request: bool,
         interim: Option<Interim>,
@@ -218,7 +250,7 @@ impl Started {
             } else {
                 Out::Chunk(vec![self.head], body)
             },
-            left: match framing {
+            left: match self.framing {
                 Framing::Sized(n) => Some(n),
                 Framing::Chunked => None,
             },
