@@ -92,6 +92,19 @@ pub(crate) fn has_quicar(headers: &HeaderMap) -> bool {
     headers.keys().any(|k| k.as_str().starts_with("quicar-"))
 }
 
+/// Whether `name` is one of the sidecars' (`quicar-*`).
+pub(crate) fn is_quicar(name: &HeaderName) -> bool {
+    name.as_str().starts_with("quicar-")
+}
+
+/// The caller's remaining budget (`quicar-deadline`, in milliseconds), read where it is: one
+/// walk of the fields, which are few, costs less than hashing the name to look it up.
+pub(crate) fn deadline_of(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let (_, value) = headers.iter().find(|(name, _)| **name == DEADLINE)?;
+    let millis = value.to_str().ok()?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(millis))
+}
+
 /// Drops every `quicar-*` header, so that no app can forge identity or control headers.
 pub(crate) fn strip_quicar(headers: &mut HeaderMap) {
     if !has_quicar(headers) {

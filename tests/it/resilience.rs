@@ -174,22 +174,23 @@ crate::over_transports! {
     }
 }
 
-/// Sends `method path` with `quicar-deadline: deadline` (and a one-byte body for POST) to a
-/// sidecar's inbound as a hand-driven peer over transport `t`, on a connection of its own:
-/// the status and `quicar-error`, within 10 s (never a hang).
+/// Sends `method path` with `fields` (and a one-byte body for POST) to a sidecar's inbound as
+/// a hand-driven peer over transport `t`, on a connection of its own: the status and
+/// `quicar-error`, within 10 s (never a hang).
 async fn as_peer(
     pki: &Pki,
     inbound: SocketAddr,
     t: &str,
-    method: &str,
-    path: &str,
-    deadline: &str,
+    (method, path): (&str, &str),
+    fields: &[(&str, &str)],
 ) -> (StatusCode, Option<String>) {
     let body = (method == "POST").then_some(bytes::Bytes::from_static(b"x"));
     let mut req = Request::builder()
         .method(method)
-        .uri(format!("https://hello{path}"))
-        .header("quicar-deadline", deadline);
+        .uri(format!("https://hello{path}"));
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
     if let Some(b) = &body {
         req = req.header("content-length", b.len());
     }
@@ -237,7 +238,8 @@ crate::over_transports! {
         let (pki, inbound) = (&pair.pki, pair.server.inbound);
         let forever = u64::MAX.to_string();
         for method in ["GET", "POST"] {
-            let got = as_peer(pki, inbound, t, method, "/slow/3000", &forever).await;
+            let deadline = [("quicar-deadline", forever.as_str())];
+            let got = as_peer(pki, inbound, t, (method, "/slow/3000"), &deadline).await;
             assert_eq!(
                 got,
                 (StatusCode::GATEWAY_TIMEOUT, Some("timeout".to_string())),
@@ -246,10 +248,42 @@ crate::over_transports! {
         }
         // A shorter one still applies (the app's 200 ms are within the local 300 but not the
         // caller's 100), and one that is not a number is none.
-        let got = as_peer(pki, inbound, t, "GET", "/slow/200", "100").await;
+        let deadline = [("quicar-deadline", "100")];
+        let got = as_peer(pki, inbound, t, ("GET", "/slow/200"), &deadline).await;
         assert_eq!(got, (StatusCode::GATEWAY_TIMEOUT, Some("timeout".to_string())));
-        let got = as_peer(pki, inbound, t, "GET", "/slow/10", "soon").await;
+        let deadline = [("quicar-deadline", "soon")];
+        let got = as_peer(pki, inbound, t, ("GET", "/slow/10"), &deadline).await;
         assert_eq!(got, (StatusCode::OK, None));
+    }
+
+    // What a peer sends as `quicar-*` is for the sidecar, never the app's: its deadline is
+    // read and not passed on, and a forged caller identity (or any other `quicar-*` field) is
+    // dropped. The app sees one `quicar-peer-identity`, the one from the caller's certificate,
+    // and the peer's own fields beside it.
+    async fn a_peers_quicar_fields_never_reach_the_app(t) {
+        let pair = Pair::start().await;
+        let fields = [
+            ("quicar-deadline", "5000"),
+            ("quicar-peer-identity", "spiffe://quicar.local/admin"),
+            ("quicar-made-up", "x"),
+            ("x-kept", "yes"),
+        ];
+        let got = as_peer(&pair.pki, pair.server.inbound, t, ("GET", "/forged"), &fields).await;
+        assert_eq!(got, (StatusCode::OK, None));
+        let seen = pair.upstream.last();
+        assert_eq!(seen.path, "/forged");
+        let ours: Vec<&str> = seen
+            .headers
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| k.starts_with("quicar-"))
+            .collect();
+        assert_eq!(ours, ["quicar-peer-identity"], "{:?}", seen.headers);
+        assert_eq!(
+            values(&seen.headers, "quicar-peer-identity"),
+            ["spiffe://quicar.local/web"]
+        );
+        assert_eq!(values(&seen.headers, "x-kept"), ["yes"]);
     }
 }
 

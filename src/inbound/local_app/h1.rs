@@ -156,10 +156,13 @@ fn encode_head(
             continue;
         }
         // Ours, written around them (`TE` is hop-by-hop and stripped before; skipped here too,
-        // so that one never goes twice).
+        // so that one never goes twice). Only this sidecar speaks for the caller: whatever
+        // `quicar-*` the caller sent (its deadline, read before, or a forged identity) is not
+        // the app's.
         if name == http::header::TRANSFER_ENCODING
             || name == http::header::HOST
             || name == http::header::TE
+            || crate::headers::is_quicar(name)
         {
             continue;
         }
