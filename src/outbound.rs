@@ -473,7 +473,7 @@ async fn forward(
         uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
     parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(&e))?;
-    let (mut head, ()) = Request::from_parts(parts, ()).into_parts();
+    let mut head = parts;
 
     if let Some(cache) = &route.cache {
         let has_body = !http_body::Body::is_end_stream(&body);
