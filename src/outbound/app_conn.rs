@@ -360,7 +360,10 @@ pub(crate) async fn serve(
         let (parts, body) = resp.into_parts();
         let watch = reader.as_mut().map(|rd| (rd, settings.max_header_bytes));
         let times = (settings.response_stall_timeout, settings.keep_alive);
-        match write_response(&mut wr, parts, body, asked, close, watch, times).await {
+        let written = write_response(&mut wr, parts, body, asked, close, watch, times).await;
+        // Not held while the connection waits for its next request.
+        wr.let_go_of_a_large_head();
+        match written {
             Ok(true) if !close => {}
             Ok(_) => return,
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -606,12 +609,9 @@ where
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    wr.let_go_of_a_large_head();
     let Writer { io: wr, head, out } = wr;
     out.clear();
-    // A connection keeps the room of an ordinary head, not of the largest it ever wrote.
-    if head.capacity() > 16 * 1024 {
-        *head = Vec::new();
-    }
     head.clear();
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(status.as_str().as_bytes());
@@ -769,6 +769,15 @@ struct Writer {
     head: Vec<u8>,
     /// What goes out in the next vectored write.
     out: Vec<Bytes>,
+}
+
+impl Writer {
+    /// A connection keeps the room of an ordinary head, not of the largest it ever wrote.
+    fn let_go_of_a_large_head(&mut self) {
+        if self.head.capacity() > 16 * 1024 {
+            self.head = Vec::new();
+        }
+    }
 }
 
 /// What the response writer does next.

@@ -95,21 +95,21 @@ impl Wire {
             static ROOM: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let written = ROOM.with_borrow_mut(|head| {
+            let framing = encode_head(parts, body, ours, head);
+            let sent = match self.io.try_write(head) {
+                Ok(n) => Some(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(0),
+                Err(_) => None,
+            };
+            let rest = sent.map(|sent| match head.get(sent..) {
+                Some(rest) if !rest.is_empty() => Bytes::copy_from_slice(rest),
+                _ => Bytes::new(),
+            });
             // The room of an ordinary head is kept, not of the largest ever written.
             if head.capacity() > 16 * 1024 {
                 *head = Vec::new();
             }
-            let framing = encode_head(parts, body, ours, head);
-            let sent = match self.io.try_write(head) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(_) => return None,
-            };
-            let rest = match head.get(sent..) {
-                Some(rest) if !rest.is_empty() => Bytes::copy_from_slice(rest),
-                _ => Bytes::new(),
-            };
-            Some((rest, framing))
+            rest.map(|rest| (rest, framing))
         });
         match written {
             Some((head, framing)) => Ok(Started {
