@@ -119,6 +119,7 @@ pub(crate) fn put_length(out: &mut Vec<u8>, n: u64) {
 
 /// A field line whose value ends in a decimal number: `prefix` (the name, `: ` and any text
 /// before the number), then `n`.
+///
 /// The line is put together on the stack and added in one piece: three additions to `out`
 /// cost every response a hundred instructions (each checks the room and calls `memcpy`).
 #[inline]

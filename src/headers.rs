@@ -89,7 +89,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Whether any `quicar-*` field is in `headers` (nearly never from an app): one pass over the
 /// names, no lookup.
 pub(crate) fn has_quicar(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| k.as_str().starts_with("quicar-"))
+    headers.keys().any(is_quicar)
 }
 
 /// Whether `name` is one of the sidecars' (`quicar-*`).
@@ -110,11 +110,7 @@ pub(crate) fn strip_quicar(headers: &mut HeaderMap) {
     if !has_quicar(headers) {
         return;
     }
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("quicar-"))
-        .cloned()
-        .collect();
+    let ours: Vec<HeaderName> = headers.keys().filter(|k| is_quicar(k)).cloned().collect();
     for name in ours {
         headers.remove(name);
     }
@@ -170,7 +166,7 @@ pub(crate) fn strip_quicar_from_response(headers: &mut HeaderMap) {
     }
     let ours: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("quicar-") && k.as_str() != CACHE_CONTROL_TARGETED)
+        .filter(|k| is_quicar(k) && k.as_str() != CACHE_CONTROL_TARGETED)
         .cloned()
         .collect();
     for name in ours {
