@@ -41,10 +41,12 @@ use crate::telemetry::{Direction, HandshakeFailure, Telemetry};
 const ALPN_H2: &[u8] = b"h2";
 
 /// The streams the pool plans a new connection for while the peer's SETTINGS have not come,
-/// when no earlier connection told its limit: h2's default, and the least RFC 9113 §6.5.2
-/// advises a peer to allow. On the wire such a connection opens one stream until they come
-/// (h2 holds the others, unsent), so a peer that allows fewer refuses none.
-const UNHEARD_STREAMS: usize = 100;
+/// when no earlier connection told its limit: the one stream h2 opens until they come (it
+/// holds the others, unsent, so a peer that allows fewer refuses none). A request that finds
+/// the connection full by this plan waits for the SETTINGS in the pool and then looks again,
+/// by the peer's own limit: held on the connection instead, it went to h2's queue once they
+/// came, behind long-lived streams that may never end when the peer allows fewer than came.
+const UNHEARD_STREAMS: usize = 1;
 
 /// Streams reset in the last `RESET_STREAM_TIME` that h2 remembers, both sides. Frames the peer
 /// sent before it saw a reset still arrive (up to a stream window each); on a remembered stream
@@ -271,8 +273,6 @@ struct H2Conn {
     /// Set once the peer's SETTINGS are known to be applied (at once, when the connection
     /// opened knowing the peer's limit).
     settled: Arc<Settled>,
-    /// The pool's plan for the connection until then.
-    unheard: usize,
     addr: SocketAddr,
 }
 
@@ -287,12 +287,11 @@ impl Pooled for H2Conn {
     }
 
     /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, as h2 last heard it; until the peer's
-    /// SETTINGS came (on a first connection to it), `UNHEARD_STREAMS`: h2 sends one of them
-    /// and holds the rest until they come, so the requests a burst brings in that round trip
-    /// wait on this connection, neither refused by a peer that allows fewer nor opening a
-    /// connection each.
+    /// SETTINGS came (on a first connection to it), `UNHEARD_STREAMS`: the requests a burst
+    /// brings in that round trip wait for them (`settling`), neither refused by a peer that
+    /// allows fewer nor opening a connection each, then are shared out by the peer's limit.
     fn stream_limit(&self) -> usize {
-        self.limit_heard().unwrap_or(self.unheard)
+        self.limit_heard().unwrap_or(UNHEARD_STREAMS)
     }
 
     fn limit_heard(&self) -> Option<usize> {
@@ -320,16 +319,15 @@ impl Pooled for H2Conn {
 
 /// Whether a connection's peer SETTINGS are known to be applied, and the requests waiting for
 /// that (woken also when the connection ends).
-#[derive(Default)]
 struct Settled {
     done: AtomicBool,
     changed: tokio::sync::Notify,
 }
 
 impl Settled {
-    fn known() -> Arc<Self> {
+    fn new(done: bool) -> Arc<Self> {
         Arc::new(Self {
-            done: AtomicBool::new(true),
+            done: AtomicBool::new(done),
             changed: tokio::sync::Notify::new(),
         })
     }
@@ -564,10 +562,7 @@ impl Pool {
         // The peer's limit is unknown (the first connection to it): a ping at once says when
         // its SETTINGS are applied. A burst waiting for this handshake waits for that too, so
         // it is shared out by the peer's limit; a lone request goes at once.
-        let settled = match known {
-            Some(_) => Settled::known(),
-            None => Arc::default(),
-        };
+        let settled = Settled::new(known.is_some());
         let settle = known.is_none().then(|| settled.clone());
         let burst = known.is_none() && usage.in_flight() > 1;
         {
@@ -614,7 +609,6 @@ impl Pool {
             usage,
             answered: Arc::new(AtomicBool::new(false)),
             settled,
-            unheard: self.streams.min(UNHEARD_STREAMS),
             addr,
         };
         if burst {
@@ -665,12 +659,12 @@ impl Pool {
         // On a first connection whose peer's SETTINGS have not come, h2 opens one stream and
         // holds the others. A request that waits there and is dropped (its caller hung up)
         // is still opened, then reset, when the SETTINGS come (hyperium/h2#125, #875), and the
-        // far app may get it. So every request but the connection's first waits here instead,
-        // where dropping it drops it. (No wait once the SETTINGS are known.) A peer that
-        // never answers the settling ping (RFC 9113 says it must) is waited for no longer than
-        // the dead-peer timeout; then h2 holds the request as before.
+        // far app may get it. So every request but the connection's first waits instead, where
+        // dropping it drops it: in the pool, which plans one stream for such a connection, or
+        // here, for one the pool gave past its plan (at its cap of connections to the peer).
+        // (No wait once the SETTINGS are known.)
         if !conn.settled.is_done() && conn.usage.in_flight() > 1 {
-            let _ = tokio::time::timeout(self.dead_peer, conn.settled()).await;
+            conn.settled().await;
         }
         let Ok(mut send) = conn.send.clone().ready().await else {
             self.evict(addr, identity);
@@ -936,7 +930,7 @@ async fn within<F: std::future::Future>(stall: Option<Duration>, wait: F) -> Opt
 
 /// Pings the peer every `interval`; returns why once one goes unanswered for `dead_peer` (and
 /// true), or a ping fails (false). With `settle`, pings at once and, when the pong came, sets
-/// it (waking whoever waits).
+/// it (waking whoever waits); also when the peer, alive, has not answered it for `dead_peer`.
 async fn keep_alive_pings(
     mut pings: h2::PingPong,
     settle: Option<Arc<Settled>>,
@@ -949,7 +943,7 @@ async fn keep_alive_pings(
         // A ping at once: its pong says the peer's SETTINGS have been applied (they are its
         // first frame). A peer silent from the start is found dead by the same rule.
         let now = tokio::time::Instant::now();
-        if let Err(why) = answered(&mut pings, heard, step, dead_peer, now).await {
+        if let Err(why) = answered(&mut pings, heard, step, dead_peer, now, Some(&settled)).await {
             return why;
         }
         settled.set();
@@ -962,7 +956,7 @@ async fn keep_alive_pings(
         }
         let now = tokio::time::Instant::now();
         let quiet_since = now.checked_sub(interval).unwrap_or(now);
-        if let Err(why) = answered(&mut pings, heard, step, dead_peer, quiet_since).await {
+        if let Err(why) = answered(&mut pings, heard, step, dead_peer, quiet_since, None).await {
             return why;
         }
     }
@@ -972,13 +966,19 @@ async fn keep_alive_pings(
 /// for `dead_peer` (counted from `quiet_since`, looked at every `step`): a pong stuck behind
 /// retransmissions on a lossy path, while data still flows, is not death (the rule QUIC's idle
 /// timeout follows). `Err` says why, and whether the peer went silent.
+///
+/// `deaf` is set when bytes arrive after the ping has gone unanswered for `dead_peer`: a peer
+/// that never answers pings (RFC 9113 §6.7 says it must) but is alive. A silent one is never
+/// taken for it: it is found dead instead.
 async fn answered(
     pings: &mut h2::PingPong,
     heard: &AtomicBool,
     step: Duration,
     dead_peer: Duration,
     mut quiet_since: tokio::time::Instant,
+    deaf: Option<&Settled>,
 ) -> Result<(), (String, bool)> {
+    let sent = tokio::time::Instant::now();
     let ping = pings.ping(h2::Ping::opaque());
     tokio::pin!(ping);
     loop {
@@ -994,6 +994,9 @@ async fn answered(
             _ = tokio::time::sleep(step) => {
                 if heard.swap(false, Ordering::Relaxed) {
                     quiet_since = tokio::time::Instant::now();
+                    if let Some(deaf) = deaf.filter(|_| sent.elapsed() >= dead_peer) {
+                        deaf.set();
+                    }
                 } else if quiet_since.elapsed() >= dead_peer {
                     let why = format!(
                         "nothing arrived from the peer for {}, keep-alive ping unanswered",

@@ -1895,8 +1895,8 @@ async fn mute_h2_peer(
 }
 
 /// An HTTP/2 peer (TLS, ALPN h2) that never answers a request: it sends `settings` (a SETTINGS
-/// frame's payload, at most 255 bytes), reads
-/// the client preface and frames, and sends the field blocks of the first `n` HEADERS frames it reads (one connection).
+/// frame's payload, at most 255 bytes), reads the client preface and frames, answers pings,
+/// and sends the field blocks of the first `n` HEADERS frames it reads (one connection).
 async fn h2_peer_that_reads_header_blocks(
     pki: &Pki,
     n: usize,
@@ -1923,7 +1923,10 @@ async fn h2_peer_that_reads_header_blocks(
             let frame = frames.next(&mut tls).await;
             let (kind, _, payload) =
                 frame.expect("the connection closed before the HEADERS frames");
-            if kind == 0x1 {
+            if kind == 0x6 {
+                // A live peer answers pings: the first says its SETTINGS are applied.
+                tls.write_all(&pong(&payload)).await.unwrap();
+            } else if kind == 0x1 {
                 got.push(payload);
                 if got.len() == n {
                     let _ = found.send(got);
@@ -2149,7 +2152,7 @@ async fn burst_fails_to_connect(out: std::net::SocketAddr, text: &str, held: &st
 
 /// An HTTP/2 peer whose SETTINGS name no stream limit allows any number (RFC 9113 §6.5.2, as
 /// h2 reads it): a cold burst of 150 slow requests all goes on one connection, not on two as
-/// if the 100 the pool plans by before the SETTINGS were the peer's.
+/// if the plan the pool makes before the SETTINGS were the peer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_peer_that_names_no_stream_limit_takes_a_burst_on_one_connection() {
     use std::sync::atomic::Ordering;
@@ -2157,8 +2160,8 @@ async fn a_tcp_peer_that_names_no_stream_limit_takes_a_burst_on_one_connection()
     let pki = Pki::new();
     // h2's server sends no SETTINGS_MAX_CONCURRENT_STREAMS unless told to. Its handshakes
     // are taken 300 ms late, so that the whole burst waits for the first (on a busy machine
-    // the first request could otherwise have it alone, and the requests after it find a
-    // connection still planned for 100, the limit not yet heard, and open a second).
+    // the first request could otherwise have it alone, and the requests after it wait for
+    // the SETTINGS in the pool rather than share its handshake).
     let late = Duration::from_millis(300);
     let (peer, conns, task) = h2_peer_that_resets_streams(&pki, late).await;
     let toml = client_toml(
@@ -2365,8 +2368,8 @@ impl HeldSettings {
 
 /// A first HTTP/2 connection opened by a lone request, then a burst inside its first round
 /// trip, before the peer's SETTINGS: the connection used to send up to 100 streams and a peer
-/// that allows 4 refused the rest (REFUSED_STREAM, a 502 with retries off). h2 now holds all
-/// but one until the SETTINGS come, and none is refused.
+/// that allows 4 refused the rest (REFUSED_STREAM, a 502 with retries off). All but one now
+/// wait for the SETTINGS (in the pool; h2 would hold them too), and none is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_in_a_first_tcp_connections_first_round_trip_has_none_refused() {
     // The burst comes once the handshake has passed, inside the 600 ms the SETTINGS are held.
@@ -2552,15 +2555,14 @@ async fn burst_behind_a_silent_tcp_peer(n: usize) {
     silent.abort();
 }
 
-/// A burst of 20, within the 100 streams planned for the lone request's connection: past the
-/// first, they wait for its SETTINGS in quicar (not in h2) and fail with it.
+/// A burst of 20 behind the lone request: they wait for its connection's SETTINGS in quicar
+/// (not in h2) and fail with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_behind_a_lone_request_to_a_tcp_peer_gone_silent_fails_with_it() {
     burst_behind_a_silent_tcp_peer(20).await;
 }
 
-/// A burst of 150: past the 100 planned, the rest wait in the pool for the connection's
-/// SETTINGS and fail with it too, at the same time and with the same kind, rather than open a
+/// A burst of 150: they wait in the pool for the connection's SETTINGS and fail with it too, at the same time and with the same kind, rather than open a
 /// second connection to the silent peer and wait out another connect timeout (two
 /// connections before, 50 requests failed only at the second's connect timeout, and 88 said
 /// only that the connection closed).
@@ -3075,9 +3077,9 @@ async fn until_in_flight(admin: std::net::SocketAddr, n: f64) {
     }
 }
 
-/// A lone first request to a TCP peer takes its connection at once, planned for 100 streams
-/// until the peer's SETTINGS come. A burst of 150 more within that round trip waits for them on
-/// that connection (the peer allows 1,000) instead of opening a connection of its own, which
+/// A lone first request to a TCP peer takes its connection at once, planned for one stream
+/// until the peer's SETTINGS come. A burst of 150 more within that round trip waits for them
+/// in the pool, then goes on that connection (the peer allows 1,000), instead of opening a connection of its own, which
 /// would take longer (a TCP and TLS handshake) than the SETTINGS' one round trip. The peer
 /// here sends its SETTINGS only when the test lets it, after the whole burst is in the
 /// sidecar. (The burst past the plan used to open a second connection:
@@ -3114,9 +3116,8 @@ async fn a_burst_behind_a_lone_first_request_waits_for_the_tcp_peers_settings() 
     task.abort();
 }
 
-/// Callers that hang up while their requests wait for a new TCP connection's SETTINGS (the 99
-/// past the lone first request in the sidecar's own wait, the 50 past the 100 planned in the
-/// pool's) leave nothing behind: none of their requests reaches the peer once the SETTINGS
+/// Callers that hang up while their requests wait for a new TCP connection's SETTINGS (in the
+/// pool, which plans one stream for it until they come) leave nothing behind: none of their requests reaches the peer once the SETTINGS
 /// come (h2 would still open and reset a request it held, hyperium/h2#125, and the far app
 /// could act on it), the in-flight count falls back, and the connection serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3309,4 +3310,216 @@ async fn a_request_its_peer_refused_is_retried_with_every_field() {
     client.shutdown().await;
     server.shutdown().await;
     task.abort();
+}
+
+/// How a `SlowSettlingPeer` keeps its first connection unsettled.
+#[derive(Clone, Copy, PartialEq)]
+enum Unsettled {
+    /// It withholds its SETTINGS (and its answers to pings, which come after them) until
+    /// `gate` is notified, and never answers a request there.
+    Gated,
+    /// It sends its SETTINGS at once but never answers a ping (RFC 9113 §6.7 says it must),
+    /// and answers the first request there with a body that never ends, a byte every 50 ms,
+    /// so the connection is alive all along.
+    DeafToPings,
+}
+
+/// A hand-written h2 peer that allows one stream, and keeps its first connection unsettled
+/// as `how` says; on every later connection it sends its SETTINGS at once, answers pings, and
+/// answers each request `200` with no body.
+struct SlowSettlingPeer {
+    addr: std::net::SocketAddr,
+    gate: std::sync::Arc<tokio::sync::Notify>,
+    /// Requests (HEADERS frames) the first connection was sent.
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowSettlingPeer {
+    /// Asserts the first connection was sent one request, all that it allows.
+    fn held_one(&self) {
+        let held = self.held.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(held, 1, "the first connection was sent more than it allows");
+    }
+}
+
+async fn slow_settling_h2_peer(pki: &Pki, how: Unsettled) -> SlowSettlingPeer {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    let (listener, acceptor, addr) = h2_listener(pki).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let held = Arc::new(AtomicUsize::new(0));
+    let (opened, g, h) = (Arc::new(AtomicUsize::new(0)), gate.clone(), held.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = opened.fetch_add(1, SeqCst) == 0;
+            let (acceptor, gate, held) = (acceptor.clone(), g.clone(), h.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // SETTINGS_MAX_CONCURRENT_STREAMS = 1, and the ACK of the client's.
+                let hello = [
+                    0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 0x3, 0, 0, 0, 1, //
+                    0, 0, 0, 0x4, 0x1, 0, 0, 0, 0,
+                ];
+                let deaf = first && how == Unsettled::DeafToPings;
+                let mut open = !first || deaf;
+                if open && tls.write_all(&hello).await.is_err() {
+                    return;
+                }
+                let mut frames = Frames::default();
+                let mut withheld: Vec<Vec<u8>> = Vec::new();
+                let mut endless = None;
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    enum Heard {
+                        Frame(Option<(u8, [u8; 4], Vec<u8>)>),
+                        Gate,
+                        Tick([u8; 4]),
+                    }
+                    let heard = tokio::select! {
+                        f = frames.next(&mut tls) => Heard::Frame(f),
+                        () = gate.notified(), if !open => Heard::Gate,
+                        _ = tick.tick(), if endless.is_some() => Heard::Tick(endless.unwrap()),
+                    };
+                    let out = match heard {
+                        Heard::Gate => {
+                            // The SETTINGS, then the pongs withheld.
+                            open = true;
+                            let mut out = hello.to_vec();
+                            for p in withheld.drain(..) {
+                                out.extend_from_slice(&pong(&p));
+                            }
+                            out
+                        }
+                        // DATA: one byte of the endless body.
+                        Heard::Tick(stream) => frame(0x0, 0, stream, b"x"),
+                        Heard::Frame(None) => return,
+                        Heard::Frame(Some((0x6, _, _))) if deaf => continue,
+                        Heard::Frame(Some((0x6, _, payload))) if open => pong(&payload),
+                        Heard::Frame(Some((0x6, _, payload))) => {
+                            withheld.push(payload);
+                            continue;
+                        }
+                        Heard::Frame(Some((0x1, stream, _))) if first => {
+                            if held.fetch_add(1, SeqCst) > 0 || !deaf {
+                                continue;
+                            }
+                            // HEADERS, END_HEADERS: `:status 200` (static index 8); a body
+                            // follows.
+                            endless = Some(stream);
+                            frame(0x1, 0x4, stream, &[0x88])
+                        }
+                        // HEADERS, END_STREAM | END_HEADERS: `:status 200`.
+                        Heard::Frame(Some((0x1, stream, _))) => frame(0x1, 0x5, stream, &[0x88]),
+                        Heard::Frame(Some(_)) => continue,
+                    };
+                    if tls.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    SlowSettlingPeer {
+        addr,
+        gate,
+        held,
+        task,
+    }
+}
+
+/// An HTTP/2 frame (a payload under 256 bytes).
+fn frame(kind: u8, flags: u8, stream: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, payload.len() as u8, kind, flags];
+    out.extend_from_slice(&stream);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The PING frame that answers one whose payload is `payload`.
+fn pong(payload: &[u8]) -> Vec<u8> {
+    frame(0x6, 0x1, [0; 4], payload)
+}
+
+/// HTTP/2 hears a peer's stream limit in its SETTINGS, a round trip after the handshake. A
+/// first request opened the connection alone, so nothing waited for them there; three more
+/// came before they did. The peer allows one stream, which the first request holds (a
+/// long-lived one): the three must go on to other connections once the limit is heard, not
+/// queue on this one behind it (they did: the pool planned 100 streams for a connection not
+/// yet heard, and handed it out up to that; a burst of 12 downloads to a peer allowing 4 then
+/// waited for a stream 1 run in 15 on a busy machine, when the first opened the connection
+/// alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_came_before_a_new_peers_settings_are_shared_out_by_its_limit() {
+    init_tracing();
+    let pki = Pki::new();
+    let peer = slow_settling_h2_peer(&pki, Unsettled::Gated).await;
+    let client = one_try_tcp_client(&pki, peer.addr).await;
+    let out = client.outbound;
+    let mut first = tokio::net::TcpStream::connect(out).await.unwrap();
+    first
+        .write_all(b"GET /held HTTP/1.1\r\nHost: hello\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while peer.held.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never reached the peer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let later: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(async move { get(out, "hello", &format!("/later/{i}")).await }))
+        .collect();
+    // Time for them to reach the pool before the SETTINGS (should one come later, it meets
+    // the limit heard, and the test proves less, not something false).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    peer.gate.notify_one();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(later),
+    )
+    .await
+    .expect("a request that came before the peer's SETTINGS queued behind the held stream");
+    for got in answered {
+        let got = got.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    }
+    peer.held_one();
+    // The first, and one more for each later request at most (some may find one free).
+    let opened = client.connections_opened(Transport::Tcp);
+    assert!((2..=4).contains(&opened), "{opened} connections opened");
+    drop(first);
+    client.shutdown().await;
+    peer.task.abort();
+}
+
+/// A peer that never answers the ping that would say its SETTINGS are applied, while its
+/// connection stays alive (a long response flows on it), holds the requests that came after
+/// the first only until the ping has gone unanswered for the dead-peer timeout: they then go
+/// by the limit h2 has heard (here one stream, taken by the first), on to another connection.
+/// (Waiting in the pool for a pong that never comes, they were held for their own timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_deaf_to_pings_holds_later_requests_no_longer_than_the_dead_peer_timeout() {
+    init_tracing();
+    let pki = Pki::new();
+    let peer = slow_settling_h2_peer(&pki, Unsettled::DeafToPings).await;
+    let client = one_try_tcp_client(&pki, peer.addr).await;
+    let out = client.outbound;
+    let mut first = start_download(out, 1).await;
+    let later = get(out, "hello", "/later");
+    // The dead-peer timeout is 3 s; the request's own, 60 s.
+    let got = tokio::time::timeout(Duration::from_secs(30), later)
+        .await
+        .expect("a request waited on the deaf peer's connection");
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    peer.held_one();
+    read_some(&mut first, 2).await;
+    assert_eq!(client.connections_opened(Transport::Tcp), 2);
+    drop(first);
+    client.shutdown().await;
+    peer.task.abort();
 }
