@@ -770,6 +770,11 @@ async fn all_answered(out: std::net::SocketAddr, n: usize, prefix: &str, held: &
             tokio::spawn(async move { get(out, "hello", &path).await })
         })
         .collect();
+    all_ok(calls, held).await;
+}
+
+/// Asserts each of `calls` is answered 200 within 30 s; `held` says what would have held them.
+async fn all_ok(calls: Vec<tokio::task::JoinHandle<Got>>, held: &str) {
     let answered = tokio::time::timeout(
         Duration::from_secs(30),
         futures_util::future::join_all(calls),
@@ -3478,16 +3483,8 @@ async fn requests_that_came_before_a_new_peers_settings_are_shared_out_by_its_li
     // the limit heard, and the test proves less, not something false).
     tokio::time::sleep(Duration::from_millis(500)).await;
     peer.gate.notify_one();
-    let answered = tokio::time::timeout(
-        Duration::from_secs(30),
-        futures_util::future::join_all(later),
-    )
-    .await
-    .expect("a request that came before the peer's SETTINGS queued behind the held stream");
-    for got in answered {
-        let got = got.unwrap();
-        assert_eq!(got.status, StatusCode::OK, "{got:?}");
-    }
+    let held = "a request that came before the peer's SETTINGS queued behind the held stream";
+    all_ok(later, held).await;
     peer.held_one();
     // The first, and one more for each later request at most (some may find one free).
     let opened = client.connections_opened(Transport::Tcp);
