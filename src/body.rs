@@ -88,8 +88,6 @@ pub(crate) struct H3Body<R: RecvHalf> {
     remaining: Option<u64>,
     /// Read the stream to its FIN when dropped early (the server side of a request).
     drain: bool,
-    /// Kept alive as long as the body is (e.g. the count of requests in flight on a connection).
-    _hold: Option<Box<dyn Send>>,
 }
 
 impl<R: RecvHalf> H3Body<R> {
@@ -110,13 +108,7 @@ impl<R: RecvHalf> H3Body<R> {
             state: State::Data,
             remaining: content_length,
             drain,
-            _hold: None,
         }
-    }
-
-    pub(crate) fn hold(mut self, guard: impl Send + 'static) -> Self {
-        self._hold = Some(Box::new(guard));
-        self
     }
 }
 
@@ -438,6 +430,15 @@ impl<B> Counted<B> {
         }
     }
 
+    /// `inner` with `guard` kept alive as long as it, counting nothing.
+    pub(crate) fn holding<G>(inner: B, guard: G) -> Counted<B, G> {
+        Counted {
+            inner,
+            count: None,
+            _hold: guard,
+        }
+    }
+
     pub(crate) fn hold<G: Send + 'static>(self, guard: G) -> Counted<B, G> {
         Counted {
             inner: self.inner,
@@ -526,13 +527,11 @@ impl Body for Prefixed {
 }
 
 /// Keeps `guard` alive until `body` is done or dropped (counts nothing; one allocation).
-pub(crate) fn held(body: ProxyBody, guard: impl Send + Unpin + 'static) -> ProxyBody {
-    Counted {
-        inner: body,
-        count: None,
-        _hold: guard,
-    }
-    .boxed_unsync()
+pub(crate) fn held<B>(body: B, guard: impl Send + Unpin + 'static) -> ProxyBody
+where
+    B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
+{
+    Counted::holding(body, guard).boxed_unsync()
 }
 
 /// Where a request body is as it streams: still coming, finished (and when), or failed (and

@@ -782,7 +782,7 @@ impl Pool {
                 Some(send) => body.cancel_with(send),
                 None => body,
             };
-            held(body.boxed_unsync(), in_flight)
+            held(body, in_flight)
         }))
     }
 }
