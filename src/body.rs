@@ -430,15 +430,6 @@ impl<B> Counted<B> {
         }
     }
 
-    /// `inner` with `guard` kept alive as long as it, counting nothing.
-    pub(crate) fn holding<G>(inner: B, guard: G) -> Counted<B, G> {
-        Counted {
-            inner,
-            count: None,
-            _hold: guard,
-        }
-    }
-
     pub(crate) fn hold<G: Send + 'static>(self, guard: G) -> Counted<B, G> {
         Counted {
             inner: self.inner,
@@ -531,7 +522,12 @@ pub(crate) fn held<B>(body: B, guard: impl Send + Unpin + 'static) -> ProxyBody
 where
     B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
 {
-    Counted::holding(body, guard).boxed_unsync()
+    Counted {
+        inner: body,
+        count: None,
+        _hold: guard,
+    }
+    .boxed_unsync()
 }
 
 /// Where a request body is as it streams: still coming, finished (and when), or failed (and

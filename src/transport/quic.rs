@@ -27,7 +27,7 @@ use super::wire::{
     self, alert_failure, connect_failed, ConnState, SendError, Upload, CONNECTION_WINDOW,
     MAX_FIELD_SECTION, SEND_WINDOW, STREAM_WINDOW,
 };
-use crate::body::{unless_stalled, BodyError, Counted, H3Body, ProxyBody};
+use crate::body::{held, unless_stalled, BodyError, H3Body, ProxyBody};
 use crate::config::Quic as QuicConfig;
 use crate::discovery::Endpoint;
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -1079,7 +1079,7 @@ impl Pool {
             guard.disarm();
         }
         Ok(wire::from_peer(parts, &method, move || {
-            Counted::holding(H3Body::new(recv, len, false), in_flight).boxed_unsync()
+            held(H3Body::new(recv, len, false), in_flight)
         }))
     }
 }
