@@ -2868,6 +2868,28 @@ crate::over_transports! {
         still_flowing(&mut held).await;
     }
 
+    async fn callers_that_hang_up_mid_download_give_their_streams_back(t) {
+        // A response body holds its connection's count of requests in flight until it ends
+        // or is dropped. Callers that hang up mid-download must give their places back, or
+        // the connection looks full to the pool and the next requests open another.
+        let limit = "\n[quic]\nmax_concurrent_streams = 4\n";
+        let pair = Pair::over_with(t, limit, limit).await;
+        let out = pair.out();
+        for _ in 0..3 {
+            // Four downloads fill the connection's streams; their callers hang up.
+            drop(stopped_downloads(out, 4).await);
+            until_in_flight(pair.client.admin, 0.0).await;
+        }
+        // The first connection takes four more long-lived requests.
+        let mut held = stopped_downloads(out, 4).await;
+        assert_eq!(
+            pair.client.connections_opened(wire(t)),
+            1,
+            "a hung-up download kept its place on the connection"
+        );
+        still_flowing(&mut held).await;
+    }
+
     async fn a_peer_that_allows_fewer_streams_gets_another_connection_past_its_limit(t) {
         // The calling sidecar allows 1024 streams, the peer 4: the peer's limit is the one
         // that makes requests wait (QUIC's transport parameter, HTTP/2's SETTINGS).
