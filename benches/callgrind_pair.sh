@@ -5,6 +5,8 @@
 # (callgrind_control -z); oha sends N1 requests to one fresh pair and N2 to another, and the
 # difference in instructions ÷ (N2 − N1) removes shutdown. Repeat runs of one binary agree
 # within about 0.2 % (before the zeroing, start-up's timed loops made them differ by up to 1 %).
+# It also prints the machine code each request runs through, in KiB: what a request costs
+# beyond its instructions when it runs on cold caches, as at 1,000 req/s.
 #   seq   one request at a time (oha -c 1), 2,000 and 12,000 requests
 #   conc  50 in flight (oha -c 50), 4,000 and 24,000 requests: many requests per wake-up
 #   closed  no valgrind: peerbench's closed loop (wrk -t1 -c50 -d5s) alone (req/s, the machine's
@@ -101,8 +103,8 @@ run() {
     start b - "${cmd_b[@]}"
     start a - "${cmd_a[@]}"
   else
-    start b - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-b.out" "${cmd_b[@]}"
-    start a - valgrind --tool=callgrind --callgrind-out-file="$CFG/$n-a.out" "${cmd_a[@]}"
+    start b - valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$CFG/$n-b.out" "${cmd_b[@]}"
+    start a - valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$CFG/$n-a.out" "${cmd_a[@]}"
   fi
   wait_http - "$url" 120 >/dev/null || { echo "$url never answered; logs in $CFG" >&2; stop_all; exit 1; }
   oha --no-tui -n 200 -c 10 "$url" >/dev/null 2>&1
@@ -207,3 +209,30 @@ read -r a1 b1 < "$CFG/first"
 read -r a2 b2 < "$CFG/second"
 pa=$(( (a2 - a1) / (N2 - N1) )) pb=$(( (b2 - b1) / (N2 - N1) ))
 echo "$(pair_label) $MODE: A $pa + B $pb = $((pa + pb)) instructions per request"
+# The code a request runs through, which is what a request pays for on cold caches (at 1,000
+# req/s the other processes on the cores evict it between requests): 64-byte lines of machine
+# code (any object: the binary, libc, libssl) with an instruction that ran at least N2 / 2
+# times in the second run, so in about every request or more.
+python3 - "$CFG/$N2-a.out" "$CFG/$N2-b.out" "$N2" <<'PY'
+import sys
+def lines(path, n):
+    most, addr, call = {}, 0, False
+    for line in open(path, errors="replace"):
+        if line.startswith("calls="):
+            call = True            # the next line is the call's inclusive cost at its site
+            continue
+        if not line or line[0] not in "0123456789+-*":
+            continue
+        t = line.split()
+        p = t[0]
+        addr = int(p, 16) if p.startswith("0x") else addr + int(p) if p[0] in "+-" else addr
+        if call:
+            call = False
+            continue
+        if len(t) >= 3:
+            most[addr >> 6] = max(most.get(addr >> 6, 0), int(t[2]))
+    return sum(1 for c in most.values() if c >= n / 2)
+n = int(sys.argv[3])
+a, b = lines(sys.argv[1], n), lines(sys.argv[2], n)
+print(f"  code run per request: A {a * 64 / 1024:.0f} KiB + B {b * 64 / 1024:.0f} KiB = {(a + b) * 64 / 1024:.0f} KiB ({a} + {b} 64-byte lines)")
+PY
